@@ -1,0 +1,37 @@
+use std::path::PathBuf;
+
+/// Why an image or a dataset could not be read; every variant names the file or folder at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// The file or folder could not be opened or listed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not an image we can decode (corrupt, truncated, or another kind of file).
+    #[error("{path}: cannot decode image: {reason}")]
+    Decode { path: PathBuf, reason: String },
+    /// A folder that should hold images holds none.
+    #[error("{path}: no images found (looked for .png, .jpg, .jpeg, .bmp, .tif, .tiff)")]
+    NoImages { path: PathBuf },
+    /// A category folder without the MVTec AD `train/good` subfolder.
+    #[error(
+        "{path}: not an MVTec AD category (no train/good folder); expected <category>/train/good/*.png, \
+         or use --good DIR [--defective DIR] for plain folders"
+    )]
+    NotMvtec { path: PathBuf },
+    /// A path that is neither an image file nor a folder.
+    #[error("{path}: not an image file or a folder")]
+    NotImage { path: PathBuf },
+    /// Preprocessing settings that cannot produce an image.
+    #[error("invalid preprocessing: {0}")]
+    InvalidPreprocess(String),
+}
+
+impl DataError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io { path: path.into(), source }
+    }
+}

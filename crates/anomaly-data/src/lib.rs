@@ -1,0 +1,14 @@
+//! Images in: datasets in the MVTec AD or plain-folder layout, decoding of every common format to RGB,
+//! and preprocessing that matches torchvision's (PIL) transforms, in parallel with the consumer.
+
+mod dataset;
+mod decode;
+mod error;
+mod loader;
+mod preprocess;
+
+pub use dataset::{Dataset, Label, Sample, Split, collect_images};
+pub use decode::{load_mask, load_rgb8};
+pub use error::DataError;
+pub use loader::{Batch, BatchLoader};
+pub use preprocess::{Preprocess, PreprocessedImage};

@@ -1,0 +1,148 @@
+use std::path::Path;
+
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use crate::{DataError, load_rgb8};
+
+/// How an image becomes a network input, following torchvision's `Resize(resize)`, `CenterCrop(crop)`,
+/// `ToTensor()`, `Normalize(mean, std)` on PIL images, so that weights trained in PyTorch see the same pixels.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Preprocess {
+    /// Length of the shorter side after the antialiased bilinear resize.
+    pub resize: u32,
+    /// Side of the square center crop taken after resizing.
+    pub crop: u32,
+    /// Per-channel mean subtracted from pixels scaled to [0, 1].
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation the centred pixels are divided by.
+    pub std: [f32; 3],
+}
+
+/// One preprocessed image: normalised pixels in CHW order, `3 × crop × crop` values.
+#[derive(Clone, Debug)]
+pub struct PreprocessedImage {
+    /// Normalised pixels, channel-major (CHW).
+    pub pixels: Vec<f32>,
+    /// Width and height of the original image, before resizing.
+    pub original_size: (u32, u32),
+}
+
+impl Preprocess {
+    /// The torchvision ImageNet recipe: resize 256, crop 224, ImageNet mean and std.
+    pub fn imagenet() -> Self {
+        Self { resize: 256, crop: 224, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] }
+    }
+
+    /// Checks that the settings can produce an image, before any file is read.
+    pub fn validate(&self) -> Result<(), DataError> {
+        if self.crop == 0 || self.resize < self.crop {
+            return Err(DataError::InvalidPreprocess(format!(
+                "crop ({}) must be at least 1 and no larger than resize ({})",
+                self.crop, self.resize
+            )));
+        }
+        if self.std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+            return Err(DataError::InvalidPreprocess(format!("std {:?} must be positive", self.std)));
+        }
+        Ok(())
+    }
+
+    /// Number of f32 values in one preprocessed image.
+    pub fn values_per_image(&self) -> usize {
+        3 * (self.crop as usize) * (self.crop as usize)
+    }
+
+    /// Decodes and preprocesses one file.
+    pub fn load(&self, path: &Path) -> Result<PreprocessedImage, DataError> {
+        let image = load_rgb8(path)?;
+        self.apply(&image).map_err(|e| match e {
+            DataError::Decode { reason, .. } => DataError::Decode { path: path.into(), reason },
+            other => other,
+        })
+    }
+
+    /// Preprocesses a decoded RGB image.
+    pub fn apply(&self, image: &RgbImage) -> Result<PreprocessedImage, DataError> {
+        self.validate()?;
+        let (width, height) = image.dimensions();
+        let (new_width, new_height) = resized_size(width, height, self.resize);
+        let resized = resize_bilinear(image, new_width, new_height)?;
+        let crop = self.crop as usize;
+        // torchvision rounds the crop offset with Python's round(), which rounds halves to even.
+        let top = ((new_height - self.crop) as f64 / 2.0).round_ties_even() as usize;
+        let left = ((new_width - self.crop) as f64 / 2.0).round_ties_even() as usize;
+        let row_stride = new_width as usize * 3;
+        let mut pixels = vec![0.0f32; 3 * crop * crop];
+        let (red, rest) = pixels.split_at_mut(crop * crop);
+        let (green, blue) = rest.split_at_mut(crop * crop);
+        let planes = [red, green, blue];
+        let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * self.std[c]));
+        let offset: [f32; 3] = std::array::from_fn(|c| self.mean[c] / self.std[c]);
+        for y in 0..crop {
+            let row = &resized[(top + y) * row_stride + left * 3..][..crop * 3];
+            for (x, rgb) in row.chunks_exact(3).enumerate() {
+                for c in 0..3 {
+                    planes[c][y * crop + x] = rgb[c] as f32 * scale[c] - offset[c];
+                }
+            }
+        }
+        Ok(PreprocessedImage { pixels, original_size: (width, height) })
+    }
+}
+
+/// The size torchvision's `Resize(int)` gives: the shorter side becomes `short`, the longer one keeps the
+/// aspect ratio, truncated.
+fn resized_size(width: u32, height: u32, short: u32) -> (u32, u32) {
+    if width <= height {
+        (short, (short as u64 * height as u64 / width as u64) as u32)
+    } else {
+        ((short as u64 * width as u64 / height as u64) as u32, short)
+    }
+}
+
+/// PIL's antialiased bilinear resize (a triangle filter widened by the downscale factor), SIMD-accelerated.
+fn resize_bilinear(image: &RgbImage, width: u32, height: u32) -> Result<Vec<u8>, DataError> {
+    if image.dimensions() == (width, height) {
+        return Ok(image.as_raw().clone());
+    }
+    let source = ImageRef::new(image.width(), image.height(), image.as_raw(), PixelType::U8x3)
+        .map_err(|e| DataError::Decode { path: Default::default(), reason: e.to_string() })?;
+    let mut target = Image::new(width, height, PixelType::U8x3);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    Resizer::new()
+        .resize(&source, &mut target, &options)
+        .map_err(|e| DataError::Decode { path: Default::default(), reason: e.to_string() })?;
+    Ok(target.into_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resized_size_keeps_aspect_like_torchvision() {
+        assert_eq!(resized_size(900, 900, 256), (256, 256));
+        assert_eq!(resized_size(1024, 700, 256), (374, 256));
+        assert_eq!(resized_size(300, 401, 256), (256, 342));
+    }
+
+    #[test]
+    fn constant_image_normalises_to_known_value() {
+        let image = RgbImage::from_pixel(40, 30, image::Rgb([255, 0, 128]));
+        let p = Preprocess { resize: 20, crop: 16, mean: [0.5; 3], std: [0.5; 3] };
+        let out = p.apply(&image).unwrap();
+        assert_eq!(out.pixels.len(), 3 * 16 * 16);
+        assert!((out.pixels[0] - 1.0).abs() < 1e-6);
+        assert!((out.pixels[256] + 1.0).abs() < 1e-6);
+        assert!((out.pixels[512] - (128.0 / 255.0 - 0.5) / 0.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn crop_larger_than_resize_is_rejected() {
+        let p = Preprocess { resize: 10, crop: 16, ..Preprocess::imagenet() };
+        assert!(matches!(p.validate(), Err(DataError::InvalidPreprocess(_))));
+    }
+}
