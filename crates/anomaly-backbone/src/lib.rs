@@ -1,0 +1,81 @@
+//! ImageNet backbones in burn (ResNet50, WideResNet50-2, EfficientNet-Lite0/2) that load the published
+//! PyTorch weights by their own key names and hand out pooled features and named intermediate maps.
+//! The models run on any burn device: wgpu or the CPU backend, picked at run time.
+
+mod efficientnet;
+mod load;
+mod name;
+mod resnet;
+
+pub use efficientnet::{EfficientNetLite, EfficientNetLiteConfig};
+pub use load::{BackboneError, load_weights, torch_state_dict_keys};
+pub use name::BackboneName;
+pub use resnet::{RESNET_TAPS, ResNet, ResNetConfig};
+
+use burn::module::Module;
+use burn::tensor::{Device, Tensor};
+
+/// What a backbone hands out for a batch of images.
+#[derive(Clone, Debug)]
+pub struct Features {
+    /// Global-average-pooled final features, `[batch, channels]`: the seed method's feature vector.
+    pub pooled: Tensor<2>,
+    /// The intermediate feature maps that were asked for, `[batch, channels, height, width]`, by tap name.
+    pub maps: Vec<(String, Tensor<4>)>,
+}
+
+/// A loaded backbone, whichever architecture it is.
+#[derive(Module, Debug)]
+pub enum Backbone {
+    ResNet(ResNet),
+    EfficientNet(EfficientNetLite),
+}
+
+impl Backbone {
+    /// Builds the architecture for `name` with untrained weights (to be replaced by [`load_weights`]).
+    pub fn init(name: BackboneName, device: &Device) -> Self {
+        match name {
+            BackboneName::ResNet50 | BackboneName::ResNet50V2 => Self::ResNet(ResNetConfig::resnet50().init(device)),
+            BackboneName::WideResNet50_2 => Self::ResNet(ResNetConfig::wide_resnet50_2().init(device)),
+            BackboneName::EfficientNetLite0 => Self::EfficientNet(EfficientNetLiteConfig::lite0().init(device)),
+            BackboneName::EfficientNetLite2 => Self::EfficientNet(EfficientNetLiteConfig::lite2().init(device)),
+        }
+    }
+
+    /// Builds `name` on `device` and loads its PyTorch weights file.
+    pub fn load(name: BackboneName, weights: &std::path::Path, device: &Device) -> Result<Self, BackboneError> {
+        let mut backbone = Self::init(name, device);
+        load_weights(&mut backbone, weights)?;
+        Ok(backbone)
+    }
+
+    /// Names of the intermediate feature maps [`Backbone::features`] can return.
+    pub fn tap_names(&self) -> Vec<String> {
+        match self {
+            Self::ResNet(_) => RESNET_TAPS.iter().map(|t| t.to_string()).collect(),
+            Self::EfficientNet(model) => model.tap_names(),
+        }
+    }
+
+    /// Pooled features and the requested taps of a `[batch, 3, height, width]` input.
+    pub fn features(&self, input: Tensor<4>, taps: &[&str]) -> Features {
+        match self {
+            Self::ResNet(model) => model.features(input, taps),
+            Self::EfficientNet(model) => model.features(input, taps),
+        }
+    }
+
+    /// ImageNet logits of pooled features, for sanity checks of the weights.
+    pub fn classify(&self, pooled: Tensor<2>) -> Tensor<2> {
+        match self {
+            Self::ResNet(model) => model.classify(pooled),
+            Self::EfficientNet(model) => model.classify(pooled),
+        }
+    }
+}
+
+/// Mean over the spatial dimensions: `[batch, channels, h, w]` → `[batch, channels]`.
+pub(crate) fn global_average_pool(x: Tensor<4>) -> Tensor<2> {
+    let [batch, channels, _, _] = x.dims();
+    x.mean_dim(3).mean_dim(2).reshape([batch, channels])
+}
