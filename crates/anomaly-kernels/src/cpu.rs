@@ -1,0 +1,202 @@
+//! The kernels on the CPU: `reference` is plain and exact enough to judge the GPU by (f64 accumulation);
+//! `fast` is what `--device cpu` runs (an optimised sgemm and a partial selection, on all cores).
+
+use rayon::prelude::*;
+
+use crate::{ColumnStats, Neighbours};
+
+/// (distance, index) order: the nearest first, ties by the lower index.
+fn nearer(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
+    a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
+}
+
+pub mod reference {
+    //! Straightforward f64 implementations, for tests.
+
+    use super::*;
+
+    /// Two-pass column mean and population std-dev, accumulated in f64.
+    pub fn column_stats(matrix: &[f32], rows: usize, cols: usize) -> ColumnStats {
+        let mut mean = vec![0f64; cols];
+        for row in matrix.chunks_exact(cols).take(rows) {
+            for (m, &x) in mean.iter_mut().zip(row) {
+                *m += x as f64;
+            }
+        }
+        mean.iter_mut().for_each(|m| *m /= rows as f64);
+        let mut var = vec![0f64; cols];
+        for row in matrix.chunks_exact(cols).take(rows) {
+            for ((v, &x), m) in var.iter_mut().zip(row).zip(&mean) {
+                *v += (x as f64 - m).powi(2);
+            }
+        }
+        ColumnStats {
+            mean: mean.iter().map(|&m| m as f32).collect(),
+            std: var.iter().map(|&v| (v / rows as f64).sqrt() as f32).collect(),
+        }
+    }
+
+    /// Squared Euclidean distance of every (query, bank row) pair, `m × n`, from differences in f64.
+    pub fn squared_distances(queries: &[f32], bank: &[f32], d: usize) -> Vec<f64> {
+        let mut out = Vec::new();
+        for q in queries.chunks_exact(d) {
+            for b in bank.chunks_exact(d) {
+                out.push(q.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum());
+            }
+        }
+        out
+    }
+
+    /// The k nearest bank rows of each query by a full sort of the exact distances.
+    pub fn knn(queries: &[f32], bank: &[f32], d: usize, k: usize) -> Neighbours {
+        let n = bank.len() / d;
+        let squared = squared_distances(queries, bank, d);
+        let mut distances = Vec::new();
+        let mut indices = Vec::new();
+        for row in squared.chunks_exact(n) {
+            let mut order: Vec<(f64, u32)> = row.iter().enumerate().map(|(i, &s)| (s, i as u32)).collect();
+            order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            for &(s, i) in order.iter().take(k) {
+                distances.push(s.sqrt() as f32);
+                indices.push(i);
+            }
+        }
+        Neighbours { k, distances, indices }
+    }
+}
+
+pub mod fast {
+    //! Multithreaded CPU paths for users without a GPU.
+
+    use super::*;
+
+    /// Bank rows per distance block: the block's distances stay in cache-friendly sizes.
+    const BANK_BLOCK: usize = 2048;
+    /// Queries per task.
+    const QUERY_BLOCK: usize = 32;
+
+    /// Column mean and population std-dev, in parallel over column blocks, accumulated in f64.
+    pub fn column_stats(matrix: &[f32], rows: usize, cols: usize) -> ColumnStats {
+        const COLS: usize = 64;
+        let blocks: Vec<(Vec<f32>, Vec<f32>)> = (0..cols.div_ceil(COLS))
+            .into_par_iter()
+            .map(|block| {
+                let start = block * COLS;
+                let width = COLS.min(cols - start);
+                let mut sum = vec![0f64; width];
+                let mut sum_sq = vec![0f64; width];
+                let mut shift = vec![0f64; width];
+                // Shifted sums (by the first row) keep the variance exact for data far from zero.
+                if rows > 0 {
+                    shift.iter_mut().zip(&matrix[start..start + width]).for_each(|(s, &x)| *s = x as f64);
+                }
+                for row in matrix.chunks_exact(cols).take(rows) {
+                    for j in 0..width {
+                        let x = row[start + j] as f64 - shift[j];
+                        sum[j] += x;
+                        sum_sq[j] += x * x;
+                    }
+                }
+                let n = rows as f64;
+                (0..width)
+                    .map(|j| {
+                        let mean = sum[j] / n;
+                        ((shift[j] + mean) as f32, ((sum_sq[j] / n - mean * mean).max(0.0)).sqrt() as f32)
+                    })
+                    .unzip()
+            })
+            .collect();
+        let (mean, std) = blocks.into_iter().fold((Vec::new(), Vec::new()), |(mut m, mut s), (bm, bs)| {
+            m.extend(bm);
+            s.extend(bs);
+            (m, s)
+        });
+        ColumnStats { mean, std }
+    }
+
+    /// Squared norms of the rows of a row-major matrix.
+    pub fn row_norms(matrix: &[f32], d: usize) -> Vec<f32> {
+        matrix.par_chunks_exact(d).map(|row| row.iter().map(|x| x * x).sum()).collect()
+    }
+
+    /// The k nearest bank rows of every query: blocks of −2·Q·Bᵀ by sgemm plus the norms, and a running
+    /// partial selection per query, so that memory stays at a block of distances per thread.
+    pub fn knn(queries: &[f32], bank: &[f32], d: usize, k: usize) -> Neighbours {
+        let n = bank.len() / d;
+        let bank_norms = row_norms(bank, d);
+        let rows: Vec<Vec<(f32, u32)>> = queries
+            .par_chunks(QUERY_BLOCK * d)
+            .flat_map_iter(|block| {
+                let m = block.len() / d;
+                let query_norms = row_norms_serial(block, d);
+                let mut best: Vec<Vec<(f32, u32)>> = vec![Vec::with_capacity(k + BANK_BLOCK); m];
+                let mut products = vec![0f32; m * BANK_BLOCK];
+                for start in (0..n).step_by(BANK_BLOCK) {
+                    let width = BANK_BLOCK.min(n - start);
+                    let chunk = &bank[start * d..(start + width) * d];
+                    multiply_transposed(block, chunk, m, width, d, &mut products[..m * width]);
+                    for (i, candidates) in best.iter_mut().enumerate() {
+                        let row = &products[i * width..(i + 1) * width];
+                        candidates.extend(row.iter().enumerate().map(|(j, &dot)| {
+                            let squared = (query_norms[i] + bank_norms[start + j] - 2.0 * dot).max(0.0);
+                            (squared, (start + j) as u32)
+                        }));
+                        if candidates.len() > k {
+                            candidates.select_nth_unstable_by(k - 1, nearer);
+                            candidates.truncate(k);
+                        }
+                    }
+                }
+                best.into_iter().map(|mut candidates| {
+                    candidates.sort_unstable_by(nearer);
+                    candidates
+                })
+            })
+            .collect();
+        let mut distances = Vec::with_capacity(rows.len() * k);
+        let mut indices = Vec::with_capacity(rows.len() * k);
+        for row in rows {
+            for (squared, index) in row {
+                distances.push(squared.sqrt());
+                indices.push(index);
+            }
+        }
+        Neighbours { k, distances, indices }
+    }
+
+    fn row_norms_serial(matrix: &[f32], d: usize) -> Vec<f32> {
+        matrix.chunks_exact(d).map(|row| row.iter().map(|x| x * x).sum()).collect()
+    }
+
+    /// `out = a · bᵀ` for row-major `a` (m × d) and `b` (n × d), single-threaded (callers parallelise).
+    pub fn multiply_transposed(a: &[f32], b: &[f32], m: usize, n: usize, d: usize, out: &mut [f32]) {
+        assert!(a.len() >= m * d && b.len() >= n * d && out.len() >= m * n);
+        // SAFETY: the asserts above bound every access the strides below describe.
+        unsafe {
+            gemm::gemm(
+                m, n, d,
+                out.as_mut_ptr(), 1, n as isize, false,
+                a.as_ptr(), 1, d as isize,
+                b.as_ptr(), d as isize, 1,
+                0.0, 1.0, false, false, false,
+                gemm::Parallelism::None,
+            );
+        }
+    }
+
+    /// `out = a · bᵀ` using every core: the reference point the GPU kernels are benchmarked against.
+    pub fn multiply_transposed_parallel(a: &[f32], b: &[f32], m: usize, n: usize, d: usize, out: &mut [f32]) {
+        assert!(a.len() >= m * d && b.len() >= n * d && out.len() >= m * n);
+        // SAFETY: as in `multiply_transposed`.
+        unsafe {
+            gemm::gemm(
+                m, n, d,
+                out.as_mut_ptr(), 1, n as isize, false,
+                a.as_ptr(), 1, d as isize,
+                b.as_ptr(), d as isize, 1,
+                0.0, 1.0, false, false, false,
+                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            );
+        }
+    }
+}

@@ -1,0 +1,185 @@
+// The k smallest entries of every row, with their indices, ties broken by the lower index.
+//
+// A row is the concatenation of the running best list of the previous bank chunks (`prev` entries,
+// already sorted, lower indices than anything in this chunk) and this chunk's `width` distances, so
+// calling this once per chunk keeps the k nearest bank rows without ever holding all distances.
+//
+// One workgroup per row: a radix select on the float bits (non-negative floats order like their u32
+// bits) finds the k-th smallest key in four 8-bit passes; the entries below it, and the first entries
+// equal to it in row order, are collected; a bitonic sort orders them by (distance, index).
+
+struct Params {
+    rows: u32,
+    width: u32,
+    k: u32,
+    prev: u32,
+    index_offset: u32,
+    // Power of two ≥ k: the sort's length.
+    capacity: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> distances: array<f32>;     // [rows][width]
+@group(0) @binding(2) var<storage, read> prev_values: array<f32>;   // [rows][k]
+@group(0) @binding(3) var<storage, read> prev_indices: array<u32>;  // [rows][k]
+@group(0) @binding(4) var<storage, read_write> out_values: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out_indices: array<u32>;
+
+const THREADS: u32 = 256u;
+const MAX_K: u32 = 1024u;
+// Padding when a row has fewer than k entries: +inf, and an index past any bank.
+const PAD_KEY: u32 = 0x7f800000u;
+const PAD_INDEX: u32 = 0xffffffffu;
+
+var<workgroup> histogram: array<atomic<u32>, 256>;
+var<workgroup> scan: array<u32, THREADS>;
+var<workgroup> keys: array<u32, MAX_K>;
+var<workgroup> indices: array<u32, MAX_K>;
+var<workgroup> selected: atomic<u32>;
+var<workgroup> prefix: u32;
+var<workgroup> remaining: u32;
+var<workgroup> equal_seen: u32;
+
+fn key_at(row: u32, position: u32) -> u32 {
+    if (position < params.prev) {
+        return bitcast<u32>(prev_values[row * params.k + position]);
+    }
+    // Clamped and sign-cleared, so that -0.0 orders as 0.
+    return bitcast<u32>(max(distances[row * params.width + position - params.prev], 0.0)) & 0x7fffffffu;
+}
+
+fn index_at(row: u32, position: u32) -> u32 {
+    if (position < params.prev) {
+        return prev_indices[row * params.k + position];
+    }
+    return params.index_offset + position - params.prev;
+}
+
+// (key, index) lexicographic order.
+fn before(key_a: u32, index_a: u32, key_b: u32, index_b: u32) -> bool {
+    return key_a < key_b || (key_a == key_b && index_a < index_b);
+}
+
+@compute @workgroup_size(256)
+fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
+        @builtin(local_invocation_index) lane: u32) {
+    let row = group.x + group.y * groups.x;
+    if (row >= params.rows) {
+        return;
+    }
+    let total = params.prev + params.width;
+
+    // Radix select: after the four passes, `prefix` is the k-th smallest key and `remaining` the number
+    // of entries equal to it that belong to the k smallest. With k or fewer entries, all are taken.
+    if (lane == 0u) {
+        prefix = 0u;
+        remaining = params.k;
+        equal_seen = 0u;
+        atomicStore(&selected, 0u);
+        if (total <= params.k) {
+            remaining = total;
+        }
+    }
+    workgroupBarrier();
+    let select_all = total <= params.k;
+    if (!select_all) {
+        for (var pass_index = 0u; pass_index < 4u; pass_index++) {
+            let shift = 24u - 8u * pass_index;
+            let high_mask = select(0u, 0xffffffffu << (shift + 8u), pass_index > 0u);
+            atomicStore(&histogram[lane], 0u);
+            workgroupBarrier();
+            let wanted = workgroupUniformLoad(&prefix);
+            for (var position = lane; position < total; position += THREADS) {
+                let key = key_at(row, position);
+                if ((key & high_mask) == (wanted & high_mask)) {
+                    atomicAdd(&histogram[(key >> shift) & 0xffu], 1u);
+                }
+            }
+            workgroupBarrier();
+            if (lane == 0u) {
+                var below = 0u;
+                var digit = 0u;
+                loop {
+                    let count = atomicLoad(&histogram[digit]);
+                    if (below + count >= remaining || digit == 255u) {
+                        break;
+                    }
+                    below += count;
+                    digit++;
+                }
+                remaining -= below;
+                prefix = prefix | (digit << shift);
+            }
+            workgroupBarrier();
+        }
+    }
+
+    // Collect: every key below the threshold, and the first `remaining` keys equal to it in row order,
+    // found with a prefix sum over each block of 256 entries.
+    let threshold = workgroupUniformLoad(&prefix);
+    let take_equal = workgroupUniformLoad(&remaining);
+    for (var base = 0u; base < total; base += THREADS) {
+        let position = base + lane;
+        var key = PAD_KEY;
+        if (position < total) {
+            key = key_at(row, position);
+        }
+        let is_below = position < total && (key < threshold || select_all);
+        let is_equal = position < total && key == threshold && !select_all;
+        scan[lane] = u32(is_equal);
+        workgroupBarrier();
+        for (var offset = 1u; offset < THREADS; offset <<= 1u) {
+            var add = 0u;
+            if (lane >= offset) {
+                add = scan[lane - offset];
+            }
+            workgroupBarrier();
+            scan[lane] += add;
+            workgroupBarrier();
+        }
+        let rank = equal_seen + scan[lane] - u32(is_equal);
+        if (is_below || (is_equal && rank < take_equal)) {
+            let slot = atomicAdd(&selected, 1u);
+            keys[slot] = key;
+            indices[slot] = index_at(row, position);
+        }
+        workgroupBarrier();
+        if (lane == 0u) {
+            equal_seen += scan[THREADS - 1u];
+        }
+        workgroupBarrier();
+    }
+
+    // Pad to the sort's length, then bitonic sort by (key, index).
+    let count = atomicLoad(&selected);
+    for (var i = count + lane; i < params.capacity; i += THREADS) {
+        keys[i] = PAD_KEY;
+        indices[i] = PAD_INDEX;
+    }
+    workgroupBarrier();
+    for (var size = 2u; size <= params.capacity; size <<= 1u) {
+        for (var stride = size >> 1u; stride > 0u; stride >>= 1u) {
+            for (var i = lane; i < params.capacity / 2u; i += THREADS) {
+                let low = 2u * stride * (i / stride) + (i % stride);
+                let high = low + stride;
+                let ascending = (low & size) == 0u;
+                let swap = before(keys[high], indices[high], keys[low], indices[low]) == ascending;
+                if (swap) {
+                    let key = keys[low];
+                    keys[low] = keys[high];
+                    keys[high] = key;
+                    let index = indices[low];
+                    indices[low] = indices[high];
+                    indices[high] = index;
+                }
+            }
+            workgroupBarrier();
+        }
+    }
+    for (var i = lane; i < params.k; i += THREADS) {
+        out_values[row * params.k + i] = bitcast<f32>(keys[i]);
+        out_indices[row * params.k + i] = indices[i];
+    }
+}
