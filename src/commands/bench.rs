@@ -1,0 +1,123 @@
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anomaly_backbone::BackboneName;
+use anomaly_data::{BatchLoader, collect_images};
+use anomaly_device::DeviceChoice;
+use anyhow::Result;
+use burn::tensor::{Tensor, TensorData};
+use indicatif::ProgressBar;
+
+use crate::extract::{Extractor, to_vec};
+use crate::weights::WeightsArgs;
+
+/// `anomaly bench …`: benchmarks print figures and ratios; they assert nothing.
+#[derive(clap::Subcommand)]
+pub enum Bench {
+    /// Images/s of decode + preprocess, of the forward pass alone and end to end, and peak memory.
+    Backbone(BackboneArgs),
+    /// Column statistics, pairwise distance and k-nearest-neighbour kernels over a sweep of sizes.
+    Kernels(super::bench_kernels::KernelArgs),
+}
+
+#[derive(clap::Args)]
+pub struct BackboneArgs {
+    #[arg(long)]
+    backbone: BackboneName,
+    #[command(flatten)]
+    weights: WeightsArgs,
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// Folder of images (e.g. an MVTec AD category's train/good).
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Use at most this many images.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Forward passes of one batch timed for the forward-only figure.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(bench: Bench) -> Result<()> {
+    match bench {
+        Bench::Backbone(args) => backbone(args),
+        Bench::Kernels(args) => super::bench_kernels::run(args),
+    }
+}
+
+fn backbone(args: BackboneArgs) -> Result<()> {
+    let mut paths = collect_images(&args.data)?;
+    if let Some(limit) = args.limit {
+        paths.truncate(limit.max(1));
+    }
+    let batch_size = args.batch_size.max(1);
+    let extractor = Extractor::new(args.backbone, &args.weights, args.device)?;
+    let preprocess = extractor.preprocess.clone();
+    let side = preprocess.crop as usize;
+    let threads = rayon::current_num_threads();
+
+    // Decode + preprocess alone, in parallel as the pipeline does it.
+    let start = Instant::now();
+    let mut first_batch = None;
+    for batch in BatchLoader::new(paths.clone(), preprocess.clone(), batch_size, 2) {
+        let batch = batch?;
+        first_batch.get_or_insert(batch);
+    }
+    let decode_s = start.elapsed().as_secs_f64();
+    let first_batch = first_batch.expect("collect_images returns at least one image");
+
+    // Forward alone: one batch already on the device, timed after a warm-up pass.
+    let n = first_batch.len();
+    let input = Tensor::<4>::from_data(TensorData::new(first_batch.pixels.clone(), [n, 3, side, side]), &extractor.device.device);
+    let forward = || to_vec(extractor.backbone.features(input.clone(), &[]).pooled.into_data());
+    forward()?;
+    let start = Instant::now();
+    for _ in 0..args.repeats.max(1) {
+        forward()?;
+    }
+    let forward_s = start.elapsed().as_secs_f64() / args.repeats.max(1) as f64;
+
+    // End to end: decode overlapping the forward pass, features back on the host.
+    let start = Instant::now();
+    extractor.run(paths.clone(), &[], batch_size, &ProgressBar::hidden(), |_, _, _| Ok(()))?;
+    let end_to_end_s = start.elapsed().as_secs_f64();
+
+    let images = paths.len() as f64;
+    let decode_ips = images / decode_s;
+    let forward_ips = n as f64 / forward_s;
+    let end_to_end_ips = images / end_to_end_s;
+    let peak_rss_mib = peak_rss_kib().map(|kib| kib as f64 / 1024.0);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "backbone": args.backbone.to_string(), "device": extractor.device.describe(), "images": paths.len(),
+                "batch_size": batch_size, "threads": threads, "input": side,
+                "decode_preprocess_img_s": decode_ips, "forward_img_s": forward_ips, "end_to_end_img_s": end_to_end_ips,
+                "peak_rss_mib": peak_rss_mib,
+            })
+        );
+    } else {
+        println!("backbone {} on {}, {} images, batch {batch_size}, {threads} threads, input {side}px", args.backbone, extractor.device.describe(), paths.len());
+        println!("  decode + preprocess  {decode_ips:8.1} img/s");
+        println!("  forward alone        {forward_ips:8.1} img/s");
+        println!("  end to end           {end_to_end_ips:8.1} img/s  ({:.0}% of the forward-only rate)", 100.0 * end_to_end_ips / forward_ips);
+        if let Some(mib) = peak_rss_mib {
+            println!("  peak resident memory {mib:8.0} MiB");
+        }
+    }
+    Ok(())
+}
+
+/// The process's peak resident set size (Linux `VmHWM`), where the platform reports it.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}

@@ -1,0 +1,233 @@
+//! `anomaly bench kernels`: the memory-bank kernels over a sweep of bank sizes, widths and k, against
+//! the naive shader and a tuned CPU sgemm measured in the same run.
+
+use std::time::Instant;
+
+use anomaly_kernels::cpu::fast;
+use anomaly_kernels::{DistanceKernel, GpuKernels};
+use anyhow::Result;
+use serde::Serialize;
+
+/// Which kernels the sweep runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelDevice {
+    /// Our WGSL kernels on wgpu (and the CPU paths, for the ratios).
+    Wgpu,
+    /// The CPU paths only.
+    Cpu,
+}
+
+#[derive(clap::Args)]
+pub struct KernelArgs {
+    #[arg(long, value_enum, default_value = "wgpu")]
+    device: KernelDevice,
+    /// The representative subset: bank 20k × D 1024, 1k queries, k 50.
+    #[arg(long)]
+    quick: bool,
+    /// Bank sizes (rows) to sweep.
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
+    banks: Vec<usize>,
+    /// Feature widths to sweep.
+    #[arg(long, value_delimiter = ',', default_value = "512,1024,2048")]
+    dims: Vec<usize>,
+    /// k values to sweep.
+    #[arg(long, value_delimiter = ',', default_value = "1,9,50")]
+    ks: Vec<usize>,
+    /// Queries per case.
+    #[arg(long, default_value_t = 1000)]
+    queries: usize,
+    /// Bank rows of the tiled-versus-naive distance comparison (the naive shader is slow).
+    #[arg(long, default_value_t = 4096)]
+    naive_bank: usize,
+    /// Print a JSON array (one object per case) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Row {
+    kernel: &'static str,
+    device: String,
+    m: usize,
+    n: usize,
+    d: usize,
+    k: Option<usize>,
+    ms: f64,
+    gflops: Option<f64>,
+    gbs: Option<f64>,
+    /// Time of the tiled shader over the naive one (<1: the tiled one is faster).
+    tiled_over_naive: Option<f64>,
+    /// Time of the GPU path over the fast CPU path (<1: the GPU is faster).
+    gpu_over_cpu_fast: Option<f64>,
+    /// Time of the GPU path over a tuned CPU sgemm of the same product.
+    gpu_over_cpu_sgemm: Option<f64>,
+}
+
+pub fn run(mut args: KernelArgs) -> Result<()> {
+    if args.quick {
+        (args.banks, args.dims, args.ks, args.queries) = (vec![20_000], vec![1024], vec![50], 1000);
+    }
+    let gpu = match args.device {
+        KernelDevice::Wgpu => Some(GpuKernels::shared()?),
+        KernelDevice::Cpu => None,
+    };
+    let device = match &gpu {
+        Some(_) => format!("wgpu: {}", anomaly_device::GpuContext::get()?.adapter),
+        None => format!("cpu: {} threads", rayon::current_num_threads()),
+    };
+    if !args.json {
+        eprintln!("device {device}; timing from {}", match &gpu {
+            Some(g) if g.has_timestamps() => "GPU timestamps (distance shaders) and wall time (whole operations)",
+            Some(_) => "wall time, submit to completion",
+            None => "wall time",
+        });
+    }
+    let m = args.queries;
+    let mut rows = Vec::new();
+    let mut print = |row: Row| {
+        if !args.json {
+            println!(
+                "{:<16} m {:>5} n {:>8} d {:>5} k {:>5}  {:>10.2} ms {:>9} GFLOP/s {:>8} GB/s{}",
+                row.kernel,
+                row.m,
+                row.n,
+                row.d,
+                row.k.map_or("-".into(), |k| k.to_string()),
+                row.ms,
+                row.gflops.map_or("-".into(), |g| format!("{g:.1}")),
+                row.gbs.map_or("-".into(), |g| format!("{g:.1}")),
+                ratios(&row)
+            );
+        }
+        rows.push(row);
+    };
+    for &d in &args.dims {
+        for &n in &args.banks {
+            let needed = ((n + m) * d * 4) as u64 * if gpu.is_some() { 2 } else { 1 };
+            if available_memory().is_some_and(|free| needed > free) {
+                eprintln!("skipping n {n} d {d}: needs ~{} MiB, more than is free", needed >> 20);
+                continue;
+            }
+            let bank = random(n * d, 1 + n as u64 + d as u64);
+            let queries = random(m * d, 7 + d as u64);
+            let flops = 2.0 * m as f64 * n as f64 * d as f64;
+            let bank_bytes = (n * d * 4) as f64;
+            let row = |kernel, k, ms: f64, gflops: Option<f64>, gbs: Option<f64>| Row {
+                kernel, device: device.clone(), m, n, d, k, ms, gflops, gbs,
+                tiled_over_naive: None, gpu_over_cpu_fast: None, gpu_over_cpu_sgemm: None,
+            };
+
+            // Tuned CPU sgemm of the same product: the yardstick.
+            let sgemm_ms = timed(|| {
+                let mut out = vec![0f32; m * n.min(65_536)];
+                let width = n.min(65_536);
+                for start in (0..n).step_by(width) {
+                    let w = width.min(n - start);
+                    fast::multiply_transposed_parallel(&queries, &bank[start * d..(start + w) * d], m, w, d, &mut out[..m * w]);
+                }
+            });
+            print(row("cpu_sgemm", None, sgemm_ms, Some(flops / sgemm_ms / 1e6), None));
+            let cpu_stats_ms = timed(|| {
+                fast::column_stats(&bank, n, d);
+            });
+            print(row("cpu_column_stats", None, cpu_stats_ms, None, Some(bank_bytes / cpu_stats_ms / 1e6)));
+            let mut cpu_knn_ms = Vec::new();
+            for &k in &args.ks {
+                let ms = timed(|| {
+                    fast::knn(&queries, &bank, d, k.min(n));
+                });
+                cpu_knn_ms.push(ms);
+                print(row("cpu_knn", Some(k), ms, Some(flops / ms / 1e6), None));
+            }
+
+            let Some(gpu) = &gpu else { continue };
+            let gpu_bank = gpu.upload(&bank, n, d)?;
+            let stats_ms = timed_result(|| gpu.column_stats(&gpu_bank).map(drop))?;
+            print(Row {
+                gpu_over_cpu_fast: Some(stats_ms / cpu_stats_ms),
+                ..row("column_stats", None, stats_ms, None, Some(bank_bytes / stats_ms / 1e6))
+            });
+
+            let naive_n = args.naive_bank.min(n);
+            let limit_rows = (gpu.limits().max_binding_bytes / (m as u64 * 4)) as usize;
+            let naive_n = naive_n.min(limit_rows);
+            let gpu_queries = gpu.upload(&queries, m, d)?;
+            let sub_bank = gpu.upload(&bank[..naive_n * d], naive_n, d)?;
+            let (_, tiled_ms) = gpu.distance_matrix(&gpu_queries, &sub_bank, DistanceKernel::Tiled)?;
+            let (_, tiled_ms2) = gpu.distance_matrix(&gpu_queries, &sub_bank, DistanceKernel::Tiled)?;
+            let tiled_ms = tiled_ms.min(tiled_ms2);
+            let (_, naive_ms) = gpu.distance_matrix(&gpu_queries, &sub_bank, DistanceKernel::Naive)?;
+            let sub_flops = 2.0 * m as f64 * naive_n as f64 * d as f64;
+            let mut tiled_row = row("distance_tiled", None, tiled_ms, Some(sub_flops / tiled_ms / 1e6), None);
+            tiled_row.n = naive_n;
+            tiled_row.tiled_over_naive = Some(tiled_ms / naive_ms);
+            print(tiled_row);
+            let mut naive_row = row("distance_naive", None, naive_ms, Some(sub_flops / naive_ms / 1e6), None);
+            naive_row.n = naive_n;
+            print(naive_row);
+
+            for (&k, &cpu_ms) in args.ks.iter().zip(&cpu_knn_ms) {
+                let ms = timed_result(|| gpu.knn(&gpu_bank, &queries, k.min(n)).map(drop))?;
+                print(Row {
+                    gpu_over_cpu_fast: Some(ms / cpu_ms),
+                    gpu_over_cpu_sgemm: Some(ms / sgemm_ms),
+                    tiled_over_naive: Some(tiled_ms / naive_ms),
+                    ..row("knn", Some(k), ms, Some(flops / ms / 1e6), Some(bank_bytes / ms / 1e6))
+                });
+            }
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    }
+    Ok(())
+}
+
+fn ratios(row: &Row) -> String {
+    let mut text = String::new();
+    for (name, value) in [
+        ("tiled/naive", row.tiled_over_naive),
+        ("gpu/cpu_fast", row.gpu_over_cpu_fast),
+        ("gpu/cpu_sgemm", row.gpu_over_cpu_sgemm),
+    ] {
+        if let Some(v) = value {
+            text.push_str(&format!("  {name} {v:.3}"));
+        }
+    }
+    text
+}
+
+/// Milliseconds of one run after a warm-up run.
+fn timed(mut work: impl FnMut()) -> f64 {
+    work();
+    let start = Instant::now();
+    work();
+    start.elapsed().as_secs_f64() * 1e3
+}
+
+fn timed_result(mut work: impl FnMut() -> Result<(), anomaly_kernels::KernelError>) -> Result<f64> {
+    work()?;
+    let start = Instant::now();
+    work()?;
+    Ok(start.elapsed().as_secs_f64() * 1e3)
+}
+
+/// Uniform values in [-1, 1) from a seeded xorshift, fast enough for gigabyte banks.
+fn random(count: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..count)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// Free memory (Linux `MemAvailable`), to skip cases that cannot fit.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}

@@ -1,0 +1,87 @@
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anomaly_backbone::BackboneName;
+use anomaly_data::Dataset;
+use anomaly_device::DeviceChoice;
+use anyhow::{Context, Result};
+use safetensors::{Dtype, tensor::TensorView};
+
+use crate::extract::{Extractor, image_progress};
+use crate::output::write_atomic;
+use crate::weights::WeightsArgs;
+
+/// `anomaly features`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// resnet50, resnet50-v2, wide_resnet50_2, efficientnet-lite0 or efficientnet-lite2.
+    #[arg(long)]
+    backbone: BackboneName,
+    #[command(flatten)]
+    weights: WeightsArgs,
+    /// auto (a real GPU if there is one, else the CPU), wgpu, or cpu.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// An MVTec AD category, a folder of images, or one image file.
+    #[arg(long, value_name = "PATH")]
+    data: PathBuf,
+    /// Output file (safetensors): `pooled` [images, dim], `tap.<name>` per tap, image paths in the metadata.
+    #[arg(long, value_name = "FILE.safetensors")]
+    out: PathBuf,
+    /// Intermediate feature maps to save too, comma-separated (e.g. layer2,layer3 or block4,block10).
+    #[arg(long, value_delimiter = ',')]
+    taps: Vec<String>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let dataset = Dataset::open(&args.data)?;
+    let paths: Vec<PathBuf> = dataset.samples.iter().map(|s| s.path.clone()).collect();
+    let extractor = Extractor::new(args.backbone, &args.weights, args.device)?;
+    eprintln!("{} on {}: {} images", args.backbone, extractor.device.describe(), paths.len());
+    let taps: Vec<&str> = args.taps.iter().map(String::as_str).collect();
+
+    let progress = image_progress(paths.len(), "features");
+    let mut pooled = Vec::new();
+    let mut maps: Vec<(String, [usize; 4], Vec<f32>)> = Vec::new();
+    extractor.run(paths.clone(), &taps, args.batch_size, &progress, |_, batch_pooled, batch_maps| {
+        pooled.extend(batch_pooled);
+        for map in batch_maps {
+            match maps.iter_mut().find(|(name, _, _)| *name == map.name) {
+                Some((_, shape, values)) => {
+                    shape[0] += map.shape[0];
+                    values.extend(map.values);
+                }
+                None => maps.push((map.name, map.shape, map.values)),
+            }
+        }
+        Ok(())
+    })?;
+    progress.finish_and_clear();
+
+    let dim = pooled.len() / paths.len();
+    let mut tensors = vec![("pooled".to_string(), vec![paths.len(), dim], &pooled)];
+    for (name, shape, values) in &maps {
+        tensors.push((format!("tap.{name}"), shape.to_vec(), values));
+    }
+    let views = tensors
+        .iter()
+        .map(|(name, shape, values)| {
+            let view = TensorView::new(Dtype::F32, shape.clone(), bytemuck::cast_slice(values))?;
+            Ok((name.clone(), view))
+        })
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    let path_list: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    let metadata = HashMap::from([
+        ("backbone".to_string(), args.backbone.to_string()),
+        ("device".to_string(), extractor.device.describe()),
+        ("preprocess".to_string(), serde_json::to_string(&extractor.preprocess)?),
+        ("paths".to_string(), serde_json::to_string(&path_list)?),
+    ]);
+    let bytes = safetensors::serialize(views, Some(metadata)).context("encoding features")?;
+    write_atomic(&args.out, &bytes)?;
+    println!("{}: {} images × {dim} features{}", args.out.display(), paths.len(), if maps.is_empty() { "" } else { " + taps" });
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! Running a backbone over many images: batches decoded in parallel ahead of the forward pass, a
+//! progress bar, and features brought back as plain vectors.
+
+use std::path::PathBuf;
+
+use anomaly_backbone::{Backbone, BackboneName};
+use anomaly_data::{Batch, BatchLoader, Preprocess};
+use anomaly_device::{DeviceChoice, ResolvedDevice};
+use anyhow::{Context, Result};
+use burn::tensor::{Tensor, TensorData};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::weights::{WeightsArgs, weights_file};
+
+/// A backbone loaded on a device, with the preprocessing its weights expect.
+pub struct Extractor {
+    pub name: BackboneName,
+    pub backbone: Backbone,
+    pub device: ResolvedDevice,
+    pub preprocess: Preprocess,
+}
+
+/// One feature map of a batch, brought back to the host.
+pub struct HostMap {
+    pub name: String,
+    /// `[batch, channels, height, width]`.
+    pub shape: [usize; 4],
+    pub values: Vec<f32>,
+}
+
+impl Extractor {
+    /// Resolves the device, finds (or fetches) the weights and loads the backbone.
+    pub fn new(name: BackboneName, weights: &WeightsArgs, device: DeviceChoice) -> Result<Self> {
+        let path = weights_file(name, weights)?;
+        let device = anomaly_device::resolve(device)?;
+        let backbone = Backbone::load(name, &path, &device.device)?;
+        Ok(Self { name, backbone, device, preprocess: name.preprocess() })
+    }
+
+    /// Runs the backbone over `paths`, `batch_size` images at a time, handing each batch's pooled features
+    /// (`[batch, dim]`, row-major) and requested maps to `sink`.
+    pub fn run(
+        &self,
+        paths: Vec<PathBuf>,
+        taps: &[&str],
+        batch_size: usize,
+        progress: &ProgressBar,
+        mut sink: impl FnMut(&Batch, Vec<f32>, Vec<HostMap>) -> Result<()>,
+    ) -> Result<()> {
+        for tap in taps {
+            anyhow::ensure!(
+                self.backbone.tap_names().iter().any(|t| t == tap),
+                "{} has no feature map '{tap}'; it has: {}",
+                self.name,
+                self.backbone.tap_names().join(", ")
+            );
+        }
+        let side = self.preprocess.crop as usize;
+        for batch in BatchLoader::new(paths, self.preprocess.clone(), batch_size, 2) {
+            let batch = batch?;
+            let input = Tensor::<4>::from_data(
+                TensorData::new(batch.pixels.clone(), [batch.len(), 3, side, side]),
+                &self.device.device,
+            );
+            let features = self.backbone.features(input, taps);
+            let pooled = to_vec(features.pooled.into_data()).context("reading features back from the device")?;
+            let maps = features
+                .maps
+                .into_iter()
+                .map(|(name, map)| {
+                    let shape = map.dims();
+                    Ok(HostMap { name, shape, values: to_vec(map.into_data())? })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            progress.inc(batch.len() as u64);
+            sink(&batch, pooled, maps)?;
+        }
+        Ok(())
+    }
+}
+
+/// A tensor's values as f32.
+pub fn to_vec(data: TensorData) -> Result<Vec<f32>> {
+    let data = data.convert::<f32>();
+    Ok(data.as_slice::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?.to_vec())
+}
+
+/// A progress bar over `total` images (hidden when stderr is not a terminal).
+pub fn image_progress(total: usize, message: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} images ({per_sec}, eta {eta})")
+            .expect("valid progress template"),
+    );
+    bar.set_message(message.to_string());
+    bar
+}

@@ -1,0 +1,49 @@
+//! `anomaly`: learn what good parts look like from images, and flag the defective ones, on any GPU
+//! through wgpu or on the CPU.
+
+mod commands;
+mod extract;
+mod output;
+mod weights;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Industrial visual anomaly detection: ImageNet backbones, memory banks and GPU kernels, no Python.
+#[derive(Parser)]
+#[command(name = "anomaly", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download a backbone's published weights into the weights folder (sha256-checked).
+    FetchWeights(commands::fetch::Args),
+    /// Run a backbone over images and save their features as safetensors.
+    Features(commands::features::Args),
+    /// List the GPU adapters wgpu sees and say which one `--device auto` picks.
+    Devices(commands::devices::Args),
+    /// Measure throughput (benchmarks print figures; nothing is asserted).
+    #[command(subcommand)]
+    Bench(commands::bench::Bench),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::FetchWeights(args) => commands::fetch::run(args),
+        Command::Features(args) => commands::features::run(args),
+        Command::Devices(args) => commands::devices::run(args),
+        Command::Bench(bench) => commands::bench::run(bench),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

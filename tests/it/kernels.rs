@@ -1,0 +1,212 @@
+//! The WGSL kernels against the f64 CPU reference (and the fast CPU path against it too): odd shapes,
+//! D = 1, k = 1 and k = N, exact ties, large magnitudes, and inputs split past a (lowered) binding limit.
+
+use anomaly_kernels::cpu::{fast, reference};
+use anomaly_kernels::{DistanceKernel, GpuKernels, KernelError, KernelLimits, Neighbours, top_columns};
+
+use crate::common::{Rng, wgpu_device};
+
+fn kernels() -> GpuKernels {
+    wgpu_device();
+    GpuKernels::shared().unwrap()
+}
+
+fn small_limits(kernels: &GpuKernels, bytes: u64) -> KernelLimits {
+    KernelLimits { max_binding_bytes: bytes, ..kernels.limits() }
+}
+
+/// Relative error with a floor, so that values near zero are judged against the data's scale.
+fn close(ours: f64, exact: f64, floor: f64, tolerance: f64) -> bool {
+    (ours - exact).abs() <= tolerance * exact.abs().max(floor)
+}
+
+/// The scale squared distances are judged against near zero: 1% of the mean squared row norm. The kernels
+/// compute ‖q‖² + ‖b‖² − 2 q·b, whose rounding error is relative to the norms, not to the distance.
+fn floor_of(values: &[f32], d: usize) -> f64 {
+    let rows = values.len() / d;
+    1e-2 * values.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / rows as f64
+}
+
+/// Checks neighbours against the f64 reference: squared distances within 1e-4 relative (floored), and the
+/// same indices, except where two bank rows are numerically (not exactly) equally near.
+fn check_neighbours(case: &str, ours: &Neighbours, queries: &[f32], bank: &[f32], d: usize) {
+    let floor = floor_of(queries, d).max(floor_of(bank, d));
+    let exact = reference::knn(queries, bank, d, ours.k);
+    let squared = reference::squared_distances(queries, bank, d);
+    let n = bank.len() / d;
+    assert_eq!(ours.indices.len(), exact.indices.len(), "{case}");
+    let mut worst = 0f64;
+    for row in 0..queries.len() / d {
+        for i in 0..ours.k {
+            let (ours_index, exact_index) = (ours.row_indices(row)[i], exact.row_indices(row)[i]);
+            let exact_squared = squared[row * n + exact_index as usize];
+            let ours_squared = (ours.row_distances(row)[i] as f64).powi(2);
+            worst = worst.max((ours_squared - exact_squared).abs() / exact_squared.max(floor));
+            assert!(
+                close(ours_squared, exact_squared, floor, 1e-4),
+                "{case}: query {row} neighbour {i}: squared distance {ours_squared} vs {exact_squared}"
+            );
+            if ours_index != exact_index {
+                let chosen = squared[row * n + ours_index as usize];
+                // Only a numerical near-tie may swap; an exact tie must go to the lower index.
+                assert!(
+                    chosen != exact_squared && close(chosen, exact_squared, floor, 1e-4),
+                    "{case}: query {row} neighbour {i}: index {ours_index} (at {chosen}) instead of {exact_index} (at {exact_squared})"
+                );
+            }
+        }
+    }
+    eprintln!("{case}: worst relative error of squared distances {worst:.1e}");
+}
+
+struct Case {
+    name: &'static str,
+    m: usize,
+    n: usize,
+    d: usize,
+    k: usize,
+    scale: f32,
+    offset: f32,
+    duplicates: bool,
+}
+
+fn data(case: &Case, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let mut rng = Rng::new(seed);
+    let d = case.d;
+    let mut queries = rng.normals(case.m * d, case.offset, case.scale);
+    let mut bank = rng.normals(case.n * d, case.offset, case.scale);
+    if case.duplicates {
+        // Bank rows in groups of three equal copies, and every fourth query equal to a bank row:
+        // exact ties (broken by the lower index) and exact zeros.
+        for row in 0..case.n {
+            let source = row / 3 * 3;
+            bank.copy_within(source * d..(source + 1) * d, row * d);
+        }
+        for q in (0..case.m).step_by(4) {
+            let source = (q * 7) % case.n;
+            queries[q * d..(q + 1) * d].copy_from_slice(&bank[source * d..(source + 1) * d]);
+        }
+    }
+    (queries, bank)
+}
+
+const CASES: [Case; 7] = [
+    Case { name: "odd shapes", m: 37, n: 1001, d: 70, k: 9, scale: 1.0, offset: 0.0, duplicates: false },
+    Case { name: "d = 1", m: 20, n: 300, d: 1, k: 5, scale: 1.0, offset: 0.0, duplicates: false },
+    Case { name: "k = 1", m: 65, n: 129, d: 33, k: 1, scale: 1.0, offset: 0.0, duplicates: false },
+    Case { name: "k = n", m: 9, n: 200, d: 17, k: 200, scale: 1.0, offset: 0.0, duplicates: false },
+    Case { name: "k = 1024", m: 5, n: 1500, d: 8, k: 1024, scale: 1.0, offset: 0.0, duplicates: false },
+    Case { name: "duplicates", m: 40, n: 300, d: 24, k: 50, scale: 1.0, offset: 0.0, duplicates: true },
+    Case { name: "large magnitudes", m: 30, n: 500, d: 40, k: 20, scale: 1000.0, offset: 3000.0, duplicates: false },
+];
+
+#[test]
+fn gpu_neighbours_match_the_reference() {
+    let kernels = kernels();
+    for (seed, case) in CASES.iter().enumerate() {
+        let (queries, bank) = data(case, seed as u64);
+        let gpu_bank = kernels.upload(&bank, case.n, case.d).unwrap();
+        let ours = kernels.knn(&gpu_bank, &queries, case.k).unwrap();
+        check_neighbours(case.name, &ours, &queries, &bank, case.d);
+    }
+}
+
+#[test]
+fn fast_cpu_neighbours_match_the_reference() {
+    for (seed, case) in CASES.iter().enumerate() {
+        let (queries, bank) = data(case, seed as u64);
+        let ours = fast::knn(&queries, &bank, case.d, case.k);
+        check_neighbours(case.name, &ours, &queries, &bank, case.d);
+    }
+}
+
+#[test]
+fn chunked_runs_equal_the_unchunked_run() {
+    let kernels = kernels();
+    let case = Case { name: "chunked", m: 70, n: 2500, d: 12, k: 40, scale: 1.0, offset: 0.0, duplicates: true };
+    let (queries, bank) = data(&case, 11);
+    let whole = kernels.knn(&kernels.upload(&bank, case.n, case.d).unwrap(), &queries, case.k).unwrap();
+    // 16 KiB bindings: bank chunks of 341 rows, query blocks of at most 4 rows, distances in pieces.
+    let small = GpuKernels::shared().unwrap().with_limits(small_limits(&kernels, 16 * 1024));
+    let chunked_bank = small.upload(&bank, case.n, case.d).unwrap();
+    assert!(chunked_bank.chunk_count() >= 7, "{} chunks", chunked_bank.chunk_count());
+    let chunked = small.knn(&chunked_bank, &queries, case.k).unwrap();
+    assert_eq!(chunked, whole, "chunked and unchunked runs differ");
+    check_neighbours(case.name, &chunked, &queries, &bank, case.d);
+
+    let exact = reference::column_stats(&bank, case.n, case.d);
+    let stats = small.column_stats(&chunked_bank).unwrap();
+    for (ours, theirs) in stats.std.iter().zip(&exact.std) {
+        assert!(close(*ours as f64, *theirs as f64, 1e-6, 1e-4), "std {ours} vs {theirs}");
+    }
+}
+
+#[test]
+fn column_statistics_match_the_reference() {
+    let kernels = kernels();
+    let mut rng = Rng::new(5);
+    for (rows, cols, offset, scale) in [(1, 1, 0.0, 1.0), (37, 1, 0.0, 1.0), (1000, 65, 0.0, 1.0), (3001, 130, 0.0, 2.0), (500, 40, 10_000.0, 1.0)] {
+        let matrix = rng.normals(rows * cols, offset, scale);
+        let exact = reference::column_stats(&matrix, rows, cols);
+        let gpu = kernels.column_stats(&kernels.upload(&matrix, rows, cols).unwrap()).unwrap();
+        let cpu = fast::column_stats(&matrix, rows, cols);
+        for (name, ours) in [("gpu", &gpu), ("fast cpu", &cpu)] {
+            for c in 0..cols {
+                assert!(close(ours.mean[c] as f64, exact.mean[c] as f64, scale as f64, 1e-4), "{name} {rows}×{cols} mean");
+                assert!(
+                    close(ours.std[c] as f64, exact.std[c] as f64, 1e-3 * scale as f64, 1e-4),
+                    "{name} {rows}×{cols} (offset {offset}) std {} vs {}",
+                    ours.std[c],
+                    exact.std[c]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn selected_columns_are_gathered_exactly() {
+    let kernels = kernels();
+    let mut rng = Rng::new(9);
+    let (rows, cols) = (300, 50);
+    let matrix = rng.normals(rows * cols, 0.0, 1.0);
+    let std: Vec<f32> = (0..cols).map(|c| if c % 7 == 0 { 1.0 } else { (c % 5) as f32 }).collect();
+    let columns = top_columns(&std, 12);
+    // std 4 where c % 5 == 4 except the multiples of 7 (14, 49: std 1), then std 3 from the lowest columns.
+    assert_eq!(columns, vec![3, 4, 8, 9, 13, 18, 19, 24, 29, 34, 39, 44]);
+    let small = GpuKernels::shared().unwrap().with_limits(small_limits(&kernels, 4096));
+    let gathered = small.download(&small.gather_columns(&small.upload(&matrix, rows, cols).unwrap(), &columns).unwrap()).unwrap();
+    let expected: Vec<f32> = matrix.chunks_exact(cols).flat_map(|row| columns.iter().map(move |&c| row[c as usize])).collect();
+    assert_eq!(gathered, expected);
+}
+
+#[test]
+fn tiled_and_naive_distance_shaders_agree_with_the_reference() {
+    let kernels = kernels();
+    let mut rng = Rng::new(3);
+    let (m, n, d) = (67, 131, 45);
+    let queries = rng.normals(m * d, 0.0, 1.0);
+    let bank = rng.normals(n * d, 0.0, 1.0);
+    let exact = reference::squared_distances(&queries, &bank, d);
+    let floor = floor_of(&queries, d);
+    let (q, b) = (kernels.upload(&queries, m, d).unwrap(), kernels.upload(&bank, n, d).unwrap());
+    for kernel in [DistanceKernel::Tiled, DistanceKernel::Naive] {
+        let (ours, _) = kernels.distance_matrix(&q, &b, kernel).unwrap();
+        for (o, e) in ours.iter().zip(&exact) {
+            assert!(close(*o as f64, *e, floor, 1e-4), "{kernel:?}: {o} vs {e}");
+        }
+    }
+}
+
+#[test]
+fn invalid_requests_are_refused() {
+    let kernels = kernels();
+    let bank = kernels.upload(&[0.0; 20], 10, 2).unwrap();
+    for k in [0, 11] {
+        assert!(matches!(kernels.knn(&bank, &[0.0, 0.0], k), Err(KernelError::InvalidK { .. })), "k = {k}");
+    }
+    assert!(matches!(kernels.knn(&bank, &[0.0; 3], 1), Err(KernelError::Shape(_))));
+    let tiny = GpuKernels::shared().unwrap().with_limits(small_limits(&kernels, 64));
+    let error = tiny.upload(&[0.0; 100], 1, 100).unwrap_err();
+    assert!(matches!(error, KernelError::RowTooLarge { .. }) && error.to_string().contains("--device cpu"), "{error}");
+}

@@ -1,0 +1,9 @@
+//! The integration tests, in one binary to keep CI's build lean.
+
+mod backbone;
+mod cli;
+mod common;
+mod data;
+mod efficientnet;
+mod kernels;
+mod weights;
