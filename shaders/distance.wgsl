@@ -20,12 +20,14 @@ struct Params {
 const TILE: u32 = 64u;
 const DEPTH: u32 = 16u;
 const SIDE: u32 = 16u;    // invocations per tile side
-const PER: u32 = 4u;      // outputs per invocation per side
 
-// Transposed slices: [k][row of tile], so the inner loop reads a row of each.
+// Transposed slices, [k][row of tile]: queries as scalars, bank rows as groups of four neighbours, so
+// that an invocation's 4 × 4 block needs four scalar and one vector read per k.
 var<workgroup> q_tile: array<array<f32, TILE>, DEPTH>;
-var<workgroup> b_tile: array<array<f32, TILE>, DEPTH>;
+var<workgroup> b_tile: array<array<vec4<f32>, SIDE>, DEPTH>;
 
+// Invocation (x, y) computes rows y, y + 16, y + 32, y + 48 and columns 4x … 4x + 3 of the tile,
+// in four vec4 accumulators (no arrays indexed at run time, which some compilers keep in memory).
 @compute @workgroup_size(16, 16)
 fn distance_tiled(
     @builtin(workgroup_id) group: vec3<u32>,
@@ -34,56 +36,55 @@ fn distance_tiled(
 ) {
     let row0 = group.y * TILE;
     let col0 = group.x * TILE;
-    var acc: array<array<f32, PER>, PER>;
-    for (var i = 0u; i < PER; i++) {
-        for (var j = 0u; j < PER; j++) {
-            acc[i][j] = 0.0;
-        }
-    }
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    // Each invocation stages one row of 4 consecutive k values of Q and of B (64 rows × 16 k each).
+    let load_row = lane / 4u;
+    let load_k = (lane % 4u) * 4u;
     for (var k0 = 0u; k0 < params.d; k0 += DEPTH) {
-        // 256 invocations load 64 × 16 values of each matrix, 4 apiece, 16 consecutive per row.
-        for (var e = lane; e < TILE * DEPTH; e += SIDE * SIDE) {
-            let r = e / DEPTH;
-            let kk = e % DEPTH;
-            let k = k0 + kk;
-            var q = 0.0;
-            if (row0 + r < params.m && k < params.d) {
-                q = queries[(row0 + r) * params.d + k];
-            }
-            q_tile[kk][r] = q;
-            var b = 0.0;
-            if (col0 + r < params.n && k < params.d) {
-                b = bank[(col0 + r) * params.d + k];
-            }
-            b_tile[kk][r] = b;
-        }
-        workgroupBarrier();
-        for (var kk = 0u; kk < DEPTH; kk++) {
-            var a: array<f32, PER>;
-            var b: array<f32, PER>;
-            for (var i = 0u; i < PER; i++) {
-                a[i] = q_tile[kk][local.y + i * SIDE];
-                b[i] = b_tile[kk][local.x + i * SIDE];
-            }
-            for (var i = 0u; i < PER; i++) {
-                for (var j = 0u; j < PER; j++) {
-                    acc[i][j] = fma(a[i], b[j], acc[i][j]);
+        var q = vec4<f32>(0.0);
+        var b = vec4<f32>(0.0);
+        for (var t = 0u; t < 4u; t++) {
+            let k = k0 + load_k + t;
+            if (k < params.d) {
+                if (row0 + load_row < params.m) {
+                    q[t] = queries[(row0 + load_row) * params.d + k];
+                }
+                if (col0 + load_row < params.n) {
+                    b[t] = bank[(col0 + load_row) * params.d + k];
                 }
             }
         }
+        for (var t = 0u; t < 4u; t++) {
+            q_tile[load_k + t][load_row] = q[t];
+            b_tile[load_k + t][load_row / 4u][load_row % 4u] = b[t];
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < DEPTH; kk++) {
+            let bv = b_tile[kk][local.x];
+            acc0 = fma(vec4<f32>(q_tile[kk][local.y]), bv, acc0);
+            acc1 = fma(vec4<f32>(q_tile[kk][local.y + SIDE]), bv, acc1);
+            acc2 = fma(vec4<f32>(q_tile[kk][local.y + 2u * SIDE]), bv, acc2);
+            acc3 = fma(vec4<f32>(q_tile[kk][local.y + 3u * SIDE]), bv, acc3);
+        }
         workgroupBarrier();
     }
-    for (var i = 0u; i < PER; i++) {
-        let row = row0 + local.y + i * SIDE;
-        if (row >= params.m) {
-            continue;
-        }
-        for (var j = 0u; j < PER; j++) {
-            let col = col0 + local.x + j * SIDE;
-            if (col < params.n) {
-                let d2 = query_norms[row] + bank_norms[col] - 2.0 * acc[i][j];
-                distances[row * params.n + col] = max(d2, 0.0);
-            }
+    store_row(row0 + local.y, col0 + 4u * local.x, acc0);
+    store_row(row0 + local.y + SIDE, col0 + 4u * local.x, acc1);
+    store_row(row0 + local.y + 2u * SIDE, col0 + 4u * local.x, acc2);
+    store_row(row0 + local.y + 3u * SIDE, col0 + 4u * local.x, acc3);
+}
+
+fn store_row(row: u32, col: u32, dots: vec4<f32>) {
+    if (row >= params.m) {
+        return;
+    }
+    for (var j = 0u; j < 4u; j++) {
+        if (col + j < params.n) {
+            let d2 = query_norms[row] + bank_norms[col + j] - 2.0 * dots[j];
+            distances[row * params.n + col + j] = max(d2, 0.0);
         }
     }
 }
@@ -104,3 +105,4 @@ fn distance_naive(@builtin(global_invocation_id) id: vec3<u32>) {
     }
     distances[row * params.n + col] = sum;
 }
+

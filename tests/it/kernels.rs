@@ -101,13 +101,15 @@ const CASES: [Case; 7] = [
 ];
 
 #[test]
-fn gpu_neighbours_match_the_reference() {
-    let kernels = kernels();
-    for (seed, case) in CASES.iter().enumerate() {
-        let (queries, bank) = data(case, seed as u64);
-        let gpu_bank = kernels.upload(&bank, case.n, case.d).unwrap();
-        let ours = kernels.knn(&gpu_bank, &queries, case.k).unwrap();
-        check_neighbours(case.name, &ours, &queries, &bank, case.d);
+fn gpu_neighbours_match_the_reference_with_either_distance_shader() {
+    for kernel in [DistanceKernel::Tiled, DistanceKernel::Broadcast] {
+        let kernels = kernels().with_distance_kernel(kernel);
+        for (seed, case) in CASES.iter().enumerate() {
+            let (queries, bank) = data(case, seed as u64);
+            let gpu_bank = kernels.upload(&bank, case.n, case.d).unwrap();
+            let ours = kernels.knn(&gpu_bank, &queries, case.k).unwrap();
+            check_neighbours(&format!("{kernel:?} {}", case.name), &ours, &queries, &bank, case.d);
+        }
     }
 }
 
@@ -125,17 +127,24 @@ fn chunked_runs_equal_the_unchunked_run() {
     let kernels = kernels();
     let case = Case { name: "chunked", m: 70, n: 2500, d: 12, k: 40, scale: 1.0, offset: 0.0, duplicates: true };
     let (queries, bank) = data(&case, 11);
+    let kernels = kernels.with_distance_kernel(DistanceKernel::Tiled);
     let whole = kernels.knn(&kernels.upload(&bank, case.n, case.d).unwrap(), &queries, case.k).unwrap();
     // 16 KiB bindings: bank chunks of 341 rows, query blocks of at most 4 rows, distances in pieces.
-    let small = GpuKernels::shared().unwrap().with_limits(small_limits(&kernels, 16 * 1024));
+    let small = GpuKernels::shared().unwrap().with_limits(small_limits(&kernels, 16 * 1024)).with_distance_kernel(DistanceKernel::Tiled);
     let chunked_bank = small.upload(&bank, case.n, case.d).unwrap();
     assert!(chunked_bank.chunk_count() >= 7, "{} chunks", chunked_bank.chunk_count());
     let chunked = small.knn(&chunked_bank, &queries, case.k).unwrap();
     assert_eq!(chunked, whole, "chunked and unchunked runs differ");
     check_neighbours(case.name, &chunked, &queries, &bank, case.d);
+    // The broadcast shader splits queries into uniform blocks of 16 rows; the result must not change.
+    let broadcast = small.with_distance_kernel(DistanceKernel::Broadcast);
+    let chunked_bank = broadcast.upload(&bank, case.n, case.d).unwrap();
+    let broadcast_whole = GpuKernels::shared().unwrap().with_distance_kernel(DistanceKernel::Broadcast);
+    let expected = broadcast_whole.knn(&broadcast_whole.upload(&bank, case.n, case.d).unwrap(), &queries, case.k).unwrap();
+    assert_eq!(broadcast.knn(&chunked_bank, &queries, case.k).unwrap(), expected, "broadcast: chunked and unchunked runs differ");
 
     let exact = reference::column_stats(&bank, case.n, case.d);
-    let stats = small.column_stats(&chunked_bank).unwrap();
+    let stats = broadcast.column_stats(&chunked_bank).unwrap();
     for (ours, theirs) in stats.std.iter().zip(&exact.std) {
         assert!(close(*ours as f64, *theirs as f64, 1e-6, 1e-4), "std {ours} vs {theirs}");
     }
@@ -181,7 +190,7 @@ fn selected_columns_are_gathered_exactly() {
 }
 
 #[test]
-fn tiled_and_naive_distance_shaders_agree_with_the_reference() {
+fn every_distance_shader_agrees_with_the_reference() {
     let kernels = kernels();
     let mut rng = Rng::new(3);
     let (m, n, d) = (67, 131, 45);
@@ -189,9 +198,9 @@ fn tiled_and_naive_distance_shaders_agree_with_the_reference() {
     let bank = rng.normals(n * d, 0.0, 1.0);
     let exact = reference::squared_distances(&queries, &bank, d);
     let floor = floor_of(&queries, d);
-    let (q, b) = (kernels.upload(&queries, m, d).unwrap(), kernels.upload(&bank, n, d).unwrap());
-    for kernel in [DistanceKernel::Tiled, DistanceKernel::Naive] {
-        let (ours, _) = kernels.distance_matrix(&q, &b, kernel).unwrap();
+    let b = kernels.upload(&bank, n, d).unwrap();
+    for kernel in [DistanceKernel::Tiled, DistanceKernel::Broadcast, DistanceKernel::Naive] {
+        let (ours, _) = kernels.distance_matrix(&queries, &b, kernel).unwrap();
         for (o, e) in ours.iter().zip(&exact) {
             assert!(close(*o as f64, *e, floor, 1e-4), "{kernel:?}: {o} vs {e}");
         }

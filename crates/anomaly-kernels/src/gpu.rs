@@ -48,11 +48,45 @@ impl KernelLimits {
     }
 }
 
-/// Which pairwise-distance shader to run: the production one, or the baseline it is measured against.
+/// Which pairwise-distance shader runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DistanceKernel {
+    /// Shared-memory tiles, 4 × 4 outputs per invocation: for hardware GPUs.
     Tiled,
+    /// Query rows broadcast from a uniform buffer to one bank row per invocation: for adapters that
+    /// emulate a GPU on the CPU (llvmpipe), where storage reads are costly; up to 2048 features.
+    Broadcast,
+    /// One invocation per pair: the baseline the others are measured against.
     Naive,
+}
+
+/// Bytes of one uniform query block of the broadcast shader (its `array<vec4<f32>, 4096>`).
+const BROADCAST_BLOCK_BYTES: usize = 64 * 1024;
+/// Widest rows the broadcast shader takes: 8 rows of 512 vec4s fill its block.
+pub const BROADCAST_MAX_D: usize = 2048;
+
+fn broadcast_fits(d: usize) -> bool {
+    d <= BROADCAST_MAX_D
+}
+
+/// Query rows per uniform block: 16 up to 1024 features, else 8.
+fn broadcast_rows(d: usize) -> usize {
+    if d.div_ceil(4) <= 256 { 16 } else { 8 }
+}
+
+/// A block of queries on the device, with the broadcast shader's copy where it is used.
+struct QueryBlock {
+    rows: usize,
+    d: usize,
+    values: wgpu::Buffer,
+    norms: wgpu::Buffer,
+    broadcast: Option<BroadcastBlocks>,
+}
+
+struct BroadcastBlocks {
+    buffer: wgpu::Buffer,
+    stride: u64,
+    rows_per_block: usize,
 }
 
 /// Largest k the top-k kernel keeps (its sort runs in workgroup memory).
@@ -112,19 +146,24 @@ pub struct GpuKernels {
     gather: Kernel,
     norms: Kernel,
     tiled: Kernel,
+    broadcast16: Kernel,
+    broadcast8: Kernel,
     naive: Kernel,
     topk: Kernel,
     timestamps: Option<wgpu::QuerySet>,
+    distance_kernel: DistanceKernel,
 }
 
 impl GpuKernels {
-    /// Kernels on the process's shared wgpu context, the one burn's backbone runs on.
+    /// Kernels on the process's shared wgpu context, the one burn's backbone runs on, with the distance
+    /// shader that suits its adapter.
     pub fn shared() -> Result<Self, KernelError> {
         let context = anomaly_device::GpuContext::get()?;
-        Ok(Self::new(context.setup.device.clone(), context.setup.queue.clone()))
+        let kernel = if context.adapter.is_hardware { DistanceKernel::Tiled } else { DistanceKernel::Broadcast };
+        Ok(Self::new(context.setup.device.clone(), context.setup.queue.clone()).with_distance_kernel(kernel))
     }
 
-    /// Builds every pipeline on `device`.
+    /// Builds every pipeline on `device`; distances use the tiled shader unless told otherwise.
     pub fn new(device: wgpu::Device, queue: wgpu::Queue) -> Self {
         use Slot::*;
         let module = |label: &str, source: &'static str| {
@@ -137,6 +176,7 @@ impl GpuKernels {
         let gather = module("gather_columns", include_str!("../../../shaders/gather_columns.wgsl"));
         let norms = module("row_norms", include_str!("../../../shaders/row_norms.wgsl"));
         let distance = module("distance", include_str!("../../../shaders/distance.wgsl"));
+        let broadcast = module("distance_broadcast", include_str!("../../../shaders/distance_broadcast.wgsl"));
         let topk = module("topk", include_str!("../../../shaders/topk.wgsl"));
         let timestamps = device.features().contains(wgpu::Features::TIMESTAMP_QUERY).then(|| {
             device.create_query_set(&wgpu::QuerySetDescriptor {
@@ -151,13 +191,28 @@ impl GpuKernels {
             gather: build(&device, &gather, "gather_columns", &[Uniform, Read, Read, Write]),
             norms: build(&device, &norms, "row_norms", &[Uniform, Read, Write]),
             tiled: build(&device, &distance, "distance_tiled", &[Uniform, Read, Read, Read, Read, Write]),
+            broadcast16: build_with(&device, &broadcast, "distance_broadcast", &[Uniform, Uniform, Read, Read, Read, Write], &[("ROWS", 16.0)]),
+            broadcast8: build_with(&device, &broadcast, "distance_broadcast", &[Uniform, Uniform, Read, Read, Read, Write], &[("ROWS", 8.0)]),
             naive: build(&device, &distance, "distance_naive", &[Uniform, Read, Read, Read, Read, Write]),
             topk: build(&device, &topk, "topk", &[Uniform, Read, Read, Read, Write, Write]),
             limits: KernelLimits::of(&device),
             timestamps,
+            distance_kernel: DistanceKernel::Tiled,
             device,
             queue,
         }
+    }
+
+    /// Uses `kernel` for the distances of `knn` (the broadcast shader falls back to the tiled one past
+    /// its width limit).
+    pub fn with_distance_kernel(mut self, kernel: DistanceKernel) -> Self {
+        self.distance_kernel = kernel;
+        self
+    }
+
+    /// The distance shader `knn` prefers.
+    pub fn distance_kernel(&self) -> DistanceKernel {
+        self.distance_kernel
     }
 
     /// Splits work as if the device had these (smaller) limits.
@@ -286,8 +341,8 @@ impl GpuKernels {
     }
 
     /// The `k` nearest rows of `bank` for every row of `queries` (row-major, `bank.cols` wide): for each
-    /// block of queries and each bank chunk, a tiled distance dispatch and a top-k dispatch that merges
-    /// into the running best, so at most one chunk's distances exist at a time.
+    /// block of queries and each bank chunk, a distance dispatch and a top-k dispatch that merges into
+    /// the running best, so at most one chunk's distances exist at a time.
     pub fn knn(&self, bank: &GpuMatrix, queries: &[f32], k: usize) -> Result<Neighbours, KernelError> {
         let d = bank.cols;
         if queries.is_empty() || queries.len() % d != 0 {
@@ -305,6 +360,7 @@ impl GpuKernels {
             .min(binding_rows(d * 4))
             .min(binding_rows(k * 4))
             .max(1);
+        let kernel = self.distance_kernel_for(d);
         let capacity = k.next_power_of_two() as u32;
         let distances = self.storage(block * width * 4, "distances");
         let best = [
@@ -314,22 +370,13 @@ impl GpuKernels {
         let mut result = Neighbours { k, distances: Vec::with_capacity(m * k), indices: Vec::with_capacity(m * k) };
         for start in (0..m).step_by(block) {
             let rows = block.min(m - start);
-            let query_values = self.device.create_buffer_init(&BufferInitDescriptor {
-                label: Some("queries"),
-                contents: bytemuck::cast_slice(&queries[start * d..(start + rows) * d]),
-                usage: wgpu::BufferUsages::STORAGE,
-            });
-            let query_norms = self.storage(rows * 4, "query norms");
             let mut encoder = self.device.create_command_encoder(&Default::default());
-            self.encode_norms(&mut encoder, &query_values, &query_norms, rows, d);
+            let block_queries = self.prepare_queries(&mut encoder, &queries[start * d..(start + rows) * d], d, kernel);
             let mut current = 0;
             {
                 let mut pass = encoder.begin_compute_pass(&Default::default());
                 for (c, chunk) in bank.chunks.iter().enumerate() {
-                    let params = self.uniform(&[rows as u32, chunk.rows as u32, d as u32, 0]);
-                    let groups = (chunk.rows.div_ceil(64) as u32, rows.div_ceil(64) as u32);
-                    let buffers = [&params, &query_values, &chunk.values, &query_norms, &chunk.norms, &distances];
-                    self.dispatch(&mut pass, &self.tiled, &buffers, groups);
+                    self.encode_distances(&mut pass, kernel, &block_queries, chunk, &distances);
                     let prev = if c == 0 { 0 } else { k };
                     let params = self.uniform(&[rows as u32, chunk.rows as u32, k as u32, prev as u32, chunk.start as u32, capacity, 0, 0]);
                     let (src, dst) = (&best[current], &best[1 - current]);
@@ -346,28 +393,109 @@ impl GpuKernels {
         Ok(result)
     }
 
-    /// The full `m × n` matrix of squared distances between two single-chunk matrices, with either
-    /// shader; for tests and for benchmarking the tiled shader against the naive one. Returns the values
-    /// and the kernel's time in milliseconds (GPU timestamps where available, else wall time).
-    pub fn distance_matrix(&self, queries: &GpuMatrix, bank: &GpuMatrix, kernel: DistanceKernel) -> Result<(Vec<f32>, f64), KernelError> {
-        let (m, n) = (queries.rows, bank.rows);
-        if queries.cols != bank.cols || queries.chunks.len() != 1 || bank.chunks.len() != 1 {
-            return Err(KernelError::Shape("distance_matrix takes two single-chunk matrices of equal width".into()));
+    /// The full `m × n` matrix of squared distances between `queries` (host, row-major) and a
+    /// single-chunk `bank`, with the given shader; for tests and for benchmarking the shaders against
+    /// each other. Returns the values and the shader's time in milliseconds (GPU timestamps where
+    /// available, else wall time).
+    pub fn distance_matrix(&self, queries: &[f32], bank: &GpuMatrix, kernel: DistanceKernel) -> Result<(Vec<f32>, f64), KernelError> {
+        let d = bank.cols;
+        let (m, n) = (queries.len() / d.max(1), bank.rows);
+        if queries.len() != m * d || m == 0 || bank.chunks.len() != 1 || m > MAX_QUERY_BLOCK {
+            return Err(KernelError::Shape(format!(
+                "distance_matrix takes 1 to {MAX_QUERY_BLOCK} query rows of {d} values and a single-chunk bank"
+            )));
         }
         if (m * n * 4) as u64 > self.limits.max_binding_bytes {
             return Err(KernelError::Shape(format!("a {m} × {n} distance matrix exceeds one binding")));
         }
+        if kernel == DistanceKernel::Broadcast && !broadcast_fits(d) {
+            return Err(KernelError::Shape(format!("the broadcast kernel takes at most {BROADCAST_MAX_D} features")));
+        }
         let out = self.storage(m * n * 4, "distance matrix");
-        let params = self.uniform(&[m as u32, n as u32, queries.cols as u32, 0]);
-        let (q, b) = (&queries.chunks[0], &bank.chunks[0]);
-        let buffers = [&params, &q.values, &b.values, &q.norms, &b.norms, &out];
-        let (shader, groups) = match kernel {
-            DistanceKernel::Tiled => (&self.tiled, (n.div_ceil(64) as u32, m.div_ceil(64) as u32)),
-            DistanceKernel::Naive => (&self.naive, (n.div_ceil(16) as u32, m.div_ceil(16) as u32)),
-        };
-        let ms = self.time(|pass| self.dispatch(pass, shader, &buffers, groups))?;
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        let block = self.prepare_queries(&mut encoder, queries, d, kernel);
+        self.queue.submit([encoder.finish()]);
+        let ms = self.time(|pass| self.encode_distances(pass, kernel, &block, &bank.chunks[0], &out))?;
         let parts = self.read_back(self.device.create_command_encoder(&Default::default()), &[(&out, (m * n * 4) as u64)])?;
         Ok((bytemuck::cast_slice(&parts[0]).to_vec(), ms))
+    }
+
+    /// The distance shader `knn` uses for `d` features: the preferred one, unless the broadcast shader's
+    /// 64 KiB uniform block cannot hold 8 rows of that width.
+    fn distance_kernel_for(&self, d: usize) -> DistanceKernel {
+        match self.distance_kernel {
+            DistanceKernel::Broadcast if !broadcast_fits(d) => DistanceKernel::Tiled,
+            kernel => kernel,
+        }
+    }
+
+    /// Uploads a block of query rows and encodes their norms; for the broadcast shader also a copy in
+    /// uniform-buffer blocks of `ROWS` zero-padded rows, each at an aligned offset.
+    fn prepare_queries(&self, encoder: &mut wgpu::CommandEncoder, queries: &[f32], d: usize, kernel: DistanceKernel) -> QueryBlock {
+        let rows = queries.len() / d;
+        let values = self.device.create_buffer_init(&BufferInitDescriptor {
+            label: Some("queries"),
+            contents: bytemuck::cast_slice(queries),
+            usage: wgpu::BufferUsages::STORAGE,
+        });
+        let norms = self.storage(rows * 4, "query norms");
+        self.encode_norms(encoder, &values, &norms, rows, d);
+        let broadcast = (kernel == DistanceKernel::Broadcast).then(|| {
+            let d4 = d.div_ceil(4);
+            let rows_per_block = broadcast_rows(d);
+            let align = self.device.limits().min_uniform_buffer_offset_alignment as usize;
+            let stride = (rows_per_block * d4 * 16).div_ceil(align) * align;
+            let blocks = rows.div_ceil(rows_per_block);
+            let mut padded = vec![0f32; ((blocks - 1) * stride + BROADCAST_BLOCK_BYTES) / 4];
+            for (row, values) in queries.chunks_exact(d).enumerate() {
+                let offset = (row / rows_per_block) * stride / 4 + (row % rows_per_block) * d4 * 4;
+                padded[offset..offset + d].copy_from_slice(values);
+            }
+            let buffer = self.device.create_buffer_init(&BufferInitDescriptor {
+                label: Some("query blocks"),
+                contents: bytemuck::cast_slice(&padded),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+            BroadcastBlocks { buffer, stride: stride as u64, rows_per_block }
+        });
+        QueryBlock { rows, d, values, norms, broadcast }
+    }
+
+    /// Encodes the squared distances of a query block to one bank chunk into `out` (`rows × chunk.rows`).
+    fn encode_distances(&self, pass: &mut wgpu::ComputePass, kernel: DistanceKernel, queries: &QueryBlock, chunk: &MatrixChunk, out: &wgpu::Buffer) {
+        let (m, n, d) = (queries.rows, chunk.rows, queries.d);
+        match (kernel, &queries.broadcast) {
+            (DistanceKernel::Broadcast, Some(blocks)) => {
+                let shader = if blocks.rows_per_block == 16 { &self.broadcast16 } else { &self.broadcast8 };
+                for (index, first) in (0..m).step_by(blocks.rows_per_block).enumerate() {
+                    let rows = blocks.rows_per_block.min(m - first);
+                    let params = self.uniform(&[rows as u32, n as u32, d as u32, d.div_ceil(4) as u32, first as u32, 0, 0, 0]);
+                    let block = wgpu::BufferBinding {
+                        buffer: &blocks.buffer,
+                        offset: index as u64 * blocks.stride,
+                        size: std::num::NonZeroU64::new(BROADCAST_BLOCK_BYTES as u64),
+                    };
+                    let resources = [
+                        params.as_entire_binding(),
+                        wgpu::BindingResource::Buffer(block),
+                        chunk.values.as_entire_binding(),
+                        queries.norms.as_entire_binding(),
+                        chunk.norms.as_entire_binding(),
+                        out.as_entire_binding(),
+                    ];
+                    self.dispatch_resources(pass, shader, &resources, (n.div_ceil(64) as u32, 1));
+                }
+            }
+            _ => {
+                let params = self.uniform(&[m as u32, n as u32, d as u32, 0]);
+                let buffers = [&params, &queries.values, &chunk.values, &queries.norms, &chunk.norms, out];
+                let (shader, groups) = match kernel {
+                    DistanceKernel::Naive => (&self.naive, (n.div_ceil(16) as u32, m.div_ceil(16) as u32)),
+                    _ => (&self.tiled, (n.div_ceil(64) as u32, m.div_ceil(64) as u32)),
+                };
+                self.dispatch(pass, shader, &buffers, groups);
+            }
+        }
     }
 
     /// Runs one compute pass and returns its duration in milliseconds: from GPU timestamps when the
@@ -401,12 +529,18 @@ impl GpuKernels {
         Ok(ticks[1].saturating_sub(ticks[0]) as f64 * self.queue.get_timestamp_period() as f64 / 1e6)
     }
 
-    /// Encodes one dispatch of `kernel` with `buffers` bound in order.
+    /// Encodes one dispatch of `kernel` with whole `buffers` bound in order.
     fn dispatch(&self, pass: &mut wgpu::ComputePass, kernel: &Kernel, buffers: &[&wgpu::Buffer], groups: (u32, u32)) {
-        let entries: Vec<wgpu::BindGroupEntry> = buffers
+        let resources: Vec<wgpu::BindingResource> = buffers.iter().map(|b| b.as_entire_binding()).collect();
+        self.dispatch_resources(pass, kernel, &resources, groups);
+    }
+
+    /// Encodes one dispatch of `kernel` with `resources` bound in order.
+    fn dispatch_resources(&self, pass: &mut wgpu::ComputePass, kernel: &Kernel, resources: &[wgpu::BindingResource], groups: (u32, u32)) {
+        let entries: Vec<wgpu::BindGroupEntry> = resources
             .iter()
             .enumerate()
-            .map(|(i, buffer)| wgpu::BindGroupEntry { binding: i as u32, resource: buffer.as_entire_binding() })
+            .map(|(i, resource)| wgpu::BindGroupEntry { binding: i as u32, resource: resource.clone() })
             .collect();
         let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
@@ -492,6 +626,11 @@ impl GpuKernels {
 }
 
 fn build(device: &wgpu::Device, module: &wgpu::ShaderModule, entry: &str, slots: &[Slot]) -> Kernel {
+    build_with(device, module, entry, slots, &[])
+}
+
+/// Builds a pipeline with values for the shader's `override` constants.
+fn build_with(device: &wgpu::Device, module: &wgpu::ShaderModule, entry: &str, slots: &[Slot], constants: &[(&str, f64)]) -> Kernel {
     let entries: Vec<wgpu::BindGroupLayoutEntry> = slots
         .iter()
         .enumerate()
@@ -521,7 +660,7 @@ fn build(device: &wgpu::Device, module: &wgpu::ShaderModule, entry: &str, slots:
         layout: Some(&pipeline_layout),
         module,
         entry_point: Some(entry),
-        compilation_options: Default::default(),
+        compilation_options: wgpu::PipelineCompilationOptions { constants, ..Default::default() },
         cache: None,
     });
     Kernel { pipeline, layout }

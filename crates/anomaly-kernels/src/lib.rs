@@ -5,7 +5,7 @@
 pub mod cpu;
 mod gpu;
 
-pub use gpu::{DistanceKernel, GpuKernels, GpuMatrix, KernelError, KernelLimits};
+pub use gpu::{BROADCAST_MAX_D, DistanceKernel, GpuKernels, GpuMatrix, KernelError, KernelLimits};
 
 /// Mean and standard deviation (population, ddof = 0, as numpy's `std`) of every column.
 #[derive(Clone, Debug, PartialEq)]
