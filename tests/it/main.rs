@@ -4,6 +4,8 @@ mod backbone;
 mod cli;
 mod common;
 mod data;
+mod detector;
 mod efficientnet;
 mod kernels;
+mod metrics;
 mod weights;

@@ -2,7 +2,7 @@ use std::path::Path;
 
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::{DataError, load_rgb8};
@@ -93,6 +93,29 @@ impl Preprocess {
     }
 }
 
+impl Preprocess {
+    /// A ground-truth mask in the geometry of the network input: resized with nearest-neighbour sampling
+    /// (PIL's `NEAREST`, as torchvision resizes masks) and center-cropped like the image; `crop × crop`
+    /// values, row-major, `true` where the part is defective.
+    pub fn mask(&self, mask: &GrayImage) -> Result<Vec<bool>, DataError> {
+        self.validate()?;
+        let (width, height) = mask.dimensions();
+        let (new_width, new_height) = resized_size(width, height, self.resize);
+        let top = ((new_height - self.crop) as f64 / 2.0).round_ties_even() as u32;
+        let left = ((new_width - self.crop) as f64 / 2.0).round_ties_even() as u32;
+        // PIL samples the source pixel under the centre of each target pixel.
+        let source = |target: u32, from: u32, to: u32| (((target as f64 + 0.5) * from as f64 / to as f64) as u32).min(from - 1);
+        let mut out = Vec::with_capacity((self.crop * self.crop) as usize);
+        for y in top..top + self.crop {
+            let sy = source(y, height, new_height);
+            for x in left..left + self.crop {
+                out.push(mask.get_pixel(source(x, width, new_width), sy)[0] > 0);
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// The size torchvision's `Resize(int)` gives: the shorter side becomes `short`, the longer one keeps the
 /// aspect ratio, truncated.
 fn resized_size(width: u32, height: u32, short: u32) -> (u32, u32) {
@@ -138,6 +161,18 @@ mod tests {
         assert!((out.pixels[0] - 1.0).abs() < 1e-6);
         assert!((out.pixels[256] + 1.0).abs() < 1e-6);
         assert!((out.pixels[512] - (128.0 / 255.0 - 0.5) / 0.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn masks_are_resized_nearest_and_cropped_like_images() {
+        // A 100 × 50 mask, defective in its right half; resize 20 → 40 × 20, crop 20 from x = 10.
+        let mask = GrayImage::from_fn(100, 50, |x, _| image::Luma([if x >= 50 { 255 } else { 0 }]));
+        let p = Preprocess { resize: 20, crop: 20, ..Preprocess::imagenet() };
+        let out = p.mask(&mask).unwrap();
+        assert_eq!(out.len(), 400);
+        let row: Vec<bool> = out[..20].to_vec();
+        assert_eq!(row, (10..30).map(|x| x >= 20).collect::<Vec<_>>());
+        assert!(out.chunks(20).all(|r| r == row.as_slice()));
     }
 
     #[test]

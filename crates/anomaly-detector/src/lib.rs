@@ -1,0 +1,174 @@
+//! The seed's memory-bank detector: the good images' feature vectors form a bank, the columns of highest
+//! std-dev across it are kept, an image scores the mean Euclidean distance to its k nearest bank rows,
+//! and the threshold is mean + 3σ of the training images' own (leave-one-out) scores.
+
+use anomaly_kernels::cpu::fast;
+use anomaly_kernels::{GpuKernels, KernelError, top_columns};
+use serde::{Deserialize, Serialize};
+
+/// The detector's settings.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DetectorConfig {
+    /// Neighbours an image's score averages over.
+    pub k: usize,
+    /// Feature columns kept (those of highest std-dev across the bank).
+    pub features: usize,
+}
+
+impl Default for DetectorConfig {
+    /// The seed's settings: k = 50, 500 columns.
+    fn default() -> Self {
+        Self { k: 50, features: 500 }
+    }
+}
+
+/// Why a detector could not be fitted or applied.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectorError {
+    #[error("k = {k} needs at least {} training images (each is scored against the others), got {images}", k + 1)]
+    TooFewImages { k: usize, images: usize },
+    #[error("{0}")]
+    Shape(String),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+}
+
+/// Where the bank's kernels run.
+pub enum Compute {
+    /// Our WGSL kernels.
+    Gpu(GpuKernels),
+    /// The multithreaded CPU paths.
+    Cpu,
+}
+
+/// A fitted memory bank.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemoryBank {
+    pub config: DetectorConfig,
+    /// Width of the backbone's feature vectors.
+    pub input_dim: usize,
+    /// The kept columns, ascending.
+    pub columns: Vec<u32>,
+    /// The training images' kept features, row-major `rows × columns.len()`.
+    pub rows: Vec<f32>,
+    /// Leave-one-out scores of the training images.
+    pub train_scores: Vec<f32>,
+    /// mean + 3σ (population σ) of the training scores.
+    pub threshold: f32,
+}
+
+impl MemoryBank {
+    /// Fits the bank to the good images' features (row-major `images × dim`).
+    pub fn fit(features: &[f32], dim: usize, config: DetectorConfig, compute: &Compute) -> Result<Self, DetectorError> {
+        if dim == 0 || features.len() % dim != 0 {
+            return Err(DetectorError::Shape(format!("{} values are not rows of {dim} features", features.len())));
+        }
+        let images = features.len() / dim;
+        if images < config.k + 1 || config.k == 0 {
+            return Err(DetectorError::TooFewImages { k: config.k, images });
+        }
+        let keep = config.features.min(dim).max(1);
+        // Each training image is scored against the bank without itself: its k + 1 nearest include itself.
+        let (columns, rows, neighbours) = match compute {
+            Compute::Gpu(kernels) => {
+                let matrix = kernels.upload(features, images, dim)?;
+                let columns = top_columns(&kernels.column_stats(&matrix)?.std, keep);
+                let bank = kernels.gather_columns(&matrix, &columns)?;
+                let rows = kernels.download(&bank)?;
+                let neighbours = kernels.knn(&bank, &rows, config.k + 1)?;
+                (columns, rows, neighbours)
+            }
+            Compute::Cpu => {
+                let columns = top_columns(&fast::column_stats(features, images, dim).std, keep);
+                let rows = gather(features, dim, &columns);
+                let neighbours = fast::knn(&rows, &rows, columns.len(), config.k + 1);
+                (columns, rows, neighbours)
+            }
+        };
+        let train_scores: Vec<f32> = (0..images)
+            .map(|image| {
+                let indices = neighbours.row_indices(image);
+                let distances = neighbours.row_distances(image);
+                // Drop the image itself (a duplicate of lower index may rank before it), else the farthest.
+                let own = indices.iter().position(|&i| i as usize == image).unwrap_or(config.k);
+                let sum: f64 = distances.iter().enumerate().filter(|&(j, _)| j != own).map(|(_, &d)| d as f64).sum();
+                (sum / config.k as f64) as f32
+            })
+            .collect();
+        let threshold = mean_plus_three_sigma(&train_scores);
+        Ok(Self { config, input_dim: dim, columns, rows, train_scores, threshold })
+    }
+
+    /// Number of training images in the bank.
+    pub fn len(&self) -> usize {
+        self.train_scores.len()
+    }
+
+    /// Whether the bank is empty (never, once fitted).
+    pub fn is_empty(&self) -> bool {
+        self.train_scores.is_empty()
+    }
+
+    /// Anomaly scores of images (row-major `images × input_dim` features): mean distance to the k nearest
+    /// bank rows.
+    pub fn score(&self, features: &[f32], compute: &Compute) -> Result<Vec<f32>, DetectorError> {
+        if features.len() % self.input_dim != 0 {
+            return Err(DetectorError::Shape(format!(
+                "{} values are not rows of the {} features this bank was fitted on",
+                features.len(),
+                self.input_dim
+            )));
+        }
+        let queries = gather(features, self.input_dim, &self.columns);
+        let neighbours = knn(compute, &self.rows, &queries, self.columns.len(), self.config.k)?;
+        Ok((0..features.len() / self.input_dim)
+            .map(|image| {
+                let distances = neighbours.row_distances(image);
+                (distances.iter().map(|&d| d as f64).sum::<f64>() / distances.len() as f64) as f32
+            })
+            .collect())
+    }
+}
+
+fn knn(compute: &Compute, bank: &[f32], queries: &[f32], dim: usize, k: usize) -> Result<anomaly_kernels::Neighbours, DetectorError> {
+    Ok(match compute {
+        Compute::Gpu(kernels) => kernels.knn(&kernels.upload(bank, bank.len() / dim, dim)?, queries, k)?,
+        Compute::Cpu => fast::knn(queries, bank, dim, k),
+    })
+}
+
+/// The given columns of a row-major matrix.
+fn gather(matrix: &[f32], dim: usize, columns: &[u32]) -> Vec<f32> {
+    matrix.chunks_exact(dim).flat_map(|row| columns.iter().map(move |&c| row[c as usize])).collect()
+}
+
+/// mean + 3σ with the population σ (numpy's default), in f64.
+fn mean_plus_three_sigma(values: &[f32]) -> f32 {
+    let n = values.len() as f64;
+    let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let variance = values.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    (mean + 3.0 * variance.sqrt()) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threshold_is_mean_plus_three_population_sigmas() {
+        assert!((mean_plus_three_sigma(&[1.0, 3.0]) - 5.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn leave_one_out_scores_exclude_the_image_itself_even_with_duplicates() {
+        // Rows 0 and 1 are equal; row 2 is 3 away on the first axis; row 3 is 4 away on the second.
+        let features = [0.0, 0.0, 0.0, 0.0, 3.0, 0.0, 0.0, 4.0];
+        let bank = MemoryBank::fit(&features, 2, DetectorConfig { k: 1, features: 2 }, &Compute::Cpu).unwrap();
+        assert_eq!(bank.train_scores, vec![0.0, 0.0, 3.0, 4.0]);
+        assert_eq!(bank.score(&[0.0, 1.0], &Compute::Cpu).unwrap(), vec![1.0]);
+        assert!(matches!(
+            MemoryBank::fit(&features, 2, DetectorConfig { k: 4, features: 2 }, &Compute::Cpu),
+            Err(DetectorError::TooFewImages { k: 4, images: 4 })
+        ));
+    }
+}
