@@ -28,11 +28,25 @@ pub struct HostMap {
     pub values: Vec<f32>,
 }
 
+/// The options of every command that runs a backbone: which one, its weights, and where it runs.
+#[derive(clap::Args)]
+pub struct BackboneArgs {
+    /// resnet50, resnet50-v2, wide_resnet50_2, efficientnet-lite0 or efficientnet-lite2.
+    #[arg(long)]
+    pub backbone: BackboneName,
+    #[command(flatten)]
+    pub weights: WeightsArgs,
+    /// auto (a real GPU if there is one, else the CPU), wgpu, or cpu.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+}
+
 impl Extractor {
     /// Resolves the device, finds (or fetches) the weights and loads the backbone.
-    pub fn new(name: BackboneName, weights: &WeightsArgs, device: DeviceChoice) -> Result<Self> {
-        let path = weights_file(name, weights)?;
-        let device = anomaly_device::resolve(device)?;
+    pub fn new(args: &BackboneArgs) -> Result<Self> {
+        let name = args.backbone;
+        let path = weights_file(name, &args.weights)?;
+        let device = anomaly_device::resolve(args.device)?;
         let backbone = Backbone::load(name, &path, &device.device)?;
         Ok(Self { name, backbone, device, preprocess: name.preprocess() })
     }

@@ -1,33 +1,26 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anomaly_backbone::BackboneName;
 use anomaly_data::{BatchLoader, collect_images};
-use anomaly_device::DeviceChoice;
 use anyhow::Result;
 use burn::tensor::{Tensor, TensorData};
 use indicatif::ProgressBar;
 
-use crate::extract::{Extractor, to_vec};
-use crate::weights::WeightsArgs;
+use crate::extract::{BackboneArgs, Extractor, to_vec};
 
 /// `anomaly bench …`: benchmarks print figures and ratios; they assert nothing.
 #[derive(clap::Subcommand)]
 pub enum Bench {
     /// Images/s of decode + preprocess, of the forward pass alone and end to end, and peak memory.
-    Backbone(BackboneArgs),
+    Backbone(BackboneBenchArgs),
     /// Column statistics, pairwise distance and k-nearest-neighbour kernels over a sweep of sizes.
     Kernels(super::bench_kernels::KernelArgs),
 }
 
 #[derive(clap::Args)]
-pub struct BackboneArgs {
-    #[arg(long)]
-    backbone: BackboneName,
+pub struct BackboneBenchArgs {
     #[command(flatten)]
-    weights: WeightsArgs,
-    #[arg(long, default_value = "auto")]
-    device: DeviceChoice,
+    model: BackboneArgs,
     /// Folder of images (e.g. an MVTec AD category's train/good).
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
@@ -51,13 +44,13 @@ pub fn run(bench: Bench) -> Result<()> {
     }
 }
 
-fn backbone(args: BackboneArgs) -> Result<()> {
+fn backbone(args: BackboneBenchArgs) -> Result<()> {
     let mut paths = collect_images(&args.data)?;
     if let Some(limit) = args.limit {
         paths.truncate(limit.max(1));
     }
     let batch_size = args.batch_size.max(1);
-    let extractor = Extractor::new(args.backbone, &args.weights, args.device)?;
+    let extractor = Extractor::new(&args.model)?;
     let preprocess = extractor.preprocess.clone();
     let side = preprocess.crop as usize;
     let threads = rayon::current_num_threads();
@@ -97,14 +90,14 @@ fn backbone(args: BackboneArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "backbone": args.backbone.to_string(), "device": extractor.device.describe(), "images": paths.len(),
+                "backbone": args.model.backbone.to_string(), "device": extractor.device.describe(), "images": paths.len(),
                 "batch_size": batch_size, "threads": threads, "input": side,
                 "decode_preprocess_img_s": decode_ips, "forward_img_s": forward_ips, "end_to_end_img_s": end_to_end_ips,
                 "peak_rss_mib": peak_rss_mib,
             })
         );
     } else {
-        println!("backbone {} on {}, {} images, batch {batch_size}, {threads} threads, input {side}px", args.backbone, extractor.device.describe(), paths.len());
+        println!("backbone {} on {}, {} images, batch {batch_size}, {threads} threads, input {side}px", args.model.backbone, extractor.device.describe(), paths.len());
         println!("  decode + preprocess  {decode_ips:8.1} img/s");
         println!("  forward alone        {forward_ips:8.1} img/s");
         println!("  end to end           {end_to_end_ips:8.1} img/s  ({:.0}% of the forward-only rate)", 100.0 * end_to_end_ips / forward_ips);

@@ -1,27 +1,18 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use anomaly_backbone::BackboneName;
 use anomaly_data::Dataset;
-use anomaly_device::DeviceChoice;
 use anyhow::{Context, Result};
 use safetensors::{Dtype, tensor::TensorView};
 
-use crate::extract::{Extractor, image_progress};
+use crate::extract::{BackboneArgs, Extractor, image_progress};
 use crate::output::write_atomic;
-use crate::weights::WeightsArgs;
 
 /// `anomaly features`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// resnet50, resnet50-v2, wide_resnet50_2, efficientnet-lite0 or efficientnet-lite2.
-    #[arg(long)]
-    backbone: BackboneName,
     #[command(flatten)]
-    weights: WeightsArgs,
-    /// auto (a real GPU if there is one, else the CPU), wgpu, or cpu.
-    #[arg(long, default_value = "auto")]
-    device: DeviceChoice,
+    model: BackboneArgs,
     /// An MVTec AD category, a folder of images, or one image file.
     #[arg(long, value_name = "PATH")]
     data: PathBuf,
@@ -39,8 +30,8 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let dataset = Dataset::open(&args.data)?;
     let paths: Vec<PathBuf> = dataset.samples.iter().map(|s| s.path.clone()).collect();
-    let extractor = Extractor::new(args.backbone, &args.weights, args.device)?;
-    eprintln!("{} on {}: {} images", args.backbone, extractor.device.describe(), paths.len());
+    let extractor = Extractor::new(&args.model)?;
+    eprintln!("{} on {}: {} images", args.model.backbone, extractor.device.describe(), paths.len());
     let taps: Vec<&str> = args.taps.iter().map(String::as_str).collect();
 
     let progress = image_progress(paths.len(), "features");
@@ -75,7 +66,7 @@ pub fn run(args: Args) -> Result<()> {
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     let path_list: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
     let metadata = HashMap::from([
-        ("backbone".to_string(), args.backbone.to_string()),
+        ("backbone".to_string(), args.model.backbone.to_string()),
         ("device".to_string(), extractor.device.describe()),
         ("preprocess".to_string(), serde_json::to_string(&extractor.preprocess)?),
         ("paths".to_string(), serde_json::to_string(&path_list)?),

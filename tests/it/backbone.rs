@@ -7,14 +7,17 @@ use burn::tensor::{Device, Tensor, TensorData};
 use crate::common::{HostTensor, fixture, max_abs_diff, read_safetensors, wgpu_device};
 
 /// The fixture's architecture: tools/make_resnet_fixture.py.
-fn tiny_resnet(device: &Device) -> Backbone {
-    let config = ResNetConfig::new()
+fn tiny_config() -> ResNetConfig {
+    ResNetConfig::new()
         .with_stem_channels(8)
         .with_planes([8, 16, 32, 32])
         .with_blocks([2, 2, 1, 1])
         .with_base_width(128)
-        .with_num_classes(10);
-    let mut model = Backbone::ResNet(config.init(device));
+        .with_num_classes(10)
+}
+
+fn tiny_resnet(device: &Device) -> Backbone {
+    let mut model = Backbone::ResNet(tiny_config().init(device));
     load_weights(&mut model, &fixture("resnet/tiny_resnet.pth")).unwrap();
     model
 }
@@ -110,13 +113,7 @@ fn weights_of_another_architecture_are_refused_naming_the_file() {
 fn a_weights_file_with_a_missing_tensor_is_refused_naming_the_tensor() {
     let device = Device::flex();
     let path = fixture("resnet/tiny_resnet_missing_tensor.pth");
-    let config = ResNetConfig::new()
-        .with_stem_channels(8)
-        .with_planes([8, 16, 32, 32])
-        .with_blocks([2, 2, 1, 1])
-        .with_base_width(128)
-        .with_num_classes(10);
-    let mut model = Backbone::ResNet(config.init(&device));
+    let mut model = Backbone::ResNet(tiny_config().init(&device));
     let message = load_weights(&mut model, &path).unwrap_err().to_string();
     assert!(message.contains("tiny_resnet_missing_tensor.pth"), "{message}");
     assert!(message.contains("1 tensor(s) missing (layer2.0.conv2.weight)"), "{message}");

@@ -170,6 +170,15 @@ pub mod fast {
 
     /// `out = a · bᵀ` for row-major `a` (m × d) and `b` (n × d), single-threaded (callers parallelise).
     pub fn multiply_transposed(a: &[f32], b: &[f32], m: usize, n: usize, d: usize, out: &mut [f32]) {
+        sgemm_transposed(a, b, m, n, d, out, gemm::Parallelism::None);
+    }
+
+    /// `out = a · bᵀ` using every core: the reference point the GPU kernels are benchmarked against.
+    pub fn multiply_transposed_parallel(a: &[f32], b: &[f32], m: usize, n: usize, d: usize, out: &mut [f32]) {
+        sgemm_transposed(a, b, m, n, d, out, gemm::Parallelism::Rayon(rayon::current_num_threads()));
+    }
+
+    fn sgemm_transposed(a: &[f32], b: &[f32], m: usize, n: usize, d: usize, out: &mut [f32], parallelism: gemm::Parallelism) {
         assert!(a.len() >= m * d && b.len() >= n * d && out.len() >= m * n);
         // SAFETY: the asserts above bound every access the strides below describe.
         unsafe {
@@ -179,23 +188,7 @@ pub mod fast {
                 a.as_ptr(), 1, d as isize,
                 b.as_ptr(), d as isize, 1,
                 0.0, 1.0, false, false, false,
-                gemm::Parallelism::None,
-            );
-        }
-    }
-
-    /// `out = a · bᵀ` using every core: the reference point the GPU kernels are benchmarked against.
-    pub fn multiply_transposed_parallel(a: &[f32], b: &[f32], m: usize, n: usize, d: usize, out: &mut [f32]) {
-        assert!(a.len() >= m * d && b.len() >= n * d && out.len() >= m * n);
-        // SAFETY: as in `multiply_transposed`.
-        unsafe {
-            gemm::gemm(
-                m, n, d,
-                out.as_mut_ptr(), 1, n as isize, false,
-                a.as_ptr(), 1, d as isize,
-                b.as_ptr(), d as isize, 1,
-                0.0, 1.0, false, false, false,
-                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                parallelism,
             );
         }
     }
