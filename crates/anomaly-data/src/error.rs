@@ -19,12 +19,15 @@ pub enum DataError {
     /// A category folder without the MVTec AD `train/good` subfolder.
     #[error(
         "{path}: not an MVTec AD category (no train/good folder); expected <category>/train/good/*.png, \
-         or use --good DIR [--defective DIR] for plain folders"
+         <category>/test/<defect>/*.png and optionally <category>/ground_truth/<defect>/<name>_mask.png"
     )]
     NotMvtec { path: PathBuf },
     /// A path that is neither an image file nor a folder.
     #[error("{path}: not an image file or a folder")]
     NotImage { path: PathBuf },
+    /// Synthetic-dataset settings that cannot produce a dataset.
+    #[error("invalid synthetic dataset settings: {0}")]
+    InvalidSynthetic(String),
     /// Preprocessing settings that cannot produce an image.
     #[error("invalid preprocessing: {0}")]
     InvalidPreprocess(String),

@@ -6,9 +6,12 @@ mod decode;
 mod error;
 mod loader;
 mod preprocess;
+mod resample;
+mod synthetic;
 
 pub use dataset::{Dataset, Label, Sample, Split, collect_images};
 pub use decode::{load_mask, load_rgb8};
 pub use error::DataError;
 pub use loader::{Batch, BatchLoader};
 pub use preprocess::{Preprocess, PreprocessedImage};
+pub use synthetic::{SYNTHETIC_DEFECTS, SyntheticConfig, write_synthetic_dataset};

@@ -1,10 +1,9 @@
 use std::path::Path;
 
-use fast_image_resize::images::{Image, ImageRef};
-use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
+use crate::resample::resize_crop_bilinear;
 use crate::{DataError, load_rgb8};
 
 /// How an image becomes a network input, following torchvision's `Resize(resize)`, `CenterCrop(crop)`,
@@ -69,23 +68,23 @@ impl Preprocess {
         self.validate()?;
         let (width, height) = image.dimensions();
         let (new_width, new_height) = resized_size(width, height, self.resize);
-        let resized = resize_bilinear(image, new_width, new_height)?;
         let crop = self.crop as usize;
         // torchvision rounds the crop offset with Python's round(), which rounds halves to even.
         let top = ((new_height - self.crop) as f64 / 2.0).round_ties_even() as usize;
         let left = ((new_width - self.crop) as f64 / 2.0).round_ties_even() as usize;
-        let row_stride = new_width as usize * 3;
+        // Only the kept square is computed; its pixels are those of the whole resized image.
+        let resized = resize_crop_bilinear(image, (new_width as usize, new_height as usize), (left, top), crop);
+        let row_stride = crop * 3;
         let mut pixels = vec![0.0f32; 3 * crop * crop];
         let (red, rest) = pixels.split_at_mut(crop * crop);
         let (green, blue) = rest.split_at_mut(crop * crop);
         let planes = [red, green, blue];
-        let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * self.std[c]));
-        let offset: [f32; 3] = std::array::from_fn(|c| self.mean[c] / self.std[c]);
         for y in 0..crop {
-            let row = &resized[(top + y) * row_stride + left * 3..][..crop * 3];
+            let row = &resized[y * row_stride..][..row_stride];
             for (x, rgb) in row.chunks_exact(3).enumerate() {
                 for c in 0..3 {
-                    planes[c][y * crop + x] = rgb[c] as f32 * scale[c] - offset[c];
+                    // The same f32 operations as ToTensor (x / 255) and Normalize ((x - mean) / std).
+                    planes[c][y * crop + x] = (rgb[c] as f32 / 255.0 - self.mean[c]) / self.std[c];
                 }
             }
         }
@@ -124,21 +123,6 @@ fn resized_size(width: u32, height: u32, short: u32) -> (u32, u32) {
     } else {
         ((short as u64 * width as u64 / height as u64) as u32, short)
     }
-}
-
-/// PIL's antialiased bilinear resize (a triangle filter widened by the downscale factor), SIMD-accelerated.
-fn resize_bilinear(image: &RgbImage, width: u32, height: u32) -> Result<Vec<u8>, DataError> {
-    if image.dimensions() == (width, height) {
-        return Ok(image.as_raw().clone());
-    }
-    let source = ImageRef::new(image.width(), image.height(), image.as_raw(), PixelType::U8x3)
-        .map_err(|e| DataError::Decode { path: Default::default(), reason: e.to_string() })?;
-    let mut target = Image::new(width, height, PixelType::U8x3);
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
-    Resizer::new()
-        .resize(&source, &mut target, &options)
-        .map_err(|e| DataError::Decode { path: Default::default(), reason: e.to_string() })?;
-    Ok(target.into_vec())
 }
 
 #[cfg(test)]
