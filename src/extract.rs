@@ -2,6 +2,7 @@
 //! progress bar, and features brought back as plain vectors.
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use anomaly_backbone::{Backbone, BackboneName};
 use anomaly_data::{Batch, BatchLoader, Preprocess};
@@ -18,6 +19,9 @@ pub struct Extractor {
     pub backbone: Backbone,
     pub device: ResolvedDevice,
     pub preprocess: Preprocess,
+    /// The weights file the backbone was loaded from.
+    pub weights: PathBuf,
+    weights_sha256: OnceLock<String>,
 }
 
 /// One feature map of a batch, brought back to the host.
@@ -32,7 +36,7 @@ pub struct HostMap {
 #[derive(clap::Args)]
 pub struct BackboneArgs {
     /// resnet50, resnet50-v2, wide_resnet50_2, efficientnet-lite0 or efficientnet-lite2.
-    #[arg(long)]
+    #[arg(long, default_value = "efficientnet-lite0")]
     pub backbone: BackboneName,
     #[command(flatten)]
     pub weights: WeightsArgs,
@@ -44,12 +48,52 @@ pub struct BackboneArgs {
 impl Extractor {
     /// Resolves the device, finds (or fetches) the weights and loads the backbone.
     pub fn new(args: &BackboneArgs) -> Result<Self> {
-        let name = args.backbone;
-        let path = weights_file(name, &args.weights)?;
-        let device = anomaly_device::resolve(args.device)?;
-        let backbone = Backbone::load(name, &path, &device.device)?;
-        Ok(Self { name, backbone, device, preprocess: name.preprocess() })
+        Self::load(args.backbone, &args.weights, args.device)
     }
+
+    /// As [`Extractor::new`], from the parts (for commands that read the backbone from a model file).
+    pub fn load(name: BackboneName, weights: &WeightsArgs, device: DeviceChoice) -> Result<Self> {
+        let path = weights_file(name, weights)?;
+        let device = anomaly_device::resolve(device)?;
+        let backbone = Backbone::load(name, &path, &device.device)?;
+        Ok(Self { name, backbone, device, preprocess: name.preprocess(), weights: path, weights_sha256: OnceLock::new() })
+    }
+
+    /// The pooled features of `paths` (row-major `images × dim`), with a progress bar labelled `message`.
+    pub fn pooled(&self, paths: &[PathBuf], batch_size: usize, message: &str) -> Result<Vec<f32>> {
+        let progress = image_progress(paths.len(), message);
+        let mut pooled = Vec::with_capacity(paths.len() * self.name.feature_dim());
+        self.run(paths.to_vec(), &[], batch_size, &progress, |_, batch, _| {
+            pooled.extend(batch);
+            Ok(())
+        })?;
+        progress.finish_and_clear();
+        Ok(pooled)
+    }
+
+    /// The weights file's name, for records.
+    pub fn weights_name(&self) -> String {
+        self.weights.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+
+    /// The weights file's sha256 (read once): models record it and refuse features from other weights.
+    pub fn weights_sha256(&self) -> Result<&str> {
+        if let Some(sha) = self.weights_sha256.get() {
+            return Ok(sha);
+        }
+        let sha = anomaly_weights::sha256_file(&self.weights)?;
+        Ok(self.weights_sha256.get_or_init(|| sha))
+    }
+
+    /// Where the detector's kernels run: our WGSL kernels when the backbone runs on wgpu, else the CPU.
+    pub fn compute(&self) -> Result<anomaly_detector::Compute> {
+        Ok(if self.device.is_wgpu() {
+            anomaly_detector::Compute::Gpu(anomaly_kernels::GpuKernels::shared()?)
+        } else {
+            anomaly_detector::Compute::Cpu
+        })
+    }
+
 
     /// Runs the backbone over `paths`, `batch_size` images at a time, handing each batch's pooled features
     /// (`[batch, dim]`, row-major) and requested maps to `sink`.

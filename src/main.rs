@@ -2,6 +2,7 @@
 //! through wgpu or on the CPU.
 
 mod commands;
+mod evaluate;
 mod extract;
 mod output;
 mod weights;
@@ -20,6 +21,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Make a synthetic woven-fabric dataset, then fit, evaluate and write the report (fetching weights if needed).
+    Demo(commands::demo::Args),
+    /// Fit a memory bank to good images and save the model.
+    Fit(commands::fit::Args),
+    /// Score images with a fitted model: score and verdict per image.
+    Predict(commands::predict::Args),
+    /// Fit (or load) a model, score an MVTec AD category's test images, and write metrics, scores and plots.
+    Eval(commands::eval::Args),
     /// Download a backbone's published weights into the weights folder (sha256-checked).
     FetchWeights(commands::fetch::Args),
     /// Run a backbone over images and save their features as safetensors.
@@ -34,6 +43,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => commands::demo::run(args),
+        Command::Fit(args) => commands::fit::run(args),
+        Command::Predict(args) => commands::predict::run(args),
+        Command::Eval(args) => commands::eval::run(args),
         Command::FetchWeights(args) => commands::fetch::run(args),
         Command::Features(args) => commands::features::run(args),
         Command::Devices(args) => commands::devices::run(args),

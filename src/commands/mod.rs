@@ -2,6 +2,10 @@
 
 pub mod bench;
 pub mod bench_kernels;
+pub mod demo;
 pub mod devices;
+pub mod eval;
 pub mod features;
 pub mod fetch;
+pub mod fit;
+pub mod predict;

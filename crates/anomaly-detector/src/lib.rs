@@ -2,9 +2,13 @@
 //! std-dev across it are kept, an image scores the mean Euclidean distance to its k nearest bank rows,
 //! and the threshold is mean + 3σ of the training images' own (leave-one-out) scores.
 
+mod model_file;
+
 use anomaly_kernels::cpu::fast;
-use anomaly_kernels::{GpuKernels, KernelError, top_columns};
+use anomaly_kernels::{GpuKernels, GpuMatrix, KernelError, Neighbours, top_columns};
 use serde::{Deserialize, Serialize};
+
+pub use model_file::{FeatureSource, MODEL_FORMAT, MODEL_VERSION, Model, ModelError, ModelInfo, ScoreStats};
 
 /// The detector's settings.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -13,6 +17,22 @@ pub struct DetectorConfig {
     pub k: usize,
     /// Feature columns kept (those of highest std-dev across the bank).
     pub features: usize,
+}
+
+impl DetectorConfig {
+    /// Checks the settings against the number of training images, before any feature is computed.
+    pub fn check(&self, images: usize) -> Result<(), DetectorError> {
+        if self.features == 0 {
+            return Err(DetectorError::Shape("at least one feature column must be kept (features ≥ 1)".into()));
+        }
+        if self.k == 0 {
+            return Err(DetectorError::Shape("k must be at least 1".into()));
+        }
+        if images < self.k + 1 {
+            return Err(DetectorError::TooFewImages { k: self.k, images });
+        }
+        Ok(())
+    }
 }
 
 impl Default for DetectorConfig {
@@ -25,8 +45,13 @@ impl Default for DetectorConfig {
 /// Why a detector could not be fitted or applied.
 #[derive(Debug, thiserror::Error)]
 pub enum DetectorError {
-    #[error("k = {k} needs at least {} training images (each is scored against the others), got {images}", k + 1)]
+    #[error(
+        "k = {k} needs at least {} training images (each is scored against the others), got {images}; lower --k",
+        k + 1
+    )]
     TooFewImages { k: usize, images: usize },
+    #[error("k = {k} is more than the {rows} images in the bank")]
+    KTooLarge { k: usize, rows: usize },
     #[error("{0}")]
     Shape(String),
     #[error(transparent)]
@@ -64,10 +89,8 @@ impl MemoryBank {
             return Err(DetectorError::Shape(format!("{} values are not rows of {dim} features", features.len())));
         }
         let images = features.len() / dim;
-        if images < config.k + 1 || config.k == 0 {
-            return Err(DetectorError::TooFewImages { k: config.k, images });
-        }
-        let keep = config.features.min(dim).max(1);
+        config.check(images)?;
+        let keep = config.features.min(dim);
         // Each training image is scored against the bank without itself: its k + 1 nearest include itself.
         let (columns, rows, neighbours) = match compute {
             Compute::Gpu(kernels) => {
@@ -112,6 +135,23 @@ impl MemoryBank {
     /// Anomaly scores of images (row-major `images × input_dim` features): mean distance to the k nearest
     /// bank rows.
     pub fn score(&self, features: &[f32], compute: &Compute) -> Result<Vec<f32>, DetectorError> {
+        self.scorer(compute)?.score(features)
+    }
+
+    /// A scorer that keeps the bank where `compute` runs, for scoring many batches without re-uploading it.
+    pub fn scorer<'a>(&'a self, compute: &'a Compute) -> Result<Scorer<'a>, DetectorError> {
+        if self.config.k == 0 || self.config.k > self.len() {
+            return Err(DetectorError::KTooLarge { k: self.config.k, rows: self.len() });
+        }
+        let uploaded = match compute {
+            Compute::Gpu(kernels) => Some((kernels, kernels.upload(&self.rows, self.len(), self.columns.len())?)),
+            Compute::Cpu => None,
+        };
+        Ok(Scorer { bank: self, uploaded })
+    }
+
+    /// The kept columns of images' features (row-major `images × input_dim`), as the bank stores them.
+    pub fn select(&self, features: &[f32]) -> Result<Vec<f32>, DetectorError> {
         if features.len() % self.input_dim != 0 {
             return Err(DetectorError::Shape(format!(
                 "{} values are not rows of the {} features this bank was fitted on",
@@ -119,22 +159,35 @@ impl MemoryBank {
                 self.input_dim
             )));
         }
-        let queries = gather(features, self.input_dim, &self.columns);
-        let neighbours = knn(compute, &self.rows, &queries, self.columns.len(), self.config.k)?;
-        Ok((0..features.len() / self.input_dim)
+        Ok(gather(features, self.input_dim, &self.columns))
+    }
+}
+
+/// Scores images against a bank held on its compute device.
+pub struct Scorer<'a> {
+    bank: &'a MemoryBank,
+    uploaded: Option<(&'a GpuKernels, GpuMatrix)>,
+}
+
+impl Scorer<'_> {
+    /// Anomaly scores of images (row-major `images × input_dim` features).
+    pub fn score(&self, features: &[f32]) -> Result<Vec<f32>, DetectorError> {
+        let queries = self.bank.select(features)?;
+        if queries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let k = self.bank.config.k;
+        let neighbours: Neighbours = match &self.uploaded {
+            Some((kernels, bank)) => kernels.knn(bank, &queries, k)?,
+            None => fast::knn(&queries, &self.bank.rows, self.bank.columns.len(), k),
+        };
+        Ok((0..features.len() / self.bank.input_dim)
             .map(|image| {
                 let distances = neighbours.row_distances(image);
                 (distances.iter().map(|&d| d as f64).sum::<f64>() / distances.len() as f64) as f32
             })
             .collect())
     }
-}
-
-fn knn(compute: &Compute, bank: &[f32], queries: &[f32], dim: usize, k: usize) -> Result<anomaly_kernels::Neighbours, DetectorError> {
-    Ok(match compute {
-        Compute::Gpu(kernels) => kernels.knn(&kernels.upload(bank, bank.len() / dim, dim)?, queries, k)?,
-        Compute::Cpu => fast::knn(queries, bank, dim, k),
-    })
 }
 
 /// The given columns of a row-major matrix.

@@ -1,0 +1,206 @@
+//! The model file: a fitted bank and everything needed to apply it to new images, in one safetensors file
+//! (the bank, its columns and training scores as tensors; how it was made as versioned JSON in the
+//! header), so that other tools can read it and a stale or foreign file is refused with a clear reason.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anomaly_data::Preprocess;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use crate::{DetectorConfig, MemoryBank};
+
+/// The `format` every model file declares in its header.
+pub const MODEL_FORMAT: &str = "anomaly-model";
+/// The model file layout this build writes and reads; bumped whenever a field's meaning changes.
+pub const MODEL_VERSION: u32 = 1;
+
+/// Why a model file could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: not an anomaly model file ({reason})", path.display())]
+    Invalid { path: PathBuf, reason: String },
+    #[error(
+        "{}: model format version {found}, but this anomaly reads version {MODEL_VERSION}; refit the model with `anomaly fit`{}",
+        path.display(),
+        if *found > MODEL_VERSION { " or upgrade anomaly" } else { "" }
+    )]
+    Version { path: PathBuf, found: u32 },
+}
+
+/// Summary statistics of the training images' leave-one-out scores.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScoreStats {
+    pub count: usize,
+    pub mean: f64,
+    /// Population standard deviation.
+    pub std: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl ScoreStats {
+    /// The statistics of `scores` (all zero when there are none).
+    pub fn of(scores: &[f32]) -> Self {
+        if scores.is_empty() {
+            return Self { count: 0, mean: 0.0, std: 0.0, min: 0.0, max: 0.0 };
+        }
+        let n = scores.len() as f64;
+        let mean = scores.iter().map(|&s| s as f64).sum::<f64>() / n;
+        let std = (scores.iter().map(|&s| (s as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let min = scores.iter().fold(f64::INFINITY, |m, &s| m.min(s as f64));
+        let max = scores.iter().fold(f64::NEG_INFINITY, |m, &s| m.max(s as f64));
+        Self { count: scores.len(), mean, std, min, max }
+    }
+}
+
+/// How a model was made: what a later run needs to reproduce its features, and what a reader wants to know.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub format: String,
+    pub version: u32,
+    /// The detection method ("memory-bank").
+    pub method: String,
+    /// The program and version that wrote the file.
+    pub created_by: String,
+    /// The backbone's name (e.g. "efficientnet-lite0").
+    pub backbone: String,
+    /// The weights file's name and sha256: a model only applies to features from the same weights.
+    pub weights_file: String,
+    pub weights_sha256: String,
+    pub preprocess: Preprocess,
+    pub config: DetectorConfig,
+    /// Width of the backbone's feature vectors.
+    pub input_dim: usize,
+    pub threshold: f32,
+    pub train_scores: ScoreStats,
+    /// The training data's name (its folder).
+    pub dataset: String,
+}
+
+/// Where the bank's features came from, as recorded in the model file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FeatureSource {
+    pub backbone: String,
+    pub weights_file: String,
+    pub weights_sha256: String,
+    pub preprocess: Preprocess,
+    pub dataset: String,
+}
+
+/// A fitted bank with the facts needed to apply it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Model {
+    pub info: ModelInfo,
+    pub bank: MemoryBank,
+}
+
+impl Model {
+    /// Wraps a fitted bank with where its features came from.
+    pub fn new(bank: MemoryBank, source: FeatureSource) -> Self {
+        let info = ModelInfo {
+            format: MODEL_FORMAT.into(),
+            version: MODEL_VERSION,
+            method: "memory-bank".into(),
+            created_by: concat!("anomaly ", env!("CARGO_PKG_VERSION")).into(),
+            backbone: source.backbone,
+            weights_file: source.weights_file,
+            weights_sha256: source.weights_sha256,
+            preprocess: source.preprocess,
+            config: bank.config,
+            input_dim: bank.input_dim,
+            threshold: bank.threshold,
+            train_scores: ScoreStats::of(&bank.train_scores),
+            dataset: source.dataset,
+        };
+        Self { info, bank }
+    }
+
+    /// The file's bytes: tensors `bank` [rows, columns] f32, `columns` [columns] u32, `train_scores` [rows]
+    /// f32; header metadata `format`, `version` and `info` (JSON).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        fn view(dtype: Dtype, shape: Vec<usize>, data: &[u8]) -> TensorView<'_> {
+            TensorView::new(dtype, shape, data).expect("tensor shapes match their data")
+        }
+        let bank = &self.bank;
+        let tensors = [
+            ("bank", view(Dtype::F32, vec![bank.len(), bank.columns.len()], bytemuck::cast_slice(&bank.rows))),
+            ("columns", view(Dtype::U32, vec![bank.columns.len()], bytemuck::cast_slice(&bank.columns))),
+            ("train_scores", view(Dtype::F32, vec![bank.len()], bytemuck::cast_slice(&bank.train_scores))),
+        ];
+        let metadata = HashMap::from([
+            ("format".to_string(), MODEL_FORMAT.to_string()),
+            ("version".to_string(), MODEL_VERSION.to_string()),
+            ("info".to_string(), serde_json::to_string(&self.info).expect("model info serialises")),
+        ]);
+        safetensors::serialize(tensors, Some(metadata)).expect("model tensors serialise")
+    }
+
+    /// Reads a model file, checking its format, version and that its tensors agree with its header.
+    pub fn load(path: &Path) -> Result<Self, ModelError> {
+        let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// Parses a model file's bytes; `path` names it in errors.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self, ModelError> {
+        let invalid = |reason: String| ModelError::Invalid { path: path.into(), reason };
+        let (_, header) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| invalid(format!("not a readable safetensors file, perhaps truncated: {e}")))?;
+        let metadata = header.metadata().clone().unwrap_or_default();
+        if metadata.get("format").map(String::as_str) != Some(MODEL_FORMAT) {
+            return Err(invalid(format!("its header has no `format: {MODEL_FORMAT}`")));
+        }
+        let version: u32 = metadata
+            .get("version")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| invalid("its header has no format version".into()))?;
+        if version != MODEL_VERSION {
+            return Err(ModelError::Version { path: path.into(), found: version });
+        }
+        let info: ModelInfo = metadata
+            .get("info")
+            .ok_or_else(|| invalid("its header has no `info`".into()))
+            .and_then(|json| serde_json::from_str(json).map_err(|e| invalid(format!("its `info` is malformed: {e}"))))?;
+        let tensors = SafeTensors::deserialize(bytes)
+            .map_err(|e| invalid(format!("its tensors are unreadable, perhaps truncated: {e}")))?;
+        let tensor = |name: &str, dtype: Dtype| {
+            let view = tensors.tensor(name).map_err(|_| invalid(format!("tensor `{name}` is missing")))?;
+            if view.dtype() != dtype {
+                return Err(invalid(format!("tensor `{name}` is {:?}, expected {dtype:?}", view.dtype())));
+            }
+            Ok((view.shape().to_vec(), view.data().to_vec()))
+        };
+        let (bank_shape, bank_bytes) = tensor("bank", Dtype::F32)?;
+        let (columns_shape, columns_bytes) = tensor("columns", Dtype::U32)?;
+        let (scores_shape, scores_bytes) = tensor("train_scores", Dtype::F32)?;
+        let [rows, width] = bank_shape[..] else {
+            return Err(invalid(format!("`bank` has shape {bank_shape:?}, expected [rows, columns]")));
+        };
+        if columns_shape != [width] || scores_shape != [rows] {
+            return Err(invalid(format!(
+                "shapes disagree: bank {bank_shape:?}, columns {columns_shape:?}, train_scores {scores_shape:?}"
+            )));
+        }
+        let columns: Vec<u32> = bytemuck::pod_collect_to_vec(&columns_bytes);
+        if columns.windows(2).any(|w| w[0] >= w[1]) || columns.last().is_some_and(|&c| c as usize >= info.input_dim) {
+            return Err(invalid(format!("its columns are not ascending indices below {}", info.input_dim)));
+        }
+        if info.config.k == 0 || info.config.k > rows {
+            return Err(invalid(format!("k = {} but the bank has {rows} rows", info.config.k)));
+        }
+        let bank = MemoryBank {
+            config: info.config,
+            input_dim: info.input_dim,
+            columns,
+            rows: bytemuck::pod_collect_to_vec(&bank_bytes),
+            train_scores: bytemuck::pod_collect_to_vec(&scores_bytes),
+            threshold: info.threshold,
+        };
+        Ok(Self { info, bank })
+    }
+}

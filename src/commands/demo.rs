@@ -1,0 +1,52 @@
+use std::path::PathBuf;
+
+use anomaly_data::{Dataset, SyntheticConfig, write_synthetic_dataset};
+use anyhow::Result;
+
+use super::eval::{ReportArgs, print_summary};
+use crate::evaluate::{DetectorArgs, ModelSource, evaluate};
+use crate::extract::{BackboneArgs, Extractor};
+
+/// `anomaly demo`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Folder for the synthetic dataset (`data/`) and the report with the fitted model (`report/`).
+    #[arg(long, default_value = "anomaly-demo", value_name = "DIR")]
+    out: PathBuf,
+    /// Seed of the synthetic images.
+    #[arg(long = "data-seed", default_value_t = 7)]
+    data_seed: u64,
+    /// Side of the synthetic images, in pixels.
+    #[arg(long, default_value_t = 256)]
+    size: u32,
+    /// Good training images.
+    #[arg(long, default_value_t = 60)]
+    train: usize,
+    /// Good test images.
+    #[arg(long, default_value_t = 16)]
+    test_good: usize,
+    /// Test images per defect type (cut, hole, missing_thread, stain).
+    #[arg(long, default_value_t = 8)]
+    per_defect: usize,
+    #[command(flatten)]
+    backbone: BackboneArgs,
+    #[command(flatten)]
+    detector: DetectorArgs,
+    #[command(flatten)]
+    options: ReportArgs,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let config = args.detector.config();
+    config.check(args.train)?;
+    let data = args.out.join("data");
+    let synthetic =
+        SyntheticConfig { seed: args.data_seed, size: args.size, train: args.train, test_good: args.test_good, per_defect: args.per_defect };
+    write_synthetic_dataset(&data, &synthetic)?;
+    eprintln!("synthetic woven fabric: {} (seed {})", data.display(), synthetic.seed);
+    let dataset = Dataset { name: "synthetic woven fabric".into(), ..Dataset::mvtec(&data)? };
+    let extractor = Extractor::new(&args.backbone)?;
+    eprintln!("{} on {}", extractor.name, extractor.device.describe());
+    let summary = evaluate(&extractor, &dataset, ModelSource::Fit(config), &args.options.options(&args.out.join("report")))?;
+    print_summary(&summary, args.options.json)
+}
