@@ -184,7 +184,7 @@ pub fn evaluate(extractor: &Extractor, dataset: &Dataset, source: ModelSource, o
     let defective = labels.iter().filter(|&&l| l).count();
     let (auroc, auroc_note) = match anomaly_report::auroc(&scores64, &labels) {
         Ok(value) => (Some(value), None),
-        Err(MetricsError::SingleClass(reason)) => (None, Some(format!("image AUROC is undefined: {reason}"))),
+        Err(MetricsError::SingleClass(missing)) => (None, Some(format!("image AUROC is undefined: the test set has no {missing} images"))),
         Err(error) => return Err(error.into()),
     };
     let confusion = anomaly_report::confusion(&scores64, &labels, threshold)?;

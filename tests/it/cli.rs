@@ -129,3 +129,202 @@ fn devices_lists_adapters_and_the_auto_choice() {
     let has_hardware = report["adapters"].as_array().unwrap().iter().any(|a| a["hardware"] == true);
     assert_eq!(auto, if has_hardware { "wgpu" } else { "cpu" });
 }
+
+/// A synthetic dataset written by the library, small enough for CI.
+fn synthetic(root: &Path, seed: u64, train: usize) {
+    let config = anomaly_data::SyntheticConfig { seed, size: 64, train, test_good: 2, per_defect: 2 };
+    anomaly_data::write_synthetic_dataset(root, &config).unwrap();
+}
+
+/// `anomaly demo` on a tiny set, run once and shared by the tests that read its output.
+fn demo() -> &'static Path {
+    static DEMO: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DEMO.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let weights = weights_dir();
+        let output = anomaly(&[
+            "demo", "--out", dir.to_str().unwrap(), "--train", "12", "--test-good", "4", "--per-defect", "2",
+            "--size", "64", "--k", "5", "--features", "100", "--device", "cpu", "--offline",
+            "--weights-dir", weights.to_str().unwrap(),
+        ]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let printed = String::from_utf8_lossy(&output.stdout);
+        assert!(printed.contains("image AUROC"), "{printed}");
+        dir
+    })
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn demo_fits_evaluates_and_writes_the_whole_report() {
+    let report = demo().join("report");
+    let metrics = read_json(&report.join("metrics.json"));
+    let auroc = metrics["image_auroc"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&auroc));
+    assert_eq!((metrics["n_train"].as_u64(), metrics["n_test"].as_u64()), (Some(12), Some(12)));
+    assert_eq!((metrics["k"].as_u64(), metrics["features"].as_u64()), (Some(5), Some(100)));
+    let confusion = &metrics["confusion"];
+    let total: u64 = ["tn", "fp", "fn", "tp"].iter().map(|k| confusion[k].as_u64().unwrap()).sum();
+    assert_eq!(total, 12);
+    for key in ["threshold", "accuracy", "precision", "recall", "f1", "f1_optimal_threshold", "f1_optimal"] {
+        assert!(metrics[key].is_number(), "{key}: {metrics}");
+    }
+    let defects: Vec<&str> = metrics["per_defect"].as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(defects, ["cut", "good", "hole", "missing_thread", "stain"]);
+    assert!(metrics["timings_s"]["total"].as_f64().unwrap() > 0.0);
+    assert_eq!(metrics["masks"]["with_mask"].as_u64(), Some(8));
+
+    let csv = std::fs::read_to_string(report.join("scores.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "path,defect,label,score,verdict");
+    assert_eq!(lines.len(), 13);
+    for (file, size) in [("roc.png", (720, 640)), ("confusion.png", (640, 600)), ("tsne.png", (820, 700))] {
+        let image = image::open(report.join(file)).unwrap();
+        assert_eq!((image.width(), image.height()), size, "{file}");
+    }
+    let model = anomaly_detector::Model::load(&report.join("model.safetensors")).unwrap();
+    assert_eq!(model.info.backbone, "efficientnet-lite0");
+    assert_eq!(model.info.weights_sha256, anomaly_weights::sha256_file(&lite0_weights()).unwrap());
+    assert_eq!((model.bank.len(), model.bank.columns.len()), (12, 100));
+}
+
+#[test]
+fn predict_streams_the_scores_eval_reported() {
+    let demo = demo();
+    let model = demo.join("report/model.safetensors");
+    let weights = weights_dir();
+    let output = anomaly(&[
+        "predict", "--model", model.to_str().unwrap(), demo.join("data/test").to_str().unwrap(), "--json",
+        "--device", "cpu", "--offline", "--weights-dir", weights.to_str().unwrap(), "--batch-size", "5",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let predicted: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(predicted.len(), 12);
+    let csv = std::fs::read_to_string(demo.join("report/scores.csv")).unwrap();
+    for (line, prediction) in csv.lines().skip(1).zip(&predicted) {
+        let fields: Vec<&str> = line.split(',').collect();
+        assert_eq!(prediction["path"].as_str().unwrap(), fields[0]);
+        let (ours, reported) = (prediction["score"].as_f64().unwrap(), fields[3].parse::<f64>().unwrap());
+        assert!((ours - reported).abs() < 1e-4, "{ours} vs {reported}");
+        assert_eq!(prediction["anomalous"].as_bool().unwrap(), fields[4] == "anomalous");
+    }
+    // Text output, one image.
+    let one = demo.join("data/test/hole/000.png");
+    let output = anomaly(&[
+        "predict", "--model", model.to_str().unwrap(), one.to_str().unwrap(),
+        "--device", "cpu", "--offline", "--weights-dir", weights.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(text.lines().count(), 1);
+    assert!(text.contains("hole/000.png"), "{text}");
+}
+
+#[test]
+fn eval_of_a_saved_model_reproduces_the_fitted_run() {
+    let demo = demo();
+    let report = tempfile::tempdir().unwrap();
+    let weights = weights_dir();
+    let output = anomaly(&[
+        "eval", "--data", demo.join("data").to_str().unwrap(), "--model", demo.join("report/model.safetensors").to_str().unwrap(),
+        "--report", report.path().to_str().unwrap(), "--device", "cpu", "--offline", "--weights-dir", weights.to_str().unwrap(), "--json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let fitted = read_json(&demo.join("report/metrics.json"));
+    for key in ["image_auroc", "threshold", "confusion", "f1"] {
+        assert_eq!(printed[key], fitted[key], "{key}");
+    }
+    assert!(!report.path().join("model.safetensors").exists(), "an evaluated model is not copied");
+}
+
+#[test]
+fn models_that_do_not_fit_are_refused_with_one_line() {
+    let demo = demo();
+    let dir = tempfile::tempdir().unwrap();
+    let weights = weights_dir();
+    let weights = weights.to_str().unwrap();
+    let image = demo.join("data/test/good/000.png");
+    let predict = |model: &Path, needle: &str| {
+        expect_one_line_error(
+            &["predict", "--model", model.to_str().unwrap(), image.to_str().unwrap(), "--device", "cpu", "--offline", "--weights-dir", weights],
+            needle,
+        )
+    };
+    let bytes = std::fs::read(demo.join("report/model.safetensors")).unwrap();
+    let truncated = dir.path().join("truncated.safetensors");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    predict(&truncated, "truncated.safetensors: not an anomaly model file");
+
+    let mut other = anomaly_detector::Model::from_bytes(&bytes, &truncated).unwrap();
+    other.info.weights_sha256 = "0".repeat(64);
+    let other_weights = dir.path().join("other-weights.safetensors");
+    std::fs::write(&other_weights, other.to_bytes()).unwrap();
+    predict(&other_weights, "the model was fitted with efficientnet-lite0 weights");
+
+    // k larger than the bank: refused before any feature is computed, and no model written.
+    let model = dir.path().join("never.safetensors");
+    expect_one_line_error(
+        &["fit", "--data", demo.join("data").to_str().unwrap(), "--model", model.to_str().unwrap(), "--k", "50",
+          "--device", "cpu", "--offline", "--weights-dir", weights],
+        "k = 50 needs at least 51 training images (each is scored against the others), got 12",
+    );
+    assert!(!model.exists());
+}
+
+#[test]
+fn undefined_auroc_and_missing_masks_are_said_not_hidden() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("no-good-tests");
+    synthetic(&data, 11, 6);
+    std::fs::remove_dir_all(data.join("test/good")).unwrap();
+    std::fs::remove_file(data.join("ground_truth/hole/000_mask.png")).unwrap();
+    let report = dir.path().join("report");
+    let weights = weights_dir();
+    let output = anomaly(&[
+        "eval", "--data", data.to_str().unwrap(), "--report", report.to_str().unwrap(), "--k", "2", "--features", "50",
+        "--device", "cpu", "--offline", "--weights-dir", weights.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let notes = stderr(&output);
+    assert!(notes.contains("image AUROC is undefined") && notes.contains("no good images"), "{notes}");
+    assert!(notes.contains("1 of 8 defective test images have no mask"), "{notes}");
+    let metrics = read_json(&report.join("metrics.json"));
+    assert!(metrics["image_auroc"].is_null());
+    assert!(metrics["image_auroc_note"].as_str().unwrap().contains("undefined"));
+    assert!(!report.join("roc.png").exists() && report.join("confusion.png").exists());
+
+    std::fs::remove_dir_all(data.join("test")).unwrap();
+    expect_one_line_error(
+        &["eval", "--data", data.to_str().unwrap(), "--report", report.to_str().unwrap(), "--k", "2",
+          "--device", "cpu", "--offline", "--weights-dir", weights.to_str().unwrap()],
+        "no test images",
+    );
+}
+
+#[test]
+fn eval_all_summarises_every_category() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("mvtec");
+    synthetic(&root.join("carpet"), 1, 5);
+    synthetic(&root.join("tile"), 2, 5);
+    std::fs::create_dir_all(root.join("not-a-category")).unwrap();
+    let report = dir.path().join("report");
+    let weights = weights_dir();
+    let output = anomaly(&[
+        "eval", "--all", root.to_str().unwrap(), "--report", report.to_str().unwrap(), "--k", "2", "--features", "50",
+        "--device", "cpu", "--offline", "--weights-dir", weights.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let summary = read_json(&report.join("summary.json"));
+    let names: Vec<&str> = summary["categories"].as_array().unwrap().iter().map(|c| c["dataset"].as_str().unwrap()).collect();
+    assert_eq!(names, ["carpet", "tile"]);
+    assert!(summary["mean_image_auroc"].is_number());
+    let markdown = std::fs::read_to_string(report.join("summary.md")).unwrap();
+    assert!(markdown.contains("| [carpet](carpet/metrics.json) |") && markdown.contains("**mean**"), "{markdown}");
+    assert!(report.join("tile/roc.png").is_file());
+}

@@ -121,3 +121,36 @@ fn bad_images_and_folders_give_errors_naming_the_path() {
     let error = Dataset::open(&root.path().join("nowhere")).unwrap_err();
     assert!(error.to_string().contains("nowhere"), "{error}");
 }
+
+#[test]
+fn synthetic_datasets_are_reproducible_masked_and_never_overwrite_other_folders() {
+    use anomaly_data::{SYNTHETIC_DEFECTS, SyntheticConfig, write_synthetic_dataset};
+    let dir = tempfile::tempdir().unwrap();
+    let config = SyntheticConfig { seed: 3, size: 64, train: 3, test_good: 2, per_defect: 2 };
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    write_synthetic_dataset(&a, &config).unwrap();
+    write_synthetic_dataset(&b, &config).unwrap();
+    let dataset = Dataset::mvtec(&a).unwrap();
+    assert_eq!(dataset.split(Split::Train).count(), 3);
+    assert_eq!(dataset.split(Split::Test).count(), 2 + 2 * SYNTHETIC_DEFECTS.len());
+    for sample in dataset.split(Split::Test) {
+        let twin = b.join(sample.path.strip_prefix(&a).unwrap());
+        assert_eq!(std::fs::read(&sample.path).unwrap(), std::fs::read(&twin).unwrap(), "same seed, same bytes");
+        if sample.label == Label::Defective {
+            let mask = anomaly_data::load_mask(sample.mask.as_ref().expect("every defect has a mask")).unwrap();
+            let marked = mask.pixels().filter(|p| p[0] > 0).count();
+            assert!(marked > 0 && marked < 64 * 64 / 4, "{}: {marked} mask pixels", sample.path.display());
+        }
+    }
+    // Regenerating replaces an earlier synthetic set; any other folder is left alone.
+    write_synthetic_dataset(&a, &SyntheticConfig { seed: 4, ..config.clone() }).unwrap();
+    assert_ne!(std::fs::read(a.join("train/good/000.png")).unwrap(), std::fs::read(b.join("train/good/000.png")).unwrap());
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("keep.txt"), "mine").unwrap();
+    let error = write_synthetic_dataset(&other, &config).unwrap_err().to_string();
+    assert!(error.contains("not a synthetic dataset"), "{error}");
+    assert!(other.join("keep.txt").is_file());
+    let leftovers = std::fs::read_dir(dir.path()).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.')).count();
+    assert_eq!(leftovers, 0, "no staging folders left behind");
+}

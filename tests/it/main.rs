@@ -8,4 +8,5 @@ mod detector;
 mod efficientnet;
 mod kernels;
 mod metrics;
+mod report;
 mod weights;
