@@ -7,6 +7,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::{Device, Tensor};
 
+use crate::fold::{fold_batch_norm, normalise};
 use crate::{Features, global_average_pool};
 
 /// The Lite family's stage list (TensorFlow's `efficientnet_lite_builder`): repeats, kernel, stride,
@@ -77,10 +78,10 @@ impl EfficientNetLiteConfig {
         let last = blocks.last().map_or(STEM_CHANNELS, |b| b.output);
         EfficientNetLite {
             conv_stem: same_conv([3, STEM_CHANNELS], 3, 2, 1, device),
-            bn0: batch_norm(STEM_CHANNELS, device),
+            bn0: Some(batch_norm(STEM_CHANNELS, device)),
             blocks: blocks.iter().map(|shape| MbConvBlock::new(shape, device)).collect(),
             conv_head: same_conv([last, HEAD_CHANNELS], 1, 1, 1, device),
-            bn1: batch_norm(HEAD_CHANNELS, device),
+            bn1: Some(batch_norm(HEAD_CHANNELS, device)),
             fc: LinearConfig::new(HEAD_CHANNELS, self.num_classes).init(device),
         }
     }
@@ -115,10 +116,10 @@ fn relu6(x: Tensor<4>) -> Tensor<4> {
 #[derive(Module, Debug)]
 pub struct EfficientNetLite {
     conv_stem: Conv2d,
-    bn0: BatchNorm,
+    bn0: Option<BatchNorm>,
     blocks: Vec<MbConvBlock>,
     conv_head: Conv2d,
-    bn1: BatchNorm,
+    bn1: Option<BatchNorm>,
     fc: Linear,
 }
 
@@ -130,7 +131,7 @@ impl EfficientNetLite {
 
     /// Runs the network up to global average pooling, keeping the block outputs named in `taps`.
     pub fn features(&self, input: Tensor<4>, taps: &[&str]) -> Features {
-        let mut x = relu6(self.bn0.forward(self.conv_stem.forward(input)));
+        let mut x = relu6(normalise(&self.bn0, self.conv_stem.forward(input)));
         let mut maps = Vec::new();
         for (index, block) in self.blocks.iter().enumerate() {
             x = block.forward(x);
@@ -139,11 +140,24 @@ impl EfficientNetLite {
                 maps.push((name, x.clone()));
             }
         }
-        let x = relu6(self.bn1.forward(self.conv_head.forward(x)));
+        let x = relu6(normalise(&self.bn1, self.conv_head.forward(x)));
         if taps.contains(&"head") {
             maps.push(("head".to_string(), x.clone()));
         }
         Features { pooled: global_average_pool(x), maps }
+    }
+
+    /// Folds every BatchNorm into its convolution, for inference.
+    pub(crate) fn fold_batch_norms(&mut self) {
+        fold_batch_norm(&mut self.conv_stem, &mut self.bn0);
+        fold_batch_norm(&mut self.conv_head, &mut self.bn1);
+        for block in &mut self.blocks {
+            if let Some(conv) = &mut block.expand_conv {
+                fold_batch_norm(conv, &mut block.bn0);
+            }
+            fold_batch_norm(&mut block.depthwise_conv, &mut block.bn1);
+            fold_batch_norm(&mut block.project_conv, &mut block.bn2);
+        }
     }
 
     /// ImageNet logits from the classifier head (dropout is a no-op at inference).
@@ -159,9 +173,9 @@ pub struct MbConvBlock {
     expand_conv: Option<Conv2d>,
     bn0: Option<BatchNorm>,
     depthwise_conv: Conv2d,
-    bn1: BatchNorm,
+    bn1: Option<BatchNorm>,
     project_conv: Conv2d,
-    bn2: BatchNorm,
+    bn2: Option<BatchNorm>,
     skip: bool,
 }
 
@@ -173,20 +187,20 @@ impl MbConvBlock {
             expand_conv: expands.then(|| same_conv([shape.input, hidden], 1, 1, 1, device)),
             bn0: expands.then(|| batch_norm(hidden, device)),
             depthwise_conv: same_conv([hidden, hidden], shape.kernel, shape.stride, hidden, device),
-            bn1: batch_norm(hidden, device),
+            bn1: Some(batch_norm(hidden, device)),
             project_conv: same_conv([hidden, shape.output], 1, 1, 1, device),
-            bn2: batch_norm(shape.output, device),
+            bn2: Some(batch_norm(shape.output, device)),
             skip: shape.stride == 1 && shape.input == shape.output,
         }
     }
 
     fn forward(&self, input: Tensor<4>) -> Tensor<4> {
-        let x = match (&self.expand_conv, &self.bn0) {
-            (Some(conv), Some(bn)) => relu6(bn.forward(conv.forward(input.clone()))),
-            _ => input.clone(),
+        let x = match &self.expand_conv {
+            Some(conv) => relu6(normalise(&self.bn0, conv.forward(input.clone()))),
+            None => input.clone(),
         };
-        let x = relu6(self.bn1.forward(self.depthwise_conv.forward(x)));
-        let x = self.bn2.forward(self.project_conv.forward(x));
+        let x = relu6(normalise(&self.bn1, self.depthwise_conv.forward(x)));
+        let x = normalise(&self.bn2, self.project_conv.forward(x));
         if self.skip { x + input } else { x }
     }
 }

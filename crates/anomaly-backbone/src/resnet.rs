@@ -9,6 +9,7 @@ use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
+use crate::fold::{fold_batch_norm, normalise};
 use crate::{Features, global_average_pool};
 
 /// Shape of a bottleneck ResNet: torchvision's `ResNet(Bottleneck, blocks, width_per_group=base_width)`,
@@ -68,7 +69,7 @@ impl ResNetConfig {
                 .with_padding(PaddingConfig2d::Explicit(3, 3, 3, 3))
                 .with_bias(false)
                 .init(device),
-            bn1: BatchNormConfig::new(self.stem_channels).init(device),
+            bn1: Some(BatchNormConfig::new(self.stem_channels).init(device)),
             maxpool: MaxPool2dConfig::new([3, 3])
                 .with_strides([2, 2])
                 .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
@@ -88,7 +89,7 @@ const EXPANSION: usize = 4;
 #[derive(Module, Debug)]
 pub struct ResNet {
     conv1: Conv2d,
-    bn1: BatchNorm,
+    bn1: Option<BatchNorm>,
     maxpool: MaxPool2d,
     layer1: Vec<Bottleneck>,
     layer2: Vec<Bottleneck>,
@@ -103,7 +104,7 @@ pub const RESNET_TAPS: [&str; 4] = ["layer1", "layer2", "layer3", "layer4"];
 impl ResNet {
     /// Runs the network up to global average pooling, keeping the stage outputs named in `taps`.
     pub fn features(&self, input: Tensor<4>, taps: &[&str]) -> Features {
-        let x = relu(self.bn1.forward(self.conv1.forward(input)));
+        let x = relu(normalise(&self.bn1, self.conv1.forward(input)));
         let mut x = self.maxpool.forward(x);
         let mut maps = Vec::new();
         for (name, layer) in RESNET_TAPS.iter().zip([&self.layer1, &self.layer2, &self.layer3, &self.layer4]) {
@@ -113,6 +114,19 @@ impl ResNet {
             }
         }
         Features { pooled: global_average_pool(x), maps }
+    }
+
+    /// Folds every BatchNorm into its convolution, for inference.
+    pub(crate) fn fold_batch_norms(&mut self) {
+        fold_batch_norm(&mut self.conv1, &mut self.bn1);
+        for block in [&mut self.layer1, &mut self.layer2, &mut self.layer3, &mut self.layer4].into_iter().flatten() {
+            fold_batch_norm(&mut block.conv1, &mut block.bn1);
+            fold_batch_norm(&mut block.conv2, &mut block.bn2);
+            fold_batch_norm(&mut block.conv3, &mut block.bn3);
+            if let Some(down) = &mut block.downsample {
+                fold_batch_norm(&mut down.conv, &mut down.bn);
+            }
+        }
     }
 
     /// ImageNet logits from the classifier head.
@@ -126,11 +140,11 @@ impl ResNet {
 #[derive(Module, Debug)]
 pub struct Bottleneck {
     conv1: Conv2d,
-    bn1: BatchNorm,
+    bn1: Option<BatchNorm>,
     conv2: Conv2d,
-    bn2: BatchNorm,
+    bn2: Option<BatchNorm>,
     conv3: Conv2d,
-    bn3: BatchNorm,
+    bn3: Option<BatchNorm>,
     downsample: Option<Downsample>,
 }
 
@@ -139,7 +153,7 @@ pub struct Bottleneck {
 #[derive(Module, Debug)]
 pub struct Downsample {
     conv: Conv2d,
-    bn: BatchNorm,
+    bn: Option<BatchNorm>,
 }
 
 impl Bottleneck {
@@ -154,25 +168,25 @@ impl Bottleneck {
         };
         let downsample = (stride != 1 || in_channels != out_channels).then(|| Downsample {
             conv: conv([in_channels, out_channels], 1, stride),
-            bn: BatchNormConfig::new(out_channels).init(device),
+            bn: Some(BatchNormConfig::new(out_channels).init(device)),
         });
         Self {
             conv1: conv([in_channels, width], 1, 1),
-            bn1: BatchNormConfig::new(width).init(device),
+            bn1: Some(BatchNormConfig::new(width).init(device)),
             conv2: conv([width, width], 3, stride),
-            bn2: BatchNormConfig::new(width).init(device),
+            bn2: Some(BatchNormConfig::new(width).init(device)),
             conv3: conv([width, out_channels], 1, 1),
-            bn3: BatchNormConfig::new(out_channels).init(device),
+            bn3: Some(BatchNormConfig::new(out_channels).init(device)),
             downsample,
         }
     }
 
     fn forward(&self, input: Tensor<4>) -> Tensor<4> {
-        let x = relu(self.bn1.forward(self.conv1.forward(input.clone())));
-        let x = relu(self.bn2.forward(self.conv2.forward(x)));
-        let x = self.bn3.forward(self.conv3.forward(x));
+        let x = relu(normalise(&self.bn1, self.conv1.forward(input.clone())));
+        let x = relu(normalise(&self.bn2, self.conv2.forward(x)));
+        let x = normalise(&self.bn3, self.conv3.forward(x));
         let identity = match &self.downsample {
-            Some(down) => down.bn.forward(down.conv.forward(input)),
+            Some(down) => normalise(&down.bn, down.conv.forward(input)),
             None => input,
         };
         relu(x + identity)
