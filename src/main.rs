@@ -23,6 +23,8 @@ struct Cli {
 enum Command {
     /// Make a synthetic woven-fabric dataset, then fit, evaluate and write the report (fetching weights if needed).
     Demo(commands::demo::Args),
+    /// Explore a dataset: counts, sizes, colour modes, channel statistics, defect areas, histograms, samples.
+    Eda(commands::eda::Args),
     /// Fit a memory bank to good images and save the model.
     Fit(commands::fit::Args),
     /// Score images with a fitted model: score and verdict per image.
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => commands::demo::run(args),
+        Command::Eda(args) => commands::eda::run(args),
         Command::Fit(args) => commands::fit::run(args),
         Command::Predict(args) => commands::predict::run(args),
         Command::Eval(args) => commands::eval::run(args),

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod bench_kernels;
 pub mod demo;
 pub mod devices;
+pub mod eda;
 pub mod eval;
 pub mod features;
 pub mod fetch;

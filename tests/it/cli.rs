@@ -328,3 +328,34 @@ fn eval_all_summarises_every_category() {
     assert!(markdown.contains("| [carpet](carpet/metrics.json) |") && markdown.contains("**mean**"), "{markdown}");
     assert!(report.join("tile/roc.png").is_file());
 }
+
+#[test]
+fn eda_reports_counts_sizes_and_defect_areas() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("mvtec");
+    synthetic(&root.join("weave"), 5, 3);
+    synthetic(&root.join("weave2"), 6, 4);
+    let report = dir.path().join("eda");
+    let output = anomaly(&["eda", "--data", root.join("weave").to_str().unwrap(), "--report", report.to_str().unwrap(), "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stats: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!((stats["n_train"].as_u64(), stats["n_test_good"].as_u64(), stats["n_test_defective"].as_u64()), (Some(3), Some(2), Some(8)));
+    assert_eq!(stats["sizes"]["64×64"].as_u64(), Some(13));
+    assert_eq!(stats["color_modes"]["Rgb8"].as_u64(), Some(13));
+    assert_eq!(stats["counts"][0]["split"], "train");
+    let hole = &stats["defect_area"]["hole"];
+    assert_eq!(hole["masks"].as_u64(), Some(2));
+    assert!(hole["mean_area_percent"].as_f64().unwrap() > 0.5 && hole["mean_regions"].as_f64().unwrap() >= 1.0, "{hole}");
+    for file in ["summary.md", "eda.json", "histograms.png", "defect_area.png", "samples.png"] {
+        assert!(report.join(file).is_file(), "{file}");
+    }
+    let summary = std::fs::read_to_string(report.join("summary.md")).unwrap();
+    assert!(summary.contains("![Samples with mask outlines](samples.png)") && summary.contains("| hole | 2 |"), "{summary}");
+
+    // A root: one report per category and an index.
+    let output = anomaly(&["eda", "--data", root.to_str().unwrap(), "--report", report.join("all").to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let index = std::fs::read_to_string(report.join("all/summary.md")).unwrap();
+    assert!(index.contains("[weave/summary.md]") && index.contains("| weave2 | 4 | 2 | 8 | 4 |"), "{index}");
+    expect_one_line_error(&["eda", "--data", dir.path().join("eda").to_str().unwrap(), "--report", report.to_str().unwrap()], "neither an MVTec AD category");
+}

@@ -7,6 +7,7 @@ mod error;
 mod loader;
 mod preprocess;
 mod resample;
+mod stats;
 mod synthetic;
 
 pub use dataset::{Dataset, Label, Sample, Split, collect_images};
@@ -14,4 +15,5 @@ pub use decode::{load_mask, load_rgb8};
 pub use error::DataError;
 pub use loader::{Batch, BatchLoader};
 pub use preprocess::{Preprocess, PreprocessedImage};
+pub use stats::{DefectArea, HISTOGRAM_BINS, ImageStats, defect_area, image_stats};
 pub use synthetic::{SYNTHETIC_DEFECTS, SyntheticConfig, write_synthetic_dataset};

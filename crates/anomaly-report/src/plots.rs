@@ -10,7 +10,7 @@ use plotters::style::{FontStyle, register_font};
 
 use crate::{Confusion, Roc};
 
-const FONT: &str = "sans-serif";
+pub(crate) const FONT: &str = "sans-serif";
 static DEJAVU_SANS: &[u8] = include_bytes!("../fonts/DejaVuSans.ttf");
 
 /// Why a figure could not be drawn.
@@ -22,7 +22,7 @@ pub struct PlotError {
 }
 
 /// Colours of the series, in order (matplotlib's tab10, which most readers already know).
-const PALETTE: [RGBColor; 10] = [
+pub(crate) const PALETTE: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -192,11 +192,22 @@ fn centred(size: f64, colour: &'static RGBColor) -> TextStyle<'static> {
     TextStyle::from((FONT, size).into_font()).color(colour).pos(Pos::new(HPos::Center, VPos::Center))
 }
 
-type DrawResult = Result<(), Box<dyn std::error::Error>>;
+pub(crate) type DrawResult = Result<(), Box<dyn std::error::Error>>;
 
-/// Draws into an RGB buffer with the bundled font registered, then encodes it as PNG.
-fn render(
+/// Draws on a white canvas with the bundled font registered, then encodes it as PNG.
+pub(crate) fn render(
     figure: &'static str,
+    size: (u32, u32),
+    draw: impl FnOnce(&DrawingArea<BitMapBackend, Shift>) -> DrawResult,
+) -> Result<Vec<u8>, PlotError> {
+    render_over(figure, vec![255u8; (size.0 * size.1 * 3) as usize], size, draw)
+}
+
+/// Draws over an existing RGB canvas (row-major, 3 bytes per pixel) with the bundled font registered,
+/// then encodes it as PNG.
+pub(crate) fn render_over(
+    figure: &'static str,
+    mut pixels: Vec<u8>,
     (width, height): (u32, u32),
     draw: impl FnOnce(&DrawingArea<BitMapBackend, Shift>) -> DrawResult,
 ) -> Result<Vec<u8>, PlotError> {
@@ -206,10 +217,8 @@ fn render(
         let _ = register_font(FONT, FontStyle::Normal, DEJAVU_SANS);
     });
     let fail = |message: String| PlotError { figure, message };
-    let mut pixels = vec![255u8; (width * height * 3) as usize];
     {
         let root = BitMapBackend::with_buffer(&mut pixels, (width, height)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
         draw(&root).map_err(|e| fail(e.to_string()))?;
         root.present().map_err(|e| fail(e.to_string()))?;
     }

@@ -1,0 +1,140 @@
+//! The figures of a dataset's exploratory analysis: luminance histograms of good vs defective images, the
+//! defects' areas per type, and a grid of sample images with their mask outlines.
+
+use image::{GrayImage, RgbImage, imageops::FilterType};
+use plotters::prelude::*;
+
+use crate::plots::{FONT, PALETTE, PlotError, render, render_over};
+
+/// Draws normalised histograms (each series sums to 1) over `0..=255` as lines, one colour per series.
+pub fn histogram_png(title: &str, series: &[(String, Vec<f64>)]) -> Result<Vec<u8>, PlotError> {
+    render("histograms.png", (760, 520), |root| {
+        let bins = series.first().map_or(1, |(_, counts)| counts.len().max(1));
+        let top = series.iter().flat_map(|(_, c)| c.iter().copied()).fold(0.0, f64::max).max(1e-9) * 1.1;
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, (FONT, 22))
+            .margin(16)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0.0f64..255.0, 0.0..top)?;
+        chart
+            .configure_mesh()
+            .x_desc("luminance (0 = black, 255 = white)")
+            .y_desc("share of pixels")
+            .label_style((FONT, 14))
+            .axis_desc_style((FONT, 16))
+            .max_light_lines(1)
+            .light_line_style(RGBColor(240, 240, 240))
+            .draw()?;
+        let width = 256.0 / bins as f64;
+        for (index, (name, counts)) in series.iter().enumerate() {
+            let colour = PALETTE[index % PALETTE.len()];
+            let points = counts.iter().enumerate().map(|(bin, &share)| ((bin as f64 + 0.5) * width, share));
+            chart
+                .draw_series(LineSeries::new(points, colour.stroke_width(2)))?
+                .label(name.as_str())
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], colour.stroke_width(2)));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font((FONT, 14))
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .draw()?;
+        Ok(())
+    })
+}
+
+/// Draws each defect type's mask areas (percent of the image) as a strip of points, one column per type.
+pub fn defect_area_png(title: &str, groups: &[(String, Vec<f64>)]) -> Result<Vec<u8>, PlotError> {
+    render("defect_area.png", (760, 520), |root| {
+        let top = groups.iter().flat_map(|(_, a)| a.iter().copied()).fold(0.0, f64::max).max(1e-6) * 1.1;
+        let columns = groups.len().max(1);
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, (FONT, 22))
+            .margin(16)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
+            .build_cartesian_2d(-0.5f64..columns as f64 - 0.5, 0.0..top)?;
+        let names: Vec<String> = groups.iter().map(|(name, _)| name.clone()).collect();
+        chart
+            .configure_mesh()
+            .x_labels(columns)
+            .x_label_formatter(&|x| {
+                let index = x.round();
+                if (x - index).abs() < 1e-6 && index >= 0.0 { names.get(index as usize).cloned().unwrap_or_default() } else { String::new() }
+            })
+            .disable_x_mesh()
+            .max_light_lines(1)
+            .light_line_style(RGBColor(240, 240, 240))
+            .y_desc("defect area (% of the image)")
+            .label_style((FONT, 14))
+            .axis_desc_style((FONT, 16))
+            .draw()?;
+        for (index, (_, areas)) in groups.iter().enumerate() {
+            let colour = PALETTE[index % PALETTE.len()];
+            // Spread the points sideways by rank so that equal areas do not hide each other.
+            let n = areas.len().max(1) as f64;
+            chart.draw_series(
+                areas.iter().enumerate().map(|(i, &a)| Circle::new((index as f64 + 0.5 * (i as f64 / n - 0.5), a), 4, colour.mix(0.8).filled())),
+            )?;
+        }
+        Ok(())
+    })
+}
+
+/// One sample image and, where there is one, its ground-truth mask (of the same size).
+pub struct GridImage {
+    pub image: RgbImage,
+    pub mask: Option<GrayImage>,
+}
+
+/// Side of a thumbnail in the sample grid.
+const THUMB: u32 = 160;
+
+/// Draws one row of thumbnails per group (e.g. per defect type), mask outlines in red, group names at left.
+pub fn sample_grid_png(title: &str, rows: &[(String, Vec<GridImage>)]) -> Result<Vec<u8>, PlotError> {
+    let (label_width, gap, header) = (150u32, 6u32, 44u32);
+    let columns = rows.iter().map(|(_, samples)| samples.len()).max().unwrap_or(1).max(1) as u32;
+    let width = label_width + columns * (THUMB + gap) + gap;
+    let height = header + rows.len().max(1) as u32 * (THUMB + gap) + gap;
+    let mut canvas = RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
+    for (row, (_, samples)) in rows.iter().enumerate() {
+        for (column, sample) in samples.iter().enumerate() {
+            let thumb = thumbnail(sample);
+            let (x, y) = (label_width + column as u32 * (THUMB + gap) + gap, header + row as u32 * (THUMB + gap) + gap);
+            image::imageops::overlay(&mut canvas, &thumb, x as i64, y as i64);
+        }
+    }
+    let (w, h) = canvas.dimensions();
+    render_over("samples.png", canvas.into_raw(), (w, h), |root| {
+        root.draw_text(title, &(FONT, 22).into_font().color(&BLACK), (12, 10))?;
+        for (row, (name, _)) in rows.iter().enumerate() {
+            let y = (header + row as u32 * (THUMB + gap) + gap + THUMB / 2 - 8) as i32;
+            root.draw_text(name, &(FONT, 16).into_font().color(&BLACK), (12, y))?;
+        }
+        Ok(())
+    })
+}
+
+/// A thumbnail that keeps the aspect ratio, with the mask's outline drawn in red.
+fn thumbnail(sample: &GridImage) -> RgbImage {
+    let (w, h) = sample.image.dimensions();
+    let scale = THUMB as f64 / w.max(h) as f64;
+    let (tw, th) = (((w as f64 * scale).round() as u32).max(1), ((h as f64 * scale).round() as u32).max(1));
+    let mut thumb = image::imageops::resize(&sample.image, tw, th, FilterType::Triangle);
+    if let Some(mask) = &sample.mask {
+        let mask = image::imageops::resize(mask, tw, th, FilterType::Nearest);
+        let inside = |x: i64, y: i64| x >= 0 && y >= 0 && x < tw as i64 && y < th as i64 && mask.get_pixel(x as u32, y as u32)[0] > 127;
+        for y in 0..th as i64 {
+            for x in 0..tw as i64 {
+                let edge = inside(x, y) && [(-1, 0), (1, 0), (0, -1), (0, 1)].iter().any(|(dx, dy)| !inside(x + dx, y + dy));
+                if edge {
+                    thumb.put_pixel(x as u32, y as u32, image::Rgb([230, 20, 20]));
+                }
+            }
+        }
+    }
+    thumb
+}
