@@ -176,21 +176,69 @@ pub fn evaluate(extractor: &Extractor, dataset: &Dataset, source: ModelSource, o
     let compute = extractor.compute()?;
     let scores = model.bank.scorer(&compute)?.score(&test_features)?;
     clock.lap("score");
-
     let bank = &model.bank;
-    let threshold = bank.threshold as f64;
-    let scores64: Vec<f64> = scores.iter().map(|&s| s as f64).collect();
+    let test_rows = bank.select(&test_features)?;
+    let outcome = Outcome {
+        test: &test,
+        scores: scores.iter().map(|&s| s as f64).collect(),
+        threshold: bank.threshold as f64,
+        threshold_rule: "mean + 3 sigma (population) of the training images' leave-one-out scores; anomalous when score > threshold",
+        n_train: bank.len(),
+        train_scores: &model.info.train_scores,
+        title: format!("{} · {} · k={} · {} features", dataset.name, model.info.backbone, bank.config.k, bank.columns.len()),
+        tsne_title: "t-SNE of the kept features",
+        embedding: Embedding { width: bank.columns.len(), train: &bank.rows, test: &test_rows },
+        method: json!({
+            "method": anomaly_detector::MEMORY_BANK,
+            "backbone": model.info.backbone,
+            "weights_sha256": model.info.weights_sha256,
+            "device": extractor.device.describe(),
+            "k": bank.config.k,
+            "features": bank.columns.len(),
+        }),
+    };
+    write_report(&dataset.name, outcome, options, clock)
+}
+
+/// Vectors of the training and test images for the t-SNE map (row-major, `width` values each).
+pub struct Embedding<'a> {
+    pub width: usize,
+    pub train: &'a [f32],
+    pub test: &'a [f32],
+}
+
+/// A method's scores of a dataset's test images and what the report needs to say about them.
+pub struct Outcome<'a> {
+    pub test: &'a [&'a Sample],
+    pub scores: Vec<f64>,
+    pub threshold: f64,
+    pub threshold_rule: &'static str,
+    pub n_train: usize,
+    pub train_scores: &'a anomaly_detector::ScoreStats,
+    /// Names the dataset, the method and its settings in the figures' titles.
+    pub title: String,
+    pub tsne_title: &'static str,
+    pub embedding: Embedding<'a>,
+    /// Method-specific fields of metrics.json (method, backbone, k, pixel AUROC, …).
+    pub method: serde_json::Value,
+}
+
+/// Computes the metrics of an outcome and writes metrics.json, scores.csv, roc.png, confusion.png and
+/// tsne.png into the report folder.
+pub fn write_report(dataset: &str, outcome: Outcome, options: &EvalOptions, mut clock: Stopwatch) -> Result<EvalSummary> {
+    let Outcome { test, scores, threshold, .. } = &outcome;
+    let threshold = *threshold;
     let labels: Vec<bool> = test.iter().map(|s| s.label == Label::Defective).collect();
     let defective = labels.iter().filter(|&&l| l).count();
-    let (auroc, auroc_note) = match anomaly_report::auroc(&scores64, &labels) {
+    let (auroc, auroc_note) = match anomaly_report::auroc(scores, &labels) {
         Ok(value) => (Some(value), None),
         Err(MetricsError::SingleClass(missing)) => (None, Some(format!("image AUROC is undefined: the test set has no {missing} images"))),
         Err(error) => return Err(error.into()),
     };
-    let confusion = anomaly_report::confusion(&scores64, &labels, threshold)?;
-    let best = anomaly_report::best_f1(&scores64, &labels).ok();
+    let confusion = anomaly_report::confusion(scores, &labels, threshold)?;
+    let best = anomaly_report::best_f1(scores, &labels).ok();
     let mut per_defect: BTreeMap<String, (usize, f64, usize)> = BTreeMap::new();
-    for (sample, &score) in test.iter().zip(&scores64) {
+    for (sample, &score) in test.iter().zip(scores) {
         let entry = per_defect.entry(sample.defect.clone()).or_default();
         entry.0 += 1;
         entry.1 += score;
@@ -200,37 +248,32 @@ pub fn evaluate(extractor: &Extractor, dataset: &Dataset, source: ModelSource, o
     clock.lap("metrics");
 
     let report = &options.report;
-    write_atomic(&report.join("scores.csv"), scores_csv(&test, &scores64, threshold).as_bytes())?;
-    let title = format!("{} · {} · k={} · {} features", dataset.name, model.info.backbone, bank.config.k, bank.columns.len());
+    let title = &outcome.title;
+    write_atomic(&report.join("scores.csv"), scores_csv(test, scores, threshold).as_bytes())?;
     if let Some(auroc) = auroc {
-        let roc = anomaly_report::roc_curve(&scores64, &labels)?;
+        let roc = anomaly_report::roc_curve(scores, &labels)?;
         let operating_point = (confusion.fp as f64 / (confusion.fp + confusion.tn).max(1) as f64, confusion.recall());
         let png = anomaly_report::roc_png(&RocPlot { title: &format!("ROC: {title}"), roc: &roc, auroc, threshold, operating_point })?;
         write_atomic(&report.join("roc.png"), &png)?;
     }
-    write_atomic(&report.join("confusion.png"), &anomaly_report::confusion_png(&format!("Confusion matrix: {}", dataset.name), &confusion, threshold)?)?;
+    write_atomic(&report.join("confusion.png"), &anomaly_report::confusion_png(&format!("Confusion matrix: {dataset}"), &confusion, threshold)?)?;
     clock.lap("plots");
 
-    let groups = tsne_groups(bank, &test, &model.bank.select(&test_features)?, options)?;
-    write_atomic(&report.join("tsne.png"), &anomaly_report::tsne_png(&format!("t-SNE of the kept features: {title}"), &groups)?)?;
+    let groups = tsne_groups(&outcome.embedding, test, options)?;
+    write_atomic(&report.join("tsne.png"), &anomaly_report::tsne_png(&format!("{}: {title}", outcome.tsne_title), &groups)?)?;
     clock.lap("tsne");
 
     let timings = clock.seconds();
     let mut metrics = json!({
-        "dataset": dataset.name,
-        "backbone": model.info.backbone,
-        "weights_sha256": model.info.weights_sha256,
-        "device": extractor.device.describe(),
-        "k": bank.config.k,
-        "features": bank.columns.len(),
-        "n_train": bank.len(),
+        "dataset": dataset,
+        "n_train": outcome.n_train,
         "n_test": test.len(),
         "n_test_good": test.len() - defective,
         "n_test_defective": defective,
         "image_auroc": auroc,
         "threshold": threshold,
-        "threshold_rule": "mean + 3 sigma (population) of the training images' leave-one-out scores; anomalous when score > threshold",
-        "train_scores": model.info.train_scores,
+        "threshold_rule": outcome.threshold_rule,
+        "train_scores": outcome.train_scores,
         "confusion": { "tn": confusion.tn, "fp": confusion.fp, "fn": confusion.fn_, "tp": confusion.tp },
         "accuracy": confusion.accuracy(),
         "precision": confusion.precision(),
@@ -244,27 +287,29 @@ pub fn evaluate(extractor: &Extractor, dataset: &Dataset, source: ModelSource, o
         "masks": { "defective_images": defective, "with_mask": with_masks },
         "timings_s": timings,
     });
+    if let (Some(fields), Some(method)) = (metrics.as_object_mut(), outcome.method.as_object()) {
+        fields.extend(method.clone());
+    }
     if let Some(note) = &auroc_note {
         metrics["image_auroc_note"] = json!(note);
     }
     write_atomic(&report.join("metrics.json"), serde_json::to_string_pretty(&metrics)?.as_bytes())?;
     if let Some(note) = auroc_note {
-        eprintln!("note: {}: {note}", dataset.name);
+        eprintln!("note: {dataset}: {note}");
     }
     if with_masks < defective {
         eprintln!(
-            "note: {}: {} of {defective} defective test images have no mask (masks are not needed for image scores)",
-            dataset.name,
+            "note: {dataset}: {} of {defective} defective test images have no mask (masks are not needed for image scores)",
             defective - with_masks
         );
     }
     Ok(EvalSummary {
-        dataset: dataset.name.clone(),
+        dataset: dataset.to_string(),
         image_auroc: auroc,
         threshold,
         f1: confusion.f1(),
         accuracy: confusion.accuracy(),
-        n_train: bank.len(),
+        n_train: outcome.n_train,
         n_test: test.len(),
         timings_s: timings,
         report: report.clone(),
@@ -292,11 +337,11 @@ pub fn csv_field(value: &str) -> String {
 }
 
 /// The t-SNE map's groups: train good, test good, then each defect type, from the kept feature columns.
-fn tsne_groups(bank: &MemoryBank, test: &[&Sample], test_rows: &[f32], options: &EvalOptions) -> Result<Vec<PointGroup>> {
-    let width = bank.columns.len();
+fn tsne_groups(embedding: &Embedding, test: &[&Sample], options: &EvalOptions) -> Result<Vec<PointGroup>> {
+    let width = embedding.width;
     let mut names: Vec<String> = vec!["train good".into(), "test good".into()];
-    let mut members: Vec<Vec<&[f32]>> = vec![bank.rows.chunks_exact(width).collect(), Vec::new()];
-    for (sample, row) in test.iter().zip(test_rows.chunks_exact(width)) {
+    let mut members: Vec<Vec<&[f32]>> = vec![embedding.train.chunks_exact(width).collect(), Vec::new()];
+    for (sample, row) in test.iter().zip(embedding.test.chunks_exact(width)) {
         let name = if sample.label == Label::Good { "test good".to_string() } else { sample.defect.clone() };
         match names.iter().position(|n| *n == name) {
             Some(i) => members[i].push(row),

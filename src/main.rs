@@ -1,6 +1,7 @@
 //! `anomaly`: learn what good parts look like from images, and flag the defective ones, on any GPU
 //! through wgpu or on the CPU.
 
+mod autoencode;
 mod commands;
 mod evaluate;
 mod extract;
@@ -25,7 +26,7 @@ enum Command {
     Demo(commands::demo::Args),
     /// Explore a dataset: counts, sizes, colour modes, channel statistics, defect areas, histograms, samples.
     Eda(commands::eda::Args),
-    /// Fit a memory bank to good images and save the model.
+    /// Fit a detector (memory bank, or autoencoder with --method autoencoder) to good images and save it.
     Fit(commands::fit::Args),
     /// Score images with a fitted model: score and verdict per image.
     Predict(commands::predict::Args),

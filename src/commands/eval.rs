@@ -4,6 +4,7 @@ use anomaly_data::Dataset;
 use anomaly_detector::Model;
 use anyhow::{Context, Result};
 
+use crate::autoencode::{AutoencoderArgs, AutoencoderSource, Method};
 use crate::evaluate::{DetectorArgs, EvalOptions, EvalSummary, ModelSource, describe, evaluate, extractor_for_model, report_files};
 use crate::extract::{BackboneArgs, Extractor};
 use crate::output::write_atomic;
@@ -24,6 +25,12 @@ pub struct Args {
     backbone: BackboneArgs,
     #[command(flatten)]
     detector: DetectorArgs,
+    /// memory-bank (backbone features, k nearest neighbours) or autoencoder (reconstruction error);
+    /// with --model, the model file says.
+    #[arg(long, value_enum, default_value = "memory-bank", conflicts_with = "model")]
+    method: Method,
+    #[command(flatten)]
+    autoencoder: AutoencoderArgs,
     /// Folder for metrics.json, scores.csv, roc.png, confusion.png, tsne.png (and model.safetensors when
     /// fitted); with --all, one folder per category and summary.md / summary.json.
     #[arg(long, value_name = "DIR")]
@@ -61,6 +68,22 @@ pub fn run(args: Args) -> Result<()> {
     }
     let data = args.data.as_ref().expect("clap requires --data without --all");
     let dataset = Dataset::mvtec(data)?;
+    let options = args.options.options(&args.report);
+    if let Some(path) = &args.model {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        if anomaly_detector::read_model_header(&bytes, path)?.method == anomaly_autoencoder::AUTOENCODER {
+            let device = anomaly_device::resolve(args.backbone.device)?;
+            let model = anomaly_autoencoder::AutoencoderModel::from_bytes(&bytes, path, &device.device)?;
+            eprintln!("autoencoder on {}: {}", device.describe(), data.display());
+            let summary = crate::autoencode::evaluate(&dataset, AutoencoderSource::Loaded(Box::new(model)), &device, &options)?;
+            return print_summary(&summary, args.options.json);
+        }
+    } else if args.method == Method::Autoencoder {
+        let device = anomaly_device::resolve(args.backbone.device)?;
+        eprintln!("autoencoder on {}: {}", device.describe(), data.display());
+        let summary = crate::autoencode::evaluate(&dataset, AutoencoderSource::Fit(args.autoencoder.clone()), &device, &options)?;
+        return print_summary(&summary, args.options.json);
+    }
     let (extractor, source) = match &args.model {
         Some(path) => {
             let model = Model::load(path)?;
@@ -74,7 +97,7 @@ pub fn run(args: Args) -> Result<()> {
         }
     };
     eprintln!("{} on {}: {}", extractor.name, extractor.device.describe(), data.display());
-    let summary = evaluate(&extractor, &dataset, source, &args.options.options(&args.report))?;
+    let summary = evaluate(&extractor, &dataset, source, &options)?;
     print_summary(&summary, args.options.json)
 }
 
@@ -107,14 +130,31 @@ fn run_all(root: &Path, args: &Args) -> Result<()> {
         root.display()
     );
     let config = args.detector.config();
-    let extractor = Extractor::new(&args.backbone)?;
-    eprintln!("{} on {}: {} categories under {}", extractor.name, extractor.device.describe(), categories.len(), root.display());
+    let autoencoder = args.method == Method::Autoencoder;
+    let (extractor, device) = if autoencoder {
+        (None, anomaly_device::resolve(args.backbone.device)?)
+    } else {
+        let extractor = Extractor::new(&args.backbone)?;
+        let device = extractor.device.clone();
+        (Some(extractor), device)
+    };
+    let method_name = match &extractor {
+        Some(extractor) => extractor.name.to_string(),
+        None => format!("autoencoder {}px, latent {}", args.autoencoder.image_size, args.autoencoder.latent),
+    };
+    eprintln!("{method_name} on {}: {} categories under {}", device.describe(), categories.len(), root.display());
     let mut rows: Vec<Result<EvalSummary, (String, String)>> = Vec::new();
     for category in &categories {
         let name = category.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let result = Dataset::mvtec(category).map_err(anyhow::Error::from).and_then(|dataset| {
-            config.check(dataset.split(anomaly_data::Split::Train).count())?;
-            evaluate(&extractor, &dataset, ModelSource::Fit(config), &args.options.options(&args.report.join(&name)))
+            let options = args.options.options(&args.report.join(&name));
+            match &extractor {
+                Some(extractor) => {
+                    config.check(dataset.split(anomaly_data::Split::Train).count())?;
+                    evaluate(extractor, &dataset, ModelSource::Fit(config), &options)
+                }
+                None => crate::autoencode::evaluate(&dataset, AutoencoderSource::Fit(args.autoencoder.clone()), &device, &options),
+            }
         });
         match result {
             Ok(summary) => {
@@ -131,10 +171,10 @@ fn run_all(root: &Path, args: &Args) -> Result<()> {
     let mean_auroc = (!aurocs.is_empty()).then(|| aurocs.iter().sum::<f64>() / aurocs.len() as f64);
     let summary = serde_json::json!({
         "root": root,
-        "backbone": extractor.name.to_string(),
-        "device": extractor.device.describe(),
-        "k": config.k,
-        "features": config.features,
+        "method": method_name,
+        "device": device.describe(),
+        "k": (!autoencoder).then_some(config.k),
+        "features": (!autoencoder).then_some(config.features),
         "mean_image_auroc": mean_auroc,
         "categories": rows.iter().map(|row| match row {
             Ok(s) => serde_json::to_value(s).expect("summaries serialise"),
@@ -142,12 +182,11 @@ fn run_all(root: &Path, args: &Args) -> Result<()> {
         }).collect::<Vec<_>>(),
     });
     let mut markdown = format!(
-        "# anomaly eval --all\n\n{} with k = {}, {} feature columns, on {}; root `{}`.\n\n\
+        "# anomaly eval --all\n\n{}{} on {}; root `{}`.\n\n\
          | category | image AUROC | threshold | F1 | accuracy | train | test | seconds |\n|---|---|---|---|---|---|---|---|\n",
-        extractor.name,
-        config.k,
-        config.features,
-        extractor.device.describe(),
+        method_name,
+        if autoencoder { String::new() } else { format!(" with k = {}, {} feature columns", config.k, config.features) },
+        device.describe(),
         root.display()
     );
     for row in &rows {

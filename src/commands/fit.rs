@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use anomaly_data::{Dataset, Split};
 use anyhow::Result;
 
+use crate::autoencode::{AutoencoderArgs, Method};
 use crate::evaluate::{DetectorArgs, Stopwatch, fit_model};
 use crate::extract::{BackboneArgs, Extractor};
 
@@ -13,6 +14,11 @@ pub struct Args {
     backbone: BackboneArgs,
     #[command(flatten)]
     detector: DetectorArgs,
+    /// memory-bank (backbone features, k nearest neighbours) or autoencoder (reconstruction error).
+    #[arg(long, value_enum, default_value = "memory-bank")]
+    method: Method,
+    #[command(flatten)]
+    autoencoder: AutoencoderArgs,
     /// An MVTec AD category (its train/good images are used) or a folder of good images.
     #[arg(long, value_name = "PATH")]
     data: PathBuf,
@@ -31,6 +37,9 @@ pub fn run(args: Args) -> Result<()> {
     let mut clock = Stopwatch::start();
     let dataset = Dataset::open(&args.data)?;
     let paths: Vec<PathBuf> = dataset.split(Split::Train).map(|s| s.path.clone()).collect();
+    if args.method == Method::Autoencoder {
+        return fit_autoencoder(&args, &dataset.name, &paths, clock);
+    }
     let config = args.detector.config();
     config.check(paths.len())?;
     let extractor = Extractor::new(&args.backbone)?;
@@ -57,6 +66,33 @@ pub fn run(args: Args) -> Result<()> {
             info.train_scores.mean,
             info.train_scores.std,
             info.train_scores.max
+        );
+    }
+    Ok(())
+}
+
+fn fit_autoencoder(args: &Args, dataset: &str, paths: &[PathBuf], mut clock: Stopwatch) -> Result<()> {
+    let device = anomaly_device::resolve(args.backbone.device)?;
+    eprintln!("autoencoder on {}: {} good images", device.describe(), paths.len());
+    let images = crate::autoencode::load_images(paths, args.autoencoder.image_size, args.batch_size, "images")?;
+    clock.lap("load");
+    let (model, _) = crate::autoencode::fit(&images, &args.autoencoder, &device, dataset)?;
+    clock.lap("train");
+    crate::output::write_atomic(&args.model, &model.to_bytes()?)?;
+    let info = &model.info;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "model": args.model, "info": info, "timings_s": clock.seconds() }))?);
+    } else {
+        println!(
+            "{}: autoencoder {}px, latent {}, {} epochs (final loss {:.5}), threshold {:.5} (training scores: mean {:.5}, σ {:.5})",
+            args.model.display(),
+            info.model.image_size,
+            info.model.latent,
+            info.train.epochs,
+            info.epoch_losses.last().copied().unwrap_or(f64::NAN),
+            info.threshold,
+            info.train_scores.mean,
+            info.train_scores.std
         );
     }
     Ok(())

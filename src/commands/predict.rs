@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anomaly_detector::Model;
 use anomaly_device::DeviceChoice;
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::evaluate::extractor_for_model;
 use crate::extract::image_progress;
@@ -12,7 +12,7 @@ use crate::weights::WeightsArgs;
 /// `anomaly predict`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// A model written by `anomaly fit` or `anomaly eval`.
+    /// A model written by `anomaly fit` or `anomaly eval` (memory bank or autoencoder).
     #[arg(long, value_name = "FILE.safetensors")]
     model: PathBuf,
     /// Image files and folders (searched recursively).
@@ -32,34 +32,80 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let model = Model::load(&args.model)?;
+    let bytes = std::fs::read(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
+    let method = anomaly_detector::read_model_header(&bytes, &args.model)?.method;
     let mut paths = Vec::new();
     for path in &args.paths {
         paths.extend(anomaly_data::collect_images(path)?);
     }
+    if method == anomaly_autoencoder::AUTOENCODER {
+        return predict_autoencoder(&args, &bytes, paths);
+    }
+    let model = Model::from_bytes(&bytes, &args.model)?;
     let extractor = extractor_for_model(&model, &args.model, &args.weights, args.device)?;
     let compute = extractor.compute()?;
     let scorer = model.bank.scorer(&compute)?;
     let threshold = model.bank.threshold;
     eprintln!("{} on {}: {} images, threshold {threshold:.4}", extractor.name, extractor.device.describe(), paths.len());
     let progress = image_progress(paths.len(), "predict");
-    let mut stdout = std::io::stdout().lock();
-    let mut flagged = 0usize;
+    let mut printer = Printer::new(args.json, threshold);
     extractor.run(paths.clone(), &[], args.batch_size, &progress, |batch, pooled, _| {
         let scores = scorer.score(&pooled)?;
-        for (path, score) in batch.paths.iter().zip(scores) {
-            let anomalous = score > threshold;
-            flagged += usize::from(anomalous);
-            let line = if args.json {
-                serde_json::json!({ "path": path, "score": score, "threshold": threshold, "anomalous": anomalous }).to_string()
+        progress.suspend(|| printer.print(&batch.paths, &scores))
+    })?;
+    progress.finish_and_clear();
+    printer.finish(paths.len());
+    Ok(())
+}
+
+/// `predict` with an autoencoder model: images resized to its input, reconstructed batch by batch.
+fn predict_autoencoder(args: &Args, bytes: &[u8], paths: Vec<std::path::PathBuf>) -> Result<()> {
+    let device = anomaly_device::resolve(args.device)?;
+    let model = anomaly_autoencoder::AutoencoderModel::from_bytes(bytes, &args.model, &device.device)?;
+    let threshold = model.info.threshold;
+    eprintln!("autoencoder on {}: {} images, threshold {threshold:.5}", device.describe(), paths.len());
+    let progress = image_progress(paths.len(), "predict");
+    let mut printer = Printer::new(args.json, threshold);
+    for batch in anomaly_data::BatchLoader::new(paths.clone(), model.info.preprocess.clone(), args.batch_size, 2) {
+        let batch = batch?;
+        let scores: Vec<f32> = model.reconstruct(&batch.pixels, &device.device)?.iter().map(|r| r.score).collect();
+        progress.inc(batch.len() as u64);
+        progress.suspend(|| printer.print(&batch.paths, &scores))?;
+    }
+    progress.finish_and_clear();
+    printer.finish(paths.len());
+    Ok(())
+}
+
+/// Prints each image's score and verdict as its batch completes, and a closing count.
+struct Printer {
+    json: bool,
+    threshold: f32,
+    flagged: usize,
+    stdout: std::io::Stdout,
+}
+
+impl Printer {
+    fn new(json: bool, threshold: f32) -> Self {
+        Self { json, threshold, flagged: 0, stdout: std::io::stdout() }
+    }
+
+    fn print(&mut self, paths: &[std::path::PathBuf], scores: &[f32]) -> Result<()> {
+        let mut out = self.stdout.lock();
+        for (path, &score) in paths.iter().zip(scores) {
+            let anomalous = score > self.threshold;
+            self.flagged += usize::from(anomalous);
+            let line = if self.json {
+                serde_json::json!({ "path": path, "score": score, "threshold": self.threshold, "anomalous": anomalous }).to_string()
             } else {
                 format!("{score:>10.4}  {:<9}  {}", if anomalous { "anomalous" } else { "good" }, path.display())
             };
-            progress.suspend(|| writeln!(stdout, "{line}"))?;
+            writeln!(out, "{line}")?;
         }
         Ok(())
-    })?;
-    progress.finish_and_clear();
-    eprintln!("{flagged} of {} images anomalous (score > {threshold:.4})", paths.len());
-    Ok(())
+    }
+
+    fn finish(&self, total: usize) {
+        eprintln!("{} of {total} images anomalous (score > {:.4})", self.flagged, self.threshold);
+    }
 }

@@ -359,3 +359,45 @@ fn eda_reports_counts_sizes_and_defect_areas() {
     assert!(index.contains("[weave/summary.md]") && index.contains("| weave2 | 4 | 2 | 8 | 4 |"), "{index}");
     expect_one_line_error(&["eda", "--data", dir.path().join("eda").to_str().unwrap(), "--report", report.to_str().unwrap()], "neither an MVTec AD category");
 }
+
+#[test]
+fn the_autoencoder_fits_evaluates_with_pixel_auroc_and_predicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("fabric");
+    synthetic(&data, 21, 8);
+    let model = dir.path().join("ae.safetensors");
+    let output = anomaly(&[
+        "fit", "--method", "autoencoder", "--data", data.to_str().unwrap(), "--model", model.to_str().unwrap(),
+        "--image-size", "32", "--epochs", "3", "--train-batch-size", "4", "--device", "cpu", "--json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let fitted: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(fitted["info"]["method"], "autoencoder");
+    assert_eq!(fitted["info"]["epoch_losses"].as_array().unwrap().len(), 3);
+
+    let report = dir.path().join("report");
+    let output = anomaly(&[
+        "eval", "--data", data.to_str().unwrap(), "--model", model.to_str().unwrap(), "--report", report.to_str().unwrap(),
+        "--device", "cpu",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let metrics = read_json(&report.join("metrics.json"));
+    assert_eq!(metrics["method"], "autoencoder");
+    let pixel = metrics["pixel_auroc"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&pixel));
+    assert!(metrics["image_auroc"].is_number());
+    for file in ["reconstructions.png", "roc.png", "confusion.png", "tsne.png", "scores.csv"] {
+        assert!(report.join(file).is_file(), "{file}");
+    }
+
+    let output = anomaly(&["predict", "--model", model.to_str().unwrap(), data.join("test").to_str().unwrap(), "--device", "cpu", "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let predicted: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let csv = std::fs::read_to_string(report.join("scores.csv")).unwrap();
+    assert_eq!(predicted.len(), csv.lines().count() - 1);
+    for (line, prediction) in csv.lines().skip(1).zip(&predicted) {
+        let reported: f64 = line.split(',').nth(3).unwrap().parse().unwrap();
+        assert!((prediction["score"].as_f64().unwrap() - reported).abs() < 1e-5, "{line} vs {prediction}");
+    }
+}

@@ -1,5 +1,6 @@
 //! The integration tests, in one binary to keep CI's build lean.
 
+mod autoencoder;
 mod backbone;
 mod cli;
 mod common;

@@ -16,4 +16,4 @@ pub use error::DataError;
 pub use loader::{Batch, BatchLoader};
 pub use preprocess::{Preprocess, PreprocessedImage};
 pub use stats::{DefectArea, HISTOGRAM_BINS, ImageStats, defect_area, image_stats};
-pub use synthetic::{SYNTHETIC_DEFECTS, SyntheticConfig, write_synthetic_dataset};
+pub use synthetic::{SYNTHETIC_DEFECTS, SplitMix, SyntheticConfig, write_synthetic_dataset};

@@ -232,11 +232,13 @@ impl Fabric {
     }
 }
 
-/// A small seeded generator (SplitMix64): the same images from a seed whatever crate versions are in use.
-struct SplitMix(u64);
+/// A small seeded generator (SplitMix64): the same numbers from a seed whatever crate versions are in use,
+/// for the synthetic images and anything else that must be reproducible from a seed.
+pub struct SplitMix(pub u64);
 
 impl SplitMix {
-    fn uniform(&mut self) -> f64 {
+    /// Uniform in (0, 1).
+    pub fn uniform(&mut self) -> f64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

@@ -8,7 +8,10 @@ use anomaly_kernels::cpu::fast;
 use anomaly_kernels::{GpuKernels, GpuMatrix, KernelError, Neighbours, top_columns};
 use serde::{Deserialize, Serialize};
 
-pub use model_file::{FeatureSource, MODEL_FORMAT, MODEL_VERSION, Model, ModelError, ModelInfo, ScoreStats};
+pub use model_file::{
+    FeatureSource, MEMORY_BANK, MODEL_FORMAT, MODEL_VERSION, Model, ModelError, ModelHeader, ModelInfo, ScoreStats, model_metadata,
+    read_model_header,
+};
 
 /// The detector's settings.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

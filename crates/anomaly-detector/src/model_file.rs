@@ -17,6 +17,52 @@ pub const MODEL_FORMAT: &str = "anomaly-model";
 /// The model file layout this build writes and reads; bumped whenever a field's meaning changes.
 pub const MODEL_VERSION: u32 = 1;
 
+/// The method name of memory-bank models.
+pub const MEMORY_BANK: &str = "memory-bank";
+
+/// What every model file's header says, whichever method wrote it.
+#[derive(Clone, Debug)]
+pub struct ModelHeader {
+    /// The detection method ("memory-bank", "autoencoder").
+    pub method: String,
+    /// The method's `info` JSON.
+    pub info: String,
+}
+
+/// Reads and checks the header every model file shares (format and version), so that any method's
+/// loader refuses a foreign, truncated or stale file the same way; returns the method and its info.
+pub fn read_model_header(bytes: &[u8], path: &Path) -> Result<ModelHeader, ModelError> {
+    let invalid = |reason: String| ModelError::Invalid { path: path.into(), reason };
+    let (_, header) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| invalid(format!("not a readable safetensors file, perhaps truncated: {e}")))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    if metadata.get("format").map(String::as_str) != Some(MODEL_FORMAT) {
+        return Err(invalid(format!("its header has no `format: {MODEL_FORMAT}`")));
+    }
+    let version: u32 = metadata
+        .get("version")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| invalid("its header has no format version".into()))?;
+    if version != MODEL_VERSION {
+        return Err(ModelError::Version { path: path.into(), found: version });
+    }
+    let info = metadata.get("info").cloned().ok_or_else(|| invalid("its header has no `info`".into()))?;
+    let method = serde_json::from_str::<serde_json::Value>(&info)
+        .ok()
+        .and_then(|v| v["method"].as_str().map(str::to_string))
+        .ok_or_else(|| invalid("its `info` names no method".into()))?;
+    Ok(ModelHeader { method, info })
+}
+
+/// The header metadata of a model file: format, version and the method's info JSON.
+pub fn model_metadata(info_json: String) -> HashMap<String, String> {
+    HashMap::from([
+        ("format".to_string(), MODEL_FORMAT.to_string()),
+        ("version".to_string(), MODEL_VERSION.to_string()),
+        ("info".to_string(), info_json),
+    ])
+}
+
 /// Why a model file could not be written or read.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -105,7 +151,7 @@ impl Model {
         let info = ModelInfo {
             format: MODEL_FORMAT.into(),
             version: MODEL_VERSION,
-            method: "memory-bank".into(),
+            method: MEMORY_BANK.into(),
             created_by: concat!("anomaly ", env!("CARGO_PKG_VERSION")).into(),
             backbone: source.backbone,
             weights_file: source.weights_file,
@@ -132,11 +178,7 @@ impl Model {
             ("columns", view(Dtype::U32, vec![bank.columns.len()], bytemuck::cast_slice(&bank.columns))),
             ("train_scores", view(Dtype::F32, vec![bank.len()], bytemuck::cast_slice(&bank.train_scores))),
         ];
-        let metadata = HashMap::from([
-            ("format".to_string(), MODEL_FORMAT.to_string()),
-            ("version".to_string(), MODEL_VERSION.to_string()),
-            ("info".to_string(), serde_json::to_string(&self.info).expect("model info serialises")),
-        ]);
+        let metadata = model_metadata(serde_json::to_string(&self.info).expect("model info serialises"));
         safetensors::serialize(tensors, Some(metadata)).expect("model tensors serialise")
     }
 
@@ -149,23 +191,12 @@ impl Model {
     /// Parses a model file's bytes; `path` names it in errors.
     pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self, ModelError> {
         let invalid = |reason: String| ModelError::Invalid { path: path.into(), reason };
-        let (_, header) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| invalid(format!("not a readable safetensors file, perhaps truncated: {e}")))?;
-        let metadata = header.metadata().clone().unwrap_or_default();
-        if metadata.get("format").map(String::as_str) != Some(MODEL_FORMAT) {
-            return Err(invalid(format!("its header has no `format: {MODEL_FORMAT}`")));
+        let header = read_model_header(bytes, path)?;
+        if header.method != MEMORY_BANK {
+            return Err(invalid(format!("it holds an {} model, not a {MEMORY_BANK} one", header.method)));
         }
-        let version: u32 = metadata
-            .get("version")
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| invalid("its header has no format version".into()))?;
-        if version != MODEL_VERSION {
-            return Err(ModelError::Version { path: path.into(), found: version });
-        }
-        let info: ModelInfo = metadata
-            .get("info")
-            .ok_or_else(|| invalid("its header has no `info`".into()))
-            .and_then(|json| serde_json::from_str(json).map_err(|e| invalid(format!("its `info` is malformed: {e}"))))?;
+        let info: ModelInfo =
+            serde_json::from_str(&header.info).map_err(|e| invalid(format!("its `info` is malformed: {e}")))?;
         let tensors = SafeTensors::deserialize(bytes)
             .map_err(|e| invalid(format!("its tensors are unreadable, perhaps truncated: {e}")))?;
         let tensor = |name: &str, dtype: Dtype| {

@@ -95,7 +95,9 @@ const THUMB: u32 = 160;
 
 /// Draws one row of thumbnails per group (e.g. per defect type), mask outlines in red, group names at left.
 pub fn sample_grid_png(title: &str, rows: &[(String, Vec<GridImage>)]) -> Result<Vec<u8>, PlotError> {
-    let (label_width, gap, header) = (150u32, 6u32, 44u32);
+    let (gap, header) = (6u32, 44u32);
+    // Room for the longest row name at about 9 px per character.
+    let label_width = 24 + 9 * rows.iter().map(|(name, _)| name.chars().count() as u32).max().unwrap_or(8).max(8);
     let columns = rows.iter().map(|(_, samples)| samples.len()).max().unwrap_or(1).max(1) as u32;
     let width = label_width + columns * (THUMB + gap) + gap;
     let height = header + rows.len().max(1) as u32 * (THUMB + gap) + gap;
