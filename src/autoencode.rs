@@ -60,6 +60,11 @@ pub struct AutoencoderArgs {
 }
 
 impl AutoencoderArgs {
+    /// Checks the settings can build an autoencoder, before any image is read.
+    pub fn check(&self) -> Result<()> {
+        self.configs().0.check().map_err(anyhow::Error::msg)
+    }
+
     fn configs(&self) -> (ConvAutoencoderConfig, TrainConfig) {
         let model = ConvAutoencoderConfig::new().with_image_size(self.image_size).with_latent(self.latent);
         let train = TrainConfig {
@@ -142,6 +147,7 @@ pub fn evaluate(dataset: &Dataset, source: AutoencoderSource, device: &ResolvedD
     let (model, train_reconstructions) = match source {
         AutoencoderSource::Loaded(model) => (*model, None),
         AutoencoderSource::Fit(args) => {
+            args.check()?;
             let paths: Vec<PathBuf> = dataset.split(Split::Train).map(|s| s.path.clone()).collect();
             let images = load_images(&paths, args.image_size, options.batch_size, "train images")?;
             clock.lap("load_train");

@@ -72,6 +72,7 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 fn fit_autoencoder(args: &Args, dataset: &str, paths: &[PathBuf], mut clock: Stopwatch) -> Result<()> {
+    args.autoencoder.check()?;
     let device = anomaly_device::resolve(args.backbone.device)?;
     eprintln!("autoencoder on {}: {} good images", device.describe(), paths.len());
     let images = crate::autoencode::load_images(paths, args.autoencoder.image_size, args.batch_size, "images")?;

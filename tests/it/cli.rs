@@ -390,6 +390,13 @@ fn the_autoencoder_fits_evaluates_with_pixel_auroc_and_predicts() {
         assert!(report.join(file).is_file(), "{file}");
     }
 
+    // Settings that cannot build an autoencoder fail before any training.
+    expect_one_line_error(
+        &["fit", "--method", "autoencoder", "--data", data.to_str().unwrap(), "--model", dir.path().join("never.safetensors").to_str().unwrap(),
+          "--image-size", "100", "--device", "cpu"],
+        "image size 100 must be a multiple of 16",
+    );
+
     let output = anomaly(&["predict", "--model", model.to_str().unwrap(), data.join("test").to_str().unwrap(), "--device", "cpu", "--json"]);
     assert!(output.status.success(), "{}", stderr(&output));
     let predicted: Vec<serde_json::Value> =
