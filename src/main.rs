@@ -45,19 +45,20 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let done = |result: anyhow::Result<()>| result.map(|()| ExitCode::SUCCESS);
     let result = match cli.command {
-        Command::Demo(args) => commands::demo::run(args),
-        Command::Eda(args) => commands::eda::run(args),
-        Command::Fit(args) => commands::fit::run(args),
+        Command::Demo(args) => done(commands::demo::run(args)),
+        Command::Eda(args) => done(commands::eda::run(args)),
+        Command::Fit(args) => done(commands::fit::run(args)),
         Command::Predict(args) => commands::predict::run(args),
-        Command::Eval(args) => commands::eval::run(args),
-        Command::FetchWeights(args) => commands::fetch::run(args),
-        Command::Features(args) => commands::features::run(args),
-        Command::Devices(args) => commands::devices::run(args),
-        Command::Bench(bench) => commands::bench::run(bench),
+        Command::Eval(args) => done(commands::eval::run(args)),
+        Command::FetchWeights(args) => done(commands::fetch::run(args)),
+        Command::Features(args) => done(commands::features::run(args)),
+        Command::Devices(args) => done(commands::devices::run(args)),
+        Command::Bench(bench) => done(commands::bench::run(bench)),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE

@@ -1,5 +1,6 @@
 use std::io::Write;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anomaly_detector::Model;
 use anomaly_device::DeviceChoice;
@@ -29,9 +30,15 @@ pub struct Args {
     /// One JSON object per image (JSON Lines) instead of text.
     #[arg(long)]
     json: bool,
+    /// Exit with status 3 when any image is anomalous (errors exit with 1), for scripts and line gates.
+    #[arg(long)]
+    fail_on_anomaly: bool,
 }
 
-pub fn run(args: Args) -> Result<()> {
+/// The exit status of `--fail-on-anomaly` when an image is anomalous.
+const ANOMALY_FOUND: u8 = 3;
+
+pub fn run(args: Args) -> Result<ExitCode> {
     let bytes = std::fs::read(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
     let method = anomaly_detector::read_model_header(&bytes, &args.model)?.method;
     let mut paths = Vec::new();
@@ -54,12 +61,11 @@ pub fn run(args: Args) -> Result<()> {
         progress.suspend(|| printer.print(&batch.paths, &scores))
     })?;
     progress.finish_and_clear();
-    printer.finish(paths.len());
-    Ok(())
+    Ok(printer.finish(paths.len(), args.fail_on_anomaly))
 }
 
 /// `predict` with an autoencoder model: images resized to its input, reconstructed batch by batch.
-fn predict_autoencoder(args: &Args, bytes: &[u8], paths: Vec<std::path::PathBuf>) -> Result<()> {
+fn predict_autoencoder(args: &Args, bytes: &[u8], paths: Vec<std::path::PathBuf>) -> Result<ExitCode> {
     let device = anomaly_device::resolve(args.device)?;
     let model = anomaly_autoencoder::AutoencoderModel::from_bytes(bytes, &args.model, &device.device)?;
     let threshold = model.info.threshold;
@@ -73,8 +79,7 @@ fn predict_autoencoder(args: &Args, bytes: &[u8], paths: Vec<std::path::PathBuf>
         progress.suspend(|| printer.print(&batch.paths, &scores))?;
     }
     progress.finish_and_clear();
-    printer.finish(paths.len());
-    Ok(())
+    Ok(printer.finish(paths.len(), args.fail_on_anomaly))
 }
 
 /// Prints each image's score and verdict as its batch completes, and a closing count.
@@ -105,7 +110,9 @@ impl Printer {
         Ok(())
     }
 
-    fn finish(&self, total: usize) {
+    /// Prints the count of anomalous images and says how the process should exit.
+    fn finish(&self, total: usize, fail_on_anomaly: bool) -> ExitCode {
         eprintln!("{} of {total} images anomalous (score > {:.4})", self.flagged, self.threshold);
+        if fail_on_anomaly && self.flagged > 0 { ExitCode::from(ANOMALY_FOUND) } else { ExitCode::SUCCESS }
     }
 }

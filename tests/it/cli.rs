@@ -222,6 +222,17 @@ fn predict_streams_the_scores_eval_reported() {
     let text = String::from_utf8_lossy(&output.stdout);
     assert_eq!(text.lines().count(), 1);
     assert!(text.contains("hole/000.png"), "{text}");
+    // --fail-on-anomaly: status 3 when an image is anomalous, 0 when none is.
+    let flagged: Vec<&str> = csv.lines().skip(1).filter(|l| l.ends_with(",anomalous")).map(|l| l.split(',').next().unwrap()).collect();
+    let passed: Vec<&str> = csv.lines().skip(1).filter(|l| l.ends_with(",good")).map(|l| l.split(',').next().unwrap()).collect();
+    for (paths, status) in [(&flagged, 3), (&passed, 0)] {
+        let path = paths.first().expect("the seeded demo has images of both verdicts");
+        let output = anomaly(&[
+            "predict", "--model", model.to_str().unwrap(), path, "--fail-on-anomaly",
+            "--device", "cpu", "--offline", "--weights-dir", weights.to_str().unwrap(),
+        ]);
+        assert_eq!(output.status.code(), Some(status), "{path}: {}", stderr(&output));
+    }
 }
 
 #[test]
