@@ -65,7 +65,7 @@ impl Stopwatch {
 /// Fits a bank to training features and records where they came from.
 pub fn fit_model(extractor: &Extractor, train: &[f32], config: DetectorConfig, dataset: &str) -> Result<Model> {
     let compute = extractor.compute()?;
-    let bank = MemoryBank::fit(train, extractor.name.feature_dim(), config, &compute)?;
+    let bank = MemoryBank::fit(train, extractor.name.feature_dim(), config, compute)?;
     Ok(Model::new(
         bank,
         FeatureSource {
@@ -174,7 +174,7 @@ pub fn evaluate(extractor: &Extractor, dataset: &Dataset, source: ModelSource, o
         }
     };
     let compute = extractor.compute()?;
-    let scores = model.bank.scorer(&compute)?.score(&test_features)?;
+    let scores = model.bank.scorer(compute)?.score(&test_features)?;
     clock.lap("score");
     let bank = &model.bank;
     let test_rows = bank.select(&test_features)?;

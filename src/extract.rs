@@ -22,6 +22,7 @@ pub struct Extractor {
     /// The weights file the backbone was loaded from.
     pub weights: PathBuf,
     weights_sha256: OnceLock<String>,
+    compute: OnceLock<anomaly_detector::Compute>,
 }
 
 /// One feature map of a batch, brought back to the host.
@@ -56,7 +57,7 @@ impl Extractor {
         let path = weights_file(name, weights)?;
         let device = anomaly_device::resolve(device)?;
         let backbone = Backbone::load(name, &path, &device.device)?;
-        Ok(Self { name, backbone, device, preprocess: name.preprocess(), weights: path, weights_sha256: OnceLock::new() })
+        Ok(Self { name, backbone, device, preprocess: name.preprocess(), weights: path, weights_sha256: OnceLock::new(), compute: OnceLock::new() })
     }
 
     /// The pooled features of `paths` (row-major `images × dim`), with a progress bar labelled `message`.
@@ -86,14 +87,18 @@ impl Extractor {
     }
 
     /// Where the detector's kernels run: our WGSL kernels when the backbone runs on wgpu, else the CPU.
-    pub fn compute(&self) -> Result<anomaly_detector::Compute> {
-        Ok(if self.device.is_wgpu() {
+    /// Built once (the GPU pipelines are compiled on first use) and shared by fitting and scoring.
+    pub fn compute(&self) -> Result<&anomaly_detector::Compute> {
+        if let Some(compute) = self.compute.get() {
+            return Ok(compute);
+        }
+        let compute = if self.device.is_wgpu() {
             anomaly_detector::Compute::Gpu(anomaly_kernels::GpuKernels::shared()?)
         } else {
             anomaly_detector::Compute::Cpu
-        })
+        };
+        Ok(self.compute.get_or_init(|| compute))
     }
-
 
     /// Runs the backbone over `paths`, `batch_size` images at a time, handing each batch's pooled features
     /// (`[batch, dim]`, row-major) and requested maps to `sink`.

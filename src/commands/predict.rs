@@ -51,7 +51,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let model = Model::from_bytes(&bytes, &args.model)?;
     let extractor = extractor_for_model(&model, &args.model, &args.weights, args.device)?;
     let compute = extractor.compute()?;
-    let scorer = model.bank.scorer(&compute)?;
+    let scorer = model.bank.scorer(compute)?;
     let threshold = model.bank.threshold;
     eprintln!("{} on {}: {} images, threshold {threshold:.4}", extractor.name, extractor.device.describe(), paths.len());
     let progress = image_progress(paths.len(), "predict");
