@@ -69,26 +69,26 @@ pub fn run(args: Args) -> Result<()> {
     let data = args.data.as_ref().expect("clap requires --data without --all");
     let dataset = Dataset::mvtec(data)?;
     let options = args.options.options(&args.report);
-    if let Some(path) = &args.model {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        if anomaly_detector::read_model_header(&bytes, path)?.method == anomaly_autoencoder::AUTOENCODER {
-            let device = anomaly_device::resolve(args.backbone.device)?;
-            let model = anomaly_autoencoder::AutoencoderModel::from_bytes(&bytes, path, &device.device)?;
-            eprintln!("autoencoder on {}: {}", device.describe(), data.display());
-            let summary = crate::autoencode::evaluate(&dataset, AutoencoderSource::Loaded(Box::new(model)), &device, &options)?;
-            return print_summary(&summary, args.options.json);
-        }
-    } else if args.method == Method::Autoencoder {
-        let device = anomaly_device::resolve(args.backbone.device)?;
-        eprintln!("autoencoder on {}: {}", device.describe(), data.display());
-        let summary = crate::autoencode::evaluate(&dataset, AutoencoderSource::Fit(args.autoencoder.clone()), &device, &options)?;
-        return print_summary(&summary, args.options.json);
-    }
     let (extractor, source) = match &args.model {
         Some(path) => {
-            let model = Model::load(path)?;
+            // One read of the file: its header says which method's loader parses the rest.
+            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            if anomaly_detector::read_model_header(&bytes, path)?.method == anomaly_autoencoder::AUTOENCODER {
+                let device = anomaly_device::resolve(args.backbone.device)?;
+                let model = anomaly_autoencoder::AutoencoderModel::from_bytes(&bytes, path, &device.device)?;
+                eprintln!("autoencoder on {}: {}", device.describe(), data.display());
+                let summary = crate::autoencode::evaluate(&dataset, AutoencoderSource::Loaded(Box::new(model)), &device, &options)?;
+                return print_summary(&summary, args.options.json);
+            }
+            let model = Model::from_bytes(&bytes, path)?;
             let extractor = extractor_for_model(&model, path, &args.backbone.weights, args.backbone.device)?;
             (extractor, ModelSource::Loaded(Box::new(model)))
+        }
+        None if args.method == Method::Autoencoder => {
+            let device = anomaly_device::resolve(args.backbone.device)?;
+            eprintln!("autoencoder on {}: {}", device.describe(), data.display());
+            let summary = crate::autoencode::evaluate(&dataset, AutoencoderSource::Fit(args.autoencoder.clone()), &device, &options)?;
+            return print_summary(&summary, args.options.json);
         }
         None => {
             let config = args.detector.config();
