@@ -79,7 +79,7 @@ impl AutoencoderModel {
             preprocess: preprocess(model.image_size),
             model,
             train,
-            threshold: (stats.mean + 3.0 * stats.std) as f32,
+            threshold: stats.threshold(),
             train_scores: stats,
             epoch_losses: trained.epoch_losses,
             dataset: dataset.into(),

@@ -121,7 +121,7 @@ impl MemoryBank {
                 (sum / config.k as f64) as f32
             })
             .collect();
-        let threshold = mean_plus_three_sigma(&train_scores);
+        let threshold = ScoreStats::of(&train_scores).threshold();
         Ok(Self { config, input_dim: dim, columns, rows, train_scores, threshold })
     }
 
@@ -198,21 +198,13 @@ fn gather(matrix: &[f32], dim: usize, columns: &[u32]) -> Vec<f32> {
     matrix.chunks_exact(dim).flat_map(|row| columns.iter().map(move |&c| row[c as usize])).collect()
 }
 
-/// mean + 3σ with the population σ (numpy's default), in f64.
-fn mean_plus_three_sigma(values: &[f32]) -> f32 {
-    let n = values.len() as f64;
-    let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let variance = values.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    (mean + 3.0 * variance.sqrt()) as f32
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn threshold_is_mean_plus_three_population_sigmas() {
-        assert!((mean_plus_three_sigma(&[1.0, 3.0]) - 5.0).abs() < 1e-6);
+        assert!((ScoreStats::of(&[1.0, 3.0]).threshold() - 5.0).abs() < 1e-6);
     }
 
     #[test]

@@ -102,6 +102,11 @@ impl ScoreStats {
         let max = scores.iter().fold(f64::NEG_INFINITY, |m, &s| m.max(s as f64));
         Self { count: scores.len(), mean, std, min, max }
     }
+
+    /// The seed's threshold: mean + 3σ (population σ), above which an image is anomalous.
+    pub fn threshold(&self) -> f32 {
+        (self.mean + 3.0 * self.std) as f32
+    }
 }
 
 /// How a model was made: what a later run needs to reproduce its features, and what a reader wants to know.
