@@ -3,6 +3,7 @@
 //! a few thousand images, where the O(n²) gradient takes seconds and needs no approximation to explain.
 //! Every sum runs in a fixed order, so a seed gives the same embedding on any number of threads.
 
+use anomaly_data::SplitMix;
 use rayon::prelude::*;
 
 /// t-SNE settings; the defaults are scikit-learn's.
@@ -34,7 +35,7 @@ pub fn tsne(points: &[f32], dim: usize, config: &TsneConfig) -> Vec<[f64; 2]> {
     }
     let p = joint_probabilities(points, dim, config.perplexity.min((n as f64 - 1.0) / 3.0).max(1.0));
     let mut rng = SplitMix(config.seed);
-    let mut y: Vec<[f64; 2]> = (0..n).map(|_| [1e-4 * rng.normal(), 1e-4 * rng.normal()]).collect();
+    let mut y: Vec<[f64; 2]> = (0..n).map(|_| [1e-4 * normal(&mut rng), 1e-4 * normal(&mut rng)]).collect();
     let mut update = vec![[0.0f64; 2]; n];
     let mut gains = vec![[1.0f64; 2]; n];
     let learning_rate = (n as f64 / config.exaggeration / 4.0).max(50.0);
@@ -125,23 +126,7 @@ fn gradient(p: &[f64], y: &[[f64; 2]], exaggeration: f64) -> Vec<[f64; 2]> {
         .collect()
 }
 
-/// A small seeded generator (SplitMix64), so embeddings do not depend on a random-number crate's versions.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    fn normal(&mut self) -> f64 {
-        (-2.0 * self.uniform().ln()).sqrt() * (std::f64::consts::TAU * self.uniform()).cos()
-    }
+/// A standard normal draw (Box–Muller).
+fn normal(rng: &mut SplitMix) -> f64 {
+    (-2.0 * rng.uniform().ln()).sqrt() * (std::f64::consts::TAU * rng.uniform()).cos()
 }
