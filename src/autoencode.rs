@@ -13,7 +13,7 @@ use image::{GrayImage, RgbImage};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use crate::evaluate::{Embedding, EvalOptions, EvalSummary, Outcome, Stopwatch, write_report};
+use crate::evaluate::{Embedding, EvalOptions, EvalSummary, Outcome, Stopwatch, test_samples, write_report};
 use crate::extract::image_progress;
 use crate::output::write_atomic;
 
@@ -138,12 +138,7 @@ pub enum AutoencoderSource {
 /// Scores a dataset's test images with an autoencoder (training it first if asked) and writes the report.
 pub fn evaluate(dataset: &Dataset, source: AutoencoderSource, device: &ResolvedDevice, options: &EvalOptions) -> Result<EvalSummary> {
     let mut clock = Stopwatch::start();
-    let test: Vec<&Sample> = dataset.split(Split::Test).collect();
-    anyhow::ensure!(
-        !test.is_empty(),
-        "{}: no test images; eval needs test/good and test/<defect> folders (`anomaly fit` fits without testing)",
-        dataset.name
-    );
+    let test = test_samples(dataset)?;
     let (model, train_reconstructions) = match source {
         AutoencoderSource::Loaded(model) => (*model, None),
         AutoencoderSource::Fit(args) => {

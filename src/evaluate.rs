@@ -142,16 +142,22 @@ pub struct EvalSummary {
     pub report: PathBuf,
 }
 
-/// Scores a dataset's test images with a model (fitting it first if asked) and writes the report.
-pub fn evaluate(extractor: &Extractor, dataset: &Dataset, source: ModelSource, options: &EvalOptions) -> Result<EvalSummary> {
-    let mut clock = Stopwatch::start();
-    let train: Vec<&Sample> = dataset.split(Split::Train).collect();
+/// A dataset's test images, which an evaluation cannot do without.
+pub fn test_samples(dataset: &Dataset) -> Result<Vec<&Sample>> {
     let test: Vec<&Sample> = dataset.split(Split::Test).collect();
     anyhow::ensure!(
         !test.is_empty(),
         "{}: no test images; eval needs test/good and test/<defect> folders (`anomaly fit` fits without testing)",
         dataset.name
     );
+    Ok(test)
+}
+
+/// Scores a dataset's test images with a model (fitting it first if asked) and writes the report.
+pub fn evaluate(extractor: &Extractor, dataset: &Dataset, source: ModelSource, options: &EvalOptions) -> Result<EvalSummary> {
+    let mut clock = Stopwatch::start();
+    let train: Vec<&Sample> = dataset.split(Split::Train).collect();
+    let test = test_samples(dataset)?;
     let test_paths: Vec<PathBuf> = test.iter().map(|s| s.path.clone()).collect();
     let dim = extractor.name.feature_dim();
     let (model, test_features) = match source {
@@ -328,7 +334,7 @@ fn scores_csv(test: &[&Sample], scores: &[f64], threshold: f64) -> String {
 }
 
 /// A CSV field, quoted when it holds a comma, quote or line break.
-pub fn csv_field(value: &str) -> String {
+fn csv_field(value: &str) -> String {
     if value.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", value.replace('"', "\"\""))
     } else {
