@@ -94,7 +94,6 @@ pub fn load_images(paths: &[PathBuf], size: usize, batch_size: usize, message: &
 /// Trains an autoencoder on good images and sets its threshold from their own scores.
 pub fn fit(images: &[Vec<f32>], args: &AutoencoderArgs, device: &ResolvedDevice, dataset: &str) -> Result<(AutoencoderModel, Vec<Reconstruction>)> {
     let (model_config, train_config) = args.configs();
-    model_config.check().map_err(anyhow::Error::msg)?;
     let steps = train_config.epochs * images.len().div_ceil(train_config.batch_size.max(1));
     let bar = ProgressBar::new(steps as u64);
     bar.set_style(
