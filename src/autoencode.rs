@@ -92,7 +92,12 @@ pub fn load_images(paths: &[PathBuf], size: usize, batch_size: usize, message: &
 }
 
 /// Trains an autoencoder on good images and sets its threshold from their own scores.
-pub fn fit(images: &[Vec<f32>], args: &AutoencoderArgs, device: &ResolvedDevice, dataset: &str) -> Result<(AutoencoderModel, Vec<Reconstruction>)> {
+pub fn fit(
+    images: &[Vec<f32>],
+    args: &AutoencoderArgs,
+    device: &ResolvedDevice,
+    dataset: &str,
+) -> Result<(AutoencoderModel, Vec<Reconstruction>)> {
     let (model_config, train_config) = args.configs();
     let steps = train_config.epochs * images.len().div_ceil(train_config.batch_size.max(1));
     let bar = ProgressBar::new(steps as u64);
@@ -158,7 +163,10 @@ pub fn evaluate(dataset: &Dataset, source: AutoencoderSource, device: &ResolvedD
     clock.lap("score");
 
     let (pixel_auroc, pixel_note) = pixel_auroc(&test, &reconstructions, size)?;
-    write_atomic(&options.report.join("reconstructions.png"), &reconstructions_png(&dataset.name, &test, &images, &reconstructions, size)?)?;
+    write_atomic(
+        &options.report.join("reconstructions.png"),
+        &reconstructions_png(&dataset.name, &test, &images, &reconstructions, size)?,
+    )?;
     clock.lap("reconstructions");
 
     let train_codes: Vec<f32> = train_reconstructions.iter().flatten().flat_map(|r| r.code.iter().copied()).collect();
@@ -217,7 +225,13 @@ fn pixel_auroc(test: &[&Sample], reconstructions: &[Reconstruction], size: usize
 }
 
 /// Input (mask outlined), reconstruction and error map of two images per test type.
-fn reconstructions_png(dataset: &str, test: &[&Sample], images: &[Vec<f32>], reconstructions: &[Reconstruction], size: usize) -> Result<Vec<u8>> {
+fn reconstructions_png(
+    dataset: &str,
+    test: &[&Sample],
+    images: &[Vec<f32>],
+    reconstructions: &[Reconstruction],
+    size: usize,
+) -> Result<Vec<u8>> {
     let peak = reconstructions.iter().flat_map(|r| r.error_map.iter().copied()).fold(1e-12f32, f32::max);
     let geometry = preprocess(size);
     let mut rows = Vec::new();
@@ -237,7 +251,9 @@ fn reconstructions_png(dataset: &str, test: &[&Sample], images: &[Vec<f32>], rec
         let mask = match &sample.mask {
             Some(path) => {
                 let truth = geometry.mask(&load_mask(path)?)?;
-                Some(GrayImage::from_fn(size as u32, size as u32, |x, y| image::Luma([if truth[y as usize * size + x as usize] { 255 } else { 0 }])))
+                Some(GrayImage::from_fn(size as u32, size as u32, |x, y| {
+                    image::Luma([if truth[y as usize * size + x as usize] { 255 } else { 0 }])
+                }))
             }
             None => None,
         };

@@ -85,11 +85,8 @@ pub fn extractor_for_model(
     weights: &crate::weights::WeightsArgs,
     device: anomaly_device::DeviceChoice,
 ) -> Result<Extractor> {
-    let name: anomaly_backbone::BackboneName = model
-        .info
-        .backbone
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("{}: {e}", model_path.display()))?;
+    let name: anomaly_backbone::BackboneName =
+        model.info.backbone.parse().map_err(|e: String| anyhow::anyhow!("{}: {e}", model_path.display()))?;
     let mut extractor = Extractor::load(name, weights, device)?;
     let sha = extractor.weights_sha256()?;
     if sha != model.info.weights_sha256 {
@@ -262,7 +259,10 @@ pub fn write_report(dataset: &str, outcome: Outcome, options: &EvalOptions, mut 
         let png = anomaly_report::roc_png(&RocPlot { title: &format!("ROC: {title}"), roc: &roc, auroc, threshold, operating_point })?;
         write_atomic(&report.join("roc.png"), &png)?;
     }
-    write_atomic(&report.join("confusion.png"), &anomaly_report::confusion_png(&format!("Confusion matrix: {dataset}"), &confusion, threshold)?)?;
+    write_atomic(
+        &report.join("confusion.png"),
+        &anomaly_report::confusion_png(&format!("Confusion matrix: {dataset}"), &confusion, threshold)?,
+    )?;
     clock.lap("plots");
 
     let groups = tsne_groups(&outcome.embedding, test, options)?;
@@ -328,18 +328,18 @@ fn scores_csv(test: &[&Sample], scores: &[f64], threshold: f64) -> String {
     for (sample, &score) in test.iter().zip(scores) {
         let label = if sample.label == Label::Defective { "defective" } else { "good" };
         let verdict = if score > threshold { "anomalous" } else { "good" };
-        csv.push_str(&format!("{},{},{label},{score:.6},{verdict}\n", csv_field(&sample.path.display().to_string()), csv_field(&sample.defect)));
+        csv.push_str(&format!(
+            "{},{},{label},{score:.6},{verdict}\n",
+            csv_field(&sample.path.display().to_string()),
+            csv_field(&sample.defect)
+        ));
     }
     csv
 }
 
 /// A CSV field, quoted when it holds a comma, quote or line break.
 fn csv_field(value: &str) -> String {
-    if value.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", value.replace('"', "\"\""))
-    } else {
-        value.to_string()
-    }
+    if value.contains([',', '"', '\n', '\r']) { format!("\"{}\"", value.replace('"', "\"\"")) } else { value.to_string() }
 }
 
 /// The t-SNE map's groups: train good, test good, then each defect type, from the kept feature columns.
@@ -376,10 +376,7 @@ fn tsne_groups(embedding: &Embedding, test: &[&Sample], options: &EvalOptions) -
     Ok(names
         .into_iter()
         .zip(&members)
-        .map(|(name, group)| PointGroup {
-            name,
-            points: layout.by_ref().take(group.len()).map(|[x, y]| (x, y)).collect(),
-        })
+        .map(|(name, group)| PointGroup { name, points: layout.by_ref().take(group.len()).map(|[x, y]| (x, y)).collect() })
         .collect())
 }
 

@@ -57,7 +57,15 @@ impl Extractor {
         let path = weights_file(name, weights)?;
         let device = anomaly_device::resolve(device)?;
         let backbone = Backbone::load(name, &path, &device.device)?;
-        Ok(Self { name, backbone, device, preprocess: name.preprocess(), weights: path, weights_sha256: OnceLock::new(), compute: OnceLock::new() })
+        Ok(Self {
+            name,
+            backbone,
+            device,
+            preprocess: name.preprocess(),
+            weights: path,
+            weights_sha256: OnceLock::new(),
+            compute: OnceLock::new(),
+        })
     }
 
     /// The pooled features of `paths` (row-major `images × dim`), with a progress bar labelled `message`.
@@ -121,10 +129,7 @@ impl Extractor {
         let side = self.preprocess.crop as usize;
         for batch in BatchLoader::new(paths, self.preprocess.clone(), batch_size, 2) {
             let batch = batch?;
-            let input = Tensor::<4>::from_data(
-                TensorData::new(batch.pixels.clone(), [batch.len(), 3, side, side]),
-                &self.device.device,
-            );
+            let input = Tensor::<4>::from_data(TensorData::new(batch.pixels.clone(), [batch.len(), 3, side, side]), &self.device.device);
             let features = self.backbone.features(input, taps);
             let pooled = to_vec(features.pooled.into_data()).context("reading features back from the device")?;
             let maps = features
@@ -152,8 +157,7 @@ pub fn to_vec(data: TensorData) -> Result<Vec<f32>> {
 pub fn image_progress(total: usize, message: &str) -> ProgressBar {
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
-        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} images ({per_sec}, eta {eta})")
-            .expect("valid progress template"),
+        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} images ({per_sec}, eta {eta})").expect("valid progress template"),
     );
     bar.set_message(message.to_string());
     bar

@@ -36,10 +36,7 @@ pub fn weights_file(backbone: BackboneName, args: &WeightsArgs) -> Result<PathBu
 pub fn fetch(name: &str, dir: &Path, options: &FetchOptions) -> Result<PathBuf> {
     let spec = anomaly_weights::find(name).ok_or_else(|| WeightsError::Unknown(name.into()))?;
     let bar = ProgressBar::hidden();
-    bar.set_style(
-        ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} ({bytes_per_sec})")
-            .expect("valid progress template"),
-    );
+    bar.set_style(ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} ({bytes_per_sec})").expect("valid progress template"));
     bar.set_message(format!("downloading {}", spec.file_name));
     let mut progress = |done: u64, total: Option<u64>| {
         if bar.is_hidden() {
@@ -50,8 +47,7 @@ pub fn fetch(name: &str, dir: &Path, options: &FetchOptions) -> Result<PathBuf> 
         }
         bar.set_position(done);
     };
-    let path = anomaly_weights::ensure(spec, dir, options, &mut progress)
-        .with_context(|| format!("getting the {name} weights"))?;
+    let path = anomaly_weights::ensure(spec, dir, options, &mut progress).with_context(|| format!("getting the {name} weights"))?;
     bar.finish_and_clear();
     Ok(path)
 }

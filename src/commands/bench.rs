@@ -97,10 +97,18 @@ fn backbone(args: BackboneBenchArgs) -> Result<()> {
             })
         );
     } else {
-        println!("backbone {} on {}, {} images, batch {batch_size}, {threads} threads, input {side}px", args.model.backbone, extractor.device.describe(), paths.len());
+        println!(
+            "backbone {} on {}, {} images, batch {batch_size}, {threads} threads, input {side}px",
+            args.model.backbone,
+            extractor.device.describe(),
+            paths.len()
+        );
         println!("  decode + preprocess  {decode_ips:8.1} img/s");
         println!("  forward alone        {forward_ips:8.1} img/s");
-        println!("  end to end           {end_to_end_ips:8.1} img/s  ({:.0}% of the forward-only rate)", 100.0 * end_to_end_ips / forward_ips);
+        println!(
+            "  end to end           {end_to_end_ips:8.1} img/s  ({:.0}% of the forward-only rate)",
+            100.0 * end_to_end_ips / forward_ips
+        );
         if let Some(mib) = peak_rss_mib {
             println!("  peak resident memory {mib:8.0} MiB");
         }

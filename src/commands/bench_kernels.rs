@@ -77,11 +77,14 @@ pub fn run(mut args: KernelArgs) -> Result<()> {
         None => format!("cpu: {} threads", rayon::current_num_threads()),
     };
     if !args.json {
-        eprintln!("device {device}; timing from {}", match &gpu {
-            Some(g) if g.has_timestamps() => "GPU timestamps (distance shaders) and wall time (whole operations)",
-            Some(_) => "wall time, submit to completion",
-            None => "wall time",
-        });
+        eprintln!(
+            "device {device}; timing from {}",
+            match &gpu {
+                Some(g) if g.has_timestamps() => "GPU timestamps (distance shaders) and wall time (whole operations)",
+                Some(_) => "wall time, submit to completion",
+                None => "wall time",
+            }
+        );
     }
     let m = args.queries;
     let mut rows = Vec::new();
@@ -114,8 +117,18 @@ pub fn run(mut args: KernelArgs) -> Result<()> {
             let flops = 2.0 * m as f64 * n as f64 * d as f64;
             let bank_bytes = (n * d * 4) as f64;
             let row = |kernel, k, ms: f64, gflops: Option<f64>, gbs: Option<f64>| Row {
-                kernel, device: device.clone(), m, n, d, k, ms, gflops, gbs,
-                tiled_over_naive: None, gpu_over_cpu_fast: None, gpu_over_cpu_sgemm: None,
+                kernel,
+                device: device.clone(),
+                m,
+                n,
+                d,
+                k,
+                ms,
+                gflops,
+                gbs,
+                tiled_over_naive: None,
+                gpu_over_cpu_fast: None,
+                gpu_over_cpu_sgemm: None,
             };
 
             // Tuned CPU sgemm of the same product: the yardstick.
@@ -169,11 +182,7 @@ pub fn run(mut args: KernelArgs) -> Result<()> {
                 if kernel == gpu.distance_kernel() || (kernel == DistanceKernel::Tiled && d > anomaly_kernels::BROADCAST_MAX_D) {
                     used_ms = ms;
                 }
-                print(Row {
-                    n: naive_n,
-                    tiled_over_naive: Some(ms / naive_ms),
-                    ..row(name, None, ms, Some(sub_flops / ms / 1e6), None)
-                });
+                print(Row { n: naive_n, tiled_over_naive: Some(ms / naive_ms), ..row(name, None, ms, Some(sub_flops / ms / 1e6), None) });
             }
             print(Row { n: naive_n, ..row("distance_naive", None, naive_ms, Some(sub_flops / naive_ms / 1e6), None) });
 
@@ -196,11 +205,9 @@ pub fn run(mut args: KernelArgs) -> Result<()> {
 
 fn ratios(row: &Row) -> String {
     let mut text = String::new();
-    for (name, value) in [
-        ("tiled/naive", row.tiled_over_naive),
-        ("gpu/cpu_fast", row.gpu_over_cpu_fast),
-        ("gpu/cpu_sgemm", row.gpu_over_cpu_sgemm),
-    ] {
+    for (name, value) in
+        [("tiled/naive", row.tiled_over_naive), ("gpu/cpu_fast", row.gpu_over_cpu_fast), ("gpu/cpu_sgemm", row.gpu_over_cpu_sgemm)]
+    {
         if let Some(v) = value {
             text.push_str(&format!("  {name} {v:.3}"));
         }

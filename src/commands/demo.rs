@@ -40,8 +40,13 @@ pub fn run(args: Args) -> Result<()> {
     let config = args.detector.config();
     config.check(args.train)?;
     let data = args.out.join("data");
-    let synthetic =
-        SyntheticConfig { seed: args.data_seed, size: args.size, train: args.train, test_good: args.test_good, per_defect: args.per_defect };
+    let synthetic = SyntheticConfig {
+        seed: args.data_seed,
+        size: args.size,
+        train: args.train,
+        test_good: args.test_good,
+        per_defect: args.per_defect,
+    };
     write_synthetic_dataset(&data, &synthetic)?;
     eprintln!("synthetic woven fabric: {} (seed {})", data.display(), synthetic.seed);
     let dataset = Dataset { name: "synthetic woven fabric".into(), ..Dataset::mvtec(&data)? };

@@ -45,7 +45,9 @@ pub fn run(args: Args) -> Result<()> {
         args.data.display()
     );
     let mut all = Vec::new();
-    let mut index = String::from("# Dataset analysis\n\n| category | train | test good | test defective | defect types | report |\n|---|---|---|---|---|---|\n");
+    let mut index = String::from(
+        "# Dataset analysis\n\n| category | train | test good | test defective | defect types | report |\n|---|---|---|---|---|---|\n",
+    );
     for root in &roots {
         let dataset = Dataset::mvtec(root)?;
         let stats = category(&dataset, &args.report.join(&dataset.name), args.samples)?;
@@ -210,9 +212,18 @@ fn sample_grid(dataset: &Dataset, per_row: usize) -> Result<Vec<u8>> {
 }
 
 fn summary_markdown(stats: &serde_json::Value) -> String {
-    let mut md = format!("# Dataset: {}\n\n## Images\n\n| split | type | images | masks |\n|---|---|---|---|\n", stats["dataset"].as_str().unwrap_or(""));
+    let mut md = format!(
+        "# Dataset: {}\n\n## Images\n\n| split | type | images | masks |\n|---|---|---|---|\n",
+        stats["dataset"].as_str().unwrap_or("")
+    );
     for row in stats["counts"].as_array().into_iter().flatten() {
-        md.push_str(&format!("| {} | {} | {} | {} |\n", row["split"].as_str().unwrap_or(""), row["type"].as_str().unwrap_or(""), row["images"], row["masks"]));
+        md.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            row["split"].as_str().unwrap_or(""),
+            row["type"].as_str().unwrap_or(""),
+            row["images"],
+            row["masks"]
+        ));
     }
     md.push_str("\n## Sizes and colour modes\n\n| size | images |\n|---|---|\n");
     for (size, n) in stats["sizes"].as_object().into_iter().flatten() {
@@ -224,7 +235,11 @@ fn summary_markdown(stats: &serde_json::Value) -> String {
     }
     md.push_str("\n## Channels (RGB scaled to [0, 1], over all pixels)\n\n| channel | mean | std |\n|---|---|---|\n");
     for (c, name) in ["red", "green", "blue"].iter().enumerate() {
-        md.push_str(&format!("| {name} | {:.4} | {:.4} |\n", stats["channel_mean"][c].as_f64().unwrap_or(0.0), stats["channel_std"][c].as_f64().unwrap_or(0.0)));
+        md.push_str(&format!(
+            "| {name} | {:.4} | {:.4} |\n",
+            stats["channel_mean"][c].as_f64().unwrap_or(0.0),
+            stats["channel_std"][c].as_f64().unwrap_or(0.0)
+        ));
     }
     let areas = stats["defect_area"].as_object();
     if areas.is_some_and(|a| !a.is_empty()) {
@@ -233,7 +248,12 @@ fn summary_markdown(stats: &serde_json::Value) -> String {
             let f = |k: &str| a[k].as_f64().unwrap_or(0.0);
             md.push_str(&format!(
                 "| {name} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
-                a["masks"], f("mean_area_percent"), f("median_area_percent"), f("min_area_percent"), f("max_area_percent"), f("mean_regions")
+                a["masks"],
+                f("mean_area_percent"),
+                f("median_area_percent"),
+                f("min_area_percent"),
+                f("max_area_percent"),
+                f("mean_regions")
             ));
         }
         md.push_str("\n![Defect area per type](defect_area.png)\n");

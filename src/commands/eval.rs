@@ -124,11 +124,7 @@ fn run_all(root: &Path, args: &Args) -> Result<()> {
         .filter(|path| path.join("train").join("good").is_dir())
         .collect();
     categories.sort();
-    anyhow::ensure!(
-        !categories.is_empty(),
-        "{}: no MVTec AD categories found (folders holding train/good)",
-        root.display()
-    );
+    anyhow::ensure!(!categories.is_empty(), "{}: no MVTec AD categories found (folders holding train/good)", root.display());
     let config = args.detector.config();
     let autoencoder = args.method == Method::Autoencoder;
     let (extractor, device) = if autoencoder {

@@ -53,7 +53,10 @@ pub fn run(args: Args) -> Result<()> {
     clock.lap("save");
     let info = &model.info;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "model": args.model, "info": info, "timings_s": clock.seconds() }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "model": args.model, "info": info, "timings_s": clock.seconds() }))?
+        );
     } else {
         println!(
             "{}: {} images, {} of {} feature columns, k {}, threshold {:.4} (training scores: mean {:.4}, σ {:.4}, max {:.4})",
@@ -82,7 +85,10 @@ fn fit_autoencoder(args: &Args, dataset: &str, paths: &[PathBuf], mut clock: Sto
     crate::output::write_atomic(&args.model, &model.to_bytes()?)?;
     let info = &model.info;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "model": args.model, "info": info, "timings_s": clock.seconds() }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "model": args.model, "info": info, "timings_s": clock.seconds() }))?
+        );
     } else {
         println!(
             "{}: autoencoder {}px, latent {}, {} epochs (final loss {:.5}), threshold {:.5} (training scores: mean {:.5}, σ {:.5})",

@@ -91,7 +91,13 @@ fn autoencoder_model_files_round_trip_and_are_told_apart_from_memory_banks() {
     assert!(error.contains("holds a autoencoder model") || error.contains("holds an autoencoder model"), "{error}");
     let bank_file = {
         let features: Vec<f32> = (0..40).map(|i| (i * 7 % 11) as f32).collect();
-        let bank = anomaly_detector::MemoryBank::fit(&features, 4, anomaly_detector::DetectorConfig { k: 2, features: 4 }, &anomaly_detector::Compute::Cpu).unwrap();
+        let bank = anomaly_detector::MemoryBank::fit(
+            &features,
+            4,
+            anomaly_detector::DetectorConfig { k: 2, features: 4 },
+            &anomaly_detector::Compute::Cpu,
+        )
+        .unwrap();
         anomaly_detector::Model::new(
             bank,
             anomaly_detector::FeatureSource {

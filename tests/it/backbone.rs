@@ -106,7 +106,10 @@ fn weights_of_another_architecture_are_refused_naming_the_file() {
 
     let mut lite0 = Backbone::init(anomaly_backbone::BackboneName::EfficientNetLite0, &device);
     let message = load_weights(&mut lite0, &path).unwrap_err().to_string();
-    assert!(message.contains("tiny_resnet.pth") && message.contains("missing (_blocks.0.") && message.contains("no place for (conv1.weight"), "{message}");
+    assert!(
+        message.contains("tiny_resnet.pth") && message.contains("missing (_blocks.0.") && message.contains("no place for (conv1.weight"),
+        "{message}"
+    );
 }
 
 #[test]

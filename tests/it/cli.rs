@@ -41,10 +41,22 @@ fn features_are_saved_with_paths_and_taps() {
     let out = dir.path().join("out/features.safetensors");
     let weights = weights_dir();
     let output = anomaly(&[
-        "features", "--backbone", "efficientnet-lite0", "--device", "cpu", "--offline",
-        "--weights-dir", weights.to_str().unwrap(),
-        "--data", dir.path().join("images").to_str().unwrap(),
-        "--out", out.to_str().unwrap(), "--taps", "block4", "--batch-size", "1",
+        "features",
+        "--backbone",
+        "efficientnet-lite0",
+        "--device",
+        "cpu",
+        "--offline",
+        "--weights-dir",
+        weights.to_str().unwrap(),
+        "--data",
+        dir.path().join("images").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--taps",
+        "block4",
+        "--batch-size",
+        "1",
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let tensors = read_safetensors(&out);
@@ -68,8 +80,20 @@ fn bad_images_and_folders_fail_with_one_line_naming_them() {
     let run = |data: &Path, needle: &str| {
         let out = dir.path().join("never-written.safetensors");
         expect_one_line_error(
-            &["features", "--backbone", "efficientnet-lite0", "--device", "cpu", "--offline", "--weights-dir", weights,
-              "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()],
+            &[
+                "features",
+                "--backbone",
+                "efficientnet-lite0",
+                "--device",
+                "cpu",
+                "--offline",
+                "--weights-dir",
+                weights,
+                "--data",
+                data.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
             needle,
         );
         assert!(!out.exists(), "no output written on failure");
@@ -96,15 +120,36 @@ fn weights_that_fail_their_checksum_are_named() {
     std::fs::copy(fixture("resnet/tiny_resnet.pth"), dir.path().join("resnet50-0676ba61.pth")).unwrap();
     write_png(&dir.path().join("images/a.png"), 1);
     expect_one_line_error(
-        &["features", "--backbone", "resnet50", "--device", "cpu", "--weights-dir", dir.path().to_str().unwrap(),
-          "--data", dir.path().join("images").to_str().unwrap(), "--out", dir.path().join("f.safetensors").to_str().unwrap()],
+        &[
+            "features",
+            "--backbone",
+            "resnet50",
+            "--device",
+            "cpu",
+            "--weights-dir",
+            dir.path().to_str().unwrap(),
+            "--data",
+            dir.path().join("images").to_str().unwrap(),
+            "--out",
+            dir.path().join("f.safetensors").to_str().unwrap(),
+        ],
         "resnet50-0676ba61.pth: sha256 is",
     );
     expect_one_line_error(&["fetch-weights", "resnet51"], "unknown weights 'resnet51'");
     let missing = dir.path().join("nothing-here");
     expect_one_line_error(
-        &["features", "--backbone", "resnet50", "--offline", "--weights-dir", missing.to_str().unwrap(),
-          "--data", dir.path().join("images").to_str().unwrap(), "--out", dir.path().join("f.safetensors").to_str().unwrap()],
+        &[
+            "features",
+            "--backbone",
+            "resnet50",
+            "--offline",
+            "--weights-dir",
+            missing.to_str().unwrap(),
+            "--data",
+            dir.path().join("images").to_str().unwrap(),
+            "--out",
+            dir.path().join("f.safetensors").to_str().unwrap(),
+        ],
         "anomaly fetch-weights resnet50",
     );
 }
@@ -143,9 +188,26 @@ fn demo() -> &'static Path {
         let dir = tempfile::tempdir().unwrap().keep();
         let weights = weights_dir();
         let output = anomaly(&[
-            "demo", "--out", dir.to_str().unwrap(), "--train", "12", "--test-good", "4", "--per-defect", "2",
-            "--size", "64", "--k", "5", "--features", "100", "--device", "cpu", "--offline",
-            "--weights-dir", weights.to_str().unwrap(),
+            "demo",
+            "--out",
+            dir.to_str().unwrap(),
+            "--train",
+            "12",
+            "--test-good",
+            "4",
+            "--per-defect",
+            "2",
+            "--size",
+            "64",
+            "--k",
+            "5",
+            "--features",
+            "100",
+            "--device",
+            "cpu",
+            "--offline",
+            "--weights-dir",
+            weights.to_str().unwrap(),
         ]);
         assert!(output.status.success(), "{}", stderr(&output));
         let printed = String::from_utf8_lossy(&output.stdout);
@@ -197,8 +259,18 @@ fn predict_streams_the_scores_eval_reported() {
     let model = demo.join("report/model.safetensors");
     let weights = weights_dir();
     let output = anomaly(&[
-        "predict", "--model", model.to_str().unwrap(), demo.join("data/test").to_str().unwrap(), "--json",
-        "--device", "cpu", "--offline", "--weights-dir", weights.to_str().unwrap(), "--batch-size", "5",
+        "predict",
+        "--model",
+        model.to_str().unwrap(),
+        demo.join("data/test").to_str().unwrap(),
+        "--json",
+        "--device",
+        "cpu",
+        "--offline",
+        "--weights-dir",
+        weights.to_str().unwrap(),
+        "--batch-size",
+        "5",
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let predicted: Vec<serde_json::Value> =
@@ -215,8 +287,15 @@ fn predict_streams_the_scores_eval_reported() {
     // Text output, one image.
     let one = demo.join("data/test/hole/000.png");
     let output = anomaly(&[
-        "predict", "--model", model.to_str().unwrap(), one.to_str().unwrap(),
-        "--device", "cpu", "--offline", "--weights-dir", weights.to_str().unwrap(),
+        "predict",
+        "--model",
+        model.to_str().unwrap(),
+        one.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--offline",
+        "--weights-dir",
+        weights.to_str().unwrap(),
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let text = String::from_utf8_lossy(&output.stdout);
@@ -228,8 +307,16 @@ fn predict_streams_the_scores_eval_reported() {
     for (paths, status) in [(&flagged, 3), (&passed, 0)] {
         let path = paths.first().expect("the seeded demo has images of both verdicts");
         let output = anomaly(&[
-            "predict", "--model", model.to_str().unwrap(), path, "--fail-on-anomaly",
-            "--device", "cpu", "--offline", "--weights-dir", weights.to_str().unwrap(),
+            "predict",
+            "--model",
+            model.to_str().unwrap(),
+            path,
+            "--fail-on-anomaly",
+            "--device",
+            "cpu",
+            "--offline",
+            "--weights-dir",
+            weights.to_str().unwrap(),
         ]);
         assert_eq!(output.status.code(), Some(status), "{path}: {}", stderr(&output));
     }
@@ -241,8 +328,19 @@ fn eval_of_a_saved_model_reproduces_the_fitted_run() {
     let report = tempfile::tempdir().unwrap();
     let weights = weights_dir();
     let output = anomaly(&[
-        "eval", "--data", demo.join("data").to_str().unwrap(), "--model", demo.join("report/model.safetensors").to_str().unwrap(),
-        "--report", report.path().to_str().unwrap(), "--device", "cpu", "--offline", "--weights-dir", weights.to_str().unwrap(), "--json",
+        "eval",
+        "--data",
+        demo.join("data").to_str().unwrap(),
+        "--model",
+        demo.join("report/model.safetensors").to_str().unwrap(),
+        "--report",
+        report.path().to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--offline",
+        "--weights-dir",
+        weights.to_str().unwrap(),
+        "--json",
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
@@ -262,7 +360,17 @@ fn models_that_do_not_fit_are_refused_with_one_line() {
     let image = demo.join("data/test/good/000.png");
     let predict = |model: &Path, needle: &str| {
         expect_one_line_error(
-            &["predict", "--model", model.to_str().unwrap(), image.to_str().unwrap(), "--device", "cpu", "--offline", "--weights-dir", weights],
+            &[
+                "predict",
+                "--model",
+                model.to_str().unwrap(),
+                image.to_str().unwrap(),
+                "--device",
+                "cpu",
+                "--offline",
+                "--weights-dir",
+                weights,
+            ],
             needle,
         )
     };
@@ -280,8 +388,20 @@ fn models_that_do_not_fit_are_refused_with_one_line() {
     // k larger than the bank: refused before any feature is computed, and no model written.
     let model = dir.path().join("never.safetensors");
     expect_one_line_error(
-        &["fit", "--data", demo.join("data").to_str().unwrap(), "--model", model.to_str().unwrap(), "--k", "50",
-          "--device", "cpu", "--offline", "--weights-dir", weights],
+        &[
+            "fit",
+            "--data",
+            demo.join("data").to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--k",
+            "50",
+            "--device",
+            "cpu",
+            "--offline",
+            "--weights-dir",
+            weights,
+        ],
         "k = 50 needs at least 51 training images (each is scored against the others), got 12",
     );
     assert!(!model.exists());
@@ -297,8 +417,20 @@ fn undefined_auroc_and_missing_masks_are_said_not_hidden() {
     let report = dir.path().join("report");
     let weights = weights_dir();
     let output = anomaly(&[
-        "eval", "--data", data.to_str().unwrap(), "--report", report.to_str().unwrap(), "--k", "2", "--features", "50",
-        "--device", "cpu", "--offline", "--weights-dir", weights.to_str().unwrap(),
+        "eval",
+        "--data",
+        data.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+        "--k",
+        "2",
+        "--features",
+        "50",
+        "--device",
+        "cpu",
+        "--offline",
+        "--weights-dir",
+        weights.to_str().unwrap(),
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let notes = stderr(&output);
@@ -311,8 +443,20 @@ fn undefined_auroc_and_missing_masks_are_said_not_hidden() {
 
     std::fs::remove_dir_all(data.join("test")).unwrap();
     expect_one_line_error(
-        &["eval", "--data", data.to_str().unwrap(), "--report", report.to_str().unwrap(), "--k", "2",
-          "--device", "cpu", "--offline", "--weights-dir", weights.to_str().unwrap()],
+        &[
+            "eval",
+            "--data",
+            data.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+            "--k",
+            "2",
+            "--device",
+            "cpu",
+            "--offline",
+            "--weights-dir",
+            weights.to_str().unwrap(),
+        ],
         "no test images",
     );
 }
@@ -327,8 +471,20 @@ fn eval_all_summarises_every_category() {
     let report = dir.path().join("report");
     let weights = weights_dir();
     let output = anomaly(&[
-        "eval", "--all", root.to_str().unwrap(), "--report", report.to_str().unwrap(), "--k", "2", "--features", "50",
-        "--device", "cpu", "--offline", "--weights-dir", weights.to_str().unwrap(),
+        "eval",
+        "--all",
+        root.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+        "--k",
+        "2",
+        "--features",
+        "50",
+        "--device",
+        "cpu",
+        "--offline",
+        "--weights-dir",
+        weights.to_str().unwrap(),
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let summary = read_json(&report.join("summary.json"));
@@ -368,7 +524,10 @@ fn eda_reports_counts_sizes_and_defect_areas() {
     assert!(output.status.success(), "{}", stderr(&output));
     let index = std::fs::read_to_string(report.join("all/summary.md")).unwrap();
     assert!(index.contains("[weave/summary.md]") && index.contains("| weave2 | 4 | 2 | 8 | 4 |"), "{index}");
-    expect_one_line_error(&["eda", "--data", dir.path().join("eda").to_str().unwrap(), "--report", report.to_str().unwrap()], "neither an MVTec AD category");
+    expect_one_line_error(
+        &["eda", "--data", dir.path().join("eda").to_str().unwrap(), "--report", report.to_str().unwrap()],
+        "neither an MVTec AD category",
+    );
 }
 
 #[test]
@@ -378,8 +537,22 @@ fn the_autoencoder_fits_evaluates_with_pixel_auroc_and_predicts() {
     synthetic(&data, 21, 8);
     let model = dir.path().join("ae.safetensors");
     let output = anomaly(&[
-        "fit", "--method", "autoencoder", "--data", data.to_str().unwrap(), "--model", model.to_str().unwrap(),
-        "--image-size", "32", "--epochs", "3", "--train-batch-size", "4", "--device", "cpu", "--json",
+        "fit",
+        "--method",
+        "autoencoder",
+        "--data",
+        data.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--image-size",
+        "32",
+        "--epochs",
+        "3",
+        "--train-batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--json",
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let fitted: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
@@ -388,8 +561,15 @@ fn the_autoencoder_fits_evaluates_with_pixel_auroc_and_predicts() {
 
     let report = dir.path().join("report");
     let output = anomaly(&[
-        "eval", "--data", data.to_str().unwrap(), "--model", model.to_str().unwrap(), "--report", report.to_str().unwrap(),
-        "--device", "cpu",
+        "eval",
+        "--data",
+        data.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+        "--device",
+        "cpu",
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let metrics = read_json(&report.join("metrics.json"));
@@ -403,12 +583,24 @@ fn the_autoencoder_fits_evaluates_with_pixel_auroc_and_predicts() {
 
     // Settings that cannot build an autoencoder fail before any training.
     expect_one_line_error(
-        &["fit", "--method", "autoencoder", "--data", data.to_str().unwrap(), "--model", dir.path().join("never.safetensors").to_str().unwrap(),
-          "--image-size", "100", "--device", "cpu"],
+        &[
+            "fit",
+            "--method",
+            "autoencoder",
+            "--data",
+            data.to_str().unwrap(),
+            "--model",
+            dir.path().join("never.safetensors").to_str().unwrap(),
+            "--image-size",
+            "100",
+            "--device",
+            "cpu",
+        ],
         "image size 100 must be a multiple of 16",
     );
 
-    let output = anomaly(&["predict", "--model", model.to_str().unwrap(), data.join("test").to_str().unwrap(), "--device", "cpu", "--json"]);
+    let output =
+        anomaly(&["predict", "--model", model.to_str().unwrap(), data.join("test").to_str().unwrap(), "--device", "cpu", "--json"]);
     assert!(output.status.success(), "{}", stderr(&output));
     let predicted: Vec<serde_json::Value> =
         String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();

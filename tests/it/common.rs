@@ -27,9 +27,7 @@ pub fn read_safetensors(path: &Path) -> HashMap<String, HostTensor> {
         .map(|(name, view)| {
             let values = match view.dtype() {
                 safetensors::Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(view.data()),
-                safetensors::Dtype::I64 => {
-                    bytemuck::pod_collect_to_vec::<u8, i64>(view.data()).into_iter().map(|v| v as f32).collect()
-                }
+                safetensors::Dtype::I64 => bytemuck::pod_collect_to_vec::<u8, i64>(view.data()).into_iter().map(|v| v as f32).collect(),
                 other => panic!("{name}: unexpected dtype {other:?}"),
             };
             (name, HostTensor { shape: view.shape().to_vec(), values })

@@ -11,9 +11,7 @@ fn preprocessing_matches_torchvision_exactly() {
     let expected = read_safetensors(&fixture("preprocess/expected.safetensors"));
     let imagenet = Preprocess::imagenet();
     let small = Preprocess { resize: 64, crop: 56, ..Preprocess::imagenet() };
-    for (file, name, preprocess) in
-        [("rgb.jpg", "rgb", &imagenet), ("gray16.png", "gray16", &small), ("rgba.png", "rgba", &small)]
-    {
+    for (file, name, preprocess) in [("rgb.jpg", "rgb", &imagenet), ("gray16.png", "gray16", &small), ("rgba.png", "rgba", &small)] {
         let ours = preprocess.load(&fixture(&format!("preprocess/{file}"))).unwrap();
         let theirs = &expected[name];
         let side = preprocess.crop as usize;
@@ -151,6 +149,7 @@ fn synthetic_datasets_are_reproducible_masked_and_never_overwrite_other_folders(
     let error = write_synthetic_dataset(&other, &config).unwrap_err().to_string();
     assert!(error.contains("not a synthetic dataset"), "{error}");
     assert!(other.join("keep.txt").is_file());
-    let leftovers = std::fs::read_dir(dir.path()).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.')).count();
+    let leftovers =
+        std::fs::read_dir(dir.path()).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.')).count();
     assert_eq!(leftovers, 0, "no staging folders left behind");
 }

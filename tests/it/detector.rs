@@ -12,9 +12,7 @@ fn gpu_and_cpu_fits_agree_and_flag_outliers() {
     let mut rng = Rng::new(21);
     let (images, dim) = (120, 64);
     // Half the columns vary a lot, half barely: the kept columns must be the first half.
-    let features: Vec<f32> = (0..images * dim)
-        .map(|i| if i % dim < dim / 2 { 2.0 * rng.normal() } else { 0.01 * rng.normal() })
-        .collect();
+    let features: Vec<f32> = (0..images * dim).map(|i| if i % dim < dim / 2 { 2.0 * rng.normal() } else { 0.01 * rng.normal() }).collect();
     let config = DetectorConfig { k: 5, features: dim / 2 };
     let cpu = MemoryBank::fit(&features, dim, config, &Compute::Cpu).unwrap();
     let gpu = MemoryBank::fit(&features, dim, config, &Compute::Gpu(GpuKernels::shared().unwrap())).unwrap();

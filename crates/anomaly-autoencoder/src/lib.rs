@@ -100,8 +100,7 @@ impl AutoencoderModel {
         if header.method != AUTOENCODER {
             return Err(invalid(format!("it holds a {} model, not an {AUTOENCODER}", header.method)).into());
         }
-        let info: AutoencoderInfo =
-            serde_json::from_str(&header.info).map_err(|e| invalid(format!("its `info` is malformed: {e}")))?;
+        let info: AutoencoderInfo = serde_json::from_str(&header.info).map_err(|e| invalid(format!("its `info` is malformed: {e}")))?;
         info.model.check().map_err(|e| invalid(e))?;
         let mut network = info.model.init(device);
         let mut store = SafetensorsStore::from_bytes(Some(bytes.to_vec()));
@@ -120,9 +119,8 @@ impl AutoencoderModel {
 
 /// Serialises a network's parameters as safetensors with the given header metadata.
 pub(crate) fn weights_to_bytes(network: &ConvAutoencoder, metadata: &[(String, String)]) -> Result<Vec<u8>, AutoencoderError> {
-    let mut store = metadata
-        .iter()
-        .fold(SafetensorsStore::from_bytes(None), |store, (key, value)| store.metadata(key.clone(), value.clone()));
+    let mut store =
+        metadata.iter().fold(SafetensorsStore::from_bytes(None), |store, (key, value)| store.metadata(key.clone(), value.clone()));
     network.save_into(&mut store).map_err(|e| AutoencoderError::Backend(e.to_string()))?;
     store.get_bytes().map_err(|e| AutoencoderError::Backend(e.to_string()))
 }
@@ -166,9 +164,7 @@ pub fn seeded_network(config: &ConvAutoencoderConfig, device: &Device, seed: u64
         })
         .collect::<Result<Vec<_>, _>>()?;
     let bytes = safetensors::serialize(views, None).map_err(|e| AutoencoderError::Backend(e.to_string()))?;
-    let result = network
-        .load_from(&mut SafetensorsStore::from_bytes(Some(bytes)))
-        .map_err(|e| AutoencoderError::Backend(e.to_string()))?;
+    let result = network.load_from(&mut SafetensorsStore::from_bytes(Some(bytes))).map_err(|e| AutoencoderError::Backend(e.to_string()))?;
     if !result.missing.is_empty() || !result.errors.is_empty() {
         return Err(AutoencoderError::Backend(format!("seeded initialisation left {} tensors unset", result.missing.len())));
     }
@@ -189,7 +185,12 @@ pub struct Reconstruction {
 }
 
 /// Reconstructs a batch of images with `network`, with error maps, codes and scores.
-pub fn reconstruct(network: &ConvAutoencoder, size: usize, images: &[f32], device: &Device) -> Result<Vec<Reconstruction>, AutoencoderError> {
+pub fn reconstruct(
+    network: &ConvAutoencoder,
+    size: usize,
+    images: &[f32],
+    device: &Device,
+) -> Result<Vec<Reconstruction>, AutoencoderError> {
     let plane = size * size;
     if images.is_empty() || images.len() % (3 * plane) != 0 {
         return Err(AutoencoderError::Config(format!("images must be 3 × {size} × {size} values each")));
@@ -207,9 +208,8 @@ pub fn reconstruct(network: &ConvAutoencoder, size: usize, images: &[f32], devic
         .map(|b| {
             let original = &images[b * 3 * plane..(b + 1) * 3 * plane];
             let image = output[b * 3 * plane..(b + 1) * 3 * plane].to_vec();
-            let error_map: Vec<f32> = (0..plane)
-                .map(|p| (0..3).map(|c| (image[c * plane + p] - original[c * plane + p]).powi(2)).sum::<f32>() / 3.0)
-                .collect();
+            let error_map: Vec<f32> =
+                (0..plane).map(|p| (0..3).map(|c| (image[c * plane + p] - original[c * plane + p]).powi(2)).sum::<f32>() / 3.0).collect();
             let score = worst_share_mean(&error_map);
             Reconstruction { image, error_map, code: codes[b * latent..(b + 1) * latent].to_vec(), score }
         })

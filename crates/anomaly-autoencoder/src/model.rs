@@ -64,9 +64,7 @@ impl ConvAutoencoderConfig {
         let mut decoder = Vec::new();
         let outputs: Vec<usize> = self.channels.iter().rev().skip(1).copied().chain([3]).collect();
         for &channels in &outputs {
-            decoder.push(
-                ConvTranspose2dConfig::new([input, channels], [4, 4]).with_stride([2, 2]).with_padding([1, 1]).init(device),
-            );
+            decoder.push(ConvTranspose2dConfig::new([input, channels], [4, 4]).with_stride([2, 2]).with_padding([1, 1]).init(device));
             input = channels;
         }
         ConvAutoencoder {

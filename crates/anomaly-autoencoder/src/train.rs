@@ -93,10 +93,8 @@ pub fn train(
             let input = Tensor::<4>::from_data(TensorData::new(values, [batch.len(), 3, size, size]), &autodiff);
             let (reconstruction, _) = model.forward(input.clone());
             let loss = (reconstruction - input).square().mean();
-            let value = loss
-                .clone()
-                .try_into_scalar::<f32>()
-                .map_err(|e| AutoencoderError::Backend(format!("reading the loss: {e:?}")))? as f64;
+            let value =
+                loss.clone().try_into_scalar::<f32>().map_err(|e| AutoencoderError::Backend(format!("reading the loss: {e:?}")))? as f64;
             let gradients = GradientsParams::from_grads(loss.backward(), &model);
             model = optimizer.step(config.learning_rate, model, gradients);
             total += value * batch.len() as f64;
@@ -123,7 +121,12 @@ fn staged(name: &str) -> String {
 
 /// Writes the checkpoint; each file goes to a temporary name first, the progress file last, so that a
 /// checkpoint is never read half-written.
-fn save(checkpoint: &Checkpoint, model: &ConvAutoencoder, optimizer: &ModuleOptimizer, progress: &Progress) -> Result<(), AutoencoderError> {
+fn save(
+    checkpoint: &Checkpoint,
+    model: &ConvAutoencoder,
+    optimizer: &ModuleOptimizer,
+    progress: &Progress,
+) -> Result<(), AutoencoderError> {
     let dir = &checkpoint.dir;
     let io = |path: &Path| {
         let path = path.to_path_buf();

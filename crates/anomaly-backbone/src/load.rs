@@ -31,14 +31,8 @@ pub fn load_weights(backbone: &mut Backbone, path: &Path) -> Result<(), Backbone
     if !path.is_file() {
         return Err(unreadable("no such file".into()));
     }
-    let store = key_patterns(backbone)
-        .iter()
-        .fold(PytorchStore::from_file(path), |store, &(from, to)| store.with_key_remapping(from, to));
-    let mut store = store
-        .skip_enum_variants(true)
-        .map_indices_contiguous(false)
-        .allow_partial(true)
-        .validate(false);
+    let store = key_patterns(backbone).iter().fold(PytorchStore::from_file(path), |store, &(from, to)| store.with_key_remapping(from, to));
+    let mut store = store.skip_enum_variants(true).map_indices_contiguous(false).allow_partial(true).validate(false);
     let result = backbone.load_from(&mut store).map_err(|e| unreadable(e.to_string()))?;
 
     let missing: Vec<String> = result.missing.iter().map(|(path, _)| torch_name(backbone, path)).collect();
@@ -137,12 +131,9 @@ fn torch_name(backbone: &Backbone, path: &str) -> String {
 
 fn describe_error(backbone: &Backbone, error: &ApplyError) -> String {
     match error {
-        ApplyError::ShapeMismatch { path, expected, found } => format!(
-            "{}: file has {:?}, model needs {:?}",
-            torch_name(backbone, path),
-            found.to_vec(),
-            expected.to_vec()
-        ),
+        ApplyError::ShapeMismatch { path, expected, found } => {
+            format!("{}: file has {:?}, model needs {:?}", torch_name(backbone, path), found.to_vec(), expected.to_vec())
+        }
         other => other.to_string(),
     }
 }

@@ -20,13 +20,8 @@ pub enum BackboneName {
 
 impl BackboneName {
     /// Every backbone, in the order help texts list them.
-    pub const ALL: [BackboneName; 5] = [
-        Self::ResNet50,
-        Self::ResNet50V2,
-        Self::WideResNet50_2,
-        Self::EfficientNetLite0,
-        Self::EfficientNetLite2,
-    ];
+    pub const ALL: [BackboneName; 5] =
+        [Self::ResNet50, Self::ResNet50V2, Self::WideResNet50_2, Self::EfficientNetLite0, Self::EfficientNetLite2];
 
     /// The name used on the command line and in the weights catalog.
     pub fn as_str(self) -> &'static str {

@@ -70,10 +70,7 @@ impl ResNetConfig {
                 .with_bias(false)
                 .init(device),
             bn1: Some(BatchNormConfig::new(self.stem_channels).init(device)),
-            maxpool: MaxPool2dConfig::new([3, 3])
-                .with_strides([2, 2])
-                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-                .init(),
+            maxpool: MaxPool2dConfig::new([3, 3]).with_strides([2, 2]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(),
             layer1,
             layer2,
             layer3,

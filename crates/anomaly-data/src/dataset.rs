@@ -150,18 +150,13 @@ fn image_files_or_empty(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
 
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     let read = std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?;
-    let mut entries = read
-        .map(|entry| entry.map(|e| e.path()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| DataError::io(dir, e))?;
+    let mut entries = read.map(|entry| entry.map(|e| e.path())).collect::<Result<Vec<_>, _>>().map_err(|e| DataError::io(dir, e))?;
     entries.sort();
     Ok(entries)
 }
 
 fn has_image_extension(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|known| e.eq_ignore_ascii_case(known)))
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|known| e.eq_ignore_ascii_case(known)))
 }
 
 fn file_name(path: &Path) -> String {

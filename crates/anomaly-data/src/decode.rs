@@ -16,9 +16,7 @@ pub fn load_rgb8(path: &Path) -> Result<RgbImage, DataError> {
             return Ok(rgb);
         }
     }
-    let image = ImageReader::with_format(std::io::Cursor::new(&bytes), format)
-        .decode()
-        .map_err(|e| decode_error(e.to_string()))?;
+    let image = ImageReader::with_format(std::io::Cursor::new(&bytes), format).decode().map_err(|e| decode_error(e.to_string()))?;
     Ok(match image {
         DynamicImage::ImageRgb8(rgb) => rgb,
         other => other.to_rgb8(),
@@ -27,10 +25,7 @@ pub fn load_rgb8(path: &Path) -> Result<RgbImage, DataError> {
 
 /// Decodes a ground-truth mask into one 8-bit channel; any non-zero pixel is defective.
 pub fn load_mask(path: &Path) -> Result<GrayImage, DataError> {
-    let reader = ImageReader::open(path)
-        .map_err(|e| DataError::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| DataError::io(path, e))?;
+    let reader = ImageReader::open(path).map_err(|e| DataError::io(path, e))?.with_guessed_format().map_err(|e| DataError::io(path, e))?;
     let image = reader.decode().map_err(|e| DataError::Decode { path: path.into(), reason: e.to_string() })?;
     Ok(image.to_luma8())
 }

@@ -41,10 +41,8 @@ impl BatchLoader {
         let producer = std::thread::spawn(move || {
             for chunk in paths.chunks(batch_size) {
                 let loaded: Result<Vec<_>, DataError> = chunk.par_iter().map(|p| preprocess.load(p)).collect();
-                let batch = loaded.map(|images| Batch {
-                    paths: chunk.to_vec(),
-                    pixels: images.into_iter().flat_map(|image| image.pixels).collect(),
-                });
+                let batch = loaded
+                    .map(|images| Batch { paths: chunk.to_vec(), pixels: images.into_iter().flat_map(|image| image.pixels).collect() });
                 let failed = batch.is_err();
                 if sender.send(batch).is_err() || failed {
                     return;

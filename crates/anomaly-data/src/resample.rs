@@ -59,12 +59,7 @@ fn clip8(sum: i32) -> u8 {
 
 /// The `crop × crop` square at `(left, top)` of the image resized to `size`, as Pillow computes it
 /// (RGB, row-major, 3 bytes per pixel).
-pub(crate) fn resize_crop_bilinear(
-    image: &image::RgbImage,
-    size: (usize, usize),
-    (left, top): (usize, usize),
-    crop: usize,
-) -> Vec<u8> {
+pub(crate) fn resize_crop_bilinear(image: &image::RgbImage, size: (usize, usize), (left, top): (usize, usize), crop: usize) -> Vec<u8> {
     let (in_width, in_height) = (image.width() as usize, image.height() as usize);
     let source = image.as_raw();
     let horizontal = axis(in_width, size.0);

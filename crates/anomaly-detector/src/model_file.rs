@@ -33,16 +33,14 @@ pub struct ModelHeader {
 /// loader refuses a foreign, truncated or stale file the same way; returns the method and its info.
 pub fn read_model_header(bytes: &[u8], path: &Path) -> Result<ModelHeader, ModelError> {
     let invalid = |reason: String| ModelError::Invalid { path: path.into(), reason };
-    let (_, header) = SafeTensors::read_metadata(bytes)
-        .map_err(|e| invalid(format!("not a readable safetensors file, perhaps truncated: {e}")))?;
+    let (_, header) =
+        SafeTensors::read_metadata(bytes).map_err(|e| invalid(format!("not a readable safetensors file, perhaps truncated: {e}")))?;
     let metadata = header.metadata().clone().unwrap_or_default();
     if metadata.get("format").map(String::as_str) != Some(MODEL_FORMAT) {
         return Err(invalid(format!("its header has no `format: {MODEL_FORMAT}`")));
     }
-    let version: u32 = metadata
-        .get("version")
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| invalid("its header has no format version".into()))?;
+    let version: u32 =
+        metadata.get("version").and_then(|v| v.parse().ok()).ok_or_else(|| invalid("its header has no format version".into()))?;
     if version != MODEL_VERSION {
         return Err(ModelError::Version { path: path.into(), found: version });
     }
@@ -200,10 +198,9 @@ impl Model {
         if header.method != MEMORY_BANK {
             return Err(invalid(format!("it holds an {} model, not a {MEMORY_BANK} one", header.method)));
         }
-        let info: ModelInfo =
-            serde_json::from_str(&header.info).map_err(|e| invalid(format!("its `info` is malformed: {e}")))?;
-        let tensors = SafeTensors::deserialize(bytes)
-            .map_err(|e| invalid(format!("its tensors are unreadable, perhaps truncated: {e}")))?;
+        let info: ModelInfo = serde_json::from_str(&header.info).map_err(|e| invalid(format!("its `info` is malformed: {e}")))?;
+        let tensors =
+            SafeTensors::deserialize(bytes).map_err(|e| invalid(format!("its tensors are unreadable, perhaps truncated: {e}")))?;
         let tensor = |name: &str, dtype: Dtype| {
             let view = tensors.tensor(name).map_err(|_| invalid(format!("tensor `{name}` is missing")))?;
             if view.dtype() != dtype {
@@ -218,9 +215,7 @@ impl Model {
             return Err(invalid(format!("`bank` has shape {bank_shape:?}, expected [rows, columns]")));
         };
         if columns_shape != [width] || scores_shape != [rows] {
-            return Err(invalid(format!(
-                "shapes disagree: bank {bank_shape:?}, columns {columns_shape:?}, train_scores {scores_shape:?}"
-            )));
+            return Err(invalid(format!("shapes disagree: bank {bank_shape:?}, columns {columns_shape:?}, train_scores {scores_shape:?}")));
         }
         let columns: Vec<u32> = bytemuck::pod_collect_to_vec(&columns_bytes);
         if columns.windows(2).any(|w| w[0] >= w[1]) || columns.last().is_some_and(|&c| c as usize >= info.input_dim) {

@@ -30,10 +30,7 @@ pub mod reference {
                 *v += (x as f64 - m).powi(2);
             }
         }
-        ColumnStats {
-            mean: mean.iter().map(|&m| m as f32).collect(),
-            std: var.iter().map(|&v| (v / rows as f64).sqrt() as f32).collect(),
-        }
+        ColumnStats { mean: mean.iter().map(|&m| m as f32).collect(), std: var.iter().map(|&v| (v / rows as f64).sqrt() as f32).collect() }
     }
 
     /// Squared Euclidean distance of every (query, bank row) pair, `m × n`, from differences in f64.
@@ -183,11 +180,24 @@ pub mod fast {
         // SAFETY: the asserts above bound every access the strides below describe.
         unsafe {
             gemm::gemm(
-                m, n, d,
-                out.as_mut_ptr(), 1, n as isize, false,
-                a.as_ptr(), 1, d as isize,
-                b.as_ptr(), d as isize, 1,
-                0.0, 1.0, false, false, false,
+                m,
+                n,
+                d,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                d as isize,
+                b.as_ptr(),
+                d as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
                 parallelism,
             );
         }

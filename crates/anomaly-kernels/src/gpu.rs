@@ -191,8 +191,20 @@ impl GpuKernels {
             gather: build(&device, &gather, "gather_columns", &[Uniform, Read, Read, Write]),
             norms: build(&device, &norms, "row_norms", &[Uniform, Read, Write]),
             tiled: build(&device, &distance, "distance_tiled", &[Uniform, Read, Read, Read, Read, Write]),
-            broadcast16: build_with(&device, &broadcast, "distance_broadcast", &[Uniform, Uniform, Read, Read, Read, Write], &[("ROWS", 16.0)]),
-            broadcast8: build_with(&device, &broadcast, "distance_broadcast", &[Uniform, Uniform, Read, Read, Read, Write], &[("ROWS", 8.0)]),
+            broadcast16: build_with(
+                &device,
+                &broadcast,
+                "distance_broadcast",
+                &[Uniform, Uniform, Read, Read, Read, Write],
+                &[("ROWS", 16.0)],
+            ),
+            broadcast8: build_with(
+                &device,
+                &broadcast,
+                "distance_broadcast",
+                &[Uniform, Uniform, Read, Read, Read, Write],
+                &[("ROWS", 8.0)],
+            ),
             naive: build(&device, &distance, "distance_naive", &[Uniform, Read, Read, Read, Read, Write]),
             topk: build(&device, &topk, "topk", &[Uniform, Read, Read, Read, Write, Write]),
             limits: KernelLimits::of(&device),
@@ -234,11 +246,7 @@ impl GpuKernels {
     /// Uploads a row-major `rows × cols` matrix in chunks that fit one binding each.
     pub fn upload(&self, values: &[f32], rows: usize, cols: usize) -> Result<GpuMatrix, KernelError> {
         if rows == 0 || cols == 0 || values.len() != rows * cols {
-            return Err(KernelError::Shape(format!(
-                "a {rows} × {cols} matrix needs {} values, got {}",
-                rows * cols,
-                values.len()
-            )));
+            return Err(KernelError::Shape(format!("a {rows} × {cols} matrix needs {} values, got {}", rows * cols, values.len())));
         }
         let chunk_rows = self.rows_per_chunk(cols)?;
         let mut chunks = Vec::new();
@@ -260,8 +268,7 @@ impl GpuKernels {
 
     /// Reads a matrix back to the host, row-major.
     pub fn download(&self, matrix: &GpuMatrix) -> Result<Vec<f32>, KernelError> {
-        let sources: Vec<(&wgpu::Buffer, u64)> =
-            matrix.chunks.iter().map(|c| (&c.values, (c.rows * matrix.cols * 4) as u64)).collect();
+        let sources: Vec<(&wgpu::Buffer, u64)> = matrix.chunks.iter().map(|c| (&c.values, (c.rows * matrix.cols * 4) as u64)).collect();
         let parts = self.read_back(self.device.create_command_encoder(&Default::default()), &sources)?;
         Ok(parts.iter().flat_map(|bytes| bytemuck::cast_slice::<u8, f32>(bytes).iter().copied()).collect())
     }
@@ -354,12 +361,7 @@ impl GpuKernels {
         let m = queries.len() / d;
         let width = bank.chunks.iter().map(|c| c.rows).max().unwrap_or(1);
         let binding_rows = |row_bytes: usize| (self.limits.max_binding_bytes / row_bytes as u64) as usize;
-        let block = m
-            .min(MAX_QUERY_BLOCK)
-            .min(binding_rows(width * 4))
-            .min(binding_rows(d * 4))
-            .min(binding_rows(k * 4))
-            .max(1);
+        let block = m.min(MAX_QUERY_BLOCK).min(binding_rows(width * 4)).min(binding_rows(d * 4)).min(binding_rows(k * 4)).max(1);
         let kernel = self.distance_kernel_for(d);
         let capacity = k.next_power_of_two() as u32;
         let distances = self.storage(block * width * 4, "distances");
@@ -462,7 +464,14 @@ impl GpuKernels {
     }
 
     /// Encodes the squared distances of a query block to one bank chunk into `out` (`rows × chunk.rows`).
-    fn encode_distances(&self, pass: &mut wgpu::ComputePass, kernel: DistanceKernel, queries: &QueryBlock, chunk: &MatrixChunk, out: &wgpu::Buffer) {
+    fn encode_distances(
+        &self,
+        pass: &mut wgpu::ComputePass,
+        kernel: DistanceKernel,
+        queries: &QueryBlock,
+        chunk: &MatrixChunk,
+        out: &wgpu::Buffer,
+    ) {
         let (m, n, d) = (queries.rows, chunk.rows, queries.d);
         match (kernel, &queries.broadcast) {
             (DistanceKernel::Broadcast, Some(blocks)) => {
@@ -542,11 +551,8 @@ impl GpuKernels {
             .enumerate()
             .map(|(i, resource)| wgpu::BindGroupEntry { binding: i as u32, resource: resource.clone() })
             .collect();
-        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &kernel.layout,
-            entries: &entries,
-        });
+        let bind_group =
+            self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &kernel.layout, entries: &entries });
         pass.set_pipeline(&kernel.pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(groups.0, groups.1, 1);

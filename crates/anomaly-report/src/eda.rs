@@ -63,7 +63,11 @@ pub fn defect_area_png(title: &str, groups: &[(String, Vec<f64>)]) -> Result<Vec
             .x_labels(columns)
             .x_label_formatter(&|x| {
                 let index = x.round();
-                if (x - index).abs() < 1e-6 && index >= 0.0 { names.get(index as usize).cloned().unwrap_or_default() } else { String::new() }
+                if (x - index).abs() < 1e-6 && index >= 0.0 {
+                    names.get(index as usize).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                }
             })
             .disable_x_mesh()
             .max_light_lines(1)
@@ -77,7 +81,10 @@ pub fn defect_area_png(title: &str, groups: &[(String, Vec<f64>)]) -> Result<Vec
             // Spread the points sideways by rank so that equal areas do not hide each other.
             let n = areas.len().max(1) as f64;
             chart.draw_series(
-                areas.iter().enumerate().map(|(i, &a)| Circle::new((index as f64 + 0.5 * (i as f64 / n - 0.5), a), 4, colour.mix(0.8).filled())),
+                areas
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &a)| Circle::new((index as f64 + 0.5 * (i as f64 / n - 0.5), a), 4, colour.mix(0.8).filled())),
             )?;
         }
         Ok(())

@@ -77,7 +77,11 @@ fn cumulative_counts(scores: &[f64], labels: &[bool]) -> (Vec<f64>, Vec<f64>, Ve
     let (mut fps, mut tps, mut thresholds) = (Vec::new(), Vec::new(), Vec::new());
     let (mut fp, mut tp) = (0.0, 0.0);
     for (position, &i) in order.iter().enumerate() {
-        if labels[i] { tp += 1.0 } else { fp += 1.0 }
+        if labels[i] {
+            tp += 1.0
+        } else {
+            fp += 1.0
+        }
         let last_of_value = order.get(position + 1).is_none_or(|&next| scores[next] != scores[i]);
         if last_of_value {
             fps.push(fp);

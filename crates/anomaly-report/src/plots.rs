@@ -93,11 +93,7 @@ pub fn roc_png(plot: &RocPlot) -> Result<Vec<u8>, PlotError> {
 pub fn confusion_png(title: &str, confusion: &Confusion, threshold: f64) -> Result<Vec<u8>, PlotError> {
     render("confusion.png", (640, 600), |root| {
         root.draw_text(title, &(FONT, 24).into_font().color(&BLACK), (24, 16))?;
-        root.draw_text(
-            &format!("flagged when score > {threshold:.4}"),
-            &(FONT, 16).into_font().color(&RGBColor(90, 90, 90)),
-            (24, 48),
-        )?;
+        root.draw_text(&format!("flagged when score > {threshold:.4}"), &(FONT, 16).into_font().color(&RGBColor(90, 90, 90)), (24, 48))?;
         let (left, top, cell) = (170i32, 130i32, 200i32);
         let label = (FONT, 17).into_font().color(&BLACK);
         root.draw(&Text::new("predicted", (left + cell, top - 56), centred(18.0, &BLACK)))?;

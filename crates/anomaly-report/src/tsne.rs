@@ -63,10 +63,8 @@ fn joint_probabilities(points: &[f32], dim: usize, perplexity: f64) -> Vec<f64> 
     let rows: Vec<&[f32]> = points.chunks_exact(dim).collect();
     let mut conditional = vec![0.0f64; n * n];
     conditional.par_chunks_mut(n).enumerate().for_each(|(i, out)| {
-        let distances: Vec<f64> = rows
-            .iter()
-            .map(|other| rows[i].iter().zip(*other).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum())
-            .collect();
+        let distances: Vec<f64> =
+            rows.iter().map(|other| rows[i].iter().zip(*other).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum()).collect();
         // Binary search over the precision beta = 1 / (2σ²), as scikit-learn's _binary_search_perplexity.
         let (mut beta, mut low, mut high) = (1.0f64, 0.0f64, f64::INFINITY);
         for _ in 0..100 {
@@ -108,8 +106,7 @@ fn joint_probabilities(points: &[f32], dim: usize, perplexity: f64) -> Vec<f64> 
 fn gradient(p: &[f64], y: &[[f64; 2]], exaggeration: f64) -> Vec<[f64; 2]> {
     let n = y.len();
     let kernel = |i: usize, j: usize| 1.0 / (1.0 + (y[i][0] - y[j][0]).powi(2) + (y[i][1] - y[j][1]).powi(2));
-    let row_sums: Vec<f64> =
-        (0..n).into_par_iter().map(|i| (0..n).filter(|&j| j != i).map(|j| kernel(i, j)).sum()).collect();
+    let row_sums: Vec<f64> = (0..n).into_par_iter().map(|i| (0..n).filter(|&j| j != i).map(|j| kernel(i, j)).sum()).collect();
     let z: f64 = row_sums.iter().sum();
     (0..n)
         .into_par_iter()

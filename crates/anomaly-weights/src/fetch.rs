@@ -65,8 +65,7 @@ pub fn ensure(spec: &WeightsSpec, dir: &Path, options: &FetchOptions, progress: 
     let target = dir.join(spec.file_name);
     if target.is_file() {
         let actual = sha256_file(&target)?;
-        return check(spec, &target.display().to_string(), &actual, "; delete it to download it again")
-            .map(|()| target);
+        return check(spec, &target.display().to_string(), &actual, "; delete it to download it again").map(|()| target);
     }
     std::fs::create_dir_all(dir).map_err(io_error(dir))?;
     let mut staged = NamedTempFile::new_in(dir).map_err(io_error(dir))?;
@@ -115,12 +114,7 @@ fn check(spec: &WeightsSpec, what: &str, actual: &str, hint: &str) -> Result<(),
     if spec.sha256.matches(actual) {
         Ok(())
     } else {
-        Err(WeightsError::Checksum {
-            what: what.into(),
-            expected: spec.sha256.describe(),
-            actual: actual.into(),
-            hint: hint.into(),
-        })
+        Err(WeightsError::Checksum { what: what.into(), expected: spec.sha256.describe(), actual: actual.into(), hint: hint.into() })
     }
 }
 
@@ -143,11 +137,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn agent(timeout: Duration) -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .timeout_global(Some(timeout))
-        .timeout_connect(Some(Duration::from_secs(30)))
-        .build()
-        .into()
+    ureq::Agent::config_builder().timeout_global(Some(timeout)).timeout_connect(Some(Duration::from_secs(30))).build().into()
 }
 
 /// Streams `url` into `out`, returning the sha256 of what was written.
@@ -196,7 +186,8 @@ fn fetch_wheel(package: &str, version: &str, dir: &Path, options: &FetchOptions,
                 match output {
                     Ok(out) if out.status.success() => return find_wheel(dir),
                     Ok(out) => {
-                        last_error = format!("`{program} {} download` failed: {}", prefix.join(" "), String::from_utf8_lossy(&out.stderr).trim())
+                        last_error =
+                            format!("`{program} {} download` failed: {}", prefix.join(" "), String::from_utf8_lossy(&out.stderr).trim())
                     }
                     Err(_) => continue,
                 }
@@ -217,11 +208,8 @@ fn find_wheel(dir: &Path) -> Result<PathBuf, String> {
 /// The wheel's URL from a PEP 503 index page: the first `.whl` link for that version.
 fn wheel_url(index: &str, package: &str, version: &str, timeout: Duration) -> Result<String, String> {
     let page_url = format!("{}/{}/", index.trim_end_matches('/'), package);
-    let page = agent(timeout)
-        .get(&page_url)
-        .call()
-        .and_then(|mut r| r.body_mut().read_to_string())
-        .map_err(|e| format!("{page_url}: {e}"))?;
+    let page =
+        agent(timeout).get(&page_url).call().and_then(|mut r| r.body_mut().read_to_string()).map_err(|e| format!("{page_url}: {e}"))?;
     let wanted = format!("{}-{version}-", package.replace('-', "_"));
     page.split("href=\"")
         .skip(1)
