@@ -1,11 +1,9 @@
 //! `anomaly`: learn what good parts look like from images, and flag the defective ones, on any GPU
-//! through wgpu or on the CPU.
+//! through wgpu or on the CPU. The binary parses arguments, resolves the device, calls the libraries and
+//! prints; see ARCHITECTURE.md.
 
-mod autoencode;
+mod args;
 mod commands;
-mod evaluate;
-mod extract;
-mod output;
 mod weights;
 
 use std::process::ExitCode;

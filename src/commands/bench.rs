@@ -6,7 +6,9 @@ use anyhow::Result;
 use burn::tensor::{Tensor, TensorData};
 use indicatif::ProgressBar;
 
-use crate::extract::{BackboneArgs, Extractor, to_vec};
+use anomaly_method::to_vec;
+
+use crate::args::BackboneArgs;
 
 /// `anomaly bench …`: benchmarks print figures and ratios; they assert nothing.
 #[derive(clap::Subcommand)]
@@ -24,8 +26,6 @@ pub struct BackboneBenchArgs {
     /// Folder of images (e.g. an MVTec AD category's train/good).
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
     /// Use at most this many images.
     #[arg(long)]
     limit: Option<usize>,
@@ -49,9 +49,9 @@ fn backbone(args: BackboneBenchArgs) -> Result<()> {
     if let Some(limit) = args.limit {
         paths.truncate(limit.max(1));
     }
-    let batch_size = args.batch_size.max(1);
-    let extractor = Extractor::new(&args.model)?;
-    let preprocess = extractor.preprocess.clone();
+    let batch_size = args.model.run.batch_size.max(1);
+    let extractor = args.model.extractor()?;
+    let preprocess = extractor.preprocess().clone();
     let side = preprocess.crop as usize;
     let threads = rayon::current_num_threads();
 
@@ -67,8 +67,8 @@ fn backbone(args: BackboneBenchArgs) -> Result<()> {
 
     // Forward alone: one batch already on the device, timed after a warm-up pass.
     let n = first_batch.len();
-    let input = Tensor::<4>::from_data(TensorData::new(first_batch.pixels.clone(), [n, 3, side, side]), &extractor.device.device);
-    let forward = || to_vec(extractor.backbone.features(input.clone(), &[]).pooled.into_data());
+    let input = Tensor::<4>::from_data(TensorData::new(first_batch.pixels.clone(), [n, 3, side, side]), &extractor.device().device);
+    let forward = || to_vec(extractor.backbone().features(input.clone(), &[]).pooled.into_data());
     forward()?;
     let start = Instant::now();
     for _ in 0..args.repeats.max(1) {
@@ -90,7 +90,7 @@ fn backbone(args: BackboneBenchArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "backbone": args.model.backbone.to_string(), "device": extractor.device.describe(), "images": paths.len(),
+                "backbone": args.model.backbone.to_string(), "device": extractor.device().describe(), "images": paths.len(),
                 "batch_size": batch_size, "threads": threads, "input": side,
                 "decode_preprocess_img_s": decode_ips, "forward_img_s": forward_ips, "end_to_end_img_s": end_to_end_ips,
                 "peak_rss_mib": peak_rss_mib,
@@ -100,7 +100,7 @@ fn backbone(args: BackboneBenchArgs) -> Result<()> {
         println!(
             "backbone {} on {}, {} images, batch {batch_size}, {threads} threads, input {side}px",
             args.model.backbone,
-            extractor.device.describe(),
+            extractor.device().describe(),
             paths.len()
         );
         println!("  decode + preprocess  {decode_ips:8.1} img/s");

@@ -1,11 +1,12 @@
 use std::path::PathBuf;
 
 use anomaly_data::{Dataset, SyntheticConfig, write_synthetic_dataset};
+use anomaly_eval::ModelSource;
+use anomaly_method::{MemoryBankSettings, MethodName, MethodSettings};
 use anyhow::Result;
 
-use super::eval::{ReportArgs, print_summary};
-use crate::evaluate::{DetectorArgs, ModelSource, evaluate};
-use crate::extract::{BackboneArgs, Extractor};
+use super::eval::print_summary;
+use crate::args::{ReportArgs, RunArgs};
 
 /// `anomaly demo`.
 #[derive(clap::Args)]
@@ -29,16 +30,16 @@ pub struct Args {
     #[arg(long, default_value_t = 8)]
     per_defect: usize,
     #[command(flatten)]
-    backbone: BackboneArgs,
+    memory_bank: MemoryBankSettings,
     #[command(flatten)]
-    detector: DetectorArgs,
+    run: RunArgs,
     #[command(flatten)]
     options: ReportArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let config = args.detector.config();
-    config.check(args.train)?;
+    let settings = MethodSettings { memory_bank: args.memory_bank, ..MethodSettings::default() };
+    anomaly_method::check(MethodName::MemoryBank, &settings, args.train)?;
     let data = args.out.join("data");
     let synthetic = SyntheticConfig {
         seed: args.data_seed,
@@ -50,8 +51,9 @@ pub fn run(args: Args) -> Result<()> {
     write_synthetic_dataset(&data, &synthetic)?;
     eprintln!("synthetic woven fabric: {} (seed {})", data.display(), synthetic.seed);
     let dataset = Dataset { name: "synthetic woven fabric".into(), ..Dataset::mvtec(&data)? };
-    let extractor = Extractor::new(&args.backbone)?;
-    eprintln!("{} on {}", extractor.name, extractor.device.describe());
-    let summary = evaluate(&extractor, &dataset, ModelSource::Fit(config), &args.options.options(&args.out.join("report")))?;
+    let runtime = args.run.runtime()?;
+    eprintln!("{} on {}", settings.memory_bank.backbone, runtime.device().describe());
+    let source = ModelSource::Fit { method: MethodName::MemoryBank, settings: &settings };
+    let summary = anomaly_eval::evaluate(&dataset, source, &runtime, &args.options.options(args.out.join("report")))?;
     print_summary(&summary, args.options.json)
 }

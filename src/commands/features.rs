@@ -5,8 +5,10 @@ use anomaly_data::Dataset;
 use anyhow::{Context, Result};
 use safetensors::{Dtype, tensor::TensorView};
 
-use crate::extract::{BackboneArgs, Extractor, image_progress};
-use crate::output::write_atomic;
+use anomaly_fs::write_atomic;
+use anomaly_method::image_progress;
+
+use crate::args::BackboneArgs;
 
 /// `anomaly features`.
 #[derive(clap::Args)]
@@ -22,22 +24,19 @@ pub struct Args {
     /// Intermediate feature maps to save too, comma-separated (e.g. layer2,layer3 or block4,block10).
     #[arg(long, value_delimiter = ',')]
     taps: Vec<String>,
-    /// Images per forward pass.
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let dataset = Dataset::open(&args.data)?;
     let paths: Vec<PathBuf> = dataset.samples.iter().map(|s| s.path.clone()).collect();
-    let extractor = Extractor::new(&args.model)?;
-    eprintln!("{} on {}: {} images", args.model.backbone, extractor.device.describe(), paths.len());
+    let extractor = args.model.extractor()?;
+    eprintln!("{} on {}: {} images", args.model.backbone, extractor.device().describe(), paths.len());
     let taps: Vec<&str> = args.taps.iter().map(String::as_str).collect();
 
     let progress = image_progress(paths.len(), "features");
     let mut pooled = Vec::new();
     let mut maps: Vec<(String, [usize; 4], Vec<f32>)> = Vec::new();
-    extractor.run(paths.clone(), &taps, args.batch_size, &progress, |_, batch_pooled, batch_maps| {
+    extractor.run(paths.clone(), &taps, args.model.run.batch_size, &progress, |_, batch_pooled, batch_maps| {
         pooled.extend(batch_pooled);
         for map in batch_maps {
             match maps.iter_mut().find(|(name, _, _)| *name == map.name) {
@@ -67,8 +66,8 @@ pub fn run(args: Args) -> Result<()> {
     let path_list: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
     let metadata = HashMap::from([
         ("backbone".to_string(), args.model.backbone.to_string()),
-        ("device".to_string(), extractor.device.describe()),
-        ("preprocess".to_string(), serde_json::to_string(&extractor.preprocess)?),
+        ("device".to_string(), extractor.device().describe()),
+        ("preprocess".to_string(), serde_json::to_string(extractor.preprocess())?),
         ("paths".to_string(), serde_json::to_string(&path_list)?),
     ]);
     let bytes = safetensors::serialize(views, Some(metadata)).context("encoding features")?;

@@ -1,28 +1,28 @@
-//! Running a backbone over many images: batches decoded in parallel ahead of the forward pass, a
-//! progress bar, and features brought back as plain vectors.
+//! A backbone loaded on a device, run over many images: batches decoded in parallel ahead of the forward
+//! pass, and features brought back to the host as plain vectors.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use anomaly_backbone::{Backbone, BackboneName};
 use anomaly_data::{Batch, BatchLoader, Preprocess};
-use anomaly_device::{DeviceChoice, ResolvedDevice};
+use anomaly_detector::Compute;
+use anomaly_device::ResolvedDevice;
 use anyhow::{Context, Result};
 use burn::tensor::{Tensor, TensorData};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
-use crate::weights::{WeightsArgs, weights_file};
+use crate::progress::image_progress;
 
 /// A backbone loaded on a device, with the preprocessing its weights expect.
 pub struct Extractor {
-    pub name: BackboneName,
-    pub backbone: Backbone,
-    pub device: ResolvedDevice,
-    pub preprocess: Preprocess,
-    /// The weights file the backbone was loaded from.
-    pub weights: PathBuf,
+    name: BackboneName,
+    backbone: Backbone,
+    device: ResolvedDevice,
+    preprocess: Preprocess,
+    weights: PathBuf,
     weights_sha256: OnceLock<String>,
-    compute: OnceLock<anomaly_detector::Compute>,
+    compute: OnceLock<Compute>,
 }
 
 /// One feature map of a batch, brought back to the host.
@@ -33,39 +33,44 @@ pub struct HostMap {
     pub values: Vec<f32>,
 }
 
-/// The options of every command that runs a backbone: which one, its weights, and where it runs.
-#[derive(clap::Args)]
-pub struct BackboneArgs {
-    /// resnet50, resnet50-v2, wide_resnet50_2, efficientnet-lite0 or efficientnet-lite2.
-    #[arg(long, default_value = "efficientnet-lite0")]
-    pub backbone: BackboneName,
-    #[command(flatten)]
-    pub weights: WeightsArgs,
-    /// auto (a real GPU if there is one, else the CPU), wgpu, or cpu.
-    #[arg(long, default_value = "auto")]
-    pub device: DeviceChoice,
-}
-
 impl Extractor {
-    /// Resolves the device, finds (or fetches) the weights and loads the backbone.
-    pub fn new(args: &BackboneArgs) -> Result<Self> {
-        Self::load(args.backbone, &args.weights, args.device)
-    }
-
-    /// As [`Extractor::new`], from the parts (for commands that read the backbone from a model file).
-    pub fn load(name: BackboneName, weights: &WeightsArgs, device: DeviceChoice) -> Result<Self> {
-        let path = weights_file(name, weights)?;
-        let device = anomaly_device::resolve(device)?;
-        let backbone = Backbone::load(name, &path, &device.device)?;
+    /// Loads backbone `name` from its weights file onto `device`.
+    pub fn load(name: BackboneName, weights: &Path, device: ResolvedDevice) -> Result<Self> {
+        let backbone = Backbone::load(name, weights, &device.device)?;
         Ok(Self {
             name,
             backbone,
             device,
             preprocess: name.preprocess(),
-            weights: path,
+            weights: weights.to_path_buf(),
             weights_sha256: OnceLock::new(),
             compute: OnceLock::new(),
         })
+    }
+
+    /// Which backbone this is.
+    pub fn name(&self) -> BackboneName {
+        self.name
+    }
+
+    /// The loaded network, for callers that run it themselves (benchmarks).
+    pub fn backbone(&self) -> &Backbone {
+        &self.backbone
+    }
+
+    /// Where it runs.
+    pub fn device(&self) -> &ResolvedDevice {
+        &self.device
+    }
+
+    /// How images become its inputs (the weights' own preprocessing).
+    pub fn preprocess(&self) -> &Preprocess {
+        &self.preprocess
+    }
+
+    /// The weights file it was loaded from.
+    pub fn weights(&self) -> &Path {
+        &self.weights
     }
 
     /// The pooled features of `paths` (row-major `images × dim`), with a progress bar labelled `message`.
@@ -96,16 +101,19 @@ impl Extractor {
 
     /// Where the detector's kernels run: our WGSL kernels when the backbone runs on wgpu, else the CPU.
     /// Built once (the GPU pipelines are compiled on first use) and shared by fitting and scoring.
-    pub fn compute(&self) -> Result<&anomaly_detector::Compute> {
+    pub fn compute(&self) -> Result<&Compute> {
         if let Some(compute) = self.compute.get() {
             return Ok(compute);
         }
-        let compute = if self.device.is_wgpu() {
-            anomaly_detector::Compute::Gpu(anomaly_kernels::GpuKernels::shared()?)
-        } else {
-            anomaly_detector::Compute::Cpu
-        };
+        let compute = if self.device.is_wgpu() { Compute::Gpu(anomaly_kernels::GpuKernels::shared()?) } else { Compute::Cpu };
         Ok(self.compute.get_or_init(|| compute))
+    }
+
+    /// The pooled features (`[batch, dim]`, row-major) of a batch of `side × side` images already
+    /// preprocessed (a model file records the preprocessing it was fitted with).
+    pub fn pooled_batch(&self, batch: &Batch, side: usize) -> Result<Vec<f32>> {
+        let (pooled, _) = self.forward(batch, side, &[])?;
+        Ok(pooled)
     }
 
     /// Runs the backbone over `paths`, `batch_size` images at a time, handing each batch's pooled features
@@ -126,24 +134,28 @@ impl Extractor {
                 self.backbone.tap_names().join(", ")
             );
         }
-        let side = self.preprocess.crop as usize;
         for batch in BatchLoader::new(paths, self.preprocess.clone(), batch_size, 2) {
             let batch = batch?;
-            let input = Tensor::<4>::from_data(TensorData::new(batch.pixels.clone(), [batch.len(), 3, side, side]), &self.device.device);
-            let features = self.backbone.features(input, taps);
-            let pooled = to_vec(features.pooled.into_data()).context("reading features back from the device")?;
-            let maps = features
-                .maps
-                .into_iter()
-                .map(|(name, map)| {
-                    let shape = map.dims();
-                    Ok(HostMap { name, shape, values: to_vec(map.into_data())? })
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let (pooled, maps) = self.forward(&batch, self.preprocess.crop as usize, taps)?;
             progress.inc(batch.len() as u64);
             sink(&batch, pooled, maps)?;
         }
         Ok(())
+    }
+
+    fn forward(&self, batch: &Batch, side: usize, taps: &[&str]) -> Result<(Vec<f32>, Vec<HostMap>)> {
+        let input = Tensor::<4>::from_data(TensorData::new(batch.pixels.clone(), [batch.len(), 3, side, side]), &self.device.device);
+        let features = self.backbone.features(input, taps);
+        let pooled = to_vec(features.pooled.into_data()).context("reading features back from the device")?;
+        let maps = features
+            .maps
+            .into_iter()
+            .map(|(name, map)| {
+                let shape = map.dims();
+                Ok(HostMap { name, shape, values: to_vec(map.into_data())? })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((pooled, maps))
     }
 }
 
@@ -151,14 +163,4 @@ impl Extractor {
 pub fn to_vec(data: TensorData) -> Result<Vec<f32>> {
     let data = data.convert::<f32>();
     Ok(data.as_slice::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?.to_vec())
-}
-
-/// A progress bar over `total` images (hidden when stderr is not a terminal).
-pub fn image_progress(total: usize, message: &str) -> ProgressBar {
-    let bar = ProgressBar::new(total as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} images ({per_sec}, eta {eta})").expect("valid progress template"),
-    );
-    bar.set_message(message.to_string());
-    bar
 }

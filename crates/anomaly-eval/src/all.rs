@@ -1,0 +1,173 @@
+//! `eval --all`: every category of an MVTec AD root fitted and evaluated with one runtime (backbones load
+//! once), then one summary in Markdown and JSON.
+
+use std::path::{Path, PathBuf};
+
+use anomaly_data::Dataset;
+use anomaly_method::{MethodName, MethodSettings, Runtime};
+use anyhow::{Context, Result};
+use serde_json::json;
+
+use crate::{EvalOptions, EvalSummary, ModelSource, evaluate};
+
+/// One category's evaluation, or why it failed.
+pub enum CategoryResult {
+    Done(EvalSummary),
+    Failed { category: String, error: String },
+}
+
+/// The summary of an `eval --all` run, as written to summary.json and summary.md.
+pub struct AllSummary {
+    pub json: serde_json::Value,
+    pub markdown: String,
+    pub categories: Vec<CategoryResult>,
+}
+
+impl AllSummary {
+    /// How many categories failed.
+    pub fn failed(&self) -> usize {
+        self.categories.iter().filter(|c| matches!(c, CategoryResult::Failed { .. })).count()
+    }
+}
+
+/// The MVTec AD categories under `root` (folders holding train/good), sorted.
+pub fn mvtec_categories(root: &Path) -> Result<Vec<PathBuf>> {
+    let mut categories: Vec<PathBuf> = std::fs::read_dir(root)
+        .with_context(|| format!("listing {}", root.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.join("train").join("good").is_dir())
+        .collect();
+    categories.sort();
+    anyhow::ensure!(!categories.is_empty(), "{}: no MVTec AD categories found (folders holding train/good)", root.display());
+    Ok(categories)
+}
+
+impl AllSummary {
+    /// Fits and evaluates `method` on every category under `root`, each into its own folder of
+    /// `options.report`, and writes summary.json and summary.md there. A failing category is reported
+    /// (on stderr and in the summary) and the others still run.
+    pub fn run(root: &Path, method: MethodName, settings: &MethodSettings, runtime: &Runtime, options: &EvalOptions) -> Result<Self> {
+        let mut categories = Vec::new();
+        for category in mvtec_categories(root)? {
+            let name = category.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let category_options = EvalOptions { report: options.report.join(&name), ..options.clone() };
+            let result = Dataset::mvtec(&category)
+                .map_err(anyhow::Error::from)
+                .and_then(|dataset| evaluate(&dataset, ModelSource::Fit { method, settings }, runtime, &category_options));
+            categories.push(match result {
+                Ok(summary) => {
+                    eprintln!("{}", summary.describe());
+                    CategoryResult::Done(summary)
+                }
+                Err(error) => {
+                    eprintln!("error: {name}: {error:#}");
+                    CategoryResult::Failed { category: name, error: format!("{error:#}") }
+                }
+            });
+        }
+        let label = method_label(method, settings);
+        let mut summary = Self::new(root, &label, &runtime.device().describe(), categories);
+        if method == MethodName::MemoryBank {
+            summary.json["k"] = json!(settings.memory_bank.k);
+            summary.json["features"] = json!(settings.memory_bank.features);
+        }
+        anomaly_fs::write_atomic(&options.report.join("summary.json"), serde_json::to_string_pretty(&summary.json)?.as_bytes())?;
+        anomaly_fs::write_atomic(&options.report.join("summary.md"), summary.markdown.as_bytes())?;
+        Ok(summary)
+    }
+
+    /// The summary of finished categories: mean image AUROC over those where it is defined.
+    pub fn new(root: &Path, method: &str, device: &str, categories: Vec<CategoryResult>) -> Self {
+        let aurocs: Vec<f64> =
+            categories.iter().filter_map(|c| if let CategoryResult::Done(s) = c { s.image_auroc } else { None }).collect();
+        let mean_auroc = (!aurocs.is_empty()).then(|| aurocs.iter().sum::<f64>() / aurocs.len() as f64);
+        let json = json!({
+            "root": root,
+            "method": method,
+            "device": device,
+            "mean_image_auroc": mean_auroc,
+            "categories": categories.iter().map(|c| match c {
+                CategoryResult::Done(s) => serde_json::to_value(s).expect("summaries serialise"),
+                CategoryResult::Failed { category, error } => json!({ "dataset": category, "error": error }),
+            }).collect::<Vec<_>>(),
+        });
+        let mut markdown = format!(
+            "# anomaly eval --all\n\n{method} on {device}; root `{}`.\n\n\
+             | category | image AUROC | threshold | F1 | accuracy | train | test | seconds |\n|---|---|---|---|---|---|---|---|\n",
+            root.display()
+        );
+        for category in &categories {
+            match category {
+                CategoryResult::Done(s) => markdown.push_str(&format!(
+                    "| [{0}]({0}/metrics.json) | {1} | {2:.4} | {3:.3} | {4:.3} | {5} | {6} | {7:.1} |\n",
+                    s.dataset,
+                    s.image_auroc.map_or("undefined".into(), |a| format!("{a:.4}")),
+                    s.threshold,
+                    s.f1,
+                    s.accuracy,
+                    s.n_train,
+                    s.n_test,
+                    s.timings_s.get("total").copied().unwrap_or_default()
+                )),
+                CategoryResult::Failed { category, error } => {
+                    markdown.push_str(&format!("| {category} | failed: {} | | | | | | |\n", error.replace('|', "\\|")))
+                }
+            }
+        }
+        if let Some(mean) = mean_auroc {
+            markdown.push_str(&format!("| **mean** | **{mean:.4}** | | | | | | |\n"));
+        }
+        Self { json, markdown, categories }
+    }
+}
+
+/// The method and its settings in words, for the summary's heading.
+fn method_label(method: MethodName, settings: &MethodSettings) -> String {
+    match method {
+        MethodName::MemoryBank => {
+            let s = &settings.memory_bank;
+            format!("{} with k = {}, {} feature columns", s.backbone, s.k, s.features)
+        }
+        MethodName::Autoencoder => format!("autoencoder {}px, latent {}", settings.autoencoder.image_size, settings.autoencoder.latent),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn done(name: &str, auroc: Option<f64>) -> CategoryResult {
+        CategoryResult::Done(EvalSummary {
+            dataset: name.into(),
+            image_auroc: auroc,
+            pixel_auroc: None,
+            threshold: 1.5,
+            f1: 0.5,
+            accuracy: 0.75,
+            n_train: 10,
+            n_test: 4,
+            timings_s: BTreeMap::from([("total".to_string(), 2.0)]),
+            report: PathBuf::from(name),
+        })
+    }
+
+    #[test]
+    fn the_summary_averages_defined_aurocs_and_lists_failures() {
+        let categories = vec![
+            done("bottle", Some(0.9)),
+            done("cable", None),
+            CategoryResult::Failed { category: "grid".into(), error: "a | b".into() },
+            done("hazelnut", Some(0.7)),
+        ];
+        let summary = AllSummary::new(Path::new("/mvtec"), "m", "cpu: burn-flex", categories);
+        assert_eq!(summary.failed(), 1);
+        assert!((summary.json["mean_image_auroc"].as_f64().unwrap() - 0.8).abs() < 1e-12);
+        assert_eq!(summary.json["categories"][2]["error"], "a | b");
+        assert!(summary.markdown.contains("| [bottle](bottle/metrics.json) | 0.9000 | 1.5000 | 0.500 | 0.750 | 10 | 4 | 2.0 |"));
+        assert!(summary.markdown.contains("| cable | undefined") || summary.markdown.contains("[cable](cable/metrics.json) | undefined"));
+        assert!(summary.markdown.contains("| grid | failed: a \\| b |"));
+        assert!(summary.markdown.contains("| **mean** | **0.8000** |"));
+    }
+}

@@ -1,0 +1,304 @@
+//! Evaluations and analyses written as report folders: a model of any method scored on a dataset's test
+//! images (metrics.json, scores.csv, ROC, confusion matrix, t-SNE map, pixel metrics and figures for
+//! methods that localise), the `eval --all` summary, and the exploratory analysis of a dataset (`eda`).
+
+mod all;
+mod eda;
+mod figures;
+mod report;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anomaly_data::{Dataset, Sample, Split};
+use anomaly_method::{Detector, ImageOutput, MethodName, MethodSettings, Runtime, image_progress};
+use anyhow::Result;
+use serde::Serialize;
+
+pub use all::{AllSummary, CategoryResult, mvtec_categories};
+pub use eda::analyse_dataset;
+pub use report::{Outcome, per_defect, scores_csv, tsne_groups, write_report};
+
+/// Wall time per stage, in the order the stages ran.
+pub struct Stopwatch {
+    start: Instant,
+    last: Instant,
+    stages: Vec<(String, f64)>,
+}
+
+impl Stopwatch {
+    /// Starts timing now.
+    pub fn start() -> Self {
+        let now = Instant::now();
+        Self { start: now, last: now, stages: Vec::new() }
+    }
+
+    /// Records the time since the previous lap as `stage`.
+    pub fn lap(&mut self, stage: &str) {
+        let now = Instant::now();
+        self.stages.push((stage.to_string(), (now - self.last).as_secs_f64()));
+        self.last = now;
+    }
+
+    /// Seconds per stage and in total, rounded to milliseconds.
+    pub fn seconds(&self) -> BTreeMap<String, f64> {
+        let round = |s: f64| (s * 1000.0).round() / 1000.0;
+        let mut map: BTreeMap<String, f64> = self.stages.iter().map(|(k, v)| (k.clone(), round(*v))).collect();
+        map.insert("total".into(), round(self.start.elapsed().as_secs_f64()));
+        map
+    }
+}
+
+/// Settings of an evaluation that do not change its numbers.
+#[derive(Clone, Debug)]
+pub struct EvalOptions {
+    /// The report folder.
+    pub report: PathBuf,
+    /// Seed of the t-SNE layout.
+    pub seed: u64,
+    /// At most this many images in the t-SNE map (a stratified subsample beyond it).
+    pub tsne_points: usize,
+}
+
+/// How the model to evaluate is had.
+pub enum ModelSource<'a> {
+    /// A fitted model.
+    Loaded(Box<dyn Detector>),
+    /// Fitted here on the dataset's train/good images, and saved into the report folder.
+    Fit { method: MethodName, settings: &'a MethodSettings },
+}
+
+/// The figures of one evaluation, as `eval --all` gathers them.
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalSummary {
+    pub dataset: String,
+    pub image_auroc: Option<f64>,
+    pub pixel_auroc: Option<f64>,
+    pub threshold: f64,
+    pub f1: f64,
+    pub accuracy: f64,
+    pub n_train: usize,
+    pub n_test: usize,
+    pub timings_s: BTreeMap<String, f64>,
+    pub report: PathBuf,
+}
+
+impl EvalSummary {
+    /// A one-line human summary.
+    pub fn describe(&self) -> String {
+        let auroc = self.image_auroc.map_or("undefined".to_string(), |a| format!("{a:.4}"));
+        let pixel = self.pixel_auroc.map_or(String::new(), |a| format!(", pixel AUROC {a:.4}"));
+        format!(
+            "{}: image AUROC {auroc}{pixel}, threshold {:.4}, F1 {:.3}, accuracy {:.3} ({} train, {} test images, {:.1} s)",
+            self.dataset,
+            self.threshold,
+            self.f1,
+            self.accuracy,
+            self.n_train,
+            self.n_test,
+            self.timings_s.get("total").copied().unwrap_or_default()
+        )
+    }
+
+    /// The report folder's files, for the closing message.
+    pub fn files(&self) -> Vec<PathBuf> {
+        report::REPORT_FILES.iter().map(|f| self.report.join(f)).filter(|p| p.is_file()).collect()
+    }
+}
+
+/// A dataset's test images, which an evaluation cannot do without.
+pub fn test_samples(dataset: &Dataset) -> Result<Vec<&Sample>> {
+    let test: Vec<&Sample> = dataset.split(Split::Test).collect();
+    anyhow::ensure!(
+        !test.is_empty(),
+        "{}: no test images; eval needs test/good and test/<defect> folders (`anomaly fit` fits without testing)",
+        dataset.name
+    );
+    Ok(test)
+}
+
+/// Scores a dataset's test images with a model (fitting it first if asked) and writes the report.
+pub fn evaluate(dataset: &Dataset, source: ModelSource, runtime: &Runtime, options: &EvalOptions) -> Result<EvalSummary> {
+    let mut clock = Stopwatch::start();
+    let test = test_samples(dataset)?;
+    let detector = match source {
+        ModelSource::Loaded(detector) => detector,
+        ModelSource::Fit { method, settings } => {
+            let train: Vec<PathBuf> = dataset.split(Split::Train).map(|s| s.path.clone()).collect();
+            let detector = anomaly_method::fit(method, settings, &train, &dataset.name, runtime)?;
+            clock.lap("fit");
+            anomaly_fs::write_atomic(&options.report.join("model.safetensors"), &detector.to_bytes()?)?;
+            detector
+        }
+    };
+    let shown = figures::shown_images(&test);
+    let paths: Vec<PathBuf> = test.iter().map(|s| s.path.clone()).collect();
+    let progress = image_progress(paths.len(), "test images");
+    let mut outputs: Vec<ImageOutput> = Vec::with_capacity(test.len());
+    let mut inputs: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
+    anomaly_method::score_paths(detector.as_ref(), paths, runtime.batch_size(), |batch, batch_outputs| {
+        let per_image = batch.pixels.len() / batch.len().max(1);
+        for (i, output) in batch_outputs.into_iter().enumerate() {
+            let index = outputs.len();
+            if output.reconstruction.is_some() && shown.contains(&index) {
+                inputs.insert(index, batch.pixels[i * per_image..(i + 1) * per_image].to_vec());
+            }
+            outputs.push(output);
+        }
+        progress.inc(batch.len() as u64);
+        Ok(())
+    })?;
+    progress.finish_and_clear();
+    clock.lap("score");
+
+    let side = detector.preprocess().crop as usize;
+    let pixel = figures::pixel_auroc(&test, &outputs, detector.preprocess())?;
+    if outputs.iter().any(|o| o.reconstruction.is_some()) {
+        let png = figures::reconstructions_png(&dataset.name, &test, &inputs, &outputs, side)?;
+        anomaly_fs::write_atomic(&options.report.join("reconstructions.png"), &png)?;
+        clock.lap("reconstructions");
+    }
+    let test_embedding: Vec<f32> = outputs.iter().flat_map(|o| o.embedding.iter().copied()).collect();
+    let mut method = detector.report_fields();
+    if let Some((value, note)) = &pixel {
+        method["pixel_auroc"] = serde_json::json!(value);
+        if let Some(note) = note {
+            method["pixel_auroc_note"] = serde_json::json!(note);
+        }
+    }
+    let train_embedding = detector.train_embedding();
+    let outcome = Outcome {
+        test: &test,
+        scores: outputs.iter().map(|o| o.score as f64).collect(),
+        threshold: detector.threshold() as f64,
+        threshold_rule: detector.threshold_rule(),
+        train_scores: detector.train_scores(),
+        title: format!("{} · {}", dataset.name, detector.title()),
+        tsne_title: format!("t-SNE of {}", detector.embedding_name()),
+        embedding_width: outputs.first().map_or(0, |o| o.embedding.len()),
+        train_embedding: train_embedding.map_or(&[][..], |e| e.rows),
+        test_embedding: &test_embedding,
+        method,
+    };
+    let mut summary = write_report(&dataset.name, outcome, options, clock)?;
+    summary.pixel_auroc = pixel.and_then(|(value, _)| value);
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use anomaly_data::{Batch, Preprocess, SyntheticConfig, write_synthetic_dataset};
+    use anomaly_detector::ScoreStats;
+    use anomaly_device::ResolvedDevice;
+    use anomaly_method::{Embedding, Scorer};
+
+    use super::*;
+
+    /// A method in a few lines, as a new one would plug in: an image scores its pixels' largest
+    /// distance from mid-grey, and its map is that distance per pixel.
+    struct Brightness {
+        preprocess: Preprocess,
+        stats: ScoreStats,
+    }
+
+    struct BrightnessScorer;
+
+    impl Scorer for BrightnessScorer {
+        fn score(&mut self, batch: &Batch) -> Result<Vec<ImageOutput>> {
+            let per_image = batch.pixels.len() / batch.len();
+            Ok(batch
+                .pixels
+                .chunks_exact(per_image)
+                .map(|image| {
+                    let plane = per_image / 3;
+                    let map: Vec<f32> = (0..plane).map(|p| (0..3).map(|c| (image[c * plane + p] - 0.5).abs()).sum::<f32>()).collect();
+                    let score = map.iter().copied().fold(0.0, f32::max);
+                    ImageOutput {
+                        score,
+                        embedding: vec![score, map.iter().sum::<f32>() / plane as f32],
+                        map: Some(map),
+                        reconstruction: None,
+                    }
+                })
+                .collect())
+        }
+    }
+
+    impl Detector for Brightness {
+        fn method(&self) -> MethodName {
+            MethodName::MemoryBank
+        }
+        fn preprocess(&self) -> &Preprocess {
+            &self.preprocess
+        }
+        fn threshold(&self) -> f32 {
+            1.0
+        }
+        fn threshold_rule(&self) -> &'static str {
+            "fixed"
+        }
+        fn train_scores(&self) -> &ScoreStats {
+            &self.stats
+        }
+        fn title(&self) -> String {
+            "brightness".into()
+        }
+        fn describe(&self) -> String {
+            "brightness".into()
+        }
+        fn embedding_name(&self) -> &'static str {
+            "brightness"
+        }
+        fn report_fields(&self) -> serde_json::Value {
+            serde_json::json!({ "method": "brightness" })
+        }
+        fn info(&self) -> serde_json::Value {
+            serde_json::json!({})
+        }
+        fn train_embedding(&self) -> Option<Embedding<'_>> {
+            None
+        }
+        fn device(&self) -> String {
+            "cpu".into()
+        }
+        fn scorer(&self) -> Result<Box<dyn Scorer + '_>> {
+            Ok(Box::new(BrightnessScorer))
+        }
+        fn to_bytes(&self) -> Result<Vec<u8>> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[test]
+    fn any_detector_is_evaluated_into_a_whole_report_with_pixel_metrics() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        write_synthetic_dataset(&data, &SyntheticConfig { seed: 5, size: 40, train: 3, test_good: 3, per_defect: 2 }).unwrap();
+        let dataset = Dataset::mvtec(&data).unwrap();
+        let detector = Brightness {
+            preprocess: Preprocess { resize: 32, crop: 32, mean: [0.0; 3], std: [1.0; 3] },
+            stats: ScoreStats::of(&[0.5, 0.7, 0.6]),
+        };
+        let device = ResolvedDevice { device: burn::tensor::Device::flex(), adapter: None };
+        let runtime = Runtime::new(device, dir.path(), Box::new(|_| anyhow::bail!("no weights needed")), 4);
+        let options = EvalOptions { report: dir.path().join("report"), seed: 0, tsne_points: 100 };
+        let summary = evaluate(&dataset, ModelSource::Loaded(Box::new(detector)), &runtime, &options).unwrap();
+
+        let test = test_samples(&dataset).unwrap();
+        assert_eq!((summary.n_train, summary.n_test), (3, test.len()));
+        assert!(summary.pixel_auroc.is_some_and(|a| (0.0..=1.0).contains(&a)), "{summary:?}");
+        let metrics: serde_json::Value = serde_json::from_slice(&std::fs::read(options.report.join("metrics.json")).unwrap()).unwrap();
+        assert_eq!(metrics["method"], "brightness");
+        assert_eq!(metrics["threshold"], 1.0);
+        assert_eq!(metrics["n_test"].as_u64(), Some(test.len() as u64));
+        assert_eq!(metrics["pixel_auroc"].as_f64(), summary.pixel_auroc);
+        let confusion = &metrics["confusion"];
+        let counted: u64 = ["tn", "fp", "fn", "tp"].iter().map(|k| confusion[k].as_u64().unwrap()).sum();
+        assert_eq!(counted, test.len() as u64);
+        let csv = std::fs::read_to_string(options.report.join("scores.csv")).unwrap();
+        assert_eq!(csv.lines().count(), test.len() + 1);
+        let files: Vec<String> = summary.files().iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        assert_eq!(files, ["metrics.json", "scores.csv", "roc.png", "confusion.png", "tsne.png"]);
+    }
+}

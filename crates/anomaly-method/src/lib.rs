@@ -1,0 +1,229 @@
+//! The detection methods behind one interface: each fits a model to good images, scores batches of
+//! images (per-image scores and, for methods that localise, per-pixel maps) and saves itself as a
+//! versioned model file. The commands only ever see [`Detector`]; the model file's `method` picks the
+//! loader once.
+//!
+//! Adding a method: one module implementing [`Detector`] and [`Scorer`], and one registration here (a
+//! [`MethodName`] variant, its settings in [`MethodSettings`], and its arms in [`fit`] and [`load`]).
+
+mod autoencoder;
+mod extractor;
+mod memory_bank;
+mod progress;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anomaly_backbone::BackboneName;
+use anomaly_data::{Batch, Preprocess};
+use anomaly_detector::ScoreStats;
+use anomaly_device::ResolvedDevice;
+use anyhow::Result;
+
+pub use autoencoder::AutoencoderSettings;
+pub use extractor::{Extractor, HostMap, to_vec};
+pub use memory_bank::MemoryBankSettings;
+pub use progress::image_progress;
+
+/// The detection methods, as `--method` names them and model files record them.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MethodName {
+    /// ImageNet features of a pretrained backbone, k nearest neighbours in a memory bank of good images.
+    #[default]
+    MemoryBank,
+    /// A convolutional autoencoder trained on the good images; the reconstruction error scores.
+    Autoencoder,
+}
+
+impl MethodName {
+    /// Every method, in the order help texts list them.
+    pub const ALL: [MethodName; 2] = [Self::MemoryBank, Self::Autoencoder];
+
+    /// The name on the command line and in model files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MemoryBank => anomaly_detector::MEMORY_BANK,
+            Self::Autoencoder => anomaly_autoencoder::AUTOENCODER,
+        }
+    }
+}
+
+impl std::fmt::Display for MethodName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Every method's settings, as the commands that fit take them (each method reads its own).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct MethodSettings {
+    #[command(flatten)]
+    pub memory_bank: MemoryBankSettings,
+    #[command(flatten)]
+    pub autoencoder: AutoencoderSettings,
+}
+
+/// What one image's scoring produced.
+#[derive(Clone, Debug, Default)]
+pub struct ImageOutput {
+    /// The anomaly score: above the model's threshold means anomalous.
+    pub score: f32,
+    /// The vector the t-SNE map places the image by (kept features, latent code, …).
+    pub embedding: Vec<f32>,
+    /// Per-pixel anomaly map over the input crop (`side × side`, row-major), for methods that localise.
+    pub map: Option<Vec<f32>>,
+    /// The method's reconstruction of the input (`3 × side × side`, values in [0, 1]), for methods that
+    /// reconstruct.
+    pub reconstruction: Option<Vec<f32>>,
+}
+
+/// Training images' embeddings for the t-SNE map (row-major, `width` values each).
+#[derive(Clone, Copy, Debug)]
+pub struct Embedding<'a> {
+    pub width: usize,
+    pub rows: &'a [f32],
+}
+
+/// A fitted model of any method.
+pub trait Detector {
+    /// Which method this is.
+    fn method(&self) -> MethodName;
+    /// How images become the inputs [`Scorer::score`] takes (resize, crop, normalisation).
+    fn preprocess(&self) -> &Preprocess;
+    /// Images scoring above it are anomalous.
+    fn threshold(&self) -> f32;
+    /// How the threshold was set, for metrics.json.
+    fn threshold_rule(&self) -> &'static str;
+    /// The training images' scores, which set the threshold.
+    fn train_scores(&self) -> &ScoreStats;
+    /// The method and its settings in a few words, for figure titles.
+    fn title(&self) -> String;
+    /// The closing line of `fit`: what was fitted and its threshold.
+    fn describe(&self) -> String;
+    /// What the t-SNE map is made of, for its title.
+    fn embedding_name(&self) -> &'static str;
+    /// The method's own fields of metrics.json (method, backbone, k, …).
+    fn report_fields(&self) -> serde_json::Value;
+    /// How the model was made, as its file records it (`fit --json`).
+    fn info(&self) -> serde_json::Value;
+    /// The training images' embeddings, when this process knows them.
+    fn train_embedding(&self) -> Option<Embedding<'_>>;
+    /// Where the model runs, in words.
+    fn device(&self) -> String;
+    /// A scorer holding whatever the model keeps on its device (a bank uploaded once, …).
+    fn scorer(&self) -> Result<Box<dyn Scorer + '_>>;
+    /// The model file's bytes.
+    fn to_bytes(&self) -> Result<Vec<u8>>;
+}
+
+/// Scores batches of images with one model.
+pub trait Scorer {
+    /// One output per image of the batch, in order.
+    fn score(&mut self, batch: &Batch) -> Result<Vec<ImageOutput>>;
+}
+
+/// Finds a backbone's weights file (fetching it if the command allows), for methods that run a backbone.
+pub type WeightsResolver = Box<dyn Fn(BackboneName) -> Result<PathBuf>>;
+
+/// Where methods run and what they may load: the resolved device, the weights files, and backbones
+/// loaded once and shared by every model of the run (`eval --all` fits one per category).
+pub struct Runtime {
+    device: ResolvedDevice,
+    weights: WeightsResolver,
+    weights_dir: PathBuf,
+    batch_size: usize,
+    extractors: Mutex<Vec<Arc<Extractor>>>,
+}
+
+impl Runtime {
+    /// A runtime on `device`; `weights` finds a backbone's weights file in `weights_dir`.
+    pub fn new(device: ResolvedDevice, weights_dir: &Path, weights: WeightsResolver, batch_size: usize) -> Self {
+        Self { device, weights, weights_dir: weights_dir.to_path_buf(), batch_size: batch_size.max(1), extractors: Mutex::new(Vec::new()) }
+    }
+
+    /// The device everything runs on.
+    pub fn device(&self) -> &ResolvedDevice {
+        &self.device
+    }
+
+    /// Images per forward pass.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    /// The folder weights are looked for in (named in errors).
+    pub fn weights_dir(&self) -> &Path {
+        &self.weights_dir
+    }
+
+    /// `name` loaded on the runtime's device (once per run).
+    pub fn extractor(&self, name: BackboneName) -> Result<Arc<Extractor>> {
+        let mut loaded = self.extractors.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(extractor) = loaded.iter().find(|e| e.name() == name) {
+            return Ok(Arc::clone(extractor));
+        }
+        let path = (self.weights)(name)?;
+        let extractor = Arc::new(Extractor::load(name, &path, self.device.clone())?);
+        loaded.push(Arc::clone(&extractor));
+        Ok(extractor)
+    }
+}
+
+/// Checks `method`'s settings against the number of training images, before any image is read.
+pub fn check(method: MethodName, settings: &MethodSettings, train_images: usize) -> Result<()> {
+    match method {
+        MethodName::MemoryBank => settings.memory_bank.check(train_images),
+        MethodName::Autoencoder => settings.autoencoder.check(),
+    }
+}
+
+/// Fits `method` to the good images at `train` (`dataset` names them in the model file).
+pub fn fit(
+    method: MethodName,
+    settings: &MethodSettings,
+    train: &[PathBuf],
+    dataset: &str,
+    runtime: &Runtime,
+) -> Result<Box<dyn Detector>> {
+    check(method, settings, train.len())?;
+    Ok(match method {
+        MethodName::MemoryBank => Box::new(memory_bank::MemoryBankDetector::fit(&settings.memory_bank, train, dataset, runtime)?),
+        MethodName::Autoencoder => Box::new(autoencoder::AutoencoderDetector::fit(&settings.autoencoder, train, dataset, runtime)?),
+    })
+}
+
+/// Reads a model file of any method (`path` names it in errors): its header's `method` picks the loader,
+/// which parses the same bytes.
+pub fn load(bytes: &[u8], path: &Path, runtime: &Runtime) -> Result<Box<dyn Detector>> {
+    let header = anomaly_detector::read_model_header(bytes, path)?;
+    let method = MethodName::ALL.into_iter().find(|m| m.as_str() == header.method).ok_or_else(|| {
+        anyhow::anyhow!(
+            "{}: a model of method '{}', which this anomaly does not know (it knows {}); upgrade anomaly",
+            path.display(),
+            header.method,
+            MethodName::ALL.map(MethodName::as_str).join(", ")
+        )
+    })?;
+    Ok(match method {
+        MethodName::MemoryBank => Box::new(memory_bank::MemoryBankDetector::load(bytes, path, runtime)?),
+        MethodName::Autoencoder => Box::new(autoencoder::AutoencoderDetector::load(bytes, path, runtime)?),
+    })
+}
+
+/// Scores every image at `paths` with a model, a batch at a time, handing each batch's paths and
+/// outputs to `sink` (memory bounded by the batch size).
+pub fn score_paths(
+    detector: &dyn Detector,
+    paths: Vec<PathBuf>,
+    batch_size: usize,
+    mut sink: impl FnMut(&Batch, Vec<ImageOutput>) -> Result<()>,
+) -> Result<()> {
+    let mut scorer = detector.scorer()?;
+    for batch in anomaly_data::BatchLoader::new(paths, detector.preprocess().clone(), batch_size, 2) {
+        let batch = batch?;
+        let outputs = scorer.score(&batch)?;
+        anyhow::ensure!(outputs.len() == batch.len(), "{} scored {} of {} images", detector.method(), outputs.len(), batch.len());
+        sink(&batch, outputs)?;
+    }
+    Ok(())
+}
