@@ -254,3 +254,58 @@ fn invalid_requests_are_refused() {
     let error = tiny.upload(&[0.0; 100], 1, 100).unwrap_err();
     assert!(matches!(error, KernelError::RowTooLarge { .. }) && error.to_string().contains("--device cpu"), "{error}");
 }
+
+/// Not a check but a measurement, printed: what handing burn's backbone output to our kernels through
+/// the host costs (`into_data`, then `upload`, which also computes the row norms), for an
+/// EfficientNet-Lite0 batch of 8: the pooled features and the two feature maps PatchCore takes. burn
+/// 0.22 keeps a tensor's wgpu buffer behind its dispatch and fusion layers, so the handoff goes through
+/// the host. Run it by name: `cargo test --release --test it host_copy -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement that prints figures; run it by name"]
+fn host_copy_between_burn_and_the_kernels() {
+    let device = wgpu_device();
+    let context = anomaly_device::GpuContext::get().unwrap();
+    let kernels = GpuKernels::shared().unwrap();
+    eprintln!("adapter {}; median of 15 runs after a warm-up", context.adapter);
+    measure(&kernels, &device, "pooled [8, 1280]", [8, 1280], 1280);
+    // Maps become rows of channels (one per patch); the layout change is not part of the copy measured.
+    measure(&kernels, &device, "map [8, 40, 28, 28]", [8, 40, 28, 28], 40);
+    measure(&kernels, &device, "map [8, 112, 14, 14]", [8, 112, 14, 14], 112);
+}
+
+fn measure<const D: usize>(kernels: &GpuKernels, device: &burn::tensor::Device, name: &str, shape: [usize; D], cols: usize) {
+    use burn::tensor::wgpu::wgpu;
+    use burn::tensor::{Distribution, Tensor};
+    use std::time::Instant;
+
+    let median = |mut times: Vec<f64>| {
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2]
+    };
+    let wgpu_device = &anomaly_device::GpuContext::get().unwrap().setup.device;
+    let tensor = Tensor::<D>::random(shape, Distribution::Normal(0.0, 1.0), device);
+    let values: Vec<f32> = tensor.clone().into_data().try_into_vec().unwrap();
+    let rows = values.len() / cols;
+    let (mut read, mut upload, mut norms) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..16 {
+        let start = Instant::now();
+        let data: Vec<f32> = tensor.clone().into_data().try_into_vec().unwrap();
+        read.push(start.elapsed().as_secs_f64() * 1e3);
+        // The call copies the values into a new wgpu buffer and submits the row norms; the wait runs them.
+        let start = Instant::now();
+        let matrix = kernels.upload(&data, rows, cols).unwrap();
+        upload.push(start.elapsed().as_secs_f64() * 1e3);
+        let start = Instant::now();
+        wgpu_device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+        norms.push(start.elapsed().as_secs_f64() * 1e3);
+        drop(matrix);
+    }
+    let (read, upload, norms) = (median(read[1..].to_vec()), median(upload[1..].to_vec()), median(norms[1..].to_vec()));
+    let mib = (values.len() * 4) as f64 / (1 << 20) as f64;
+    eprintln!(
+        "{name:<22} {mib:5.2} MiB: into_data {read:6.3} ms ({:5.2} GB/s), upload {upload:6.3} ms ({:5.2} GB/s), \
+         then row norms {norms:6.3} ms",
+        mib * 1.048576e-3 / (read * 1e-3),
+        mib * 1.048576e-3 / (upload * 1e-3),
+    );
+}
