@@ -12,6 +12,9 @@ struct Params {
     chunks: u32,
 }
 
+// Invocations per workgroup, one column each: set by the host (column_stats.rs), which sizes the grid by it.
+override WG: u32;
+
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> matrix: array<f32>;
 // [chunk][col] → (count, mean − shift, M2, shift)
@@ -19,7 +22,7 @@ struct Params {
 // [col] → (count, mean − shift, M2, shift)
 @group(0) @binding(3) var<storage, read_write> merged: array<vec4<f32>>;
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn partial_stats(@builtin(global_invocation_id) id: vec3<u32>) {
     let col = id.x;
     let chunk = id.y;
@@ -42,7 +45,7 @@ fn partial_stats(@builtin(global_invocation_id) id: vec3<u32>) {
     partials[chunk * params.cols + col] = vec4<f32>(count, mean, m2, shift);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn merge_stats(@builtin(global_invocation_id) id: vec3<u32>) {
     let col = id.x;
     if (col >= params.cols) {

@@ -1,7 +1,7 @@
 // Pairwise squared Euclidean distances between queries Q (m × d) and bank rows B (n × d), row-major:
-// D[i, j] = ‖q_i‖² + ‖b_j‖² − 2 q_i·b_j, clamped at 0. A tiled matrix product: each workgroup computes a
-// 64 × 64 tile of D, staging 64 × 16 slices of Q and B in workgroup memory; each of its 16 × 16
-// invocations accumulates 4 × 4 outputs in registers.
+// D[i, j] = ‖q_i‖² + ‖b_j‖² − 2 q_i·b_j, clamped at 0. A tiled matrix product: each workgroup of
+// SIDE × SIDE invocations computes a TILE × TILE tile of D, each invocation 4 × 4 outputs in registers,
+// staging TILE × SIDE slices of Q and B in workgroup memory.
 
 struct Params {
     m: u32,
@@ -17,18 +17,20 @@ struct Params {
 @group(0) @binding(4) var<storage, read> bank_norms: array<f32>;
 @group(0) @binding(5) var<storage, read_write> distances: array<f32>;
 
-const TILE: u32 = 64u;
-const DEPTH: u32 = 16u;
-const SIDE: u32 = 16u;    // invocations per tile side
+// Invocations per workgroup side, a multiple of 4: set by the host (distance.rs), which sizes the grid
+// by it. A tile's side is four times as many rows (one vec4 of outputs per invocation and direction),
+// and SIDE features are staged at a time, so that every invocation loads four values of Q and of B.
+override SIDE: u32;
+override TILE: u32 = 4u * SIDE;
 
-// Transposed slices, [k][row of tile]: queries as scalars, bank rows as groups of four neighbours, so
-// that an invocation's 4 × 4 block needs four scalar and one vector read per k.
-var<workgroup> q_tile: array<array<f32, TILE>, DEPTH>;
-var<workgroup> b_tile: array<array<vec4<f32>, SIDE>, DEPTH>;
+// Transposed slices, [k][row of tile] flattened: queries as scalars, bank rows as groups of four
+// neighbours, so that an invocation's 4 × 4 block needs four scalar and one vector read per k.
+var<workgroup> q_tile: array<f32, SIDE * TILE>;
+var<workgroup> b_tile: array<vec4<f32>, SIDE * SIDE>;
 
-// Invocation (x, y) computes rows y, y + 16, y + 32, y + 48 and columns 4x … 4x + 3 of the tile,
+// Invocation (x, y) computes rows y + SIDE · i (i < 4) and columns 4x … 4x + 3 of the tile,
 // in four vec4 accumulators (no arrays indexed at run time, which some compilers keep in memory).
-@compute @workgroup_size(16, 16)
+@compute @workgroup_size(SIDE, SIDE)
 fn distance_tiled(
     @builtin(workgroup_id) group: vec3<u32>,
     @builtin(local_invocation_id) local: vec3<u32>,
@@ -40,10 +42,10 @@ fn distance_tiled(
     var acc1 = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
-    // Each invocation stages one row of 4 consecutive k values of Q and of B (64 rows × 16 k each).
-    let load_row = lane / 4u;
-    let load_k = (lane % 4u) * 4u;
-    for (var k0 = 0u; k0 < params.d; k0 += DEPTH) {
+    // Each invocation stages one row of 4 consecutive k values of Q and of B (TILE rows × SIDE k each).
+    let load_row = lane / (SIDE / 4u);
+    let load_k = (lane % (SIDE / 4u)) * 4u;
+    for (var k0 = 0u; k0 < params.d; k0 += SIDE) {
         var q = vec4<f32>(0.0);
         var b = vec4<f32>(0.0);
         for (var t = 0u; t < 4u; t++) {
@@ -58,16 +60,17 @@ fn distance_tiled(
             }
         }
         for (var t = 0u; t < 4u; t++) {
-            q_tile[load_k + t][load_row] = q[t];
-            b_tile[load_k + t][load_row / 4u][load_row % 4u] = b[t];
+            q_tile[(load_k + t) * TILE + load_row] = q[t];
+            b_tile[(load_k + t) * SIDE + load_row / 4u][load_row % 4u] = b[t];
         }
         workgroupBarrier();
-        for (var kk = 0u; kk < DEPTH; kk++) {
-            let bv = b_tile[kk][local.x];
-            acc0 = fma(vec4<f32>(q_tile[kk][local.y]), bv, acc0);
-            acc1 = fma(vec4<f32>(q_tile[kk][local.y + SIDE]), bv, acc1);
-            acc2 = fma(vec4<f32>(q_tile[kk][local.y + 2u * SIDE]), bv, acc2);
-            acc3 = fma(vec4<f32>(q_tile[kk][local.y + 3u * SIDE]), bv, acc3);
+        for (var kk = 0u; kk < SIDE; kk++) {
+            let bv = b_tile[kk * SIDE + local.x];
+            let qi = kk * TILE + local.y;
+            acc0 = fma(vec4<f32>(q_tile[qi]), bv, acc0);
+            acc1 = fma(vec4<f32>(q_tile[qi + SIDE]), bv, acc1);
+            acc2 = fma(vec4<f32>(q_tile[qi + 2u * SIDE]), bv, acc2);
+            acc3 = fma(vec4<f32>(q_tile[qi + 3u * SIDE]), bv, acc3);
         }
         workgroupBarrier();
     }
@@ -91,7 +94,7 @@ fn store_row(row: u32, col: u32, dots: vec4<f32>) {
 
 // The straightforward kernel, one invocation per (query, bank row) pair reading both rows from
 // memory: kept as the baseline the benchmark measures the tiled kernel against.
-@compute @workgroup_size(16, 16)
+@compute @workgroup_size(SIDE, SIDE)
 fn distance_naive(@builtin(global_invocation_id) id: vec3<u32>) {
     let row = id.y;
     let col = id.x;

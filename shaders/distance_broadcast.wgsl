@@ -17,20 +17,23 @@ struct Params {
     _pad2: u32,
 }
 
-// 16 or 8: query rows per block, fixed when the pipeline is built.
-override ROWS: u32 = 16u;
+// Query rows per block (16 or 8) and invocations per workgroup, one bank row each: set by the host
+// (distance_broadcast.rs), which sizes the blocks and the grid by them.
+override ROWS: u32;
+override WG: u32;
 
 @group(0) @binding(0) var<uniform> params: Params;
-// ROWS rows of d4 vec4s each (64 KiB, the largest uniform binding every device offers).
+// ROWS rows of d4 vec4s each (64 KiB, the largest uniform binding every device offers; a uniform array
+// cannot be sized by an override, so the host checks this length against its block size in a test).
 @group(0) @binding(1) var<uniform> queries: array<vec4<f32>, 4096>;
 @group(0) @binding(2) var<storage, read> bank: array<f32>;
 @group(0) @binding(3) var<storage, read> query_norms: array<f32>;
 @group(0) @binding(4) var<storage, read> bank_norms: array<f32>;
 @group(0) @binding(5) var<storage, read_write> distances: array<f32>;
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn distance_broadcast(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
-    let col = group.x * 64u + lane;
+    let col = group.x * WG + lane;
     let base = min(col, params.n - 1u) * params.d;
     let last = base + params.d - 1u;
     let d4 = params.d4;

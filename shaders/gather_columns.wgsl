@@ -8,12 +8,15 @@ struct Params {
     _pad: u32,
 }
 
+// Invocations per workgroup, one selected column each: set by the host (gather_columns.rs).
+override WG: u32;
+
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> matrix: array<f32>;
 @group(0) @binding(2) var<storage, read> columns: array<u32>;
 @group(0) @binding(3) var<storage, read_write> gathered: array<f32>;
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn gather_columns(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
     let j = id.x;
     if (j >= params.selected) {

@@ -28,7 +28,8 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> out_indices: array<u32>;
 
 const THREADS: u32 = 256u;
-const MAX_K: u32 = 1024u;
+// Largest k, a power of two ≥ every capacity: set by the host (topk.rs), which refuses larger k.
+override MAX_K: u32;
 // Padding when a row has fewer than k entries: +inf, and an index past any bank.
 const PAD_KEY: u32 = 0x7f800000u;
 const PAD_INDEX: u32 = 0xffffffffu;

@@ -107,7 +107,7 @@ fn gpu_neighbours_match_the_reference_with_either_distance_shader() {
         for (seed, case) in CASES.iter().enumerate() {
             let (queries, bank) = data(case, seed as u64);
             let gpu_bank = kernels.upload(&bank, case.n, case.d).unwrap();
-            let ours = kernels.knn(&gpu_bank, &queries, case.k).unwrap();
+            let ours = kernels.knn_host(&gpu_bank, &queries, case.k).unwrap();
             check_neighbours(&format!("{kernel:?} {}", case.name), &ours, &queries, &bank, case.d);
         }
     }
@@ -128,25 +128,56 @@ fn chunked_runs_equal_the_unchunked_run() {
     let case = Case { name: "chunked", m: 70, n: 2500, d: 12, k: 40, scale: 1.0, offset: 0.0, duplicates: true };
     let (queries, bank) = data(&case, 11);
     let kernels = kernels.with_distance_kernel(DistanceKernel::Tiled);
-    let whole = kernels.knn(&kernels.upload(&bank, case.n, case.d).unwrap(), &queries, case.k).unwrap();
+    let whole = kernels.knn_host(&kernels.upload(&bank, case.n, case.d).unwrap(), &queries, case.k).unwrap();
     // 16 KiB bindings: bank chunks of 341 rows, query blocks of at most 4 rows, distances in pieces.
     let small = GpuKernels::shared().unwrap().with_limits(small_limits(&kernels, 16 * 1024)).with_distance_kernel(DistanceKernel::Tiled);
     let chunked_bank = small.upload(&bank, case.n, case.d).unwrap();
     assert!(chunked_bank.chunk_count() >= 7, "{} chunks", chunked_bank.chunk_count());
-    let chunked = small.knn(&chunked_bank, &queries, case.k).unwrap();
+    let chunked = small.knn_host(&chunked_bank, &queries, case.k).unwrap();
     assert_eq!(chunked, whole, "chunked and unchunked runs differ");
     check_neighbours(case.name, &chunked, &queries, &bank, case.d);
     // The broadcast shader splits queries into uniform blocks of 16 rows; the result must not change.
     let broadcast = small.with_distance_kernel(DistanceKernel::Broadcast);
     let chunked_bank = broadcast.upload(&bank, case.n, case.d).unwrap();
     let broadcast_whole = GpuKernels::shared().unwrap().with_distance_kernel(DistanceKernel::Broadcast);
-    let expected = broadcast_whole.knn(&broadcast_whole.upload(&bank, case.n, case.d).unwrap(), &queries, case.k).unwrap();
-    assert_eq!(broadcast.knn(&chunked_bank, &queries, case.k).unwrap(), expected, "broadcast: chunked and unchunked runs differ");
+    let expected = broadcast_whole.knn_host(&broadcast_whole.upload(&bank, case.n, case.d).unwrap(), &queries, case.k).unwrap();
+    assert_eq!(broadcast.knn_host(&chunked_bank, &queries, case.k).unwrap(), expected, "broadcast: chunked and unchunked runs differ");
 
     let exact = reference::column_stats(&bank, case.n, case.d);
     let stats = broadcast.column_stats(&chunked_bank).unwrap();
     for (ours, theirs) in stats.std.iter().zip(&exact.std) {
         assert!(close(*ours as f64, *theirs as f64, 1e-6, 1e-4), "std {ours} vs {theirs}");
+    }
+}
+
+#[test]
+fn device_queries_give_the_neighbours_host_queries_give() {
+    let shared = kernels();
+    // A width of 13 and one of 12 (the broadcast shader's blocks are packed row by row, or a block at a
+    // time), with the device's limits and with 16 KiB bindings: queries in three chunks, blocks of a few
+    // rows, a chunked bank.
+    for (seed, d) in [(31, 13), (32, 12)] {
+        let case = Case { name: "device queries", m: 700, n: 900, d, k: 7, scale: 1.0, offset: 0.0, duplicates: true };
+        let (queries, bank) = data(&case, seed);
+        for kernel in [DistanceKernel::Tiled, DistanceKernel::Broadcast] {
+            let mut results = Vec::new();
+            for limits in [shared.limits(), small_limits(&shared, 16 * 1024)] {
+                let kernels = GpuKernels::shared().unwrap().with_limits(limits).with_distance_kernel(kernel);
+                let gpu_bank = kernels.upload(&bank, case.n, d).unwrap();
+                let gpu_queries = kernels.upload(&queries, case.m, d).unwrap();
+                let on_device = kernels.knn(&gpu_bank, &gpu_queries, case.k).unwrap();
+                assert_eq!(on_device, kernels.knn_host(&gpu_bank, &queries, case.k).unwrap(), "{kernel:?} d {d} {limits:?}");
+                check_neighbours(&format!("{kernel:?} d {d}, {} query chunks", gpu_queries.chunk_count()), &on_device, &queries, &bank, d);
+                // A gathered bank as its own queries, as fitting does.
+                let columns: Vec<u32> = (0..d as u32).rev().step_by(2).collect();
+                let gathered = kernels.gather_columns(&gpu_bank, &columns).unwrap();
+                let rows = kernels.download(&gathered).unwrap();
+                assert_eq!(kernels.knn(&gathered, &gathered, case.k).unwrap(), kernels.knn_host(&gathered, &rows, case.k).unwrap());
+                results.push((gpu_queries.chunk_count(), on_device));
+            }
+            assert!(results[1].0 >= 3, "{} query chunks under 16 KiB bindings", results[1].0);
+            assert_eq!(results[0].1, results[1].1, "{kernel:?} d {d}: chunked and unchunked runs differ");
+        }
     }
 }
 
@@ -200,9 +231,9 @@ fn every_distance_shader_agrees_with_the_reference() {
     let bank = rng.normals(n * d, 0.0, 1.0);
     let exact = reference::squared_distances(&queries, &bank, d);
     let floor = floor_of(&queries, d);
-    let b = kernels.upload(&bank, n, d).unwrap();
+    let (q, b) = (kernels.upload(&queries, m, d).unwrap(), kernels.upload(&bank, n, d).unwrap());
     for kernel in [DistanceKernel::Tiled, DistanceKernel::Broadcast, DistanceKernel::Naive] {
-        let (ours, _) = kernels.distance_matrix(&queries, &b, kernel).unwrap();
+        let (ours, _) = kernels.distance_matrix(&q, &b, kernel).unwrap();
         for (o, e) in ours.iter().zip(&exact) {
             assert!(close(*o as f64, *e, floor, 1e-4), "{kernel:?}: {o} vs {e}");
         }
@@ -214,10 +245,67 @@ fn invalid_requests_are_refused() {
     let kernels = kernels();
     let bank = kernels.upload(&[0.0; 20], 10, 2).unwrap();
     for k in [0, 11] {
-        assert!(matches!(kernels.knn(&bank, &[0.0, 0.0], k), Err(KernelError::InvalidK { .. })), "k = {k}");
+        assert!(matches!(kernels.knn_host(&bank, &[0.0, 0.0], k), Err(KernelError::InvalidK { .. })), "k = {k}");
     }
-    assert!(matches!(kernels.knn(&bank, &[0.0; 3], 1), Err(KernelError::Shape(_))));
+    assert!(matches!(kernels.knn_host(&bank, &[0.0; 3], 1), Err(KernelError::Shape(_))));
+    let queries = kernels.upload(&[0.0; 3], 1, 3).unwrap();
+    assert!(matches!(kernels.knn(&bank, &queries, 1), Err(KernelError::Shape(_))));
     let tiny = GpuKernels::shared().unwrap().with_limits(small_limits(&kernels, 64));
     let error = tiny.upload(&[0.0; 100], 1, 100).unwrap_err();
     assert!(matches!(error, KernelError::RowTooLarge { .. }) && error.to_string().contains("--device cpu"), "{error}");
+}
+
+/// Not a check but a measurement, printed: what handing burn's backbone output to our kernels through
+/// the host costs (`into_data`, then `upload`, which also computes the row norms), for an
+/// EfficientNet-Lite0 batch of 8: the pooled features and the two feature maps PatchCore takes. burn
+/// 0.22 keeps a tensor's wgpu buffer behind its dispatch and fusion layers, so the handoff goes through
+/// the host. Run it by name: `cargo test --release --test it host_copy -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement that prints figures; run it by name"]
+fn host_copy_between_burn_and_the_kernels() {
+    let device = wgpu_device();
+    let context = anomaly_device::GpuContext::get().unwrap();
+    let kernels = GpuKernels::shared().unwrap();
+    eprintln!("adapter {}; median of 15 runs after a warm-up", context.adapter);
+    measure(&kernels, &device, "pooled [8, 1280]", [8, 1280], 1280);
+    // Maps become rows of channels (one per patch); the layout change is not part of the copy measured.
+    measure(&kernels, &device, "map [8, 40, 28, 28]", [8, 40, 28, 28], 40);
+    measure(&kernels, &device, "map [8, 112, 14, 14]", [8, 112, 14, 14], 112);
+}
+
+fn measure<const D: usize>(kernels: &GpuKernels, device: &burn::tensor::Device, name: &str, shape: [usize; D], cols: usize) {
+    use burn::tensor::wgpu::wgpu;
+    use burn::tensor::{Distribution, Tensor};
+    use std::time::Instant;
+
+    let median = |mut times: Vec<f64>| {
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2]
+    };
+    let wgpu_device = &anomaly_device::GpuContext::get().unwrap().setup.device;
+    let tensor = Tensor::<D>::random(shape, Distribution::Normal(0.0, 1.0), device);
+    let values: Vec<f32> = tensor.clone().into_data().try_into_vec().unwrap();
+    let rows = values.len() / cols;
+    let (mut read, mut upload, mut norms) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..16 {
+        let start = Instant::now();
+        let data: Vec<f32> = tensor.clone().into_data().try_into_vec().unwrap();
+        read.push(start.elapsed().as_secs_f64() * 1e3);
+        // The call copies the values into a new wgpu buffer and submits the row norms; the wait runs them.
+        let start = Instant::now();
+        let matrix = kernels.upload(&data, rows, cols).unwrap();
+        upload.push(start.elapsed().as_secs_f64() * 1e3);
+        let start = Instant::now();
+        wgpu_device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+        norms.push(start.elapsed().as_secs_f64() * 1e3);
+        drop(matrix);
+    }
+    let (read, upload, norms) = (median(read[1..].to_vec()), median(upload[1..].to_vec()), median(norms[1..].to_vec()));
+    let mib = (values.len() * 4) as f64 / (1 << 20) as f64;
+    eprintln!(
+        "{name:<22} {mib:5.2} MiB: into_data {read:6.3} ms ({:5.2} GB/s), upload {upload:6.3} ms ({:5.2} GB/s), \
+         then row norms {norms:6.3} ms",
+        mib * 1.048576e-3 / (read * 1e-3),
+        mib * 1.048576e-3 / (upload * 1e-3),
+    );
 }

@@ -100,9 +100,9 @@ impl MemoryBank {
                 let matrix = kernels.upload(features, images, dim)?;
                 let columns = top_columns(&kernels.column_stats(&matrix)?.std, keep);
                 let bank = kernels.gather_columns(&matrix, &columns)?;
-                let rows = kernels.download(&bank)?;
-                let neighbours = kernels.knn(&bank, &rows, config.k + 1)?;
-                (columns, rows, neighbours)
+                // The bank is its own queries, on the device; it comes back once, for the model file.
+                let neighbours = kernels.knn(&bank, &bank, config.k + 1)?;
+                (columns, kernels.download(&bank)?, neighbours)
             }
             Compute::Cpu => {
                 let columns = top_columns(&fast::column_stats(features, images, dim).std, keep);
@@ -181,7 +181,7 @@ impl Scorer<'_> {
         }
         let k = self.bank.config.k;
         let neighbours: Neighbours = match &self.uploaded {
-            Some((kernels, bank)) => kernels.knn(bank, &queries, k)?,
+            Some((kernels, bank)) => kernels.knn_host(bank, &queries, k)?,
             None => fast::knn(&queries, &self.bank.rows, self.bank.columns.len(), k),
         };
         Ok((0..features.len() / self.bank.input_dim)

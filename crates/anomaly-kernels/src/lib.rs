@@ -1,11 +1,26 @@
 //! The memory bank's two hot operations, as our own WGSL compute shaders on wgpu: per-column statistics
 //! (to keep the columns of highest std-dev) and the k nearest bank rows of every query. Each GPU kernel
 //! has a plain f64 CPU reference (for tests) and a fast multithreaded CPU path (for machines without a GPU).
+//!
+//! One module per shader file of the top-level `shaders/` folder holds that shader's host side (its
+//! typed `Params`, its pipelines, its dispatches); `context` holds what they share, and `knn` composes
+//! the distance and top-k kernels.
 
+mod column_stats;
+mod context;
 pub mod cpu;
-mod gpu;
+mod distance;
+mod distance_broadcast;
+mod gather_columns;
+mod knn;
+#[cfg(test)]
+mod layout;
+mod row_norms;
+mod topk;
 
-pub use gpu::{BROADCAST_MAX_D, DistanceKernel, GpuKernels, GpuMatrix, KernelError, KernelLimits};
+pub use context::{GpuKernels, GpuMatrix, KernelError, KernelLimits};
+pub use distance::DistanceKernel;
+pub use distance_broadcast::BROADCAST_MAX_D;
 
 /// Mean and standard deviation (population, ddof = 0, as numpy's `std`) of every column.
 #[derive(Clone, Debug, PartialEq)]

@@ -1,0 +1,398 @@
+//! The plumbing every kernel shares: the device and queue, the limits work is split by, matrices stored
+//! as row chunks, pipeline building, dispatch, timing and read-back, and the errors.
+
+use std::borrow::Cow;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use burn::tensor::wgpu::wgpu;
+use bytemuck::Pod;
+use wgpu::util::{BufferInitDescriptor, DeviceExt};
+
+use crate::column_stats::ColumnStatsKernel;
+use crate::distance::{DistanceKernel, DistanceShaders};
+use crate::distance_broadcast::BroadcastShaders;
+use crate::gather_columns::GatherKernel;
+use crate::row_norms::RowNormsKernel;
+use crate::topk::TopKKernel;
+
+/// Why a kernel could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("k = {k} is out of range: it must be at least 1 and at most {max} (the bank has {rows} rows)")]
+    InvalidK { k: usize, max: usize, rows: usize },
+    #[error("{0}")]
+    Shape(String),
+    #[error(
+        "one row of {cols} features ({bytes} bytes) is larger than the GPU's storage binding limit of {limit} bytes; \
+         keep fewer feature columns or use --device cpu"
+    )]
+    RowTooLarge { cols: usize, bytes: u64, limit: u64 },
+    #[error(transparent)]
+    Device(#[from] anomaly_device::DeviceError),
+    #[error("reading results back from the GPU failed: {0}")]
+    Readback(String),
+}
+
+/// The device limits the kernels split their work by; tests lower them to exercise chunking cheaply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelLimits {
+    /// Largest buffer a single binding may cover (the smaller of the binding and buffer size limits).
+    pub max_binding_bytes: u64,
+    /// Largest workgroup count along one dispatch dimension.
+    pub max_workgroups: u32,
+}
+
+impl KernelLimits {
+    /// The limits of a wgpu device.
+    pub fn of(device: &wgpu::Device) -> Self {
+        let limits = device.limits();
+        Self {
+            max_binding_bytes: limits.max_storage_buffer_binding_size.min(limits.max_buffer_size),
+            max_workgroups: limits.max_compute_workgroups_per_dimension,
+        }
+    }
+}
+
+/// Most bank rows per chunk: one chunk's distances for a block of queries fit comfortably in a binding.
+const MAX_CHUNK_ROWS: usize = 32 * 1024;
+
+/// A matrix on the GPU, stored as row chunks that each fit one binding, with squared row norms (which
+/// the distance kernels need on both sides, so they are computed once, where the matrix is made).
+pub struct GpuMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub(crate) chunks: Vec<MatrixChunk>,
+}
+
+/// Rows `start .. start + rows` of a matrix, each in its own buffers.
+pub(crate) struct MatrixChunk {
+    pub start: usize,
+    pub rows: usize,
+    pub values: wgpu::Buffer,
+    pub norms: wgpu::Buffer,
+}
+
+impl std::fmt::Debug for GpuMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuMatrix({} × {} in {} chunks)", self.rows, self.cols, self.chunks.len())
+    }
+}
+
+impl GpuMatrix {
+    /// Number of chunks the matrix was split into.
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+}
+
+/// The device, queue and limits behind every dispatch, with the helpers the kernel modules share.
+pub(crate) struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub limits: KernelLimits,
+    timestamps: Option<wgpu::QuerySet>,
+}
+
+/// The compiled kernels on one wgpu device and queue.
+pub struct GpuKernels {
+    pub(crate) gpu: Gpu,
+    pub(crate) column_stats: ColumnStatsKernel,
+    pub(crate) gather: GatherKernel,
+    pub(crate) norms: RowNormsKernel,
+    pub(crate) distance: DistanceShaders,
+    pub(crate) broadcast: BroadcastShaders,
+    pub(crate) topk: TopKKernel,
+    pub(crate) distance_kernel: DistanceKernel,
+}
+
+impl GpuKernels {
+    /// Kernels on the process's shared wgpu context, the one burn's backbone runs on, with the distance
+    /// shader that suits its adapter.
+    pub fn shared() -> Result<Self, KernelError> {
+        let context = anomaly_device::GpuContext::get()?;
+        let kernel = if context.adapter.is_hardware { DistanceKernel::Tiled } else { DistanceKernel::Broadcast };
+        Ok(Self::new(context.setup.device.clone(), context.setup.queue.clone()).with_distance_kernel(kernel))
+    }
+
+    /// Builds every pipeline on `device`; distances use the tiled shader unless told otherwise.
+    pub fn new(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        let timestamps = device.features().contains(wgpu::Features::TIMESTAMP_QUERY).then(|| {
+            device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("kernel timestamps"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2,
+            })
+        });
+        Self {
+            column_stats: ColumnStatsKernel::new(&device),
+            gather: GatherKernel::new(&device),
+            norms: RowNormsKernel::new(&device),
+            distance: DistanceShaders::new(&device),
+            broadcast: BroadcastShaders::new(&device),
+            topk: TopKKernel::new(&device),
+            distance_kernel: DistanceKernel::Tiled,
+            gpu: Gpu { limits: KernelLimits::of(&device), timestamps, device, queue },
+        }
+    }
+
+    /// Uses `kernel` for the distances of `knn` (the broadcast shader falls back to the tiled one past
+    /// its width limit).
+    pub fn with_distance_kernel(mut self, kernel: DistanceKernel) -> Self {
+        self.distance_kernel = kernel;
+        self
+    }
+
+    /// The distance shader `knn` prefers.
+    pub fn distance_kernel(&self) -> DistanceKernel {
+        self.distance_kernel
+    }
+
+    /// Splits work as if the device had these (smaller) limits.
+    pub fn with_limits(mut self, limits: KernelLimits) -> Self {
+        self.gpu.limits = limits;
+        self
+    }
+
+    /// The limits work is split by.
+    pub fn limits(&self) -> KernelLimits {
+        self.gpu.limits
+    }
+
+    /// Whether kernel times come from GPU timestamps (else from submit-to-completion wall time).
+    pub fn has_timestamps(&self) -> bool {
+        self.gpu.timestamps.is_some()
+    }
+
+    /// Uploads a row-major `rows × cols` matrix in chunks that fit one binding each.
+    pub fn upload(&self, values: &[f32], rows: usize, cols: usize) -> Result<GpuMatrix, KernelError> {
+        if rows == 0 || cols == 0 || values.len() != rows * cols {
+            return Err(KernelError::Shape(format!("a {rows} × {cols} matrix needs {} values, got {}", rows * cols, values.len())));
+        }
+        let chunk_rows = self.gpu.rows_per_chunk(cols)?;
+        let mut chunks = Vec::new();
+        let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
+        for start in (0..rows).step_by(chunk_rows) {
+            let count = chunk_rows.min(rows - start);
+            let values = self.gpu.device.create_buffer_init(&BufferInitDescriptor {
+                label: Some("matrix chunk"),
+                contents: bytemuck::cast_slice(&values[start * cols..(start + count) * cols]),
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            });
+            let norms = self.gpu.storage(count * 4, "row norms");
+            self.norms.encode(&self.gpu, &mut encoder, &values, &norms, count, cols);
+            chunks.push(MatrixChunk { start, rows: count, values, norms });
+        }
+        self.gpu.queue.submit([encoder.finish()]);
+        Ok(GpuMatrix { rows, cols, chunks })
+    }
+
+    /// Reads a matrix back to the host, row-major.
+    pub fn download(&self, matrix: &GpuMatrix) -> Result<Vec<f32>, KernelError> {
+        let sources: Vec<(&wgpu::Buffer, u64)> = matrix.chunks.iter().map(|c| (&c.values, (c.rows * matrix.cols * 4) as u64)).collect();
+        let parts = self.gpu.read_back(self.gpu.device.create_command_encoder(&Default::default()), &sources)?;
+        Ok(parts.iter().flat_map(|bytes| bytemuck::cast_slice::<u8, f32>(bytes).iter().copied()).collect())
+    }
+}
+
+/// What one binding of a kernel's bind group holds.
+pub(crate) enum Slot {
+    Uniform,
+    Read,
+    Write,
+}
+
+/// One compute pipeline with its bind group layout.
+pub(crate) struct Kernel {
+    pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
+}
+
+impl Kernel {
+    /// Builds the pipeline of `entry` in `module`, with values for the shader's `override` constants.
+    pub fn new(device: &wgpu::Device, module: &wgpu::ShaderModule, entry: &str, slots: &[Slot], constants: &[(&str, f64)]) -> Self {
+        let entries: Vec<wgpu::BindGroupLayoutEntry> = slots
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| wgpu::BindGroupLayoutEntry {
+                binding: i as u32,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: match slot {
+                        Slot::Uniform => wgpu::BufferBindingType::Uniform,
+                        Slot::Read => wgpu::BufferBindingType::Storage { read_only: true },
+                        Slot::Write => wgpu::BufferBindingType::Storage { read_only: false },
+                    },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            })
+            .collect();
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(entry), entries: &entries });
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(entry),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(entry),
+            layout: Some(&pipeline_layout),
+            module,
+            entry_point: Some(entry),
+            compilation_options: wgpu::PipelineCompilationOptions { constants, ..Default::default() },
+            cache: None,
+        });
+        Self { pipeline, layout }
+    }
+}
+
+/// Compiles one of the WGSL files of the top-level `shaders/` folder.
+pub(crate) fn shader_module(device: &wgpu::Device, label: &str, source: &'static str) -> wgpu::ShaderModule {
+    device
+        .create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(label), source: wgpu::ShaderSource::Wgsl(Cow::Borrowed(source)) })
+}
+
+impl Gpu {
+    /// Rows per chunk of a matrix `cols` wide: as many as one binding holds, at most `MAX_CHUNK_ROWS`.
+    pub fn rows_per_chunk(&self, cols: usize) -> Result<usize, KernelError> {
+        let row_bytes = cols as u64 * 4;
+        if row_bytes > self.limits.max_binding_bytes {
+            return Err(KernelError::RowTooLarge { cols, bytes: row_bytes, limit: self.limits.max_binding_bytes });
+        }
+        Ok(((self.limits.max_binding_bytes / row_bytes) as usize).min(MAX_CHUNK_ROWS))
+    }
+
+    /// Workgroups covering `items` invocations in groups of `workgroup`, along x only.
+    pub fn groups_1d(&self, items: usize, workgroup: u32) -> Result<(u32, u32), KernelError> {
+        let groups = items.div_ceil(workgroup as usize);
+        if groups > self.limits.max_workgroups as usize {
+            return Err(KernelError::Shape(format!("{groups} workgroups exceed the dispatch limit of {}", self.limits.max_workgroups)));
+        }
+        Ok((groups.max(1) as u32, 1))
+    }
+
+    /// A grid of one workgroup per row, folded into two dimensions past the per-dimension limit.
+    pub fn row_groups(&self, rows: usize) -> (u32, u32) {
+        let x = rows.min(self.limits.max_workgroups as usize).max(1);
+        (x as u32, rows.div_ceil(x) as u32)
+    }
+
+    /// A uniform buffer holding a shader's `Params`.
+    pub fn uniform<P: Pod>(&self, params: &P) -> wgpu::Buffer {
+        self.device.create_buffer_init(&BufferInitDescriptor {
+            label: Some("params"),
+            contents: bytemuck::bytes_of(params),
+            usage: wgpu::BufferUsages::UNIFORM,
+        })
+    }
+
+    /// A zero-filled storage buffer of at least `bytes` bytes that can be copied from and to.
+    pub fn storage(&self, bytes: usize, label: &str) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: (bytes as u64).max(4),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Encodes one dispatch of `kernel` with whole `buffers` bound in order.
+    pub fn dispatch(&self, pass: &mut wgpu::ComputePass, kernel: &Kernel, buffers: &[&wgpu::Buffer], groups: (u32, u32)) {
+        let resources: Vec<wgpu::BindingResource> = buffers.iter().map(|b| b.as_entire_binding()).collect();
+        self.dispatch_resources(pass, kernel, &resources, groups);
+    }
+
+    /// Encodes one dispatch of `kernel` with `resources` bound in order.
+    pub fn dispatch_resources(
+        &self,
+        pass: &mut wgpu::ComputePass,
+        kernel: &Kernel,
+        resources: &[wgpu::BindingResource],
+        groups: (u32, u32),
+    ) {
+        let entries: Vec<wgpu::BindGroupEntry> = resources
+            .iter()
+            .enumerate()
+            .map(|(i, resource)| wgpu::BindGroupEntry { binding: i as u32, resource: resource.clone() })
+            .collect();
+        let bind_group =
+            self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &kernel.layout, entries: &entries });
+        pass.set_pipeline(&kernel.pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(groups.0, groups.1, 1);
+    }
+
+    /// Runs one compute pass and returns its duration in milliseconds: from GPU timestamps when the
+    /// device has them, else from submission to completion.
+    pub fn time(&self, encode: impl FnOnce(&mut wgpu::ComputePass)) -> Result<f64, KernelError> {
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        let writes = self.timestamps.as_ref().map(|query_set| wgpu::ComputePassTimestampWrites {
+            query_set,
+            beginning_of_pass_write_index: Some(0),
+            end_of_pass_write_index: Some(1),
+        });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: writes });
+            encode(&mut pass);
+        }
+        let Some(query_set) = &self.timestamps else {
+            let start = Instant::now();
+            self.queue.submit([encoder.finish()]);
+            self.wait()?;
+            return Ok(start.elapsed().as_secs_f64() * 1e3);
+        };
+        let resolved = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamps"),
+            size: 16,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        encoder.resolve_query_set(query_set, 0..2, &resolved, 0);
+        let parts = self.read_back(encoder, &[(&resolved, 16)])?;
+        let ticks: &[u64] = bytemuck::cast_slice(&parts[0]);
+        Ok(ticks[1].saturating_sub(ticks[0]) as f64 * self.queue.get_timestamp_period() as f64 / 1e6)
+    }
+
+    /// Copies `sources` into mappable buffers, submits `encoder` and returns their bytes.
+    pub fn read_back(&self, mut encoder: wgpu::CommandEncoder, sources: &[(&wgpu::Buffer, u64)]) -> Result<Vec<Vec<u8>>, KernelError> {
+        let staging: Vec<wgpu::Buffer> = sources
+            .iter()
+            .map(|&(source, size)| {
+                let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("readback"),
+                    size,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                encoder.copy_buffer_to_buffer(source, 0, &buffer, 0, size);
+                buffer
+            })
+            .collect();
+        self.queue.submit([encoder.finish()]);
+        let (sender, receiver) = mpsc::channel();
+        for buffer in &staging {
+            let sender = sender.clone();
+            buffer.map_async(wgpu::MapMode::Read, .., move |result| {
+                let _ = sender.send(result);
+            });
+        }
+        self.wait()?;
+        for _ in &staging {
+            receiver.recv().map_err(|e| KernelError::Readback(e.to_string()))?.map_err(|e| KernelError::Readback(e.to_string()))?;
+        }
+        let bytes = staging
+            .iter()
+            .map(|buffer| {
+                let view = buffer.get_mapped_range(..).map_err(|e| KernelError::Readback(e.to_string()))?;
+                Ok(view.to_vec())
+            })
+            .collect();
+        staging.iter().for_each(|b| b.unmap());
+        bytes
+    }
+
+    fn wait(&self) -> Result<(), KernelError> {
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ()).map_err(|e| KernelError::Readback(e.to_string()))
+    }
+}

@@ -1,0 +1,173 @@
+//! Host side of `shaders/distance.wgsl` (the tiled and naive pairwise-distance shaders), and the choice
+//! between them and the broadcast shader of `distance_broadcast`: a block of queries is laid out for
+//! the chosen shader, then its distances to one bank chunk are encoded.
+
+use burn::tensor::wgpu::wgpu;
+use bytemuck::{Pod, Zeroable};
+
+use crate::context::{GpuKernels, GpuMatrix, Kernel, KernelError, MatrixChunk, Slot, shader_module};
+use crate::distance_broadcast::{self, BROADCAST_MAX_D, BroadcastBlocks};
+use crate::knn::MAX_QUERY_BLOCK;
+
+/// Invocations per workgroup side (the shader's `SIDE`) of both shaders.
+const SIDE: u32 = 16;
+/// Rows and columns of the tiled shader's output tile: each invocation computes a vec4 of outputs
+/// along each direction.
+const TILE: u32 = 4 * SIDE;
+const _: () = assert!(SIDE % 4 == 0, "each invocation of the tiled shader stages 4 features");
+
+/// Which pairwise-distance shader runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DistanceKernel {
+    /// Shared-memory tiles, 4 × 4 outputs per invocation: for hardware GPUs.
+    Tiled,
+    /// Query rows broadcast from a uniform buffer to one bank row per invocation: for adapters that
+    /// emulate a GPU on the CPU (llvmpipe), where storage reads are costly; up to 2048 features.
+    Broadcast,
+    /// One invocation per pair: the baseline the others are measured against.
+    Naive,
+}
+
+/// The shader's `Params`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct Params {
+    m: u32,
+    n: u32,
+    d: u32,
+    _pad: u32,
+}
+
+/// The two entry points of `distance.wgsl`.
+pub(crate) struct DistanceShaders {
+    tiled: Kernel,
+    naive: Kernel,
+}
+
+impl DistanceShaders {
+    pub fn new(device: &wgpu::Device) -> Self {
+        let module = shader_module(device, "distance", include_str!("../../../shaders/distance.wgsl"));
+        let slots = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Read, Slot::Read, Slot::Write];
+        let constants = [("SIDE", SIDE as f64)];
+        Self {
+            tiled: Kernel::new(device, &module, "distance_tiled", &slots, &constants),
+            naive: Kernel::new(device, &module, "distance_naive", &slots, &constants),
+        }
+    }
+}
+
+/// A block of query rows laid out for one distance shader, with their squared norms.
+pub(crate) struct QueryBlock {
+    rows: usize,
+    d: usize,
+    kernel: DistanceKernel,
+    norms: wgpu::Buffer,
+    values: BlockValues,
+}
+
+enum BlockValues {
+    /// Plain rows, for the shaders that read queries from a storage buffer.
+    Rows(wgpu::Buffer),
+    /// Uniform blocks, for the broadcast shader.
+    Broadcast(BroadcastBlocks),
+}
+
+impl GpuKernels {
+    /// The distance shader `knn` uses for `d` features: the preferred one, unless the broadcast shader's
+    /// uniform block cannot hold its fewest rows of that width.
+    pub(crate) fn distance_kernel_for(&self, d: usize) -> DistanceKernel {
+        match self.distance_kernel {
+            DistanceKernel::Broadcast if !distance_broadcast::fits(d) => DistanceKernel::Tiled,
+            kernel => kernel,
+        }
+    }
+
+    /// Encodes the copy of rows `first .. first + rows` of a query chunk (`d` wide) into a block laid
+    /// out for `kernel`. The copies run on the device: the queries never come back to the host.
+    pub(crate) fn prepare_queries(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        chunk: &MatrixChunk,
+        first: usize,
+        rows: usize,
+        d: usize,
+        kernel: DistanceKernel,
+    ) -> QueryBlock {
+        let norms = self.gpu.storage(rows * 4, "query norms");
+        encoder.copy_buffer_to_buffer(&chunk.norms, (first * 4) as u64, &norms, 0, (rows * 4) as u64);
+        let values = match kernel {
+            DistanceKernel::Broadcast => BlockValues::Broadcast(self.broadcast.pack(&self.gpu, encoder, &chunk.values, first, rows, d)),
+            DistanceKernel::Tiled | DistanceKernel::Naive => {
+                let values = self.gpu.storage(rows * d * 4, "queries");
+                encoder.copy_buffer_to_buffer(&chunk.values, (first * d * 4) as u64, &values, 0, (rows * d * 4) as u64);
+                BlockValues::Rows(values)
+            }
+        };
+        QueryBlock { rows, d, kernel, norms, values }
+    }
+
+    /// Encodes the squared distances of a query block to one bank chunk into `out` (`rows × chunk.rows`).
+    pub(crate) fn encode_distances(
+        &self,
+        pass: &mut wgpu::ComputePass,
+        queries: &QueryBlock,
+        chunk: &MatrixChunk,
+        out: &wgpu::Buffer,
+    ) -> Result<(), KernelError> {
+        let gpu = &self.gpu;
+        let values = match &queries.values {
+            BlockValues::Broadcast(blocks) => return self.broadcast.encode(gpu, pass, blocks, &queries.norms, chunk, out),
+            BlockValues::Rows(values) => values,
+        };
+        let (m, n) = (queries.rows, chunk.rows);
+        let params = gpu.uniform(&Params { m: m as u32, n: n as u32, d: queries.d as u32, _pad: 0 });
+        let buffers = [&params, values, &chunk.values, &queries.norms, &chunk.norms, out];
+        let (shader, outputs_per_group) = match queries.kernel {
+            DistanceKernel::Naive => (&self.distance.naive, SIDE),
+            _ => (&self.distance.tiled, TILE),
+        };
+        let groups = (n.div_ceil(outputs_per_group as usize) as u32, m.div_ceil(outputs_per_group as usize) as u32);
+        gpu.dispatch(pass, shader, &buffers, groups);
+        Ok(())
+    }
+
+    /// The full `m × n` matrix of squared distances between single-chunk `queries` (at most 1024 rows)
+    /// and a single-chunk `bank`, with the given shader; for tests and for benchmarking the shaders
+    /// against each other. Returns the values and the shader's time in milliseconds (GPU timestamps
+    /// where available, else wall time).
+    pub fn distance_matrix(&self, queries: &GpuMatrix, bank: &GpuMatrix, kernel: DistanceKernel) -> Result<(Vec<f32>, f64), KernelError> {
+        let gpu = &self.gpu;
+        let (m, n, d) = (queries.rows, bank.rows, bank.cols);
+        if queries.cols != d || queries.chunks.len() != 1 || bank.chunks.len() != 1 || m > MAX_QUERY_BLOCK {
+            return Err(KernelError::Shape(format!(
+                "distance_matrix takes a single-chunk matrix of 1 to {MAX_QUERY_BLOCK} queries and a single-chunk bank, \
+                 both {d} wide"
+            )));
+        }
+        if (m * n * 4) as u64 > gpu.limits.max_binding_bytes {
+            return Err(KernelError::Shape(format!("a {m} × {n} distance matrix exceeds one binding")));
+        }
+        if kernel == DistanceKernel::Broadcast && !distance_broadcast::fits(d) {
+            return Err(KernelError::Shape(format!("the broadcast kernel takes at most {BROADCAST_MAX_D} features")));
+        }
+        let out = gpu.storage(m * n * 4, "distance matrix");
+        let mut encoder = gpu.device.create_command_encoder(&Default::default());
+        let block = self.prepare_queries(&mut encoder, &queries.chunks[0], 0, m, d, kernel);
+        gpu.queue.submit([encoder.finish()]);
+        let mut encoded = Ok(());
+        let ms = gpu.time(|pass| encoded = self.encode_distances(pass, &block, &bank.chunks[0], &out))?;
+        encoded?;
+        let parts = gpu.read_back(gpu.device.create_command_encoder(&Default::default()), &[(&out, (m * n * 4) as u64)])?;
+        Ok((bytemuck::cast_slice(&parts[0]).to_vec(), ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::layout::assert_layout;
+
+    #[test]
+    fn params_match_the_shader() {
+        assert_layout!(super::Params { m, n, d, _pad }, include_str!("../../../shaders/distance.wgsl"), 16);
+    }
+}

@@ -1,0 +1,62 @@
+//! The k nearest bank rows of every query, composed from the distance and top-k kernels: for each block
+//! of queries and each bank chunk, a distance dispatch and a top-k dispatch that merges into the
+//! running best, so at most one chunk's distances exist at a time.
+
+use crate::Neighbours;
+use crate::context::{GpuKernels, GpuMatrix, KernelError};
+use crate::topk::{MAX_K, RunningBest};
+
+/// Most queries per block (one top-k workgroup each).
+pub(crate) const MAX_QUERY_BLOCK: usize = 1024;
+
+impl GpuKernels {
+    /// The `k` nearest rows of `bank` for every row of `queries`, both on the device (so a bank scored
+    /// against itself, or features the GPU produced, need not pass through the host).
+    pub fn knn(&self, bank: &GpuMatrix, queries: &GpuMatrix, k: usize) -> Result<Neighbours, KernelError> {
+        let gpu = &self.gpu;
+        let d = bank.cols;
+        if queries.cols != d {
+            return Err(KernelError::Shape(format!("queries must be rows of {d} values, got rows of {}", queries.cols)));
+        }
+        if k == 0 || k > bank.rows.min(MAX_K) {
+            return Err(KernelError::InvalidK { k, max: bank.rows.min(MAX_K), rows: bank.rows });
+        }
+        let width = bank.chunks.iter().map(|c| c.rows).max().unwrap_or(1);
+        let binding_rows = |row_bytes: usize| (gpu.limits.max_binding_bytes / row_bytes as u64) as usize;
+        let block = queries.rows.min(MAX_QUERY_BLOCK).min(binding_rows(width * 4)).min(binding_rows(d * 4)).min(binding_rows(k * 4)).max(1);
+        let kernel = self.distance_kernel_for(d);
+        let distances = gpu.storage(block * width * 4, "distances");
+        let mut best = RunningBest::new(gpu, block, k);
+        let mut result = Neighbours { k, distances: Vec::with_capacity(queries.rows * k), indices: Vec::with_capacity(queries.rows * k) };
+        for chunk in &queries.chunks {
+            for first in (0..chunk.rows).step_by(block) {
+                let rows = block.min(chunk.rows - first);
+                let mut encoder = gpu.device.create_command_encoder(&Default::default());
+                let block_queries = self.prepare_queries(&mut encoder, chunk, first, rows, d, kernel);
+                best.restart();
+                {
+                    let mut pass = encoder.begin_compute_pass(&Default::default());
+                    for bank_chunk in &bank.chunks {
+                        self.encode_distances(&mut pass, &block_queries, bank_chunk, &distances)?;
+                        self.topk.encode_merge(gpu, &mut pass, &mut best, &distances, rows, bank_chunk);
+                    }
+                }
+                let bytes = (rows * k * 4) as u64;
+                let (values, indices) = best.current();
+                let parts = gpu.read_back(encoder, &[(values, bytes), (indices, bytes)])?;
+                result.distances.extend(bytemuck::cast_slice::<u8, f32>(&parts[0]).iter().map(|s| s.sqrt()));
+                result.indices.extend_from_slice(bytemuck::cast_slice::<u8, u32>(&parts[1]));
+            }
+        }
+        Ok(result)
+    }
+
+    /// `knn` for queries on the host (row-major, `bank.cols` wide), uploaded first.
+    pub fn knn_host(&self, bank: &GpuMatrix, queries: &[f32], k: usize) -> Result<Neighbours, KernelError> {
+        let d = bank.cols;
+        if queries.is_empty() || queries.len() % d != 0 {
+            return Err(KernelError::Shape(format!("queries must be rows of {d} values, got {} values", queries.len())));
+        }
+        self.knn(bank, &self.upload(queries, queries.len() / d, d)?, k)
+    }
+}

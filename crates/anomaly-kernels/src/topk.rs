@@ -1,0 +1,104 @@
+//! Host side of `shaders/topk.wgsl`: the k smallest distances of every row merged into a running best
+//! list, one bank chunk at a time, so that the k nearest are kept without holding all distances.
+
+use burn::tensor::wgpu::wgpu;
+use bytemuck::{Pod, Zeroable};
+
+use crate::context::{Gpu, Kernel, MatrixChunk, Slot, shader_module};
+
+/// Largest k the kernel keeps (the shader's `MAX_K`: its sort runs in workgroup memory).
+pub(crate) const MAX_K: usize = 1024;
+const _: () = assert!(MAX_K.is_power_of_two(), "the shader sorts up to MAX_K entries bitonically");
+
+/// The shader's `Params`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct Params {
+    rows: u32,
+    width: u32,
+    k: u32,
+    prev: u32,
+    index_offset: u32,
+    /// Power of two ≥ k: the sort's length.
+    capacity: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+pub(crate) struct TopKKernel(Kernel);
+
+impl TopKKernel {
+    pub fn new(device: &wgpu::Device) -> Self {
+        let module = shader_module(device, "topk", include_str!("../../../shaders/topk.wgsl"));
+        let slots = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Read, Slot::Write, Slot::Write];
+        Self(Kernel::new(device, &module, "topk", &slots, &[("MAX_K", MAX_K as f64)]))
+    }
+
+    /// Encodes the merge of one bank chunk's distances (`rows × chunk.rows` in `distances`) into `best`.
+    pub fn encode_merge(
+        &self,
+        gpu: &Gpu,
+        pass: &mut wgpu::ComputePass,
+        best: &mut RunningBest,
+        distances: &wgpu::Buffer,
+        rows: usize,
+        chunk: &MatrixChunk,
+    ) {
+        let params = gpu.uniform(&Params {
+            rows: rows as u32,
+            width: chunk.rows as u32,
+            k: best.k as u32,
+            prev: if best.merged == 0 { 0 } else { best.k as u32 },
+            index_offset: chunk.start as u32,
+            capacity: best.k.next_power_of_two() as u32,
+            _pad0: 0,
+            _pad1: 0,
+        });
+        let (src, dst) = (&best.lists[best.current], &best.lists[1 - best.current]);
+        gpu.dispatch(pass, &self.0, &[&params, distances, &src.0, &src.1, &dst.0, &dst.1], gpu.row_groups(rows));
+        best.current = 1 - best.current;
+        best.merged += 1;
+    }
+}
+
+/// The k best (squared distances, bank indices) of a block of queries: two pairs of buffers, the best
+/// of the chunks merged so far and the next, swapped after every chunk.
+pub(crate) struct RunningBest {
+    k: usize,
+    lists: [(wgpu::Buffer, wgpu::Buffer); 2],
+    current: usize,
+    merged: usize,
+}
+
+impl RunningBest {
+    /// Lists for blocks of up to `rows` queries.
+    pub fn new(gpu: &Gpu, rows: usize, k: usize) -> Self {
+        let pair = || (gpu.storage(rows * k * 4, "best values"), gpu.storage(rows * k * 4, "best indices"));
+        Self { k, lists: [pair(), pair()], current: 0, merged: 0 }
+    }
+
+    /// Starts over, for the next block of queries.
+    pub fn restart(&mut self) {
+        self.merged = 0;
+    }
+
+    /// The (values, indices) buffers of the best of the chunks merged so far.
+    pub fn current(&self) -> (&wgpu::Buffer, &wgpu::Buffer) {
+        let (values, indices) = &self.lists[self.current];
+        (values, indices)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::layout::assert_layout;
+
+    #[test]
+    fn params_match_the_shader() {
+        assert_layout!(
+            super::Params { rows, width, k, prev, index_offset, capacity, _pad0, _pad1 },
+            include_str!("../../../shaders/topk.wgsl"),
+            32
+        );
+    }
+}
