@@ -114,13 +114,9 @@ const PROGRESS: &str = "progress.json";
 // Burnpack keeps the parameters' ids, which the optimizer's state is keyed by.
 const WEIGHTS: &str = "weights.bpk";
 const OPTIMIZER: &str = "optimizer.bpk";
-/// The name a checkpoint file is written under before it is renamed into place.
-fn staged(name: &str) -> String {
-    format!("staged-{name}")
-}
 
-/// Writes the checkpoint; each file goes to a temporary name first, the progress file last, so that a
-/// checkpoint is never read half-written.
+/// Writes the checkpoint; each file is replaced atomically and flushed to disk, the progress file last, so
+/// that a checkpoint is never read half-written.
 fn save(
     checkpoint: &Checkpoint,
     model: &ConvAutoencoder,
@@ -128,22 +124,18 @@ fn save(
     progress: &Progress,
 ) -> Result<(), AutoencoderError> {
     let dir = &checkpoint.dir;
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |e: std::io::Error| AutoencoderError::Io { path, source: e }
-    };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
     let failed = |path: &Path, reason: String| AutoencoderError::Checkpoint { path: path.to_path_buf(), reason };
-    let weights = dir.join(staged(WEIGHTS));
-    let mut store = BurnpackStore::from_file(&weights).overwrite(true);
+    let weights = dir.join(WEIGHTS);
+    let mut store = BurnpackStore::from_bytes(None);
     model.save_into(&mut store).map_err(|e| failed(&weights, e.to_string()))?;
-    std::fs::rename(&weights, dir.join(WEIGHTS)).map_err(io(dir))?;
-    let state = dir.join(staged(OPTIMIZER));
-    optimizer.save(&state).map_err(|e| failed(&state, e.to_string()))?;
-    std::fs::rename(&state, dir.join(OPTIMIZER)).map_err(io(dir))?;
-    let record = dir.join(staged(PROGRESS));
-    std::fs::write(&record, serde_json::to_vec_pretty(progress).expect("progress serialises")).map_err(io(&record))?;
-    std::fs::rename(&record, dir.join(PROGRESS)).map_err(io(dir))?;
+    let bytes = store.get_bytes().map_err(|e| failed(&weights, e.to_string()))?;
+    anomaly_fs::write_atomic(&weights, &bytes)?;
+    let state = dir.join(OPTIMIZER);
+    let bytes = optimizer.into_bytes().map_err(|e| failed(&state, e.to_string()))?;
+    anomaly_fs::write_atomic(&state, &bytes)?;
+    let record = dir.join(PROGRESS);
+    let bytes = serde_json::to_vec_pretty(progress).map_err(|e| failed(&record, e.to_string()))?;
+    anomaly_fs::write_atomic(&record, &bytes)?;
     Ok(())
 }
 

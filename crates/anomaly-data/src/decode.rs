@@ -11,10 +11,10 @@ pub fn load_rgb8(path: &Path) -> Result<RgbImage, DataError> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
     let decode_error = |reason: String| DataError::Decode { path: path.into(), reason };
     let format = image::guess_format(&bytes).map_err(|_| decode_error("not a PNG, JPEG, BMP or TIFF file".into()))?;
-    if format == ImageFormat::Jpeg {
-        if let Some(rgb) = decode_jpeg(&bytes).map_err(decode_error)? {
-            return Ok(rgb);
-        }
+    if format == ImageFormat::Jpeg
+        && let Some(rgb) = decode_jpeg(&bytes).map_err(decode_error)?
+    {
+        return Ok(rgb);
     }
     let image = ImageReader::with_format(std::io::Cursor::new(&bytes), format).decode().map_err(|e| decode_error(e.to_string()))?;
     Ok(match image {
