@@ -3,10 +3,12 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::OnceLock;
+use std::sync::{Mutex, PoisonError};
 
 use burn::tensor::Device;
 use burn::tensor::wgpu::{WgpuSetup, wgpu};
+
+mod quiet;
 
 /// What the user asked for with `--device`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -83,13 +85,17 @@ impl fmt::Display for Adapter {
     }
 }
 
-/// Every adapter wgpu can see on this machine.
+/// Every adapter wgpu can see on this machine. Quiet: the drivers' complaints about a missing display
+/// (Mesa's Vulkan device-select layer prints `XDG_RUNTIME_DIR is invalid or not set` where there is no
+/// Wayland session) are not shown, since `--device auto` probes even for runs that end up on the CPU.
 pub fn list_adapters() -> Vec<Adapter> {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
-        .iter()
-        .map(|adapter| Adapter::from_info(&adapter.get_info()))
-        .collect()
+    quiet::stderr_muted(|| {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+            .iter()
+            .map(|adapter| Adapter::from_info(&adapter.get_info()))
+            .collect()
+    })
 }
 
 /// The device a choice resolves to, with a line that tells the user what was picked.
@@ -136,6 +142,12 @@ pub fn resolve(choice: DeviceChoice) -> Result<ResolvedDevice, DeviceError> {
 
 /// The process's one wgpu context: burn's device and the raw wgpu handles behind it, so that our own
 /// compute shaders run on the same device and queue as the backbone.
+///
+/// burn knows it under a runtime identity of its own (an `Existing` id that burn hands out once per
+/// registration), never as wgpu's `DefaultDevice`: burn creates the `DefaultDevice` runtime lazily the
+/// first time anything touches a tensor on `Device::default()` (burn-optim's `ModuleOptimizer::load`
+/// does, for one), and registering the context under that name after it fails with "Service already
+/// initialized". Under its own identity nothing else can have taken the name.
 pub struct GpuContext {
     /// burn's device on this adapter.
     pub device: Device,
@@ -146,17 +158,78 @@ pub struct GpuContext {
 }
 
 impl GpuContext {
-    /// Starts the context on first use (wgpu's default adapter choice, high-performance first) and returns
-    /// it on every later call.
+    /// Starts the context on first use (the graphics API and adapter burn's own automatic choice would
+    /// take) and returns it on every later call. Concurrent first calls wait for one start; a failed start
+    /// is not remembered, so a later call tries again.
     pub fn get() -> Result<&'static GpuContext, DeviceError> {
-        static CONTEXT: OnceLock<Result<GpuContext, String>> = OnceLock::new();
-        CONTEXT
-            .get_or_init(|| {
-                let (device, setup) = Device::wgpu_options().init_with_setup().map_err(|e| e.to_string())?;
-                let adapter = Adapter::from_info(&setup.adapter.get_info());
-                Ok(GpuContext { device, setup, adapter })
-            })
-            .as_ref()
-            .map_err(|e| DeviceError::NoAdapter(e.clone()))
+        static CONTEXT: Mutex<Option<&'static GpuContext>> = Mutex::new(None);
+        let mut slot = CONTEXT.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(context) = *slot {
+            return Ok(context);
+        }
+        let context: &'static GpuContext = Box::leak(Box::new(Self::start()?));
+        *slot = Some(context);
+        Ok(context)
+    }
+
+    fn start() -> Result<GpuContext, DeviceError> {
+        let (instance, adapter, backend) = quiet::stderr_muted(pick_adapter)?;
+        let (device, queue) = pollster::block_on(adapter.request_device(&device_descriptor(&adapter)))
+            .map_err(|e| DeviceError::NoAdapter(format!("{}: {e}", adapter.get_info().name)))?;
+        let setup = WgpuSetup { instance, adapter, device, queue, backend };
+        let device = Device::wgpu_options().setup(setup.clone()).init().map_err(|e| DeviceError::NoAdapter(e.to_string()))?;
+        let adapter = Adapter::from_info(&setup.adapter.get_info());
+        Ok(GpuContext { device, setup, adapter })
+    }
+}
+
+/// The graphics APIs burn's automatic choice tries, best first (cubecl-wgpu's `AutoGraphicsApi::chain`),
+/// narrowed to those `WGPU_BACKEND` allows and this build of wgpu has.
+fn api_candidates() -> Vec<wgpu::Backend> {
+    let chain: &[wgpu::Backend] =
+        if cfg!(target_os = "macos") { &[wgpu::Backend::Metal] } else { &[wgpu::Backend::Vulkan, wgpu::Backend::Dx12, wgpu::Backend::Gl] };
+    let allowed = wgpu::InstanceDescriptor::new_without_display_handle_from_env().backends;
+    let built = wgpu::Instance::enabled_backend_features();
+    chain.iter().copied().filter(|&api| allowed.contains(api.into()) && built.contains(api.into())).collect()
+}
+
+/// The adapter burn would start on by itself: on the first graphics API with a hardware adapter, else the
+/// first with any adapter, wgpu's high-performance choice.
+fn pick_adapter() -> Result<(wgpu::Instance, wgpu::Adapter, wgpu::Backend), DeviceError> {
+    let mut chosen = None;
+    for api in api_candidates() {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+            backends: api.into(),
+            ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
+        });
+        let adapters = pollster::block_on(instance.enumerate_adapters(api.into()));
+        if adapters.iter().any(|adapter| Adapter::from_info(&adapter.get_info()).is_hardware) {
+            chosen = Some((instance, api));
+            break;
+        }
+        if chosen.is_none() && !adapters.is_empty() {
+            chosen = Some((instance, api));
+        }
+    }
+    let (instance, api) = chosen.ok_or_else(|| DeviceError::NoAdapter("no adapter on any graphics API".into()))?;
+    let options = wgpu::RequestAdapterOptions { power_preference: wgpu::PowerPreference::HighPerformance, ..Default::default() };
+    let adapter = pollster::block_on(instance.request_adapter(&options)).map_err(|e| DeviceError::NoAdapter(format!("{api:?}: {e}")))?;
+    Ok((instance, adapter, api))
+}
+
+/// What burn asks of a device it starts itself (cubecl-wgpu 0.11 `backend/wgsl.rs`, `try_request_device`):
+/// every feature the adapter has but mappable primary buffers, the adapter's own limits (the defaults
+/// would cap buffer sizes and workgroup memory), and memory hints that favour size. Without them burn's
+/// kernels fall back to slower variants or fail to compile.
+fn device_descriptor(adapter: &wgpu::Adapter) -> wgpu::DeviceDescriptor<'static> {
+    wgpu::DeviceDescriptor {
+        label: Some("anomaly"),
+        required_features: adapter.features().difference(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS),
+        required_limits: adapter.limits(),
+        memory_hints: wgpu::MemoryHints::MemoryUsage,
+        trace: wgpu::Trace::Off,
+        // SAFETY: the opt-in cubecl makes for the devices it starts itself; only burn's kernel compiler
+        // uses these features, and it is written against them.
+        experimental_features: unsafe { wgpu::ExperimentalFeatures::enabled() },
     }
 }
