@@ -7,49 +7,63 @@ use std::sync::{Mutex, PoisonError};
 
 use burn::tensor::Device;
 use burn::tensor::wgpu::{WgpuSetup, wgpu};
+use clap::ValueEnum;
 
 mod quiet;
 
-/// What the user asked for with `--device`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What the user asked for with `--device`; clap parses it and lists the choices in help texts from
+/// this one definition (the variant docs are the help lines).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeviceChoice {
     /// A real GPU adapter when there is one, else the CPU backend: a software Vulkan adapter (llvmpipe)
     /// runs convolutions ~30× slower than burn's CPU backend.
     #[default]
+    #[value(name = "auto")]
     Auto,
     /// wgpu on whatever adapter it picks, software ones included.
+    #[value(name = "wgpu", alias = "gpu")]
     Wgpu,
     /// burn's pure-Rust CPU backend (burn-flex).
+    #[value(name = "cpu")]
     Cpu,
+}
+
+impl DeviceChoice {
+    /// The name `--device` takes, as help texts and messages spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Wgpu => "wgpu",
+            Self::Cpu => "cpu",
+        }
+    }
 }
 
 impl FromStr for DeviceChoice {
     type Err = DeviceError;
 
+    /// Case-insensitive, aliases included: the same names clap accepts.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "auto" => Ok(Self::Auto),
-            "wgpu" | "gpu" => Ok(Self::Wgpu),
-            "cpu" => Ok(Self::Cpu),
-            _ => Err(DeviceError::UnknownChoice(s.into())),
-        }
+        <Self as ValueEnum>::from_str(s, true).map_err(|_| DeviceError::UnknownChoice(s.into()))
     }
 }
 
 impl fmt::Display for DeviceChoice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::Wgpu => "wgpu",
-            Self::Cpu => "cpu",
-        })
+        f.write_str(self.as_str())
     }
+}
+
+/// The accepted `--device` names, for messages.
+fn choice_names() -> String {
+    let names: Vec<&str> = DeviceChoice::value_variants().iter().map(|choice| choice.as_str()).collect();
+    names.join(", ")
 }
 
 /// Why no device could be had.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    #[error("unknown device '{0}': use auto, wgpu or cpu")]
+    #[error("unknown device '{0}': use {choices}", choices = choice_names())]
     UnknownChoice(String),
     #[error(
         "no wgpu adapter could be started ({0}); install a Vulkan, Metal or DX12 driver \
@@ -231,5 +245,22 @@ fn device_descriptor(adapter: &wgpu::Adapter) -> wgpu::DeviceDescriptor<'static>
         // SAFETY: the opt-in cubecl makes for the devices it starts itself; only burn's kernel compiler
         // uses these features, and it is written against them.
         experimental_features: unsafe { wgpu::ExperimentalFeatures::enabled() },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_names_are_the_display_names_and_aliases_parse() {
+        for choice in DeviceChoice::value_variants() {
+            assert_eq!(choice.to_possible_value().unwrap().get_name(), choice.to_string());
+            assert_eq!(choice.as_str().to_uppercase().parse::<DeviceChoice>().unwrap(), *choice);
+        }
+        assert_eq!("gpu".parse::<DeviceChoice>().unwrap(), DeviceChoice::Wgpu);
+        assert_eq!(<DeviceChoice as ValueEnum>::from_str("gpu", false), Ok(DeviceChoice::Wgpu));
+        let error = "tpu".parse::<DeviceChoice>().unwrap_err().to_string();
+        assert_eq!(error, "unknown device 'tpu': use auto, wgpu, cpu");
     }
 }
