@@ -72,6 +72,11 @@ fn the_shared_bottle_category_is_complete() {
 }
 
 #[test]
+fn a_missing_shared_category_is_skipped_not_failed() {
+    assert_eq!(shared_mvtec("no-such-category", "data::a_missing_shared_category_is_skipped_not_failed"), None);
+}
+
+#[test]
 fn plain_folders_and_single_files_are_accepted() {
     let root = tempfile::tempdir().unwrap();
     write_png(&root.path().join("good/a.png"), 8, 8);
