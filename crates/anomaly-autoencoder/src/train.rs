@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anomaly_data::SplitMix;
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{
+    Adam, AdamConfig, AdamState, GradientsParams, LearningRate, ModuleOptimizer, Optimizer, RecordState, StateSink, StateSource,
+};
 use burn::store::{BurnpackStore, ModuleSnapshot};
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -74,7 +76,7 @@ pub fn train(
     }
     let autodiff = device.clone().autodiff();
     let mut model = crate::seeded_network(model_config, &autodiff, config.seed)?;
-    let mut optimizer: ModuleOptimizer = AdamConfig::new().init();
+    let mut optimizer = ModuleOptimizer::from(CpuLoadedAdam(AdamConfig::new().build()));
     let mut progress =
         Progress { model: model_config.clone(), train: config.clone(), images: images.len(), epochs_done: 0, losses: Vec::new() };
     if let Some(checkpoint) = checkpoint.filter(|c| c.resume && c.dir.join(PROGRESS).is_file()) {
@@ -108,6 +110,47 @@ pub fn train(
         }
     }
     Ok(Trained { model: model.valid(), epoch_losses: progress.losses })
+}
+
+/// Adam, with a checkpoint's optimizer state read onto the CPU. burn's `ModuleOptimizer::load` builds the
+/// state tensors on `Device::default()`, which with the wgpu feature lazily starts burn's default wgpu
+/// device: a second GPU device beside ours, a panic on a machine without an adapter, and (issue 9) the
+/// reason our shared GPU context once failed to start. Each state moves to its parameter's device at the
+/// next step, as before; the checkpoint format is Adam's own.
+#[derive(Clone)]
+struct CpuLoadedAdam(Adam);
+
+/// Adam's state for one parameter, read back onto the CPU.
+#[derive(Clone)]
+struct CpuLoaded<const D: usize>(AdamState<D>);
+
+impl<const D: usize> RecordState for CpuLoaded<D> {
+    fn state_flatten(&self, prefix: &str, out: &mut StateSink) {
+        self.0.state_flatten(prefix, out);
+    }
+
+    fn state_unflatten(prefix: &str, src: &mut StateSource, _default_device: &Device) -> Option<Self> {
+        AdamState::state_unflatten(prefix, src, &Device::flex()).map(Self)
+    }
+}
+
+impl Optimizer for CpuLoadedAdam {
+    type State<const D: usize> = CpuLoaded<D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
+        let (tensor, state) = self.0.step(lr, tensor, grad, state.map(|state| state.0));
+        (tensor, state.map(CpuLoaded))
+    }
+
+    fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
+        CpuLoaded(Adam::to_device(state.0, device))
+    }
 }
 
 const PROGRESS: &str = "progress.json";
