@@ -15,8 +15,8 @@ use crate::weights::{WeightsArgs, weights_file};
 pub struct RunArgs {
     #[command(flatten)]
     pub weights: WeightsArgs,
-    /// auto (a real GPU if there is one, else the CPU), wgpu, or cpu.
-    #[arg(long, default_value = "auto")]
+    /// Where the work runs.
+    #[arg(long, value_enum, ignore_case = true, default_value_t)]
     pub device: DeviceChoice,
     /// Images per forward pass (memory grows with it, not with the number of images).
     #[arg(long, default_value_t = 8)]
@@ -37,7 +37,7 @@ impl RunArgs {
 #[derive(clap::Args)]
 pub struct BackboneArgs {
     /// The ImageNet backbone.
-    #[arg(long, default_value = "efficientnet-lite0")]
+    #[arg(long, value_enum, ignore_case = true, default_value_t = BackboneName::EfficientNetLite0)]
     pub backbone: BackboneName,
     #[command(flatten)]
     pub run: RunArgs,

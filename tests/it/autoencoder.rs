@@ -113,3 +113,16 @@ fn autoencoder_model_files_round_trip_and_are_told_apart_from_memory_banks() {
     let error = AutoencoderModel::from_bytes(&bank_file, path, &device).unwrap_err().to_string();
     assert!(error.contains("holds a memory-bank model"), "{error}");
 }
+
+/// Resuming on the CPU never starts burn's default wgpu device (burn-optim builds a loaded optimizer state
+/// on `Device::default()`; issue 9): the resume test is run again in a child process where that device
+/// cannot be had (no discrete GPU is asked for where there is none, or any other adapter than asked).
+#[test]
+fn resuming_on_the_cpu_needs_no_gpu() {
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "autoencoder::a_seed_gives_the_same_model_and_a_resumed_run_ends_where_a_straight_one_does"])
+        .env("CUBECL_WGPU_DEFAULT_DEVICE", "Other(99)")
+        .status()
+        .unwrap();
+    assert!(status.success(), "the resumed CPU run touched burn's default wgpu device");
+}

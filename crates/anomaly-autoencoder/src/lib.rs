@@ -32,6 +32,9 @@ pub enum AutoencoderError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{}: unusable checkpoint: {reason}", path.display())]
     Checkpoint { path: PathBuf, reason: String },
+    /// A checkpoint file could not be written.
+    #[error(transparent)]
+    Write(#[from] anomaly_fs::FsError),
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("{0}")]
@@ -101,7 +104,7 @@ impl AutoencoderModel {
             return Err(invalid(format!("it holds a {} model, not an {AUTOENCODER}", header.method)).into());
         }
         let info: AutoencoderInfo = serde_json::from_str(&header.info).map_err(|e| invalid(format!("its `info` is malformed: {e}")))?;
-        info.model.check().map_err(|e| invalid(e))?;
+        info.model.check().map_err(invalid)?;
         let mut network = info.model.init(device);
         let mut store = SafetensorsStore::from_bytes(Some(bytes.to_vec()));
         let result = network.load_from(&mut store).map_err(|e| invalid(format!("its weights do not load: {e}")))?;

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anomaly_data::SplitMix;
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{
+    Adam, AdamConfig, AdamState, GradientsParams, LearningRate, ModuleOptimizer, Optimizer, RecordState, StateSink, StateSource,
+};
 use burn::store::{BurnpackStore, ModuleSnapshot};
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -74,7 +76,7 @@ pub fn train(
     }
     let autodiff = device.clone().autodiff();
     let mut model = crate::seeded_network(model_config, &autodiff, config.seed)?;
-    let mut optimizer: ModuleOptimizer = AdamConfig::new().init();
+    let mut optimizer = ModuleOptimizer::from(CpuLoadedAdam(AdamConfig::new().build()));
     let mut progress =
         Progress { model: model_config.clone(), train: config.clone(), images: images.len(), epochs_done: 0, losses: Vec::new() };
     if let Some(checkpoint) = checkpoint.filter(|c| c.resume && c.dir.join(PROGRESS).is_file()) {
@@ -110,17 +112,54 @@ pub fn train(
     Ok(Trained { model: model.valid(), epoch_losses: progress.losses })
 }
 
+/// Adam, with a checkpoint's optimizer state read onto the CPU. burn's `ModuleOptimizer::load` builds the
+/// state tensors on `Device::default()`, which with the wgpu feature lazily starts burn's default wgpu
+/// device: a second GPU device beside ours, a panic on a machine without an adapter, and (issue 9) the
+/// reason our shared GPU context once failed to start. Each state moves to its parameter's device at the
+/// next step, as before; the checkpoint format is Adam's own.
+#[derive(Clone)]
+struct CpuLoadedAdam(Adam);
+
+/// Adam's state for one parameter, read back onto the CPU.
+#[derive(Clone)]
+struct CpuLoaded<const D: usize>(AdamState<D>);
+
+impl<const D: usize> RecordState for CpuLoaded<D> {
+    fn state_flatten(&self, prefix: &str, out: &mut StateSink) {
+        self.0.state_flatten(prefix, out);
+    }
+
+    fn state_unflatten(prefix: &str, src: &mut StateSource, _default_device: &Device) -> Option<Self> {
+        AdamState::state_unflatten(prefix, src, &Device::flex()).map(Self)
+    }
+}
+
+impl Optimizer for CpuLoadedAdam {
+    type State<const D: usize> = CpuLoaded<D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
+        let (tensor, state) = self.0.step(lr, tensor, grad, state.map(|state| state.0));
+        (tensor, state.map(CpuLoaded))
+    }
+
+    fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
+        CpuLoaded(Adam::to_device(state.0, device))
+    }
+}
+
 const PROGRESS: &str = "progress.json";
 // Burnpack keeps the parameters' ids, which the optimizer's state is keyed by.
 const WEIGHTS: &str = "weights.bpk";
 const OPTIMIZER: &str = "optimizer.bpk";
-/// The name a checkpoint file is written under before it is renamed into place.
-fn staged(name: &str) -> String {
-    format!("staged-{name}")
-}
 
-/// Writes the checkpoint; each file goes to a temporary name first, the progress file last, so that a
-/// checkpoint is never read half-written.
+/// Writes the checkpoint; each file is replaced atomically and flushed to disk, the progress file last, so
+/// that a checkpoint is never read half-written.
 fn save(
     checkpoint: &Checkpoint,
     model: &ConvAutoencoder,
@@ -128,22 +167,18 @@ fn save(
     progress: &Progress,
 ) -> Result<(), AutoencoderError> {
     let dir = &checkpoint.dir;
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |e: std::io::Error| AutoencoderError::Io { path, source: e }
-    };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
     let failed = |path: &Path, reason: String| AutoencoderError::Checkpoint { path: path.to_path_buf(), reason };
-    let weights = dir.join(staged(WEIGHTS));
-    let mut store = BurnpackStore::from_file(&weights).overwrite(true);
+    let weights = dir.join(WEIGHTS);
+    let mut store = BurnpackStore::from_bytes(None);
     model.save_into(&mut store).map_err(|e| failed(&weights, e.to_string()))?;
-    std::fs::rename(&weights, dir.join(WEIGHTS)).map_err(io(dir))?;
-    let state = dir.join(staged(OPTIMIZER));
-    optimizer.save(&state).map_err(|e| failed(&state, e.to_string()))?;
-    std::fs::rename(&state, dir.join(OPTIMIZER)).map_err(io(dir))?;
-    let record = dir.join(staged(PROGRESS));
-    std::fs::write(&record, serde_json::to_vec_pretty(progress).expect("progress serialises")).map_err(io(&record))?;
-    std::fs::rename(&record, dir.join(PROGRESS)).map_err(io(dir))?;
+    let bytes = store.get_bytes().map_err(|e| failed(&weights, e.to_string()))?;
+    anomaly_fs::write_atomic(&weights, &bytes)?;
+    let state = dir.join(OPTIMIZER);
+    let bytes = optimizer.into_bytes().map_err(|e| failed(&state, e.to_string()))?;
+    anomaly_fs::write_atomic(&state, &bytes)?;
+    let record = dir.join(PROGRESS);
+    let bytes = serde_json::to_vec_pretty(progress).map_err(|e| failed(&record, e.to_string()))?;
+    anomaly_fs::write_atomic(&record, &bytes)?;
     Ok(())
 }
 

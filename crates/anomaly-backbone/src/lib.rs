@@ -25,7 +25,9 @@ pub struct Features {
     pub maps: Vec<(String, Tensor<4>)>,
 }
 
-/// A loaded backbone, whichever architecture it is.
+/// A loaded backbone, whichever architecture it is. Unboxed although the variants differ in size: a process
+/// holds one or two backbones, and burn's `Module` derive walks the variants' fields directly.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Backbone {
     ResNet(ResNet),

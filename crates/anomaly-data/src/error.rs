@@ -31,6 +31,9 @@ pub enum DataError {
     /// Preprocessing settings that cannot produce an image.
     #[error("invalid preprocessing: {0}")]
     InvalidPreprocess(String),
+    /// A dataset that was built could not be put in place.
+    #[error(transparent)]
+    Write(#[from] anomaly_fs::FsError),
 }
 
 impl DataError {

@@ -37,8 +37,9 @@ impl Default for SyntheticConfig {
     }
 }
 
-/// Writes the dataset to `root` whole or not at all: built in a temporary folder beside it, then renamed.
-/// An existing `root` is replaced only if it is an earlier synthetic dataset.
+/// Writes the dataset to `root` whole or not at all: built in a temporary folder beside it, flushed to disk,
+/// then renamed. An existing `root` is replaced only if it is an earlier synthetic dataset, and is removed
+/// only once the new one is in place.
 pub fn write_synthetic_dataset(root: &Path, config: &SyntheticConfig) -> Result<(), DataError> {
     if config.size < 32 {
         return Err(DataError::InvalidSynthetic(format!("images need a size of at least 32, got {}", config.size)));
@@ -55,15 +56,10 @@ pub fn write_synthetic_dataset(root: &Path, config: &SyntheticConfig) -> Result<
             ),
         ));
     }
-    let parent = match root.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    std::fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
-    let staging = tempfile::Builder::new().prefix(".synthetic-").tempdir_in(parent).map_err(|e| DataError::io(parent, e))?;
+    let staging = anomaly_fs::staging_dir(root)?;
     let fabric = Fabric::new(config.seed, config.size);
 
-    let mut jobs: Vec<(PathBuf, Option<(&str, PathBuf)>, u64)> = Vec::new();
+    let mut jobs: Vec<Job> = Vec::new();
     let mut add = |folder: &str, count: usize, defect: Option<&'static str>| {
         for i in 0..count {
             let name = format!("{i:03}.png");
@@ -87,14 +83,14 @@ pub fn write_synthetic_dataset(root: &Path, config: &SyntheticConfig) -> Result<
         Ok::<(), DataError>(())
     })?;
     let marker = serde_json::to_string_pretty(config).expect("config serialises");
-    std::fs::write(staging.path().join(MARKER), marker).map_err(|e| DataError::io(&staging.path().join(MARKER), e))?;
-    if root.exists() {
-        std::fs::remove_dir_all(root).map_err(|e| DataError::io(root, e))?;
-    }
-    let staged = staging.keep();
-    std::fs::rename(&staged, root).map_err(|e| DataError::io(root, e))?;
+    let marker_path = staging.path().join(MARKER);
+    std::fs::write(&marker_path, marker).map_err(|e| DataError::io(marker_path, e))?;
+    anomaly_fs::replace_dir(staging, root)?;
     Ok(())
 }
+
+/// One image to draw: where it goes, its defect and mask file if it has one, and its index (which seeds it).
+type Job = (PathBuf, Option<(&'static str, PathBuf)>, u64);
 
 fn save<P: image::PixelWithColorType>(image: &image::ImageBuffer<P, Vec<P::Subpixel>>, path: &Path) -> Result<(), DataError>
 where

@@ -3,51 +3,67 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::OnceLock;
+use std::sync::{Mutex, PoisonError};
 
 use burn::tensor::Device;
 use burn::tensor::wgpu::{WgpuSetup, wgpu};
+use clap::ValueEnum;
 
-/// What the user asked for with `--device`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+mod quiet;
+
+/// What the user asked for with `--device`; clap parses it and lists the choices in help texts from
+/// this one definition (the variant docs are the help lines).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeviceChoice {
     /// A real GPU adapter when there is one, else the CPU backend: a software Vulkan adapter (llvmpipe)
     /// runs convolutions ~30× slower than burn's CPU backend.
     #[default]
+    #[value(name = "auto")]
     Auto,
     /// wgpu on whatever adapter it picks, software ones included.
+    #[value(name = "wgpu", alias = "gpu")]
     Wgpu,
     /// burn's pure-Rust CPU backend (burn-flex).
+    #[value(name = "cpu")]
     Cpu,
+}
+
+impl DeviceChoice {
+    /// The name `--device` takes, as help texts and messages spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Wgpu => "wgpu",
+            Self::Cpu => "cpu",
+        }
+    }
 }
 
 impl FromStr for DeviceChoice {
     type Err = DeviceError;
 
+    /// Case-insensitive, aliases included: the same names clap accepts.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "auto" => Ok(Self::Auto),
-            "wgpu" | "gpu" => Ok(Self::Wgpu),
-            "cpu" => Ok(Self::Cpu),
-            _ => Err(DeviceError::UnknownChoice(s.into())),
-        }
+        <Self as ValueEnum>::from_str(s, true).map_err(|_| DeviceError::UnknownChoice(s.into()))
     }
 }
 
 impl fmt::Display for DeviceChoice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::Wgpu => "wgpu",
-            Self::Cpu => "cpu",
-        })
+        f.write_str(self.as_str())
     }
+}
+
+/// The accepted `--device` names, for messages.
+fn choice_names() -> String {
+    let names: Vec<&str> = DeviceChoice::value_variants().iter().map(|choice| choice.as_str()).collect();
+    names.join(", ")
 }
 
 /// Why no device could be had.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    #[error("unknown device '{0}': use auto, wgpu or cpu")]
+    #[error("unknown device '{0}': use {choices}", choices = choice_names())]
     UnknownChoice(String),
     #[error(
         "no wgpu adapter could be started ({0}); install a Vulkan, Metal or DX12 driver \
@@ -83,13 +99,17 @@ impl fmt::Display for Adapter {
     }
 }
 
-/// Every adapter wgpu can see on this machine.
+/// Every adapter wgpu can see on this machine. Quiet: the drivers' complaints about a missing display
+/// (Mesa's Vulkan device-select layer prints `XDG_RUNTIME_DIR is invalid or not set` where there is no
+/// Wayland session) are not shown, since `--device auto` probes even for runs that end up on the CPU.
 pub fn list_adapters() -> Vec<Adapter> {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
-        .iter()
-        .map(|adapter| Adapter::from_info(&adapter.get_info()))
-        .collect()
+    quiet::stderr_muted(|| {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+            .iter()
+            .map(|adapter| Adapter::from_info(&adapter.get_info()))
+            .collect()
+    })
 }
 
 /// The device a choice resolves to, with a line that tells the user what was picked.
@@ -136,6 +156,12 @@ pub fn resolve(choice: DeviceChoice) -> Result<ResolvedDevice, DeviceError> {
 
 /// The process's one wgpu context: burn's device and the raw wgpu handles behind it, so that our own
 /// compute shaders run on the same device and queue as the backbone.
+///
+/// burn knows it under a runtime identity of its own (an `Existing` id that burn hands out once per
+/// registration), never as wgpu's `DefaultDevice`: burn creates the `DefaultDevice` runtime lazily the
+/// first time anything touches a tensor on `Device::default()` (burn-optim's `ModuleOptimizer::load`
+/// does, for one), and registering the context under that name after it fails with "Service already
+/// initialized". Under its own identity nothing else can have taken the name.
 pub struct GpuContext {
     /// burn's device on this adapter.
     pub device: Device,
@@ -146,17 +172,95 @@ pub struct GpuContext {
 }
 
 impl GpuContext {
-    /// Starts the context on first use (wgpu's default adapter choice, high-performance first) and returns
-    /// it on every later call.
+    /// Starts the context on first use (the graphics API and adapter burn's own automatic choice would
+    /// take) and returns it on every later call. Concurrent first calls wait for one start; a failed start
+    /// is not remembered, so a later call tries again.
     pub fn get() -> Result<&'static GpuContext, DeviceError> {
-        static CONTEXT: OnceLock<Result<GpuContext, String>> = OnceLock::new();
-        CONTEXT
-            .get_or_init(|| {
-                let (device, setup) = Device::wgpu_options().init_with_setup().map_err(|e| e.to_string())?;
-                let adapter = Adapter::from_info(&setup.adapter.get_info());
-                Ok(GpuContext { device, setup, adapter })
-            })
-            .as_ref()
-            .map_err(|e| DeviceError::NoAdapter(e.clone()))
+        static CONTEXT: Mutex<Option<&'static GpuContext>> = Mutex::new(None);
+        let mut slot = CONTEXT.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(context) = *slot {
+            return Ok(context);
+        }
+        let context: &'static GpuContext = Box::leak(Box::new(Self::start()?));
+        *slot = Some(context);
+        Ok(context)
+    }
+
+    fn start() -> Result<GpuContext, DeviceError> {
+        let (instance, adapter, backend) = quiet::stderr_muted(pick_adapter)?;
+        let (device, queue) = pollster::block_on(adapter.request_device(&device_descriptor(&adapter)))
+            .map_err(|e| DeviceError::NoAdapter(format!("{}: {e}", adapter.get_info().name)))?;
+        let setup = WgpuSetup { instance, adapter, device, queue, backend };
+        let device = Device::wgpu_options().setup(setup.clone()).init().map_err(|e| DeviceError::NoAdapter(e.to_string()))?;
+        let adapter = Adapter::from_info(&setup.adapter.get_info());
+        Ok(GpuContext { device, setup, adapter })
+    }
+}
+
+/// The graphics APIs burn's automatic choice tries, best first (cubecl-wgpu's `AutoGraphicsApi::chain`),
+/// narrowed to those `WGPU_BACKEND` allows and this build of wgpu has.
+fn api_candidates() -> Vec<wgpu::Backend> {
+    let chain: &[wgpu::Backend] =
+        if cfg!(target_os = "macos") { &[wgpu::Backend::Metal] } else { &[wgpu::Backend::Vulkan, wgpu::Backend::Dx12, wgpu::Backend::Gl] };
+    let allowed = wgpu::InstanceDescriptor::new_without_display_handle_from_env().backends;
+    let built = wgpu::Instance::enabled_backend_features();
+    chain.iter().copied().filter(|&api| allowed.contains(api.into()) && built.contains(api.into())).collect()
+}
+
+/// The adapter burn would start on by itself: on the first graphics API with a hardware adapter, else the
+/// first with any adapter, wgpu's high-performance choice.
+fn pick_adapter() -> Result<(wgpu::Instance, wgpu::Adapter, wgpu::Backend), DeviceError> {
+    let mut chosen = None;
+    for api in api_candidates() {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+            backends: api.into(),
+            ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
+        });
+        let adapters = pollster::block_on(instance.enumerate_adapters(api.into()));
+        if adapters.iter().any(|adapter| Adapter::from_info(&adapter.get_info()).is_hardware) {
+            chosen = Some((instance, api));
+            break;
+        }
+        if chosen.is_none() && !adapters.is_empty() {
+            chosen = Some((instance, api));
+        }
+    }
+    let (instance, api) = chosen.ok_or_else(|| DeviceError::NoAdapter("no adapter on any graphics API".into()))?;
+    let options = wgpu::RequestAdapterOptions { power_preference: wgpu::PowerPreference::HighPerformance, ..Default::default() };
+    let adapter = pollster::block_on(instance.request_adapter(&options)).map_err(|e| DeviceError::NoAdapter(format!("{api:?}: {e}")))?;
+    Ok((instance, adapter, api))
+}
+
+/// What burn asks of a device it starts itself (cubecl-wgpu 0.11 `backend/wgsl.rs`, `try_request_device`):
+/// every feature the adapter has but mappable primary buffers, the adapter's own limits (the defaults
+/// would cap buffer sizes and workgroup memory), and memory hints that favour size. Without them burn's
+/// kernels fall back to slower variants or fail to compile.
+fn device_descriptor(adapter: &wgpu::Adapter) -> wgpu::DeviceDescriptor<'static> {
+    wgpu::DeviceDescriptor {
+        label: Some("anomaly"),
+        required_features: adapter.features().difference(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS),
+        required_limits: adapter.limits(),
+        memory_hints: wgpu::MemoryHints::MemoryUsage,
+        trace: wgpu::Trace::Off,
+        // SAFETY: the opt-in cubecl makes for the devices it starts itself; only burn's kernel compiler
+        // uses these features, and it is written against them.
+        experimental_features: unsafe { wgpu::ExperimentalFeatures::enabled() },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_names_are_the_display_names_and_aliases_parse() {
+        for choice in DeviceChoice::value_variants() {
+            assert_eq!(choice.to_possible_value().unwrap().get_name(), choice.to_string());
+            assert_eq!(choice.as_str().to_uppercase().parse::<DeviceChoice>().unwrap(), *choice);
+        }
+        assert_eq!("gpu".parse::<DeviceChoice>().unwrap(), DeviceChoice::Wgpu);
+        assert_eq!(<DeviceChoice as ValueEnum>::from_str("gpu", false), Ok(DeviceChoice::Wgpu));
+        let error = "tpu".parse::<DeviceChoice>().unwrap_err().to_string();
+        assert_eq!(error, "unknown device 'tpu': use auto, wgpu, cpu");
     }
 }

@@ -17,7 +17,7 @@ use crate::{Detector, Embedding, Extractor, ImageOutput, MethodName, Runtime, Sc
 #[derive(clap::Args, Clone, Copy, Debug)]
 pub struct MemoryBankSettings {
     /// The ImageNet backbone whose pooled features fill the bank.
-    #[arg(long, default_value = "efficientnet-lite0")]
+    #[arg(long, value_enum, ignore_case = true, default_value_t = BackboneName::EfficientNetLite0)]
     pub backbone: BackboneName,
     /// Nearest bank rows an image's score averages over.
     #[arg(long, default_value_t = 50)]

