@@ -258,8 +258,9 @@ fn invalid_requests_are_refused() {
 /// Not a check but a measurement, printed: what handing burn's backbone output to our kernels through
 /// the host costs (`into_data`, then `upload`, which also computes the row norms), for an
 /// EfficientNet-Lite0 batch of 8: the pooled features and the two feature maps PatchCore takes. burn
-/// 0.22 keeps a tensor's wgpu buffer behind its dispatch and fusion layers, so the handoff goes through
-/// the host. Run it by name: `cargo test --release --test it host_copy -- --ignored --nocapture`.
+/// 0.22 reaches a tensor's wgpu buffer only through internals (the dispatch tensor's cubecl variant,
+/// then cubecl's `get_resource` for its wgpu server: a pooled buffer at an offset), so the handoff goes
+/// through the host. Run it by name: `cargo test --release --test it host_copy -- --ignored --nocapture`.
 #[test]
 #[ignore = "a measurement that prints figures; run it by name"]
 fn host_copy_between_burn_and_the_kernels() {

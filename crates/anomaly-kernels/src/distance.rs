@@ -14,7 +14,7 @@ const SIDE: u32 = 16;
 /// Rows and columns of the tiled shader's output tile: each invocation computes a vec4 of outputs
 /// along each direction.
 const TILE: u32 = 4 * SIDE;
-const _: () = assert!(SIDE % 4 == 0, "each invocation of the tiled shader stages 4 features");
+const _: () = assert!(SIDE.is_multiple_of(4), "each invocation of the tiled shader stages 4 features");
 
 /// Which pairwise-distance shader runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

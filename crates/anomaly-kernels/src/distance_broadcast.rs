@@ -82,7 +82,7 @@ impl BroadcastShaders {
             mapped_at_creation: false,
         });
         // Rows of a multiple of 4 features need no padding, so a whole block is one copy.
-        let run = if d % 4 == 0 { per_block } else { 1 };
+        let run = if d.is_multiple_of(4) { per_block } else { 1 };
         for start in (0..rows).step_by(run) {
             let count = run.min(rows - start);
             let to = (start / per_block) as u64 * stride + ((start % per_block) * row_bytes) as u64;

@@ -54,7 +54,7 @@ impl GpuKernels {
     /// `knn` for queries on the host (row-major, `bank.cols` wide), uploaded first.
     pub fn knn_host(&self, bank: &GpuMatrix, queries: &[f32], k: usize) -> Result<Neighbours, KernelError> {
         let d = bank.cols;
-        if queries.is_empty() || queries.len() % d != 0 {
+        if queries.is_empty() || !queries.len().is_multiple_of(d) {
             return Err(KernelError::Shape(format!("queries must be rows of {d} values, got {} values", queries.len())));
         }
         self.knn(bank, &self.upload(queries, queries.len() / d, d)?, k)
