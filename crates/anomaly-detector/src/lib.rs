@@ -88,7 +88,7 @@ pub struct MemoryBank {
 impl MemoryBank {
     /// Fits the bank to the good images' features (row-major `images × dim`).
     pub fn fit(features: &[f32], dim: usize, config: DetectorConfig, compute: &Compute) -> Result<Self, DetectorError> {
-        if dim == 0 || features.len() % dim != 0 {
+        if dim == 0 || !features.len().is_multiple_of(dim) {
             return Err(DetectorError::Shape(format!("{} values are not rows of {dim} features", features.len())));
         }
         let images = features.len() / dim;
@@ -155,7 +155,7 @@ impl MemoryBank {
 
     /// The kept columns of images' features (row-major `images × input_dim`), as the bank stores them.
     pub fn select(&self, features: &[f32]) -> Result<Vec<f32>, DetectorError> {
-        if features.len() % self.input_dim != 0 {
+        if !features.len().is_multiple_of(self.input_dim) {
             return Err(DetectorError::Shape(format!(
                 "{} values are not rows of the {} features this bank was fitted on",
                 features.len(),
