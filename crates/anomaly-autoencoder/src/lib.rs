@@ -195,7 +195,7 @@ pub fn reconstruct(
     device: &Device,
 ) -> Result<Vec<Reconstruction>, AutoencoderError> {
     let plane = size * size;
-    if images.is_empty() || images.len() % (3 * plane) != 0 {
+    if images.is_empty() || !images.len().is_multiple_of(3 * plane) {
         return Err(AutoencoderError::Config(format!("images must be 3 × {size} × {size} values each")));
     }
     let batch = images.len() / (3 * plane);

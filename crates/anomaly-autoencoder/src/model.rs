@@ -35,7 +35,7 @@ impl ConvAutoencoderConfig {
         if stages == 0 || self.latent == 0 || self.channels.contains(&0) {
             return Err("the autoencoder needs at least one stage, and positive channel and latent sizes".into());
         }
-        if self.image_size % (1 << stages) != 0 || self.grid() < 2 {
+        if !self.image_size.is_multiple_of(1 << stages) || self.grid() < 2 {
             return Err(format!(
                 "image size {} must be a multiple of {} and at least {} for {stages} stages",
                 self.image_size,

@@ -28,7 +28,7 @@ impl Default for TsneConfig {
 
 /// Embeds `rows` points of `dim` values (row-major) in the plane; returns `[x, y]` per point.
 pub fn tsne(points: &[f32], dim: usize, config: &TsneConfig) -> Vec<[f64; 2]> {
-    assert!(dim > 0 && points.len() % dim == 0, "points must be rows of {dim} values");
+    assert!(dim > 0 && points.len().is_multiple_of(dim), "points must be rows of {dim} values");
     let n = points.len() / dim;
     if n < 2 {
         return vec![[0.0, 0.0]; n];
