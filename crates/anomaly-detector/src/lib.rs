@@ -175,16 +175,25 @@ pub struct Scorer<'a> {
 impl Scorer<'_> {
     /// Anomaly scores of images (row-major `images × input_dim` features).
     pub fn score(&self, features: &[f32]) -> Result<Vec<f32>, DetectorError> {
-        let queries = self.bank.select(features)?;
+        self.score_kept(&self.bank.select(features)?)
+    }
+
+    /// Anomaly scores of images whose kept columns were already selected ([`MemoryBank::select`]), for
+    /// callers that keep those rows too.
+    pub fn score_kept(&self, queries: &[f32]) -> Result<Vec<f32>, DetectorError> {
+        let width = self.bank.columns.len();
+        if !queries.len().is_multiple_of(width) {
+            return Err(DetectorError::Shape(format!("{} values are not rows of the bank's {width} kept columns", queries.len())));
+        }
         if queries.is_empty() {
             return Ok(Vec::new());
         }
         let k = self.bank.config.k;
         let neighbours: Neighbours = match &self.uploaded {
-            Some((kernels, bank)) => kernels.knn_host(bank, &queries, k)?,
-            None => fast::knn(&queries, &self.bank.rows, self.bank.columns.len(), k),
+            Some((kernels, bank)) => kernels.knn_host(bank, queries, k)?,
+            None => fast::knn(queries, &self.bank.rows, width, k),
         };
-        Ok((0..features.len() / self.bank.input_dim)
+        Ok((0..queries.len() / width)
             .map(|image| {
                 let distances = neighbours.row_distances(image);
                 (distances.iter().map(|&d| d as f64).sum::<f64>() / distances.len() as f64) as f32

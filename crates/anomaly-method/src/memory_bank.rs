@@ -185,8 +185,8 @@ impl Scorer for BankScorer<'_> {
     fn score(&mut self, batch: &Batch) -> Result<Vec<ImageOutput>> {
         let side = self.detector.preprocess().crop as usize;
         let features = self.detector.extractor.pooled_batch(batch, side)?;
-        let scores = self.scorer.score(&features)?;
         let kept = self.detector.bank().select(&features)?;
+        let scores = self.scorer.score_kept(&kept)?;
         let width = self.detector.bank().columns.len();
         Ok(scores
             .into_iter()
