@@ -51,7 +51,7 @@ fn backbone(args: BackboneBenchArgs) -> Result<()> {
     }
     let batch_size = args.model.run.batch_size.max(1);
     let extractor = args.model.extractor()?;
-    let preprocess = extractor.preprocess().clone();
+    let preprocess = extractor.preprocess();
     let side = preprocess.crop as usize;
     let threads = rayon::current_num_threads();
 

@@ -67,7 +67,7 @@ pub fn run(args: Args) -> Result<()> {
     let metadata = HashMap::from([
         ("backbone".to_string(), args.model.backbone.to_string()),
         ("device".to_string(), extractor.device().describe()),
-        ("preprocess".to_string(), serde_json::to_string(extractor.preprocess())?),
+        ("preprocess".to_string(), serde_json::to_string(&extractor.preprocess())?),
         ("paths".to_string(), serde_json::to_string(&path_list)?),
     ]);
     let bytes = safetensors::serialize(views, Some(metadata)).context("encoding features")?;

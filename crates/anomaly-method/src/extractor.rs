@@ -19,7 +19,6 @@ pub struct Extractor {
     name: BackboneName,
     backbone: Backbone,
     device: ResolvedDevice,
-    preprocess: Preprocess,
     weights: PathBuf,
     weights_sha256: OnceLock<String>,
     compute: OnceLock<Compute>,
@@ -37,15 +36,7 @@ impl Extractor {
     /// Loads backbone `name` from its weights file onto `device`.
     pub fn load(name: BackboneName, weights: &Path, device: ResolvedDevice) -> Result<Self> {
         let backbone = Backbone::load(name, weights, &device.device)?;
-        Ok(Self {
-            name,
-            backbone,
-            device,
-            preprocess: name.preprocess(),
-            weights: weights.to_path_buf(),
-            weights_sha256: OnceLock::new(),
-            compute: OnceLock::new(),
-        })
+        Ok(Self { name, backbone, device, weights: weights.to_path_buf(), weights_sha256: OnceLock::new(), compute: OnceLock::new() })
     }
 
     /// Which backbone this is.
@@ -64,8 +55,8 @@ impl Extractor {
     }
 
     /// How images become its inputs (the weights' own preprocessing).
-    pub fn preprocess(&self) -> &Preprocess {
-        &self.preprocess
+    pub fn preprocess(&self) -> Preprocess {
+        self.name.preprocess()
     }
 
     /// The weights file it was loaded from.
@@ -134,9 +125,11 @@ impl Extractor {
                 self.backbone.tap_names().join(", ")
             );
         }
-        for batch in BatchLoader::new(paths, self.preprocess.clone(), batch_size, 2) {
+        let preprocess = self.preprocess();
+        let side = preprocess.crop as usize;
+        for batch in BatchLoader::new(paths, preprocess, batch_size, 2) {
             let batch = batch?;
-            let (pooled, maps) = self.forward(&batch, self.preprocess.crop as usize, taps)?;
+            let (pooled, maps) = self.forward(&batch, side, taps)?;
             progress.inc(batch.len() as u64);
             sink(&batch, pooled, maps)?;
         }

@@ -62,7 +62,7 @@ impl MemoryBankDetector {
             backbone: extractor.name().to_string(),
             weights_file: extractor.weights_name(),
             weights_sha256: extractor.weights_sha256()?.to_string(),
-            preprocess: extractor.preprocess().clone(),
+            preprocess: extractor.preprocess(),
             dataset: dataset.to_string(),
         };
         Ok(Self { model: Model::new(bank, source), extractor })
