@@ -57,23 +57,24 @@ pub(crate) fn pixel_auroc(
 }
 
 /// Input (mask outlined), reconstruction and anomaly map of the shown test images; `inputs` holds the
-/// shown images' inputs (`3 × side × side`, values in [0, 1]) by test index.
+/// shown images' inputs (`3 × side × side`, values in [0, 1]) by test index, made with `preprocess`,
+/// whose geometry the masks follow too.
 pub(crate) fn reconstructions_png(
     dataset: &str,
     test: &[&Sample],
     inputs: &BTreeMap<usize, Vec<f32>>,
     outputs: &[ImageOutput],
-    side: usize,
+    preprocess: &Preprocess,
 ) -> Result<Vec<u8>> {
+    let side = preprocess.crop as usize;
     let peak = outputs.iter().flat_map(|o| o.map.iter().flatten().copied()).fold(1e-12f32, f32::max);
-    let geometry = anomaly_data::Preprocess { resize: side as u32, crop: side as u32, mean: [0.0; 3], std: [1.0; 3] };
     let mut rows = Vec::new();
     for (&index, input) in inputs {
         let (sample, output) = (test[index], &outputs[index]);
         let (Some(reconstruction), Some(map)) = (&output.reconstruction, &output.map) else { continue };
         let mask = match &sample.mask {
             Some(path) => {
-                let truth = geometry.mask(&load_mask(path)?)?;
+                let truth = preprocess.mask(&load_mask(path)?)?;
                 Some(GrayImage::from_fn(side as u32, side as u32, |x, y| {
                     image::Luma([if truth[y as usize * side + x as usize] { 255 } else { 0 }])
                 }))

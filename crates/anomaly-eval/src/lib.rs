@@ -152,10 +152,9 @@ pub fn evaluate(dataset: &Dataset, source: ModelSource, runtime: &Runtime, optio
     progress.finish_and_clear();
     clock.lap("score");
 
-    let side = detector.preprocess().crop as usize;
     let pixel = figures::pixel_auroc(&test, &outputs, detector.preprocess())?;
     if outputs.iter().any(|o| o.reconstruction.is_some()) {
-        let png = figures::reconstructions_png(&dataset.name, &test, &inputs, &outputs, side)?;
+        let png = figures::reconstructions_png(&dataset.name, &test, &inputs, &outputs, detector.preprocess())?;
         anomaly_fs::write_atomic(&options.report.join("reconstructions.png"), &png)?;
         clock.lap("reconstructions");
     }
