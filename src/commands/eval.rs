@@ -53,22 +53,28 @@ pub fn run(args: Args) -> Result<()> {
     }
     let data = args.data.as_ref().expect("clap requires --data without --all");
     let dataset = Dataset::mvtec(data)?;
-    let source = match &args.model {
+    // Bad settings and bad model files are refused before the device starts.
+    let model = match &args.model {
         Some(path) => {
             let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
             anomaly_detector::read_model_header(&bytes, path)?;
-            let runtime = args.run.runtime()?;
-            let detector = anomaly_method::load(&bytes, path, &runtime)?;
-            eprintln!("{} on {}: {}", detector.title(), detector.device(), data.display());
-            return print_summary(&anomaly_eval::evaluate(&dataset, ModelSource::Loaded(detector), &runtime, &options)?, args.options.json);
+            Some((path, bytes))
         }
         None => {
             anomaly_method::check(args.method, &args.settings, dataset.split(anomaly_data::Split::Train).count())?;
-            ModelSource::Fit { method: args.method, settings: &args.settings }
+            None
         }
     };
     let runtime = args.run.runtime()?;
-    eprintln!("{} on {}: {}", args.method, runtime.device().describe(), data.display());
+    let source = match model {
+        Some((path, bytes)) => ModelSource::Loaded(anomaly_method::load(&bytes, path, &runtime)?),
+        None => ModelSource::Fit { method: args.method, settings: &args.settings },
+    };
+    let method = match &source {
+        ModelSource::Loaded(detector) => detector.title(),
+        ModelSource::Fit { method, .. } => method.to_string(),
+    };
+    eprintln!("{method} on {}: {}", runtime.device().describe(), data.display());
     print_summary(&anomaly_eval::evaluate(&dataset, source, &runtime, &options)?, args.options.json)
 }
 
