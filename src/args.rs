@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anomaly_backbone::BackboneName;
+use anomaly_data::ImageLimits;
 use anomaly_device::DeviceChoice;
-use anomaly_method::{Extractor, Runtime};
+use anomaly_method::{Extractor, Runtime, count_in};
 use anyhow::Result;
 
 use crate::weights::{WeightsArgs, weights_file};
@@ -19,8 +20,26 @@ pub struct RunArgs {
     #[arg(long, value_enum, ignore_case = true, default_value_t)]
     pub device: DeviceChoice,
     /// Images per forward pass (memory grows with it, not with the number of images).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = count_in(1, 4096))]
     pub batch_size: usize,
+    #[command(flatten)]
+    pub images: ImageArgs,
+}
+
+/// What an input image may cost: every command that reads images takes it.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ImageArgs {
+    /// Refuse images of more pixels than this (width × height, read from the file's header before
+    /// decoding), so that a small file claiming to be huge cannot exhaust memory.
+    #[arg(long, value_name = "PIXELS", default_value_t = ImageLimits::DEFAULT_MAX_PIXELS, value_parser = clap::value_parser!(u64).range(1..=1 << 40))]
+    pub max_pixels: u64,
+}
+
+impl ImageArgs {
+    /// The decoding limits these options set.
+    pub fn limits(&self) -> ImageLimits {
+        ImageLimits::new(self.max_pixels)
+    }
 }
 
 impl RunArgs {
@@ -29,7 +48,7 @@ impl RunArgs {
         let device = anomaly_device::resolve(self.device)?;
         let weights = self.weights.clone();
         let resolver = Box::new(move |name: BackboneName| weights_file(name, &weights));
-        Ok(Runtime::new(device, &self.weights.weights_dir, resolver, self.batch_size))
+        Ok(Runtime::new(device, &self.weights.weights_dir, resolver, self.batch_size, self.images.limits()))
     }
 }
 
@@ -56,8 +75,9 @@ pub struct ReportArgs {
     /// Seed of the t-SNE layout.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// At most this many images in the t-SNE map (an even subsample of each group beyond it).
-    #[arg(long, default_value_t = 2000)]
+    /// At most this many images in the t-SNE map (an even subsample of each group beyond it); 2 to 5000,
+    /// as the exact layout's memory grows with the square.
+    #[arg(long, default_value_t = 2000, value_parser = count_in(2, 5000))]
     pub tsne_points: usize,
     /// Print the metrics (or, with --all, the summary) as JSON.
     #[arg(long)]
@@ -67,6 +87,6 @@ pub struct ReportArgs {
 impl ReportArgs {
     /// The evaluation options for a report in `report`.
     pub fn options(&self, report: PathBuf) -> anomaly_eval::EvalOptions {
-        anomaly_eval::EvalOptions { report, seed: self.seed, tsne_points: self.tsne_points.max(2) }
+        anomaly_eval::EvalOptions { report, seed: self.seed, tsne_points: self.tsne_points }
     }
 }

@@ -4,11 +4,14 @@
 
 mod args;
 mod commands;
+mod output;
 mod weights;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+use crate::output::{StdoutClosed, note};
 
 /// Industrial visual anomaly detection: ImageNet backbones, memory banks and GPU kernels, no Python.
 #[derive(Parser)]
@@ -57,8 +60,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // The reader of standard output has all it wanted (`| head`): stop quietly.
+        Err(error) if error.is::<StdoutClosed>() => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            note!("error: {error:#}");
             ExitCode::FAILURE
         }
     }

@@ -9,6 +9,8 @@ use indicatif::ProgressBar;
 use anomaly_method::to_vec;
 
 use crate::args::BackboneArgs;
+use crate::output::outln;
+use anomaly_method::count_in;
 
 /// `anomaly bench …`: benchmarks print figures and ratios; they assert nothing.
 #[derive(clap::Subcommand)]
@@ -27,10 +29,10 @@ pub struct BackboneBenchArgs {
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
     /// Use at most this many images.
-    #[arg(long)]
+    #[arg(long, value_parser = count_in(1, usize::MAX))]
     limit: Option<usize>,
     /// Forward passes of one batch timed for the forward-only figure.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = count_in(1, 1000))]
     repeats: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -45,11 +47,14 @@ pub fn run(bench: Bench) -> Result<()> {
 }
 
 fn backbone(args: BackboneBenchArgs) -> Result<()> {
-    let mut paths = collect_images(&args.data)?;
+    let found = collect_images(&args.data)?;
+    anomaly_eval::note_skipped(&found.skipped);
+    let mut paths = found.files;
     if let Some(limit) = args.limit {
-        paths.truncate(limit.max(1));
+        paths.truncate(limit);
     }
-    let batch_size = args.model.run.batch_size.max(1);
+    let batch_size = args.model.run.batch_size;
+    let limits = args.model.run.images.limits();
     let extractor = args.model.extractor()?;
     let preprocess = extractor.preprocess();
     let side = preprocess.crop as usize;
@@ -58,7 +63,7 @@ fn backbone(args: BackboneBenchArgs) -> Result<()> {
     // Decode + preprocess alone, in parallel as the pipeline does it.
     let start = Instant::now();
     let mut first_batch = None;
-    for batch in BatchLoader::new(paths.clone(), preprocess.clone(), batch_size, 2) {
+    for batch in BatchLoader::new(paths.clone(), preprocess.clone(), limits, batch_size, 2) {
         let batch = batch?;
         first_batch.get_or_insert(batch);
     }
@@ -78,7 +83,7 @@ fn backbone(args: BackboneBenchArgs) -> Result<()> {
 
     // End to end: decode overlapping the forward pass, features back on the host.
     let start = Instant::now();
-    extractor.run(paths.clone(), &[], batch_size, &ProgressBar::hidden(), |_, _, _| Ok(()))?;
+    extractor.run(paths.clone(), &[], batch_size, limits, &ProgressBar::hidden(), |_, _, _| Ok(()))?;
     let end_to_end_s = start.elapsed().as_secs_f64();
 
     let images = paths.len() as f64;
@@ -87,7 +92,7 @@ fn backbone(args: BackboneBenchArgs) -> Result<()> {
     let end_to_end_ips = images / end_to_end_s;
     let peak_rss_mib = peak_rss_kib().map(|kib| kib as f64 / 1024.0);
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "backbone": args.model.backbone.to_string(), "device": extractor.device().describe(), "images": paths.len(),
@@ -95,22 +100,22 @@ fn backbone(args: BackboneBenchArgs) -> Result<()> {
                 "decode_preprocess_img_s": decode_ips, "forward_img_s": forward_ips, "end_to_end_img_s": end_to_end_ips,
                 "peak_rss_mib": peak_rss_mib,
             })
-        );
+        )?;
     } else {
-        println!(
+        outln!(
             "backbone {} on {}, {} images, batch {batch_size}, {threads} threads, input {side}px",
             args.model.backbone,
             extractor.device().describe(),
             paths.len()
-        );
-        println!("  decode + preprocess  {decode_ips:8.1} img/s");
-        println!("  forward alone        {forward_ips:8.1} img/s");
-        println!(
+        )?;
+        outln!("  decode + preprocess  {decode_ips:8.1} img/s")?;
+        outln!("  forward alone        {forward_ips:8.1} img/s")?;
+        outln!(
             "  end to end           {end_to_end_ips:8.1} img/s  ({:.0}% of the forward-only rate)",
             100.0 * end_to_end_ips / forward_ips
-        );
+        )?;
         if let Some(mib) = peak_rss_mib {
-            println!("  peak resident memory {mib:8.0} MiB");
+            outln!("  peak resident memory {mib:8.0} MiB")?;
         }
     }
     Ok(())

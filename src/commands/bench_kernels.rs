@@ -3,8 +3,10 @@
 
 use std::time::Instant;
 
+use crate::output::{note, outln};
 use anomaly_kernels::cpu::fast;
 use anomaly_kernels::{DistanceKernel, GpuKernels};
+use anomaly_method::count_in;
 use anyhow::Result;
 use serde::Serialize;
 
@@ -25,19 +27,19 @@ pub struct KernelArgs {
     #[arg(long)]
     quick: bool,
     /// Bank sizes (rows) to sweep.
-    #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000", value_parser = count_in(1, 10_000_000))]
     banks: Vec<usize>,
     /// Feature widths to sweep.
-    #[arg(long, value_delimiter = ',', default_value = "512,1024,2048")]
+    #[arg(long, value_delimiter = ',', default_value = "512,1024,2048", value_parser = count_in(1, 8192))]
     dims: Vec<usize>,
     /// k values to sweep.
-    #[arg(long, value_delimiter = ',', default_value = "1,9,50")]
+    #[arg(long, value_delimiter = ',', default_value = "1,9,50", value_parser = count_in(1, 1024))]
     ks: Vec<usize>,
     /// Queries per case.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = count_in(1, 100_000))]
     queries: usize,
     /// Bank rows of the tiled-versus-naive distance comparison (the naive shader is slow).
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = count_in(1, 1_000_000))]
     naive_bank: usize,
     /// Print a JSON array (one object per case) instead of a table.
     #[arg(long)]
@@ -77,7 +79,7 @@ pub fn run(mut args: KernelArgs) -> Result<()> {
         None => format!("cpu: {} threads", rayon::current_num_threads()),
     };
     if !args.json {
-        eprintln!(
+        note!(
             "device {device}; timing from {}",
             match &gpu {
                 Some(g) if g.has_timestamps() => "GPU timestamps (distance shaders) and wall time (whole operations)",
@@ -90,7 +92,7 @@ pub fn run(mut args: KernelArgs) -> Result<()> {
     let mut rows = Vec::new();
     let mut print = |row: Row| {
         if !args.json {
-            println!(
+            outln!(
                 "{:<16} m {:>5} n {:>8} d {:>5} k {:>5}  {:>10.2} ms {:>9} GFLOP/s {:>8} GB/s{}",
                 row.kernel,
                 row.m,
@@ -101,15 +103,16 @@ pub fn run(mut args: KernelArgs) -> Result<()> {
                 row.gflops.map_or("-".into(), |g| format!("{g:.1}")),
                 row.gbs.map_or("-".into(), |g| format!("{g:.1}")),
                 ratios(&row)
-            );
+            )?;
         }
         rows.push(row);
+        anyhow::Ok(())
     };
     for &d in &args.dims {
         for &n in &args.banks {
             let needed = ((n + m) * d * 4) as u64 * if gpu.is_some() { 2 } else { 1 };
             if available_memory().is_some_and(|free| needed > free) {
-                eprintln!("skipping n {n} d {d}: needs ~{} MiB, more than is free", needed >> 20);
+                note!("skipping n {n} d {d}: needs ~{} MiB, more than is free", needed >> 20);
                 continue;
             }
             let bank = random(n * d, 1 + n as u64 + d as u64);
@@ -140,18 +143,18 @@ pub fn run(mut args: KernelArgs) -> Result<()> {
                     fast::multiply_transposed_parallel(&queries, &bank[start * d..(start + w) * d], m, w, d, &mut out[..m * w]);
                 }
             });
-            print(row("cpu_sgemm", None, sgemm_ms, Some(flops / sgemm_ms / 1e6), None));
+            print(row("cpu_sgemm", None, sgemm_ms, Some(flops / sgemm_ms / 1e6), None))?;
             let cpu_stats_ms = timed(|| {
                 fast::column_stats(&bank, n, d);
             });
-            print(row("cpu_column_stats", None, cpu_stats_ms, None, Some(bank_bytes / cpu_stats_ms / 1e6)));
+            print(row("cpu_column_stats", None, cpu_stats_ms, None, Some(bank_bytes / cpu_stats_ms / 1e6)))?;
             let mut cpu_knn_ms = Vec::new();
             for &k in &args.ks {
                 let ms = timed(|| {
                     fast::knn(&queries, &bank, d, k.min(n));
                 });
                 cpu_knn_ms.push(ms);
-                print(row("cpu_knn", Some(k), ms, Some(flops / ms / 1e6), None));
+                print(row("cpu_knn", Some(k), ms, Some(flops / ms / 1e6), None))?;
             }
 
             let Some(gpu) = &gpu else { continue };
@@ -160,7 +163,7 @@ pub fn run(mut args: KernelArgs) -> Result<()> {
             print(Row {
                 gpu_over_cpu_fast: Some(stats_ms / cpu_stats_ms),
                 ..row("column_stats", None, stats_ms, None, Some(bank_bytes / stats_ms / 1e6))
-            });
+            })?;
 
             // The distance shaders alone on a sub-bank (the naive one is slow), best of two runs each.
             let limit_rows = (gpu.limits().max_binding_bytes / (m as u64 * 4)) as usize;
@@ -183,9 +186,9 @@ pub fn run(mut args: KernelArgs) -> Result<()> {
                 if kernel == gpu.distance_kernel() || (kernel == DistanceKernel::Tiled && d > anomaly_kernels::BROADCAST_MAX_D) {
                     used_ms = ms;
                 }
-                print(Row { n: naive_n, tiled_over_naive: Some(ms / naive_ms), ..row(name, None, ms, Some(sub_flops / ms / 1e6), None) });
+                print(Row { n: naive_n, tiled_over_naive: Some(ms / naive_ms), ..row(name, None, ms, Some(sub_flops / ms / 1e6), None) })?;
             }
-            print(Row { n: naive_n, ..row("distance_naive", None, naive_ms, Some(sub_flops / naive_ms / 1e6), None) });
+            print(Row { n: naive_n, ..row("distance_naive", None, naive_ms, Some(sub_flops / naive_ms / 1e6), None) })?;
 
             for (&k, &cpu_ms) in args.ks.iter().zip(&cpu_knn_ms) {
                 // Host queries, uploaded inside the timing, as scoring images does.
@@ -195,12 +198,12 @@ pub fn run(mut args: KernelArgs) -> Result<()> {
                     gpu_over_cpu_sgemm: Some(ms / sgemm_ms),
                     tiled_over_naive: Some(used_ms / naive_ms),
                     ..row("knn", Some(k), ms, Some(flops / ms / 1e6), Some(bank_bytes / ms / 1e6))
-                });
+                })?;
             }
         }
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?)?;
     }
     Ok(())
 }

@@ -7,6 +7,8 @@ use anyhow::Result;
 
 use super::eval::print_summary;
 use crate::args::{ReportArgs, RunArgs};
+use crate::output::note;
+use anomaly_method::count_in;
 
 /// `anomaly demo`.
 #[derive(clap::Args)]
@@ -18,16 +20,16 @@ pub struct Args {
     #[arg(long = "data-seed", default_value_t = 7)]
     data_seed: u64,
     /// Side of the synthetic images, in pixels.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(32..=4096))]
     size: u32,
     /// Good training images.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_parser = count_in(1, 100_000))]
     train: usize,
     /// Good test images.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = count_in(0, 100_000))]
     test_good: usize,
     /// Test images per defect type (cut, hole, missing_thread, stain).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = count_in(0, 100_000))]
     per_defect: usize,
     #[command(flatten)]
     memory_bank: MemoryBankSettings,
@@ -49,10 +51,10 @@ pub fn run(args: Args) -> Result<()> {
         per_defect: args.per_defect,
     };
     write_synthetic_dataset(&data, &synthetic)?;
-    eprintln!("synthetic woven fabric: {} (seed {})", data.display(), synthetic.seed);
+    note!("synthetic woven fabric: {} (seed {})", data.display(), synthetic.seed);
     let dataset = Dataset { name: "synthetic woven fabric".into(), ..Dataset::mvtec(&data)? };
     let runtime = args.run.runtime()?;
-    eprintln!("{} on {}", settings.memory_bank.backbone, runtime.device().describe());
+    note!("{} on {}", settings.memory_bank.backbone, runtime.device().describe());
     let source = ModelSource::Fit { method: MethodName::MemoryBank, settings: &settings };
     let summary = anomaly_eval::evaluate(&dataset, source, &runtime, &args.options.options(args.out.join("report")))?;
     print_summary(&summary, args.options.json)

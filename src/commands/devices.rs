@@ -1,3 +1,4 @@
+use crate::output::outln;
 use anyhow::Result;
 
 /// `anomaly devices`.
@@ -20,19 +21,19 @@ pub fn run(args: Args) -> Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::json!({ "adapters": list, "auto": auto }));
+        outln!("{}", serde_json::json!({ "adapters": list, "auto": auto }))?;
         return Ok(());
     }
     if adapters.is_empty() {
-        println!("no wgpu adapter found");
+        outln!("no wgpu adapter found")?;
     }
     for adapter in &adapters {
         let kind = if adapter.is_hardware { "GPU" } else { "software" };
-        println!("{adapter}  [{kind}]");
+        outln!("{adapter}  [{kind}]")?;
     }
     match auto {
-        "wgpu" => println!("--device auto picks wgpu (a hardware adapter is present)"),
-        _ => println!("--device auto picks cpu (burn-flex): no hardware GPU adapter; software Vulkan is slower than the CPU backend"),
+        "wgpu" => outln!("--device auto picks wgpu (a hardware adapter is present)")?,
+        _ => outln!("--device auto picks cpu (burn-flex): no hardware GPU adapter; software Vulkan is slower than the CPU backend")?,
     }
     Ok(())
 }

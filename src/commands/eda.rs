@@ -2,6 +2,10 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
+use crate::args::ImageArgs;
+use crate::output::outln;
+use anomaly_method::count_in;
+
 /// `anomaly eda`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -12,20 +16,22 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     report: PathBuf,
     /// Sample images per row of the sample grid.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 6, value_parser = count_in(1, 64))]
     samples: usize,
+    #[command(flatten)]
+    images: ImageArgs,
     /// Print eda.json (or, for a root, every category's) instead of the summary's path.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let stats = anomaly_eval::analyse_dataset(&args.data, &args.report, args.samples)?;
+    let stats = anomaly_eval::analyse_dataset(&args.data, &args.report, args.samples, args.images.limits())?;
     if args.json {
         let value = if stats.len() == 1 { stats[0].clone() } else { serde_json::json!(stats) };
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
     } else {
-        println!("{}", args.report.join("summary.md").display());
+        outln!("{}", args.report.join("summary.md").display())?;
     }
     Ok(())
 }

@@ -6,6 +6,7 @@ use anomaly_method::{MethodName, MethodSettings};
 use anyhow::{Context, Result};
 
 use crate::args::{ReportArgs, RunArgs};
+use crate::output::{note, out, outln};
 
 /// `anomaly eval`.
 #[derive(clap::Args)]
@@ -39,13 +40,13 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(root) = &args.all {
         anomaly_method::check(args.method, &args.settings, usize::MAX)?;
         let runtime = args.run.runtime()?;
-        eprintln!("{} on {}: categories under {}", args.method, runtime.device().describe(), root.display());
+        note!("{} on {}: categories under {}", args.method, runtime.device().describe(), root.display());
         let summary = AllSummary::run(root, args.method, &args.settings, &runtime, &options)?;
         if args.options.json {
-            println!("{}", serde_json::to_string_pretty(&summary.json)?);
+            outln!("{}", serde_json::to_string_pretty(&summary.json)?)?;
         } else {
-            print!("{}", summary.markdown);
-            println!("\n{}\n{}", args.report.join("summary.md").display(), args.report.join("summary.json").display());
+            out!("{}", summary.markdown)?;
+            outln!("\n{}\n{}", args.report.join("summary.md").display(), args.report.join("summary.json").display())?;
         }
         let failed = summary.failed();
         anyhow::ensure!(failed == 0, "{failed} of {} categories failed (see above)", summary.categories.len());
@@ -53,6 +54,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let data = args.data.as_ref().expect("clap requires --data without --all");
     let dataset = Dataset::mvtec(data)?;
+    anomaly_eval::note_skipped(&dataset.skipped);
     // Bad settings and bad model files are refused before the device starts.
     let model = match &args.model {
         Some(path) => {
@@ -74,7 +76,7 @@ pub fn run(args: Args) -> Result<()> {
         ModelSource::Loaded(detector) => detector.title(),
         ModelSource::Fit { method, .. } => method.to_string(),
     };
-    eprintln!("{method} on {}: {}", runtime.device().describe(), data.display());
+    note!("{method} on {}: {}", runtime.device().describe(), data.display());
     print_summary(&anomaly_eval::evaluate(&dataset, source, &runtime, &options)?, args.options.json)
 }
 
@@ -82,12 +84,12 @@ pub fn run(args: Args) -> Result<()> {
 pub fn print_summary(summary: &EvalSummary, json: bool) -> Result<()> {
     if json {
         let metrics = summary.report.join("metrics.json");
-        print!("{}", std::fs::read_to_string(&metrics).with_context(|| format!("reading {}", metrics.display()))?);
-        println!();
+        out!("{}", std::fs::read_to_string(&metrics).with_context(|| format!("reading {}", metrics.display()))?)?;
+        outln!()?;
     } else {
-        println!("{}", summary.describe());
+        outln!("{}", summary.describe())?;
         for file in summary.files() {
-            println!("  {}", file.display());
+            outln!("  {}", file.display())?;
         }
     }
     Ok(())

@@ -9,6 +9,7 @@ use anomaly_fs::write_atomic;
 use anomaly_method::image_progress;
 
 use crate::args::BackboneArgs;
+use crate::output::{note, outln};
 
 /// `anomaly features`.
 #[derive(clap::Args)]
@@ -28,27 +29,35 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let dataset = Dataset::open(&args.data)?;
+    anomaly_eval::note_skipped(&dataset.skipped);
     let paths: Vec<PathBuf> = dataset.samples.iter().map(|s| s.path.clone()).collect();
     let extractor = args.model.extractor()?;
-    eprintln!("{} on {}: {} images", args.model.backbone, extractor.device().describe(), paths.len());
+    note!("{} on {}: {} images", args.model.backbone, extractor.device().describe(), paths.len());
     let taps: Vec<&str> = args.taps.iter().map(String::as_str).collect();
 
     let progress = image_progress(paths.len(), "features");
     let mut pooled = Vec::new();
     let mut maps: Vec<(String, [usize; 4], Vec<f32>)> = Vec::new();
-    extractor.run(paths.clone(), &taps, args.model.run.batch_size, &progress, |_, batch_pooled, batch_maps| {
-        pooled.extend(batch_pooled);
-        for map in batch_maps {
-            match maps.iter_mut().find(|(name, _, _)| *name == map.name) {
-                Some((_, shape, values)) => {
-                    shape[0] += map.shape[0];
-                    values.extend(map.values);
+    extractor.run(
+        paths.clone(),
+        &taps,
+        args.model.run.batch_size,
+        args.model.run.images.limits(),
+        &progress,
+        |_, batch_pooled, batch_maps| {
+            pooled.extend(batch_pooled);
+            for map in batch_maps {
+                match maps.iter_mut().find(|(name, _, _)| *name == map.name) {
+                    Some((_, shape, values)) => {
+                        shape[0] += map.shape[0];
+                        values.extend(map.values);
+                    }
+                    None => maps.push((map.name, map.shape, map.values)),
                 }
-                None => maps.push((map.name, map.shape, map.values)),
             }
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     progress.finish_and_clear();
 
     let dim = pooled.len() / paths.len();
@@ -72,6 +81,6 @@ pub fn run(args: Args) -> Result<()> {
     ]);
     let bytes = safetensors::serialize(views, Some(metadata)).context("encoding features")?;
     write_atomic(&args.out, &bytes)?;
-    println!("{}: {} images × {dim} features{}", args.out.display(), paths.len(), if maps.is_empty() { "" } else { " + taps" });
+    outln!("{}: {} images × {dim} features{}", args.out.display(), paths.len(), if maps.is_empty() { "" } else { " + taps" })?;
     Ok(())
 }

@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 
+use crate::output::outln;
 use anomaly_weights::FetchOptions;
 use anyhow::Result;
 
@@ -23,6 +24,6 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let options = FetchOptions { mirror: args.mirror, index_url: args.index_url, ..FetchOptions::default() };
     let path = crate::weights::fetch(&args.name, &args.dir, &options)?;
-    println!("{}", path.display());
+    outln!("{}", path.display())?;
     Ok(())
 }

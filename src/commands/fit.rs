@@ -5,6 +5,7 @@ use anomaly_method::{MethodName, MethodSettings};
 use anyhow::Result;
 
 use crate::args::RunArgs;
+use crate::output::{note, outln};
 
 /// `anomaly fit`.
 #[derive(clap::Args)]
@@ -30,20 +31,21 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let mut clock = anomaly_eval::Stopwatch::start();
     let dataset = Dataset::open(&args.data)?;
+    anomaly_eval::note_skipped(&dataset.skipped);
     let paths: Vec<PathBuf> = dataset.split(Split::Train).map(|s| s.path.clone()).collect();
     anomaly_method::check(args.method, &args.settings, paths.len())?;
     let runtime = args.run.runtime()?;
-    eprintln!("{} on {}: {} good images", args.method, runtime.device().describe(), paths.len());
+    note!("{} on {}: {} good images", args.method, runtime.device().describe(), paths.len());
     clock.lap("load");
     let detector = anomaly_method::fit(args.method, &args.settings, &paths, &dataset.name, &runtime)?;
     clock.lap("fit");
     anomaly_fs::write_atomic(&args.model, &detector.to_bytes()?)?;
     clock.lap("save");
     if args.json {
-        let summary = serde_json::json!({ "model": args.model, "info": detector.info(), "timings_s": clock.seconds() });
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        let summary = serde_json::json!({ "model": args.model.to_string_lossy(), "info": detector.info(), "timings_s": clock.seconds() });
+        outln!("{}", serde_json::to_string_pretty(&summary)?)?;
     } else {
-        println!("{}: {}", args.model.display(), detector.describe());
+        outln!("{}: {}", args.model.display(), detector.describe())?;
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! memory banks.
 
 use anomaly_autoencoder::{AutoencoderModel, Checkpoint, ConvAutoencoderConfig, TrainConfig, Trained, preprocess, train};
+use anomaly_data::ImageLimits;
 use burn::tensor::Device;
 
 use crate::common::wgpu_device;
@@ -14,7 +15,7 @@ fn images() -> Vec<Vec<f32>> {
     let config = anomaly_data::SyntheticConfig { seed: 2, size: 48, train: 8, test_good: 0, per_defect: 0 };
     anomaly_data::write_synthetic_dataset(&root, &config).unwrap();
     let paths = anomaly_data::collect_images(&root.join("train/good")).unwrap();
-    paths.iter().map(|p| preprocess(32).load(p).unwrap().pixels).collect()
+    paths.files.iter().map(|p| preprocess(32).load(p, &ImageLimits::default()).unwrap().pixels).collect()
 }
 
 fn small() -> ConvAutoencoderConfig {

@@ -5,20 +5,20 @@ use std::process::{Command, Output};
 
 use crate::common::{fixture, lite0_weights, read_safetensors};
 
-fn anomaly(args: &[&str]) -> Output {
+pub(crate) fn anomaly(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_anomaly")).args(args).output().expect("the anomaly binary runs")
 }
 
-fn stderr(output: &Output) -> String {
+pub(crate) fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 /// The folder holding the real Lite0 weights (fetched on first use).
-fn weights_dir() -> PathBuf {
+pub(crate) fn weights_dir() -> PathBuf {
     lite0_weights().parent().unwrap().to_path_buf()
 }
 
-fn write_png(path: &Path, seed: u8) {
+pub(crate) fn write_png(path: &Path, seed: u8) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     image::RgbImage::from_fn(300, 260, |x, y| image::Rgb([(x as u8).wrapping_mul(seed), y as u8, seed])).save(path).unwrap();
 }
@@ -182,7 +182,7 @@ fn synthetic(root: &Path, seed: u64, train: usize) {
 }
 
 /// `anomaly demo` on a tiny set, run once and shared by the tests that read its output.
-fn demo() -> &'static Path {
+pub(crate) fn demo() -> &'static Path {
     static DEMO: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DEMO.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap().keep();

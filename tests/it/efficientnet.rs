@@ -12,7 +12,7 @@ fn photos(device: &Device) -> Tensor<4> {
     let exact = Preprocess { resize: 224, crop: 224, mean: [0.5; 3], std: [0.5; 3] };
     let pixels: Vec<f32> = ["eagle_224.png", "dog_224.png"]
         .iter()
-        .flat_map(|name| exact.load(&fixture(&format!("efficientnet/{name}"))).unwrap().pixels)
+        .flat_map(|name| exact.load(&fixture(&format!("efficientnet/{name}")), &anomaly_data::ImageLimits::default()).unwrap().pixels)
         .collect();
     Tensor::from_data(TensorData::new(pixels, [2, 3, 224, 224]), device)
 }

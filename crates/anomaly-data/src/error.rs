@@ -13,6 +13,20 @@ pub enum DataError {
     /// The file is not an image we can decode (corrupt, truncated, or another kind of file).
     #[error("{path}: cannot decode image: {reason}")]
     Decode { path: PathBuf, reason: String },
+    /// An image whose header says it is larger than the pixel limit; refused before decoding.
+    #[error(
+        "{}: the image is {width}×{height} pixels, more than the limit of {max_pixels}; \
+         raise it with --max-pixels if this image is genuine",
+        path.display()
+    )]
+    TooLarge { path: PathBuf, width: u64, height: u64, max_pixels: u64 },
+    /// A file larger than any image within the pixel limit could be; refused before it is read.
+    #[error(
+        "{}: {bytes} bytes is more than any image of at most {max_pixels} pixels needs; \
+         raise --max-pixels if this image is genuine",
+        path.display()
+    )]
+    FileTooLarge { path: PathBuf, bytes: u64, max_pixels: u64 },
     /// A folder that should hold images holds none.
     #[error("{path}: no images found (looked for .png, .jpg, .jpeg, .bmp, .tif, .tiff)")]
     NoImages { path: PathBuf },
@@ -22,6 +36,13 @@ pub enum DataError {
          <category>/test/<defect>/*.png and optionally <category>/ground_truth/<defect>/<name>_mask.png"
     )]
     NotMvtec { path: PathBuf },
+    /// A folder with parts of the MVTec AD layout but no `train/good`: fitting to it would learn its
+    /// defects and masks as good images.
+    #[error(
+        "{path}: looks like an MVTec AD category (it has {found}) but has no train/good folder of good images; \
+         put the good training images in {path}/train/good, or point --data at a plain folder of good images"
+    )]
+    IncompleteMvtec { path: PathBuf, found: String },
     /// A path that is neither an image file nor a folder.
     #[error("{path}: not an image file or a folder")]
     NotImage { path: PathBuf },

@@ -9,11 +9,13 @@ mod preprocess;
 mod resample;
 mod stats;
 mod synthetic;
+mod walk;
 
 pub use dataset::{Dataset, Label, Sample, Split, collect_images};
-pub use decode::{load_mask, load_rgb8};
+pub use decode::{ImageLimits, load_mask, load_rgb8, stored_color};
 pub use error::DataError;
 pub use loader::{Batch, BatchLoader};
 pub use preprocess::{Preprocess, PreprocessedImage};
 pub use stats::{DefectArea, HISTOGRAM_BINS, ImageStats, defect_area, image_stats};
 pub use synthetic::{SYNTHETIC_DEFECTS, SplitMix, SyntheticConfig, write_synthetic_dataset};
+pub use walk::{ImageFiles, SkipReason, Skipped};

@@ -4,7 +4,7 @@ use std::thread::JoinHandle;
 
 use rayon::prelude::*;
 
-use crate::{DataError, Preprocess};
+use crate::{DataError, ImageLimits, Preprocess};
 
 /// A batch of preprocessed images, ready to become an `N × 3 × crop × crop` tensor.
 #[derive(Debug)]
@@ -34,13 +34,14 @@ pub struct BatchLoader {
 }
 
 impl BatchLoader {
-    /// Starts loading `paths` in batches of `batch_size`, keeping at most `prefetch` batches ready.
-    pub fn new(paths: Vec<PathBuf>, preprocess: Preprocess, batch_size: usize, prefetch: usize) -> Self {
+    /// Starts loading `paths` (each decoded within `limits`) in batches of `batch_size`, keeping at most
+    /// `prefetch` batches ready.
+    pub fn new(paths: Vec<PathBuf>, preprocess: Preprocess, limits: ImageLimits, batch_size: usize, prefetch: usize) -> Self {
         let batch_size = batch_size.max(1);
         let (sender, receiver) = sync_channel(prefetch.max(1));
         let producer = std::thread::spawn(move || {
             for chunk in paths.chunks(batch_size) {
-                let loaded: Result<Vec<_>, DataError> = chunk.par_iter().map(|p| preprocess.load(p)).collect();
+                let loaded: Result<Vec<_>, DataError> = chunk.par_iter().map(|p| preprocess.load(p, &limits)).collect();
                 let batch = loaded
                     .map(|images| Batch { paths: chunk.to_vec(), pixels: images.into_iter().flat_map(|image| image.pixels).collect() });
                 let failed = batch.is_err();

@@ -4,7 +4,7 @@ use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::resample::resize_crop_bilinear;
-use crate::{DataError, load_rgb8};
+use crate::{DataError, ImageLimits, load_rgb8};
 
 /// How an image becomes a network input, following torchvision's `Resize(resize)`, `CenterCrop(crop)`,
 /// `ToTensor()`, `Normalize(mean, std)` on PIL images, so that weights trained in PyTorch see the same pixels.
@@ -54,9 +54,9 @@ impl Preprocess {
         3 * (self.crop as usize) * (self.crop as usize)
     }
 
-    /// Decodes and preprocesses one file.
-    pub fn load(&self, path: &Path) -> Result<PreprocessedImage, DataError> {
-        let image = load_rgb8(path)?;
+    /// Decodes (within `limits`) and preprocesses one file.
+    pub fn load(&self, path: &Path, limits: &ImageLimits) -> Result<PreprocessedImage, DataError> {
+        let image = load_rgb8(path, limits)?;
         self.apply(&image).map_err(|e| match e {
             DataError::Decode { reason, .. } => DataError::Decode { path: path.into(), reason },
             other => other,

@@ -1,11 +1,9 @@
 //! What a dataset holds, for exploratory analysis before any model: per image its size, colour mode,
 //! channel sums and luminance histogram, and the defect's area and number of regions from its mask.
 
-use std::path::Path;
+use image::GrayImage;
 
-use image::{GrayImage, ImageReader};
-
-use crate::{DataError, Sample, load_mask, load_rgb8};
+use crate::{DataError, ImageLimits, Sample, load_mask, load_rgb8, stored_color};
 
 /// Bins of the luminance histograms.
 pub const HISTOGRAM_BINS: usize = 64;
@@ -36,10 +34,10 @@ pub struct DefectArea {
     pub regions: usize,
 }
 
-/// Reads one sample (and its mask) and measures it.
-pub fn image_stats(sample: &Sample) -> Result<ImageStats, DataError> {
-    let color = stored_color(&sample.path)?;
-    let image = load_rgb8(&sample.path)?;
+/// Reads one sample (and its mask) within `limits` and measures it.
+pub fn image_stats(sample: &Sample, limits: &ImageLimits) -> Result<ImageStats, DataError> {
+    let color = stored_color(&sample.path, limits)?;
+    let image = load_rgb8(&sample.path, limits)?;
     let mut channel_sum = [0.0f64; 3];
     let mut channel_sum_sq = [0.0f64; 3];
     let mut histogram = [0u64; HISTOGRAM_BINS];
@@ -55,7 +53,7 @@ pub fn image_stats(sample: &Sample) -> Result<ImageStats, DataError> {
         histogram[luma as usize * HISTOGRAM_BINS / 256] += 1;
     }
     let defect = match &sample.mask {
-        Some(path) => Some(defect_area(&load_mask(path)?)),
+        Some(path) => Some(defect_area(&load_mask(path, limits)?)),
         None => None,
     };
     Ok(ImageStats {
@@ -68,15 +66,6 @@ pub fn image_stats(sample: &Sample) -> Result<ImageStats, DataError> {
         histogram,
         defect,
     })
-}
-
-/// The colour type the file stores, from its header.
-fn stored_color(path: &Path) -> Result<String, DataError> {
-    let decode_error = |e: image::ImageError| DataError::Decode { path: path.into(), reason: e.to_string() };
-    let reader = ImageReader::open(path).map_err(|e| DataError::io(path, e))?;
-    let reader = reader.with_guessed_format().map_err(|e| DataError::io(path, e))?;
-    let decoder = reader.into_decoder().map_err(decode_error)?;
-    Ok(format!("{:?}", image::ImageDecoder::color_type(&decoder)))
 }
 
 /// The marked share of a mask and its number of 8-connected regions.

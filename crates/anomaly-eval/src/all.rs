@@ -53,6 +53,7 @@ impl AllSummary {
             let category_options = EvalOptions { report: options.report.join(&name), ..options.clone() };
             let result = Dataset::mvtec(&category)
                 .map_err(anyhow::Error::from)
+                .inspect(|dataset| crate::note_skipped(&dataset.skipped))
                 .and_then(|dataset| evaluate(&dataset, ModelSource::Fit { method, settings }, runtime, &category_options));
             categories.push(match result {
                 Ok(summary) => {

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anomaly_data::{Dataset, HISTOGRAM_BINS, ImageStats, Label, Sample, Split, image_stats, load_mask, load_rgb8};
+use anomaly_data::{Dataset, HISTOGRAM_BINS, ImageLimits, ImageStats, Label, Sample, Split, image_stats, load_mask, load_rgb8};
 use anomaly_fs::write_atomic;
 use anomaly_method::image_progress;
 use anomaly_report::{GridImage, defect_area_png, histogram_png, sample_grid_png};
@@ -16,10 +16,10 @@ use serde_json::json;
 use crate::Stopwatch;
 
 /// Analyses an MVTec AD category, or every category of a root (each in its own subfolder of `report`,
-/// with an index summary.md), and returns each category's eda.json.
-pub fn analyse_dataset(data: &Path, report: &Path, per_row: usize) -> Result<Vec<serde_json::Value>> {
+/// with an index summary.md), and returns each category's eda.json. Each image is decoded within `limits`.
+pub fn analyse_dataset(data: &Path, report: &Path, per_row: usize, limits: ImageLimits) -> Result<Vec<serde_json::Value>> {
     if data.join("train").join("good").is_dir() {
-        return Ok(vec![category(&Dataset::mvtec(data)?, report, per_row)?]);
+        return Ok(vec![category(&open_category(data)?, report, per_row, limits)?]);
     }
     let roots = crate::mvtec_categories(data)
         .map_err(|_| anyhow::anyhow!("{}: neither an MVTec AD category (no train/good) nor a root holding categories", data.display()))?;
@@ -28,8 +28,8 @@ pub fn analyse_dataset(data: &Path, report: &Path, per_row: usize) -> Result<Vec
         "# Dataset analysis\n\n| category | train | test good | test defective | defect types | report |\n|---|---|---|---|---|---|\n",
     );
     for root in &roots {
-        let dataset = Dataset::mvtec(root)?;
-        let stats = category(&dataset, &report.join(&dataset.name), per_row)?;
+        let dataset = open_category(root)?;
+        let stats = category(&dataset, &report.join(&dataset.name), per_row, limits)?;
         index.push_str(&format!(
             "| {0} | {1} | {2} | {3} | {4} | [{0}/summary.md]({0}/summary.md) |\n",
             dataset.name, stats["n_train"], stats["n_test_good"], stats["n_test_defective"], stats["defect_types"]
@@ -40,15 +40,22 @@ pub fn analyse_dataset(data: &Path, report: &Path, per_row: usize) -> Result<Vec
     Ok(all)
 }
 
+/// An MVTec AD category, with a note of what reading it passed over.
+fn open_category(root: &Path) -> Result<Dataset> {
+    let dataset = Dataset::mvtec(root)?;
+    crate::note_skipped(&dataset.skipped);
+    Ok(dataset)
+}
+
 /// Analyses one category and writes its summary.md, eda.json and figures into `report`.
-fn category(dataset: &Dataset, report: &Path, per_row: usize) -> Result<serde_json::Value> {
+fn category(dataset: &Dataset, report: &Path, per_row: usize, limits: ImageLimits) -> Result<serde_json::Value> {
     let mut clock = Stopwatch::start();
     let progress = image_progress(dataset.samples.len(), &format!("eda {}", dataset.name));
     let measured: Vec<ImageStats> = dataset
         .samples
         .par_iter()
         .map(|sample| {
-            let stats = image_stats(sample);
+            let stats = image_stats(sample, &limits);
             progress.inc(1);
             stats
         })
@@ -107,7 +114,7 @@ fn category(dataset: &Dataset, report: &Path, per_row: usize) -> Result<serde_js
         write_atomic(&report.join("defect_area.png"), &defect_area_png(&format!("Defect area per type: {}", dataset.name), &groups)?)?;
         figures.push("defect_area.png");
     }
-    write_atomic(&report.join("samples.png"), &sample_grid(dataset, per_row)?)?;
+    write_atomic(&report.join("samples.png"), &sample_grid(dataset, per_row, limits)?)?;
     figures.push("samples.png");
     clock.lap("figures");
 
@@ -153,7 +160,7 @@ fn category(dataset: &Dataset, report: &Path, per_row: usize) -> Result<serde_js
 }
 
 /// Evenly spaced samples of the training images and of each test type, masks outlined.
-fn sample_grid(dataset: &Dataset, per_row: usize) -> Result<Vec<u8>> {
+fn sample_grid(dataset: &Dataset, per_row: usize, limits: ImageLimits) -> Result<Vec<u8>> {
     let mut groups: Vec<(String, Vec<&Sample>)> = vec![("train good".into(), dataset.split(Split::Train).collect())];
     for sample in dataset.split(Split::Test) {
         let name = if sample.label == Label::Good { "test good".to_string() } else { sample.defect.clone() };
@@ -170,8 +177,8 @@ fn sample_grid(dataset: &Dataset, per_row: usize) -> Result<Vec<u8>> {
             let images = picked
                 .par_iter()
                 .map(|s| {
-                    let mask = s.mask.as_deref().map(load_mask).transpose()?;
-                    Ok(GridImage { image: load_rgb8(&s.path)?, mask })
+                    let mask = s.mask.as_deref().map(|mask| load_mask(mask, &limits)).transpose()?;
+                    Ok(GridImage { image: load_rgb8(&s.path, &limits)?, mask })
                 })
                 .collect::<Result<Vec<_>, anomaly_data::DataError>>()?;
             Ok((name, images))
@@ -244,7 +251,7 @@ mod tests {
         let config = SyntheticConfig { seed: 3, size: 48, train: 4, test_good: 2, per_defect: 1 };
         write_synthetic_dataset(&data, &config).unwrap();
         let report = dir.path().join("report");
-        let stats = analyse_dataset(&data, &report, 3).unwrap();
+        let stats = analyse_dataset(&data, &report, 3, ImageLimits::default()).unwrap();
         let stats = &stats[0];
         assert_eq!((stats["n_train"].as_u64(), stats["n_test_good"].as_u64()), (Some(4), Some(2)));
         let types = stats["defect_types"].as_u64().unwrap() as usize;

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use anomaly_data::{Label, Preprocess, Sample, load_mask};
+use anomaly_data::{ImageLimits, Label, Preprocess, Sample, load_mask};
 use anomaly_method::ImageOutput;
 use anomaly_report::GridImage;
 use anyhow::Result;
@@ -33,6 +33,7 @@ pub(crate) fn pixel_auroc(
     test: &[&Sample],
     outputs: &[ImageOutput],
     preprocess: &Preprocess,
+    limits: ImageLimits,
 ) -> Result<Option<(Option<f64>, Option<String>)>> {
     if outputs.iter().all(|o| o.map.is_none()) {
         return Ok(None);
@@ -44,7 +45,7 @@ pub(crate) fn pixel_auroc(
         anyhow::ensure!(map.len() == side * side, "an anomaly map of {} values is not {side}×{side}", map.len());
         let truth = match (&sample.mask, sample.label) {
             (_, Label::Good) => vec![false; side * side],
-            (Some(mask), Label::Defective) => preprocess.mask(&load_mask(mask)?)?,
+            (Some(mask), Label::Defective) => preprocess.mask(&load_mask(mask, &limits)?)?,
             (None, Label::Defective) => continue,
         };
         scores.extend(map.iter().map(|&e| e as f64));
@@ -65,6 +66,7 @@ pub(crate) fn reconstructions_png(
     inputs: &BTreeMap<usize, Vec<f32>>,
     outputs: &[ImageOutput],
     preprocess: &Preprocess,
+    limits: ImageLimits,
 ) -> Result<Vec<u8>> {
     let side = preprocess.crop as usize;
     let peak = outputs.iter().flat_map(|o| o.map.iter().flatten().copied()).fold(1e-12f32, f32::max);
@@ -74,7 +76,7 @@ pub(crate) fn reconstructions_png(
         let (Some(reconstruction), Some(map)) = (&output.reconstruction, &output.map) else { continue };
         let mask = match &sample.mask {
             Some(path) => {
-                let truth = preprocess.mask(&load_mask(path)?)?;
+                let truth = preprocess.mask(&load_mask(path, &limits)?)?;
                 Some(GrayImage::from_fn(side as u32, side as u32, |x, y| {
                     image::Luma([if truth[y as usize * side + x as usize] { 255 } else { 0 }])
                 }))
@@ -149,13 +151,20 @@ mod tests {
         let refs: Vec<&Sample> = test.iter().collect();
         // The defect's pixels score highest, the unmasked "hole" image would spoil it but is left out.
         let outputs = [output(vec![0.1, 0.2, 0.1, 0.2]), output(vec![0.0, 0.9, 0.1, 0.8]), output(vec![5.0; 4])];
-        let (value, note) = pixel_auroc(&refs, &outputs, &preprocess).unwrap().unwrap();
+        let (value, note) = pixel_auroc(&refs, &outputs, &preprocess, ImageLimits::default()).unwrap().unwrap();
         assert!((value.unwrap() - 1.0).abs() < 1e-12 && note.is_none(), "{value:?} {note:?}");
         // Methods without maps have no pixel AUROC at all; a set without defective pixels has an undefined one.
         assert!(
-            pixel_auroc(&refs, &[ImageOutput::default(), ImageOutput::default(), ImageOutput::default()], &preprocess).unwrap().is_none()
+            pixel_auroc(
+                &refs,
+                &[ImageOutput::default(), ImageOutput::default(), ImageOutput::default()],
+                &preprocess,
+                ImageLimits::default()
+            )
+            .unwrap()
+            .is_none()
         );
-        let (value, note) = pixel_auroc(&refs[..1], &outputs[..1], &preprocess).unwrap().unwrap();
+        let (value, note) = pixel_auroc(&refs[..1], &outputs[..1], &preprocess, ImageLimits::default()).unwrap().unwrap();
         assert!(value.is_none() && note.unwrap().contains("undefined"));
     }
 }

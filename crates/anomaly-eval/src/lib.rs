@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anomaly_data::{Dataset, Sample, Split};
+use anomaly_data::{Dataset, Sample, Skipped, Split};
 use anomaly_method::{Detector, ImageOutput, MethodName, MethodSettings, Runtime, image_progress};
 use anyhow::Result;
 use serde::Serialize;
@@ -19,6 +19,20 @@ use serde::Serialize;
 pub use all::{AllSummary, CategoryResult, mvtec_categories};
 pub use eda::analyse_dataset;
 pub use report::{Outcome, per_defect, scores_csv, tsne_groups, write_report};
+
+/// Tells the user, on stderr, what reading a dataset or a folder passed over (at most ten lines and a
+/// count), so that nothing is skipped silently.
+pub fn note_skipped(skipped: &[Skipped]) {
+    use std::io::Write;
+    const SHOWN: usize = 10;
+    let mut stderr = std::io::stderr().lock();
+    for skip in skipped.iter().take(SHOWN) {
+        let _ = writeln!(stderr, "note: {skip}");
+    }
+    if skipped.len() > SHOWN {
+        let _ = writeln!(stderr, "note: … and {} more skipped", skipped.len() - SHOWN);
+    }
+}
 
 /// Wall time per stage, in the order the stages ran.
 pub struct Stopwatch {
@@ -137,7 +151,7 @@ pub fn evaluate(dataset: &Dataset, source: ModelSource, runtime: &Runtime, optio
     let progress = image_progress(paths.len(), "test images");
     let mut outputs: Vec<ImageOutput> = Vec::with_capacity(test.len());
     let mut inputs: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
-    anomaly_method::score_paths(detector.as_ref(), paths, runtime.batch_size(), |batch, batch_outputs| {
+    anomaly_method::score_paths(detector.as_ref(), paths, runtime.batch_size(), runtime.image_limits(), |batch, batch_outputs| {
         let per_image = batch.pixels.len() / batch.len().max(1);
         for (i, output) in batch_outputs.into_iter().enumerate() {
             let index = outputs.len();
@@ -152,9 +166,9 @@ pub fn evaluate(dataset: &Dataset, source: ModelSource, runtime: &Runtime, optio
     progress.finish_and_clear();
     clock.lap("score");
 
-    let pixel = figures::pixel_auroc(&test, &outputs, detector.preprocess())?;
+    let pixel = figures::pixel_auroc(&test, &outputs, detector.preprocess(), runtime.image_limits())?;
     if outputs.iter().any(|o| o.reconstruction.is_some()) {
-        let png = figures::reconstructions_png(&dataset.name, &test, &inputs, &outputs, detector.preprocess())?;
+        let png = figures::reconstructions_png(&dataset.name, &test, &inputs, &outputs, detector.preprocess(), runtime.image_limits())?;
         anomaly_fs::write_atomic(&options.report.join("reconstructions.png"), &png)?;
         clock.lap("reconstructions");
     }
@@ -280,7 +294,8 @@ mod tests {
             stats: ScoreStats::of(&[0.5, 0.7, 0.6]),
         };
         let device = ResolvedDevice { device: burn::tensor::Device::flex(), adapter: None };
-        let runtime = Runtime::new(device, dir.path(), Box::new(|_| anyhow::bail!("no weights needed")), 4);
+        let runtime =
+            Runtime::new(device, dir.path(), Box::new(|_| anyhow::bail!("no weights needed")), 4, anomaly_data::ImageLimits::default());
         let options = EvalOptions { report: dir.path().join("report"), seed: 0, tsne_points: 100 };
         let summary = evaluate(&dataset, ModelSource::Loaded(Box::new(detector)), &runtime, &options).unwrap();
 

@@ -4,32 +4,32 @@
 use std::path::{Path, PathBuf};
 
 use anomaly_autoencoder::{AutoencoderModel, Checkpoint, ConvAutoencoder, ConvAutoencoderConfig, Reconstruction, TrainConfig};
-use anomaly_data::{Batch, BatchLoader, Preprocess};
+use anomaly_data::{Batch, BatchLoader, ImageLimits, Preprocess};
 use anomaly_detector::ScoreStats;
 use anomaly_device::ResolvedDevice;
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use crate::{Detector, Embedding, ImageOutput, MethodName, Runtime, Scorer, image_progress};
+use crate::{Detector, Embedding, ImageOutput, MethodName, Runtime, Scorer, count_in, image_progress};
 
 /// The autoencoder's settings on the command line.
 #[derive(clap::Args, Clone, Debug)]
 pub struct AutoencoderSettings {
     /// Autoencoder: side of its square input images (a multiple of 16).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = count_in(16, 1024))]
     pub image_size: usize,
     /// Autoencoder: length of the latent code.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = count_in(1, 65_536))]
     pub latent: usize,
     /// Autoencoder: training epochs.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = count_in(1, 1_000_000))]
     pub epochs: usize,
     /// Autoencoder: images per training step.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = count_in(1, 4096))]
     pub train_batch_size: usize,
     /// Autoencoder: Adam's learning rate.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, value_parser = positive_rate)]
     pub learning_rate: f64,
     /// Autoencoder: seed of the initial weights, the image order and the augmentation.
     #[arg(long, default_value_t = 0)]
@@ -95,7 +95,7 @@ impl AutoencoderDetector {
         settings.check()?;
         let device = runtime.device().clone();
         let (model_config, train_config) = settings.configs();
-        let images = load_images(train, model_config.image_size, runtime.batch_size(), "train images")?;
+        let images = load_images(train, model_config.image_size, runtime.batch_size(), runtime.image_limits(), "train images")?;
         let steps = train_config.epochs * images.len().div_ceil(train_config.batch_size.max(1));
         let bar = ProgressBar::new(steps as u64);
         bar.set_style(
@@ -217,10 +217,10 @@ impl Scorer for ReconstructionScorer<'_> {
 }
 
 /// Decodes and resizes images to the autoencoder's input (`3 × size × size` values in [0, 1] each).
-fn load_images(paths: &[PathBuf], size: usize, batch_size: usize, message: &str) -> Result<Vec<Vec<f32>>> {
+fn load_images(paths: &[PathBuf], size: usize, batch_size: usize, limits: ImageLimits, message: &str) -> Result<Vec<Vec<f32>>> {
     let progress = image_progress(paths.len(), message);
     let mut images = Vec::with_capacity(paths.len());
-    for batch in BatchLoader::new(paths.to_vec(), anomaly_autoencoder::preprocess(size), batch_size, 2) {
+    for batch in BatchLoader::new(paths.to_vec(), anomaly_autoencoder::preprocess(size), limits, batch_size, 2) {
         let batch = batch?;
         progress.inc(batch.len() as u64);
         images.extend(batch.pixels.chunks_exact(3 * size * size).map(<[f32]>::to_vec));
@@ -243,4 +243,12 @@ fn reconstruct_all(
         out.extend(anomaly_autoencoder::reconstruct(network, size, &flat, &device.device)?);
     }
     Ok(out)
+}
+
+/// A learning rate: a finite number above 0 and at most 10 (NaN, infinity or 0 would train nothing).
+fn positive_rate(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 && rate <= 10.0 => Ok(rate),
+        _ => Err("expected a number above 0 and at most 10".into()),
+    }
 }

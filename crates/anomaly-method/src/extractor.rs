@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use anomaly_backbone::{Backbone, BackboneName};
-use anomaly_data::{Batch, BatchLoader, Preprocess};
+use anomaly_data::{Batch, BatchLoader, ImageLimits, Preprocess};
 use anomaly_detector::Compute;
 use anomaly_device::ResolvedDevice;
 use anyhow::{Context, Result};
@@ -65,10 +65,10 @@ impl Extractor {
     }
 
     /// The pooled features of `paths` (row-major `images × dim`), with a progress bar labelled `message`.
-    pub fn pooled(&self, paths: &[PathBuf], batch_size: usize, message: &str) -> Result<Vec<f32>> {
+    pub fn pooled(&self, paths: &[PathBuf], batch_size: usize, limits: ImageLimits, message: &str) -> Result<Vec<f32>> {
         let progress = image_progress(paths.len(), message);
         let mut pooled = Vec::with_capacity(paths.len() * self.name.feature_dim());
-        self.run(paths.to_vec(), &[], batch_size, &progress, |_, batch, _| {
+        self.run(paths.to_vec(), &[], batch_size, limits, &progress, |_, batch, _| {
             pooled.extend(batch);
             Ok(())
         })?;
@@ -114,6 +114,7 @@ impl Extractor {
         paths: Vec<PathBuf>,
         taps: &[&str],
         batch_size: usize,
+        limits: ImageLimits,
         progress: &ProgressBar,
         mut sink: impl FnMut(&Batch, Vec<f32>, Vec<HostMap>) -> Result<()>,
     ) -> Result<()> {
@@ -127,7 +128,7 @@ impl Extractor {
         }
         let preprocess = self.preprocess();
         let side = preprocess.crop as usize;
-        for batch in BatchLoader::new(paths, preprocess, batch_size, 2) {
+        for batch in BatchLoader::new(paths, preprocess, limits, batch_size, 2) {
             let batch = batch?;
             let (pooled, maps) = self.forward(&batch, side, taps)?;
             progress.inc(batch.len() as u64);

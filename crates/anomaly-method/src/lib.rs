@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anomaly_backbone::BackboneName;
-use anomaly_data::{Batch, Preprocess};
+use anomaly_data::{Batch, ImageLimits, Preprocess};
 use anomaly_detector::ScoreStats;
 use anomaly_device::ResolvedDevice;
 use anyhow::Result;
@@ -122,6 +122,16 @@ pub trait Scorer {
     fn score(&mut self, batch: &Batch) -> Result<Vec<ImageOutput>>;
 }
 
+/// A clap parser for a count option that accepts `min..=max` only, so that a typo (0, a negative number,
+/// a huge one) is refused by the parser with the range, not met later as an empty result, an overflow or
+/// an allocation that cannot succeed. Every count option of every command uses it.
+pub fn count_in(min: usize, max: usize) -> impl Fn(&str) -> Result<usize, String> + Clone + Send + Sync + 'static {
+    move |text| match text.trim().parse::<usize>() {
+        Ok(value) if (min..=max).contains(&value) => Ok(value),
+        _ => Err(format!("expected a whole number from {min} to {max}")),
+    }
+}
+
 /// Finds a backbone's weights file (fetching it if the command allows), for methods that run a backbone.
 pub type WeightsResolver = Box<dyn Fn(BackboneName) -> Result<PathBuf>>;
 
@@ -132,13 +142,27 @@ pub struct Runtime {
     weights: WeightsResolver,
     weights_dir: PathBuf,
     batch_size: usize,
+    image_limits: ImageLimits,
     extractors: Mutex<Vec<Arc<Extractor>>>,
 }
 
 impl Runtime {
-    /// A runtime on `device`; `weights` finds a backbone's weights file in `weights_dir`.
-    pub fn new(device: ResolvedDevice, weights_dir: &Path, weights: WeightsResolver, batch_size: usize) -> Self {
-        Self { device, weights, weights_dir: weights_dir.to_path_buf(), batch_size: batch_size.max(1), extractors: Mutex::new(Vec::new()) }
+    /// A runtime on `device`; `weights` finds a backbone's weights file in `weights_dir`; images are read
+    /// `batch_size` at a time, each within `image_limits`.
+    pub fn new(device: ResolvedDevice, weights_dir: &Path, weights: WeightsResolver, batch_size: usize, image_limits: ImageLimits) -> Self {
+        Self {
+            device,
+            weights,
+            weights_dir: weights_dir.to_path_buf(),
+            batch_size: batch_size.max(1),
+            image_limits,
+            extractors: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// What one image may cost to decode.
+    pub fn image_limits(&self) -> ImageLimits {
+        self.image_limits
     }
 
     /// The device everything runs on.
@@ -216,10 +240,11 @@ pub fn score_paths(
     detector: &dyn Detector,
     paths: Vec<PathBuf>,
     batch_size: usize,
+    limits: ImageLimits,
     mut sink: impl FnMut(&Batch, Vec<ImageOutput>) -> Result<()>,
 ) -> Result<()> {
     let mut scorer = detector.scorer()?;
-    for batch in anomaly_data::BatchLoader::new(paths, detector.preprocess().clone(), batch_size, 2) {
+    for batch in anomaly_data::BatchLoader::new(paths, detector.preprocess().clone(), limits, batch_size, 2) {
         let batch = batch?;
         let outputs = scorer.score(&batch)?;
         anyhow::ensure!(outputs.len() == batch.len(), "{} scored {} of {} images", detector.method(), outputs.len(), batch.len());

@@ -11,7 +11,7 @@ use anomaly_detector::{DetectorConfig, FeatureSource, MemoryBank, Model, ScoreSt
 use anyhow::Result;
 use serde_json::json;
 
-use crate::{Detector, Embedding, Extractor, ImageOutput, MethodName, Runtime, Scorer};
+use crate::{Detector, Embedding, Extractor, ImageOutput, MethodName, Runtime, Scorer, count_in};
 
 /// The memory bank's settings on the command line.
 #[derive(clap::Args, Clone, Copy, Debug)]
@@ -20,10 +20,10 @@ pub struct MemoryBankSettings {
     #[arg(long, value_enum, ignore_case = true, default_value_t = BackboneName::EfficientNetLite0)]
     pub backbone: BackboneName,
     /// Nearest bank rows an image's score averages over.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = count_in(1, 100_000))]
     pub k: usize,
     /// Feature columns kept: those of highest std-dev across the training images.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, value_parser = count_in(1, 1_000_000))]
     pub features: usize,
 }
 
@@ -56,7 +56,7 @@ impl MemoryBankDetector {
     /// Extracts the good images' features and fits the bank to them.
     pub fn fit(settings: &MemoryBankSettings, train: &[PathBuf], dataset: &str, runtime: &Runtime) -> Result<Self> {
         let extractor = runtime.extractor(settings.backbone)?;
-        let features = extractor.pooled(train, runtime.batch_size(), "train features")?;
+        let features = extractor.pooled(train, runtime.batch_size(), runtime.image_limits(), "train features")?;
         let bank = MemoryBank::fit(&features, extractor.name().feature_dim(), settings.config(), extractor.compute()?)?;
         let source = FeatureSource {
             backbone: extractor.name().to_string(),
