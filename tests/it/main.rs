@@ -7,6 +7,7 @@ mod common;
 mod data;
 mod detector;
 mod efficientnet;
+mod fuzz;
 mod hostile;
 mod kernels;
 mod metrics;
