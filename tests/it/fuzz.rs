@@ -37,7 +37,9 @@ fn fuzz(target: &str, default_cases: usize, deadline: Duration, case: fn(&mut Rn
         for (index, folder) in work {
             let mut rng = Rng::new(seed ^ (index as u64).wrapping_mul(0x9E37_79B9));
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(&mut rng, &folder)));
-            let _ = std::fs::remove_dir_all(&folder);
+            if matches!(outcome, Ok(Ok(_))) {
+                let _ = std::fs::remove_dir_all(&folder);
+            }
             if to_main.send(outcome.map_err(|panic| panic_text(&panic))).is_err() {
                 return;
             }
@@ -48,14 +50,21 @@ fn fuzz(target: &str, default_cases: usize, deadline: Duration, case: fn(&mut Rn
         let folder = scratch.path().join(format!("case-{index}"));
         std::fs::create_dir(&folder).unwrap();
         to_worker.send((index, folder)).unwrap();
-        let reproduce = format!("ANOMALY_FUZZ_SEED={seed} (case {index} of {target})");
-        match results.recv_timeout(deadline) {
-            Ok(Ok(Ok(Verdict::Accepted))) => accepted += 1,
-            Ok(Ok(Ok(Verdict::Refused))) => refused += 1,
-            Ok(Ok(Err(broken))) => panic!("{reproduce}: {broken}"),
-            Ok(Err(panic)) => panic!("{reproduce}: panicked: {panic}"),
-            Err(_) => panic!("{reproduce}: still running after {deadline:?} (a hang)"),
-        }
+        let failure = match results.recv_timeout(deadline) {
+            Ok(Ok(Ok(Verdict::Accepted))) => {
+                accepted += 1;
+                continue;
+            }
+            Ok(Ok(Ok(Verdict::Refused))) => {
+                refused += 1;
+                continue;
+            }
+            Ok(Ok(Err(broken))) => broken,
+            Ok(Err(panic)) => format!("panicked: {panic}"),
+            Err(_) => format!("still running after {deadline:?} (a hang)"),
+        };
+        let kept = scratch.keep().join(format!("case-{index}"));
+        panic!("ANOMALY_FUZZ_SEED={seed}, case {index} of {target} (input kept in {}): {failure}", kept.display());
     }
     drop(to_worker);
     worker.join().unwrap();

@@ -86,9 +86,8 @@ pub fn load_mask(path: &Path, limits: &ImageLimits) -> Result<GrayImage, DataErr
 /// The colour type an image file stores (e.g. `Rgb8`, `L16`), from its header.
 pub fn stored_color(path: &Path, limits: &ImageLimits) -> Result<String, DataError> {
     let (bytes, format) = read_image_file(path, limits)?;
-    let decoder = ImageReader::with_format(Cursor::new(&bytes), format)
-        .into_decoder()
-        .map_err(|e| DataError::Decode { path: path.into(), reason: e.to_string() })?;
+    let decoder =
+        ImageReader::with_format(Cursor::new(&bytes), format).into_decoder().map_err(|e| DataError::decode(path, e.to_string()))?;
     Ok(format!("{:?}", image::ImageDecoder::color_type(&decoder)))
 }
 
@@ -112,13 +111,13 @@ fn read_image_file(path: &Path, limits: &ImageLimits) -> Result<(Vec<u8>, ImageF
     let format = image::guess_format(&bytes)
         .ok()
         .filter(|f| matches!(f, ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::Bmp | ImageFormat::Tiff))
-        .ok_or_else(|| DataError::Decode { path: path.into(), reason: "not a PNG, JPEG, BMP or TIFF file".into() })?;
+        .ok_or_else(|| DataError::decode(path, "not a PNG, JPEG, BMP or TIFF file"))?;
     Ok((bytes, format))
 }
 
 /// The image crate's decoder, after the header's dimensions are checked against the limit.
 fn decode_with_image_crate(bytes: &[u8], format: ImageFormat, path: &Path, limits: &ImageLimits) -> Result<DynamicImage, DataError> {
-    let decode_error = |e: image::ImageError| DataError::Decode { path: path.into(), reason: e.to_string() };
+    let decode_error = |e: image::ImageError| DataError::decode(path, e.to_string());
     let (width, height) = ImageReader::with_format(Cursor::new(bytes), format).into_dimensions().map_err(decode_error)?;
     limits.check(path, width.into(), height.into())?;
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
@@ -131,7 +130,7 @@ fn decode_with_image_crate(bytes: &[u8], format: ImageFormat, path: &Path, limit
 /// is the number of scans (each progressive scan re-reads the whole image: thousands of tiny scans are a
 /// CPU bomb). libjpeg reports fatal errors by unwinding, caught here.
 fn decode_jpeg(bytes: &[u8], path: &Path, limits: &ImageLimits) -> Result<Option<RgbImage>, DataError> {
-    let decode_error = |reason: String| DataError::Decode { path: path.into(), reason };
+    let decode_error = |reason: String| DataError::decode(path, reason);
     // libjpeg only warns about a missing end-of-image marker and pads with gray; PIL refuses the file.
     let tail = &bytes[bytes.len().saturating_sub(4096)..];
     if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {

@@ -58,6 +58,12 @@ pub enum DataError {
 }
 
 impl DataError {
+    /// A decoding failure of the file at `path`, its reason on one line (decoders' messages may hold
+    /// line breaks).
+    pub(crate) fn decode(path: impl Into<PathBuf>, reason: impl AsRef<str>) -> Self {
+        Self::Decode { path: path.into(), reason: reason.as_ref().split_whitespace().collect::<Vec<_>>().join(" ") }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io { path: path.into(), source }
     }
