@@ -59,7 +59,7 @@ pub fn run(args: Args) -> Result<()> {
     let model = match &args.model {
         Some(path) => {
             let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            anomaly_detector::read_model_header(&bytes, path)?;
+            anomaly_method::check_model_file(&bytes, path)?;
             Some((path, bytes))
         }
         None => {

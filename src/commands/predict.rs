@@ -31,7 +31,7 @@ const ANOMALY_FOUND: u8 = 3;
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let bytes = std::fs::read(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
-    anomaly_detector::read_model_header(&bytes, &args.model)?;
+    anomaly_method::check_model_file(&bytes, &args.model)?;
     let mut paths = Vec::new();
     for path in &args.paths {
         let found = anomaly_data::collect_images(path)?;

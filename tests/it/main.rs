@@ -4,6 +4,7 @@ mod autoencoder;
 mod backbone;
 mod cli;
 mod common;
+mod corrupt;
 mod data;
 mod detector;
 mod efficientnet;

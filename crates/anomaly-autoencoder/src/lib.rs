@@ -9,7 +9,7 @@ mod train;
 use std::path::{Path, PathBuf};
 
 use anomaly_data::Preprocess;
-use anomaly_detector::{ModelError, ScoreStats, model_metadata, read_model_header};
+use anomaly_detector::{ModelError, ScoreStats, check_finite, check_header_numbers, f32_values, model_metadata, read_model_header};
 use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -99,12 +99,7 @@ impl AutoencoderModel {
     /// Reads an autoencoder model file onto `device`.
     pub fn from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Self, AutoencoderError> {
         let invalid = |reason: String| ModelError::Invalid { path: path.into(), reason };
-        let header = read_model_header(bytes, path)?;
-        if header.method != AUTOENCODER {
-            return Err(invalid(format!("it holds a {} model, not an {AUTOENCODER}", header.method)).into());
-        }
-        let info: AutoencoderInfo = serde_json::from_str(&header.info).map_err(|e| invalid(format!("its `info` is malformed: {e}")))?;
-        info.model.check().map_err(invalid)?;
+        let info = Self::check_bytes(bytes, path)?;
         let mut network = info.model.init(device);
         let mut store = SafetensorsStore::from_bytes(Some(bytes.to_vec()));
         let result = network.load_from(&mut store).map_err(|e| invalid(format!("its weights do not load: {e}")))?;
@@ -114,10 +109,70 @@ impl AutoencoderModel {
         Ok(Self { info, network })
     }
 
+    /// Checks a model file without a device: its header, its network's shape, every tensor's name, dtype
+    /// and shape against that shape (before anything is allocated by it), and that no value is NaN or ±Inf.
+    pub fn check_bytes(bytes: &[u8], path: &Path) -> Result<AutoencoderInfo, ModelError> {
+        let invalid = |reason: String| ModelError::Invalid { path: path.into(), reason };
+        let header = read_model_header(bytes, path)?;
+        if header.method != AUTOENCODER {
+            return Err(invalid(format!("it holds a {} model, not an {AUTOENCODER}", header.method)));
+        }
+        let info: AutoencoderInfo = serde_json::from_str(&header.info).map_err(|e| invalid(format!("its `info` is malformed: {e}")))?;
+        info.model.check().map_err(invalid)?;
+        let expected = info.model.parameter_shapes().ok_or_else(|| invalid("its network's sizes overflow".into()))?;
+        let tensors = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| invalid(format!("its tensors are unreadable, perhaps truncated: {e}")))?;
+        for (name, shape) in &expected {
+            let view = tensors.tensor(name).map_err(|_| invalid(format!("tensor `{name}` is missing")))?;
+            if view.dtype() != safetensors::Dtype::F32 || view.shape() != shape.as_slice() {
+                return Err(invalid(format!("tensor `{name}` is {:?} {:?}, expected F32 {shape:?}", view.dtype(), view.shape())));
+            }
+        }
+        if let Some(extra) = tensors.names().into_iter().find(|name| !expected.iter().any(|(known, _)| known == *name)) {
+            return Err(invalid(format!("tensor `{extra}` has no place in its network")));
+        }
+        let corrupt = |reason: String| ModelError::Corrupt { path: path.into(), reason };
+        info.check_numbers().map_err(corrupt)?;
+        check_tensors_finite(&tensors).map_err(corrupt)?;
+        Ok(info)
+    }
+
+    /// Checks a trained model before it is written: no NaN or ±Inf in its weights or numbers (a diverged
+    /// training), and a threshold that makes sense.
+    pub fn check_values(&self) -> Result<(), AutoencoderError> {
+        self.info.check_numbers().map_err(AutoencoderError::Config)?;
+        let bytes = weights_to_bytes(&self.network, &[])?;
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| AutoencoderError::Backend(e.to_string()))?;
+        check_tensors_finite(&tensors).map_err(AutoencoderError::Config)
+    }
+
     /// Reconstructs images (`batch × 3 × size × size` values in [0, 1]).
     pub fn reconstruct(&self, images: &[f32], device: &Device) -> Result<Vec<Reconstruction>, AutoencoderError> {
         reconstruct(&self.network, self.info.model.image_size, images, device)
     }
+}
+
+impl AutoencoderInfo {
+    /// The header's numbers a loaded model uses or shows: threshold, training score statistics, final
+    /// losses, and the preprocessing its network's input size implies.
+    fn check_numbers(&self) -> Result<(), String> {
+        // First: a diverged training is what makes every other number NaN.
+        if let Some(loss) = self.epoch_losses.iter().find(|l| !l.is_finite() || **l < 0.0) {
+            return Err(format!("its training losses hold {loss}"));
+        }
+        check_header_numbers(self.threshold, &self.train_scores, &self.preprocess)?;
+        if self.preprocess != preprocess(self.model.image_size) {
+            return Err(format!("its preprocessing {:?} is not that of a {} px autoencoder", self.preprocess, self.model.image_size));
+        }
+        Ok(())
+    }
+}
+
+/// Checks every f32 tensor of a file for NaN and ±Inf, in name order (the first one found is named).
+fn check_tensors_finite(tensors: &safetensors::SafeTensors) -> Result<(), String> {
+    let mut named = tensors.tensors();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named.iter().try_for_each(|(name, view)| check_finite(name, view.shape(), f32_values(view.data())))
 }
 
 /// Serialises a network's parameters as safetensors with the given header metadata.
@@ -238,5 +293,20 @@ mod tests {
         values[10] = 1.0;
         assert_eq!(worst_share_mean(&values), 2.0);
         assert_eq!(worst_share_mean(&[3.0]), 3.0);
+    }
+
+    #[test]
+    fn the_declared_parameter_shapes_are_the_networks_own() {
+        let config = ConvAutoencoderConfig::new().with_image_size(32).with_latent(16).with_channels(vec![8, 16]);
+        let bytes = weights_to_bytes(&config.init(&Device::flex()), &[]).unwrap();
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut saved: Vec<(String, Vec<usize>)> =
+            tensors.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect();
+        let mut declared = config.parameter_shapes().unwrap();
+        saved.sort();
+        declared.sort();
+        assert_eq!(declared, saved);
+        let too_deep = ConvAutoencoderConfig::new().with_image_size(1 << 20).with_channels(vec![1; 64]);
+        assert!(too_deep.check().unwrap_err().contains("1 to 16 stages"));
     }
 }

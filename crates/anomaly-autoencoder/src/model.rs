@@ -32,8 +32,9 @@ impl ConvAutoencoderConfig {
     /// Checks the shape can be built: sizes positive, the image divisible down to at least a 2×2 grid.
     pub fn check(&self) -> Result<(), String> {
         let stages = self.channels.len();
-        if stages == 0 || self.latent == 0 || self.channels.contains(&0) {
-            return Err("the autoencoder needs at least one stage, and positive channel and latent sizes".into());
+        // Past 16 stages the image side would pass 2^17 px; the cap also keeps the shifts below in range.
+        if stages == 0 || stages > 16 || self.latent == 0 || self.channels.contains(&0) {
+            return Err("the autoencoder needs 1 to 16 stages, and positive channel and latent sizes".into());
         }
         if !self.image_size.is_multiple_of(1 << stages) || self.grid() < 2 {
             return Err(format!(
@@ -44,6 +45,31 @@ impl ConvAutoencoderConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The network's parameters as its model file names and shapes them, computed without building it (and
+    /// `None` where a size overflows), so that a file's tensors are checked before anything is allocated.
+    pub fn parameter_shapes(&self) -> Option<Vec<(String, Vec<usize>)>> {
+        let top = *self.channels.last()?;
+        let flat = top.checked_mul(self.grid())?.checked_mul(self.grid())?;
+        let mut shapes = Vec::new();
+        let mut input = 3;
+        for (i, &channels) in self.channels.iter().enumerate() {
+            shapes.push((format!("encoder.{i}.weight"), vec![channels, input, 4, 4]));
+            shapes.push((format!("encoder.{i}.bias"), vec![channels]));
+            input = channels;
+        }
+        shapes.push(("to_latent.weight".into(), vec![flat, self.latent]));
+        shapes.push(("to_latent.bias".into(), vec![self.latent]));
+        shapes.push(("from_latent.weight".into(), vec![self.latent, flat]));
+        shapes.push(("from_latent.bias".into(), vec![flat]));
+        let outputs = self.channels.iter().rev().skip(1).copied().chain([3]);
+        for (i, channels) in outputs.enumerate() {
+            shapes.push((format!("decoder.{i}.weight"), vec![input, channels, 4, 4]));
+            shapes.push((format!("decoder.{i}.bias"), vec![channels]));
+            input = channels;
+        }
+        Some(shapes)
     }
 
     /// Builds the network with fresh weights (seed the device first for a reproducible start).

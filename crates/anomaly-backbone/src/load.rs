@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::store::pytorch_reader::PytorchReader;
-use burn::store::{ApplyError, BurnToPyTorchAdapter, ModuleSnapshot, PytorchStore};
+use burn::store::{ApplyError, BurnToPyTorchAdapter, ModuleSnapshot, ModuleStore, PytorchStore};
+use burn::tensor::{DType, bf16, f16};
 use regex::Regex;
 
 use crate::Backbone;
@@ -19,6 +20,9 @@ pub enum BackboneError {
     /// The file is a checkpoint, but not of this architecture (missing, extra or misshapen tensors).
     #[error("{path}: does not fit {architecture}: {details}")]
     Mismatch { path: PathBuf, architecture: &'static str, details: String },
+    /// A weight is NaN or ±Inf: every feature computed with it would be.
+    #[error("{path}: tensor \"{tensor}\" holds {value} at index {index}: the weights file is corrupt; fetch it again")]
+    NonFinite { path: PathBuf, tensor: String, value: &'static str, index: usize },
 }
 
 /// State-dict entries PyTorch keeps that inference has no use for.
@@ -33,6 +37,7 @@ pub fn load_weights(backbone: &mut Backbone, path: &Path) -> Result<(), Backbone
     }
     let store = key_patterns(backbone).iter().fold(PytorchStore::from_file(path), |store, &(from, to)| store.with_key_remapping(from, to));
     let mut store = store.skip_enum_variants(true).map_indices_contiguous(false).allow_partial(true).validate(false);
+    check_finite_weights(&mut store, backbone, path)?;
     let result = backbone.load_from(&mut store).map_err(|e| unreadable(e.to_string()))?;
 
     let missing: Vec<String> = result.missing.iter().map(|(path, _)| torch_name(backbone, path)).collect();
@@ -62,6 +67,38 @@ pub fn load_weights(backbone: &mut Backbone, path: &Path) -> Result<(), Backbone
         architecture: backbone.architecture(),
         details: format!("{}; is it the weights file of another backbone?", details.join(", ")),
     })
+}
+
+/// Refuses a file holding a NaN or ±Inf weight, naming the tensor by the file's own key: one pass over its
+/// float tensors before they are loaded.
+fn check_finite_weights(store: &mut PytorchStore, backbone: &Backbone, path: &Path) -> Result<(), BackboneError> {
+    let unreadable = |reason: String| BackboneError::Unreadable { path: path.into(), reason };
+    let tensors = store.get_all_tensors().map_err(|e| unreadable(e.to_string()))?;
+    for (name, tensor) in tensors {
+        let bytes = tensor.to_bytes().map_err(|e| unreadable(format!("tensor {name}: {e}")))?;
+        let values: Box<dyn Iterator<Item = f64> + '_> = match tensor.dtype {
+            DType::F64 => Box::new(bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap_or_default()))),
+            DType::F32 | DType::Flex32 => {
+                Box::new(bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap_or_default()) as f64))
+            }
+            DType::F16 => Box::new(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f64())),
+            DType::BF16 => Box::new(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f64())),
+            _ => continue,
+        };
+        let mut values = values.enumerate();
+        if let Some((index, value)) = values.find(|(_, v)| !v.is_finite()) {
+            let value = if value.is_nan() {
+                "NaN"
+            } else if value > 0.0 {
+                "+Inf"
+            } else {
+                "-Inf"
+            };
+            let tensor = original_names(backbone, path).remove(name).unwrap_or_else(|| name.clone());
+            return Err(BackboneError::NonFinite { path: path.into(), tensor, value, index });
+        }
+    }
+    Ok(())
 }
 
 /// The backbone's parameters as PyTorch would name and shape them in its state_dict (buffers such as

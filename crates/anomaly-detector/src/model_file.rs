@@ -74,6 +74,72 @@ pub enum ModelError {
         if *found > MODEL_VERSION { " or upgrade anomaly" } else { "" }
     )]
     Version { path: PathBuf, found: u32 },
+    /// A value the model cannot hold (NaN, ±Inf, a negative threshold…): scoring with it would give
+    /// verdicts that mean nothing.
+    #[error("{}: {reason}: the file is corrupt; fit the model again", path.display())]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+/// The largest `resize` a model file may declare: every image is resized to it, so a corrupt header must
+/// not make each one a multi-gigabyte buffer.
+pub const MAX_IMAGE_SIDE: u32 = 4096;
+
+/// Checks a tensor's values for NaN and ±Inf and names the first one found with its place (`tensor "bank"
+/// holds NaN at row 3, column 17`), so that one bad cell in a model or a fit is named instead of shifting
+/// every score.
+pub fn check_finite(tensor: &str, shape: &[usize], values: impl IntoIterator<Item = f32>) -> Result<(), String> {
+    find_non_finite(shape, values).map_or(Ok(()), |found| Err(format!("tensor \"{tensor}\" holds {found}")))
+}
+
+/// The first NaN or ±Inf among a row-major array's values, with its place: `NaN at row 3, column 17`.
+pub fn find_non_finite(shape: &[usize], values: impl IntoIterator<Item = f32>) -> Option<String> {
+    let (index, value) = values.into_iter().enumerate().find(|(_, v)| !v.is_finite())?;
+    let kind = if value.is_nan() {
+        "NaN"
+    } else if value > 0.0 {
+        "+Inf"
+    } else {
+        "-Inf"
+    };
+    // Last axis fastest; a zero-sized axis cannot hold the value, and `max(1)` keeps it from dividing by 0.
+    let mut position = vec![0; shape.len()];
+    let mut rest = index;
+    for (axis, &size) in shape.iter().enumerate().rev() {
+        position[axis] = rest % size.max(1);
+        rest /= size.max(1);
+    }
+    let at = match position[..] {
+        [i] => format!("index {i}"),
+        [row, column] => format!("row {row}, column {column}"),
+        _ => format!("index {position:?}"),
+    };
+    Some(format!("{kind} at {at}"))
+}
+
+/// The values of an f32 tensor's little-endian bytes (read in place: safetensors data need not be aligned).
+pub fn f32_values(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// Checks the numbers every model's header carries: a threshold and its training scores' statistics
+/// (all finite, none negative: scores are distances or squared errors), and preprocessing that can
+/// produce an image of a sane size.
+pub fn check_header_numbers(threshold: f32, stats: &ScoreStats, preprocess: &Preprocess) -> Result<(), String> {
+    if !threshold.is_finite() || threshold < 0.0 {
+        return Err(format!("its threshold is {threshold}, not a finite score ≥ 0"));
+    }
+    let ScoreStats { mean, std, min, max, .. } = *stats;
+    if [mean, std, min, max].iter().any(|v| !v.is_finite() || *v < 0.0) || min > max {
+        return Err(format!("its training score statistics (mean {mean}, σ {std}, min {min}, max {max}) are not finite scores ≥ 0"));
+    }
+    preprocess.validate().map_err(|e| format!("its preprocessing is unusable: {e}"))?;
+    if preprocess.mean.iter().any(|m| !m.is_finite()) || preprocess.resize > MAX_IMAGE_SIDE {
+        return Err(format!(
+            "its preprocessing (mean {:?}, resize {}) is not finite or exceeds {MAX_IMAGE_SIDE} px",
+            preprocess.mean, preprocess.resize
+        ));
+    }
+    Ok(())
 }
 
 /// Summary statistics of the training images' leave-one-out scores.
@@ -214,6 +280,9 @@ impl Model {
         let [rows, width] = bank_shape[..] else {
             return Err(invalid(format!("`bank` has shape {bank_shape:?}, expected [rows, columns]")));
         };
+        if width == 0 {
+            return Err(invalid("its bank keeps no feature column".into()));
+        }
         if columns_shape != [width] || scores_shape != [rows] {
             return Err(invalid(format!("shapes disagree: bank {bank_shape:?}, columns {columns_shape:?}, train_scores {scores_shape:?}")));
         }
@@ -232,6 +301,92 @@ impl Model {
             train_scores: bytemuck::pod_collect_to_vec(&scores_bytes),
             threshold: info.threshold,
         };
-        Ok(Self { info, bank })
+        let model = Self { info, bank };
+        model.check_values().map_err(|reason| ModelError::Corrupt { path: path.into(), reason })?;
+        Ok(model)
+    }
+
+    /// Checks the values a file's structure cannot: no NaN or ±Inf in the bank or the training scores, and
+    /// header numbers that make sense (run on load, and after a fit so that such a model is never written).
+    pub fn check_values(&self) -> Result<(), String> {
+        let bank = &self.bank;
+        check_finite("bank", &[bank.len(), bank.columns.len()], bank.rows.iter().copied())?;
+        check_finite("train_scores", &[bank.len()], bank.train_scores.iter().copied())?;
+        check_header_numbers(self.info.threshold, &self.info.train_scores, &self.info.preprocess)?;
+        if self.info.train_scores.count != bank.len() {
+            return Err(format!(
+                "its header counts {} training scores, but the bank has {} rows",
+                self.info.train_scores.count,
+                bank.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Compute, DetectorConfig};
+
+    #[test]
+    fn the_first_non_finite_value_is_named_with_its_position() {
+        assert_eq!(check_finite("t", &[2, 3], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]), Ok(()));
+        assert_eq!(
+            check_finite("bank", &[2, 3], [0.0, 1.0, 2.0, 3.0, f32::NAN, f32::INFINITY]).unwrap_err(),
+            "tensor \"bank\" holds NaN at row 1, column 1"
+        );
+        assert_eq!(check_finite("s", &[4], [0.0, 0.0, f32::NEG_INFINITY, 0.0]).unwrap_err(), "tensor \"s\" holds -Inf at index 2");
+        let mut values = vec![0.0; 2 * 3 * 2 * 2];
+        values[23] = f32::INFINITY;
+        assert_eq!(check_finite("w", &[2, 3, 2, 2], values).unwrap_err(), "tensor \"w\" holds +Inf at index [1, 2, 1, 1]");
+        assert_eq!(f32_values(&[0, 0, 128, 63, 0, 0, 0, 64, 1]).collect::<Vec<_>>(), vec![1.0, 2.0]);
+    }
+
+    fn model() -> Model {
+        let features: Vec<f32> = (0..40).map(|i| (i * 7 % 11) as f32).collect();
+        let bank = MemoryBank::fit(&features, 4, DetectorConfig { k: 2, features: 3 }, &Compute::Cpu).unwrap();
+        let source = FeatureSource {
+            backbone: "efficientnet-lite0".into(),
+            weights_file: "w.pth".into(),
+            weights_sha256: "0".repeat(64),
+            preprocess: Preprocess::imagenet(),
+            dataset: "unit".into(),
+        };
+        Model::new(bank, source)
+    }
+
+    #[test]
+    fn non_finite_values_and_senseless_numbers_are_refused_at_fit_and_at_load() {
+        let path = Path::new("m.safetensors");
+        assert_eq!(Model::from_bytes(&model().to_bytes(), path).unwrap(), model());
+        let mut nan_cell = model();
+        nan_cell.bank.rows[2 * 3 + 1] = f32::NAN;
+        assert_eq!(nan_cell.check_values().unwrap_err(), "tensor \"bank\" holds NaN at row 2, column 1");
+        let error = Model::from_bytes(&nan_cell.to_bytes(), path).unwrap_err().to_string();
+        assert_eq!(error, "m.safetensors: tensor \"bank\" holds NaN at row 2, column 1: the file is corrupt; fit the model again");
+        let mut inf_score = model();
+        inf_score.bank.train_scores[9] = f32::INFINITY;
+        assert!(Model::from_bytes(&inf_score.to_bytes(), path).unwrap_err().to_string().contains("\"train_scores\" holds +Inf at index 9"));
+        // Header numbers: a threshold out of f32's range reads as +Inf; a negative one flags every image.
+        for (threshold, needle) in [(f32::INFINITY, "threshold is inf"), (-1.0, "threshold is -1")] {
+            let mut bad = model();
+            bad.info.threshold = threshold;
+            let json = serde_json::to_string(&bad.info).unwrap().replace("null", "1e39");
+            let bytes = model().to_bytes();
+            let tensors = SafeTensors::deserialize(&bytes).unwrap();
+            let file = safetensors::serialize(tensors.tensors(), Some(model_metadata(json))).unwrap();
+            let error = Model::from_bytes(&file, path).unwrap_err().to_string();
+            assert!(error.contains(needle) && error.ends_with("the file is corrupt; fit the model again"), "{error}");
+        }
+        let mut stats = model();
+        stats.info.train_scores.std = -1.0;
+        assert!(stats.check_values().unwrap_err().contains("training score statistics"));
+        let mut huge = model();
+        huge.info.preprocess.resize = MAX_IMAGE_SIDE + 1;
+        assert!(huge.check_values().unwrap_err().contains("exceeds 4096 px"));
+        let mut count = model();
+        count.info.train_scores.count = 3;
+        assert!(count.check_values().unwrap_err().contains("counts 3 training scores, but the bank has 10 rows"));
     }
 }

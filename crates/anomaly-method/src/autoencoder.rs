@@ -113,6 +113,7 @@ impl AutoencoderDetector {
         let scores: Vec<f32> = reconstructions.iter().map(|r| r.score).collect();
         let train_codes = reconstructions.iter().flat_map(|r| r.code.iter().copied()).collect();
         let model = AutoencoderModel::new(trained, model_config, train_config, &scores, dataset);
+        model.check_values().map_err(crate::unusable_fit)?;
         Ok(Self { model, device, train_codes })
     }
 

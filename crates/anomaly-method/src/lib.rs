@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use anomaly_backbone::BackboneName;
 use anomaly_data::{Batch, ImageLimits, Preprocess};
-use anomaly_detector::ScoreStats;
+use anomaly_detector::{ScoreStats, find_non_finite};
 use anomaly_device::ResolvedDevice;
 use anyhow::Result;
 
@@ -216,9 +216,30 @@ pub fn fit(
     })
 }
 
-/// Reads a model file of any method (`path` names it in errors): its header's `method` picks the loader,
-/// which parses the same bytes.
-pub fn load(bytes: &[u8], path: &Path, runtime: &Runtime) -> Result<Box<dyn Detector>> {
+/// The error of a fit whose model holds a NaN, ±Inf or senseless number, raised before anything is written.
+fn unusable_fit(reason: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("the fit produced an unusable model: {reason}; no model file was written")
+}
+
+/// A model file that passed every check that needs no device, parsed as far as that went.
+enum CheckedModel {
+    MemoryBank(Box<anomaly_detector::Model>),
+    Autoencoder,
+}
+
+/// Runs every check [`load`] makes that needs no device or backbone weights, for any method: the header
+/// (format, version, method), the tensors' names, dtypes and shapes against the header, NaN and ±Inf
+/// in any tensor, and the header's numbers. Never panics, whatever the bytes (a fuzzer feeds it); sizes a
+/// file declares are checked against its length before anything is allocated by them. `path` names the
+/// file in errors; returns the model's method.
+pub fn check_model_file(bytes: &[u8], path: &Path) -> Result<MethodName> {
+    Ok(match checked_model(bytes, path)? {
+        CheckedModel::MemoryBank(_) => MethodName::MemoryBank,
+        CheckedModel::Autoencoder => MethodName::Autoencoder,
+    })
+}
+
+fn checked_model(bytes: &[u8], path: &Path) -> Result<CheckedModel> {
     let header = anomaly_detector::read_model_header(bytes, path)?;
     let method = MethodName::ALL.into_iter().find(|m| m.as_str() == header.method).ok_or_else(|| {
         anyhow::anyhow!(
@@ -229,13 +250,26 @@ pub fn load(bytes: &[u8], path: &Path, runtime: &Runtime) -> Result<Box<dyn Dete
         )
     })?;
     Ok(match method {
-        MethodName::MemoryBank => Box::new(memory_bank::MemoryBankDetector::load(bytes, path, runtime)?),
-        MethodName::Autoencoder => Box::new(autoencoder::AutoencoderDetector::load(bytes, path, runtime)?),
+        MethodName::MemoryBank => CheckedModel::MemoryBank(Box::new(memory_bank::check_model(bytes, path)?)),
+        MethodName::Autoencoder => {
+            anomaly_autoencoder::AutoencoderModel::check_bytes(bytes, path)?;
+            CheckedModel::Autoencoder
+        }
+    })
+}
+
+/// Reads a model file of any method (`path` names it in errors): [`check_model_file`]'s checks first,
+/// then its header's `method` picks the loader, which loads what the model runs on.
+pub fn load(bytes: &[u8], path: &Path, runtime: &Runtime) -> Result<Box<dyn Detector>> {
+    Ok(match checked_model(bytes, path)? {
+        CheckedModel::MemoryBank(model) => Box::new(memory_bank::MemoryBankDetector::load(*model, path, runtime)?),
+        CheckedModel::Autoencoder => Box::new(autoencoder::AutoencoderDetector::load(bytes, path, runtime)?),
     })
 }
 
 /// Scores every image at `paths` with a model, a batch at a time, handing each batch's paths and
-/// outputs to `sink` (memory bounded by the batch size).
+/// outputs to `sink` (memory bounded by the batch size). Every output is checked first: a NaN or ±Inf
+/// score, map or embedding is an error naming the image, never a verdict.
 pub fn score_paths(
     detector: &dyn Detector,
     paths: Vec<PathBuf>,
@@ -248,7 +282,31 @@ pub fn score_paths(
         let batch = batch?;
         let outputs = scorer.score(&batch)?;
         anyhow::ensure!(outputs.len() == batch.len(), "{} scored {} of {} images", detector.method(), outputs.len(), batch.len());
+        check_outputs(&batch.paths, &outputs)?;
         sink(&batch, outputs)?;
     }
     Ok(())
 }
+
+/// Refuses a NaN or ±Inf anywhere in images' outputs, naming the image: such a score compares false
+/// with any threshold, so it would read as "good".
+fn check_outputs(paths: &[PathBuf], outputs: &[ImageOutput]) -> Result<()> {
+    for (path, output) in paths.iter().zip(outputs) {
+        let bad = |reason: String| anyhow::anyhow!("{}: {reason}; no verdict (is the model file corrupt?)", path.display());
+        if !output.score.is_finite() {
+            return Err(bad(format!("its score is {}", output.score)));
+        }
+        if let Some(found) =
+            output.map.as_ref().and_then(|map| find_non_finite(&[map.len().isqrt(), map.len().isqrt()], map.iter().copied()))
+        {
+            return Err(bad(format!("its anomaly map holds {found}")));
+        }
+        if let Some(found) = find_non_finite(&[output.embedding.len()], output.embedding.iter().copied()) {
+            return Err(bad(format!("its embedding holds {found}")));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -65,13 +65,14 @@ impl MemoryBankDetector {
             preprocess: extractor.preprocess(),
             dataset: dataset.to_string(),
         };
-        Ok(Self { model: Model::new(bank, source), extractor })
+        let model = Model::new(bank, source);
+        model.check_values().map_err(crate::unusable_fit)?;
+        Ok(Self { model, extractor })
     }
 
-    /// Reads a memory-bank model file and loads the backbone it names, refusing weights other than the
+    /// Loads the backbone a checked model file ([`check_model`]) names, refusing weights other than the
     /// ones it was fitted with.
-    pub fn load(bytes: &[u8], path: &Path, runtime: &Runtime) -> Result<Self> {
-        let model = Model::from_bytes(bytes, path)?;
+    pub fn load(model: Model, path: &Path, runtime: &Runtime) -> Result<Self> {
         let info = &model.info;
         let name: BackboneName = info.backbone.parse().map_err(|e: String| anyhow::anyhow!("{}: {e}", path.display()))?;
         let extractor = runtime.extractor(name)?;
@@ -173,6 +174,27 @@ impl Detector for MemoryBankDetector {
     fn to_bytes(&self) -> Result<Vec<u8>> {
         Ok(self.model.to_bytes())
     }
+}
+
+/// Reads a memory-bank model file without a device: the file's own checks ([`Model::from_bytes`]), a
+/// backbone this build knows with the bank's feature width, and a weights checksum of 64 hex digits.
+pub(crate) fn check_model(bytes: &[u8], path: &Path) -> Result<Model> {
+    let model = Model::from_bytes(bytes, path)?;
+    let info = &model.info;
+    let name: BackboneName = info.backbone.parse().map_err(|e: String| anyhow::anyhow!("{}: {e}", path.display()))?;
+    anyhow::ensure!(
+        info.input_dim == name.feature_dim(),
+        "{}: not an anomaly model file (its features are {} wide, but {name}'s are {})",
+        path.display(),
+        info.input_dim,
+        name.feature_dim()
+    );
+    anyhow::ensure!(
+        info.weights_sha256.len() == 64 && info.weights_sha256.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{}: not an anomaly model file (its weights sha256 is not 64 hex digits)",
+        path.display()
+    );
+    Ok(model)
 }
 
 /// Scores batches against a bank uploaded once to the kernels' device.
