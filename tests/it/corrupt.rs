@@ -105,7 +105,7 @@ fn an_autoencoder_with_a_nan_weight_is_refused_by_predict_and_eval() {
     ]);
     assert!(fit.status.success(), "{}", String::from_utf8_lossy(&fit.stderr));
     set_value(&model, "to_latent.weight", 9, f32::NAN);
-    let image = anomaly_data::collect_images(&data.join("test")).unwrap().remove(0);
+    let image = anomaly_data::collect_images(&data.join("test")).unwrap().files.remove(0);
     let weights = dir.path().to_str().unwrap();
     let needle = "tensor \"to_latent.weight\" holds NaN at row 1, column 1";
     expect_refusal(&predict_args(model.to_str().unwrap(), image.to_str().unwrap(), weights), &model, needle);

@@ -291,3 +291,69 @@ fn walk_case(rng: &mut Rng, folder: &Path) -> Result<Verdict, String> {
 fn fuzz_folder_walks_over_random_trees_with_links() {
     fuzz("folder walks", 400, Duration::from_secs(20), walk_case);
 }
+
+/// Real model files of every method: the seeds of the model-file fuzzer.
+fn model_seeds() -> Vec<Vec<u8>> {
+    use anomaly_autoencoder::{AutoencoderModel, ConvAutoencoderConfig, TrainConfig, Trained, seeded_network};
+    use anomaly_detector::{Compute, DetectorConfig, FeatureSource, MemoryBank, Model};
+    let dim = anomaly_backbone::BackboneName::EfficientNetLite0.feature_dim();
+    let features: Vec<f32> = (0..10 * dim).map(|i| ((i * 7919) % 1013) as f32 / 1013.0).collect();
+    let bank = MemoryBank::fit(&features, dim, DetectorConfig { k: 3, features: 40 }, &Compute::Cpu).unwrap();
+    let source = FeatureSource {
+        backbone: "efficientnet-lite0".into(),
+        weights_file: "efficientnet-lite0.pth".into(),
+        weights_sha256: "ab".repeat(32),
+        preprocess: anomaly_backbone::BackboneName::EfficientNetLite0.preprocess(),
+        dataset: "fuzz".into(),
+    };
+    let config = ConvAutoencoderConfig::new().with_image_size(32).with_latent(8).with_channels(vec![4, 8]);
+    let network = seeded_network(&config, &burn::tensor::Device::flex(), 1).unwrap();
+    let trained = Trained { model: network, epoch_losses: vec![0.2, 0.1] };
+    let autoencoder = AutoencoderModel::new(trained, config, TrainConfig::default(), &[0.1, 0.3], "fuzz").to_bytes().unwrap();
+    vec![Model::new(bank, source).to_bytes(), autoencoder]
+}
+
+/// Mutates a safetensors file where its structure is (the JSON header, half the time, keeping the length
+/// prefix consistent now and then) or anywhere.
+fn mutate_model(rng: &mut Rng, seed: &[u8], donor: &[u8]) -> Vec<u8> {
+    let header_end = 8 + u64::from_le_bytes(seed[..8].try_into().unwrap()) as usize;
+    if below(rng, 2) == 0 {
+        return mutate(rng, seed, donor);
+    }
+    let header = mutate(rng, &seed[8..header_end], &donor[8..]);
+    let length = if below(rng, 2) == 0 { header.len() as u64 } else { (header_end - 8) as u64 };
+    [&length.to_le_bytes()[..], &header, &seed[header_end..]].concat()
+}
+
+fn model_case(rng: &mut Rng, folder: &Path) -> Result<Verdict, String> {
+    static SEEDS: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+    let seeds = SEEDS.get_or_init(model_seeds);
+    let (seed, donor) = (&seeds[below(rng, seeds.len())], &seeds[below(rng, seeds.len())]);
+    let bytes = mutate_model(rng, seed, donor);
+    let path = folder.join("model.safetensors");
+    match anomaly_method::check_model_file(&bytes, &path) {
+        Ok(_) => {}
+        Err(error) => return one_line(&format!("{error:#}"), &path),
+    }
+    // What the check accepts, the device-side load accepts or refuses cleanly too (a backbone's weights
+    // are not at hand: a memory bank stops there, with one line).
+    let device = anomaly_device::ResolvedDevice { device: burn::tensor::Device::flex(), adapter: None };
+    let runtime = anomaly_method::Runtime::new(
+        device,
+        folder,
+        Box::new(|name| anyhow::bail!("no weights for {name} in the fuzzer")),
+        2,
+        ImageLimits::default(),
+    );
+    match anomaly_method::load(&bytes, &path, &runtime) {
+        Ok(detector) if !detector.threshold().is_finite() => Err(format!("loaded with threshold {}", detector.threshold())),
+        Ok(_) => Ok(Verdict::Accepted),
+        Err(error) if error.to_string().contains("no weights for") => Ok(Verdict::Accepted),
+        Err(error) => one_line(&format!("{error:#}"), &path),
+    }
+}
+
+#[test]
+fn fuzz_model_file_loading() {
+    fuzz("model files", 1500, Duration::from_secs(20), model_case);
+}

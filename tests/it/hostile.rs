@@ -144,7 +144,7 @@ fn a_closed_stdout_ends_quietly_and_a_full_one_is_an_error() {
 
 #[test]
 fn out_of_range_arguments_are_refused_by_the_parser() {
-    let cases: [&[&str]; 7] = [
+    let cases: [&[&str]; 8] = [
         &["predict", "--model", "m.safetensors", "--batch-size", "0", "x.png"],
         &["predict", "--model", "m.safetensors", "--batch-size", "99999999999999999999999", "x.png"],
         &["predict", "--model", "m.safetensors", "--max-pixels", "0", "x.png"],
@@ -152,6 +152,7 @@ fn out_of_range_arguments_are_refused_by_the_parser() {
         &["eval", "--data", "d", "--report", "r", "--tsne-points", "1"],
         &["eval", "--data", "d", "--report", "r", "--k", "0"],
         &["eval", "--data", "d", "--report", "r", "--image-size", "99999999999"],
+        &["eval", "--data", "d", "--report", "r", "--learning-rate", "nan"],
     ];
     for args in cases {
         let output = anomaly(args);

@@ -246,10 +246,10 @@ fn reconstruct_all(
     Ok(out)
 }
 
-/// A learning rate: a finite number above 0 and at most 10 (NaN, infinity or 0 would train nothing).
+/// A learning rate: a finite number above 0 (NaN, infinity, 0 or a negative rate would train nothing).
 fn positive_rate(text: &str) -> Result<f64, String> {
     match text.trim().parse::<f64>() {
-        Ok(rate) if rate.is_finite() && rate > 0.0 && rate <= 10.0 => Ok(rate),
-        _ => Err("expected a number above 0 and at most 10".into()),
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err("expected a finite number above 0".into()),
     }
 }
