@@ -20,7 +20,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let stats = anomaly_eval::analyse_dataset(&args.data, &args.report, args.samples)?;
+    let writer = anomaly_fs::ReportWriter::start(&args.report)?;
+    let (stats, report) = anomaly_eval::analyse_dataset(&args.data, args.samples)?;
+    writer.finish(&report)?;
     if args.json {
         let value = if stats.len() == 1 { stats[0].clone() } else { serde_json::json!(stats) };
         println!("{}", serde_json::to_string_pretty(&value)?);

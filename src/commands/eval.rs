@@ -1,7 +1,8 @@
 use std::path::PathBuf;
 
 use anomaly_data::Dataset;
-use anomaly_eval::{AllSummary, EvalSummary, ModelSource};
+use anomaly_eval::{AllSummary, EvalSummary, Evaluation, ModelSource};
+use anomaly_fs::ReportWriter;
 use anomaly_method::{MethodName, MethodSettings};
 use anyhow::{Context, Result};
 
@@ -35,12 +36,15 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    // The report folder is locked and checked before anything is read or computed.
+    let writer = ReportWriter::start(&args.report)?;
     let options = args.options.options(args.report.clone());
     if let Some(root) = &args.all {
         anomaly_method::check(args.method, &args.settings, usize::MAX)?;
         let runtime = args.run.runtime()?;
         eprintln!("{} on {}: categories under {}", args.method, runtime.device().describe(), root.display());
-        let summary = AllSummary::run(root, args.method, &args.settings, &runtime, &options)?;
+        let (summary, report) = AllSummary::run(root, args.method, &args.settings, &runtime, &options)?;
+        writer.finish(&report)?;
         if args.options.json {
             println!("{}", serde_json::to_string_pretty(&summary.json)?);
         } else {
@@ -75,7 +79,9 @@ pub fn run(args: Args) -> Result<()> {
         ModelSource::Fit { method, .. } => method.to_string(),
     };
     eprintln!("{method} on {}: {}", runtime.device().describe(), data.display());
-    print_summary(&anomaly_eval::evaluate(&dataset, source, &runtime, &options)?, args.options.json)
+    let Evaluation { summary, report } = anomaly_eval::evaluate(&dataset, source, &runtime, &options)?;
+    writer.finish(&report)?;
+    print_summary(&summary, args.options.json)
 }
 
 /// Prints an evaluation's result: the metrics file as JSON, or a line and the report's files.

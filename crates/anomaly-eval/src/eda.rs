@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anomaly_data::{Dataset, HISTOGRAM_BINS, ImageStats, Label, Sample, Split, image_stats, load_mask, load_rgb8};
-use anomaly_fs::write_atomic;
+use anomaly_fs::ReportContent;
 use anomaly_method::image_progress;
 use anomaly_report::{GridImage, defect_area_png, histogram_png, sample_grid_png};
 use anyhow::Result;
@@ -15,11 +15,13 @@ use serde_json::json;
 
 use crate::Stopwatch;
 
-/// Analyses an MVTec AD category, or every category of a root (each in its own subfolder of `report`,
-/// with an index summary.md), and returns each category's eda.json.
-pub fn analyse_dataset(data: &Path, report: &Path, per_row: usize) -> Result<Vec<serde_json::Value>> {
+/// Analyses an MVTec AD category, or every category of a root (each in its own subfolder of the report,
+/// with an index summary.md), and returns each category's eda.json and the report's files.
+pub fn analyse_dataset(data: &Path, per_row: usize) -> Result<(Vec<serde_json::Value>, ReportContent)> {
+    let mut report = ReportContent::default();
     if data.join("train").join("good").is_dir() {
-        return Ok(vec![category(&Dataset::mvtec(data)?, report, per_row)?]);
+        let stats = category(&Dataset::mvtec(data)?, &mut report, per_row)?;
+        return Ok((vec![stats], report));
     }
     let roots = crate::mvtec_categories(data)
         .map_err(|_| anyhow::anyhow!("{}: neither an MVTec AD category (no train/good) nor a root holding categories", data.display()))?;
@@ -29,19 +31,21 @@ pub fn analyse_dataset(data: &Path, report: &Path, per_row: usize) -> Result<Vec
     );
     for root in &roots {
         let dataset = Dataset::mvtec(root)?;
-        let stats = category(&dataset, &report.join(&dataset.name), per_row)?;
+        let mut files = ReportContent::default();
+        let stats = category(&dataset, &mut files, per_row)?;
+        report.nest(&dataset.name, files);
         index.push_str(&format!(
             "| {0} | {1} | {2} | {3} | {4} | [{0}/summary.md]({0}/summary.md) |\n",
             dataset.name, stats["n_train"], stats["n_test_good"], stats["n_test_defective"], stats["defect_types"]
         ));
         all.push(stats);
     }
-    write_atomic(&report.join("summary.md"), index.as_bytes())?;
-    Ok(all)
+    report.add("summary.md", index);
+    Ok((all, report))
 }
 
-/// Analyses one category and writes its summary.md, eda.json and figures into `report`.
-fn category(dataset: &Dataset, report: &Path, per_row: usize) -> Result<serde_json::Value> {
+/// Analyses one category and adds its summary.md, eda.json and figures to `report`.
+fn category(dataset: &Dataset, report: &mut ReportContent, per_row: usize) -> Result<serde_json::Value> {
     let mut clock = Stopwatch::start();
     let progress = image_progress(dataset.samples.len(), &format!("eda {}", dataset.name));
     let measured: Vec<ImageStats> = dataset
@@ -99,15 +103,15 @@ fn category(dataset: &Dataset, report: &Path, per_row: usize) -> Result<serde_js
     if histograms[1].iter().any(|&c| c > 0) {
         series.push(("defective".to_string(), normalised(&histograms[1])));
     }
-    write_atomic(&report.join("histograms.png"), &histogram_png(&format!("Luminance: {}", dataset.name), &series)?)?;
+    report.add("histograms.png", histogram_png(&format!("Luminance: {}", dataset.name), &series)?);
     figures.push("histograms.png");
     if !areas.is_empty() {
         let groups: Vec<(String, Vec<f64>)> =
             areas.iter().map(|(name, a)| (name.clone(), a.iter().map(|(area, _)| *area).collect())).collect();
-        write_atomic(&report.join("defect_area.png"), &defect_area_png(&format!("Defect area per type: {}", dataset.name), &groups)?)?;
+        report.add("defect_area.png", defect_area_png(&format!("Defect area per type: {}", dataset.name), &groups)?);
         figures.push("defect_area.png");
     }
-    write_atomic(&report.join("samples.png"), &sample_grid(dataset, per_row)?)?;
+    report.add("samples.png", sample_grid(dataset, per_row)?);
     figures.push("samples.png");
     clock.lap("figures");
 
@@ -147,8 +151,8 @@ fn category(dataset: &Dataset, report: &Path, per_row: usize) -> Result<serde_js
         "figures": figures,
         "timings_s": clock.seconds(),
     });
-    write_atomic(&report.join("eda.json"), serde_json::to_string_pretty(&stats)?.as_bytes())?;
-    write_atomic(&report.join("summary.md"), summary_markdown(&stats).as_bytes())?;
+    report.add("eda.json", serde_json::to_string_pretty(&stats)?);
+    report.add("summary.md", summary_markdown(&stats));
     Ok(stats)
 }
 
@@ -243,8 +247,7 @@ mod tests {
         let data = dir.path().join("data");
         let config = SyntheticConfig { seed: 3, size: 48, train: 4, test_good: 2, per_defect: 1 };
         write_synthetic_dataset(&data, &config).unwrap();
-        let report = dir.path().join("report");
-        let stats = analyse_dataset(&data, &report, 3).unwrap();
+        let (stats, report) = analyse_dataset(&data, 3).unwrap();
         let stats = &stats[0];
         assert_eq!((stats["n_train"].as_u64(), stats["n_test_good"].as_u64()), (Some(4), Some(2)));
         let types = stats["defect_types"].as_u64().unwrap() as usize;
@@ -260,10 +263,11 @@ mod tests {
             let (mean, std) = (stats["channel_mean"][c].as_f64().unwrap(), stats["channel_std"][c].as_f64().unwrap());
             assert!((0.0..=1.0).contains(&mean) && std > 0.0);
         }
-        for file in ["summary.md", "eda.json", "histograms.png", "defect_area.png", "samples.png"] {
-            assert!(report.join(file).is_file(), "{file}");
-        }
-        let markdown = std::fs::read_to_string(report.join("summary.md")).unwrap();
+        let names: Vec<&Path> = report.names().collect();
+        assert_eq!(names, ["defect_area.png", "eda.json", "histograms.png", "samples.png", "summary.md"].map(Path::new));
+        let folder = dir.path().join("report");
+        anomaly_fs::ReportWriter::start(&folder).unwrap().finish(&report).unwrap();
+        let markdown = std::fs::read_to_string(folder.join("summary.md")).unwrap();
         assert!(markdown.contains("| train | good | 4 | 0 |"), "{markdown}");
     }
 }
