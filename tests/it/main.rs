@@ -9,5 +9,6 @@ mod detector;
 mod efficientnet;
 mod kernels;
 mod metrics;
+mod outputs;
 mod report;
 mod weights;

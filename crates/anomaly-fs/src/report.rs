@@ -125,10 +125,8 @@ pub fn check_file_output(path: &Path) -> Result<(), OutputError> {
     }
     let folder = parent(path);
     fs::create_dir_all(folder).map_err(|e| FsError::new(folder, "creating the folder", e))?;
-    tempfile::Builder::new()
-        .prefix(&format!("{}check-", temp_prefix(path)))
-        .tempfile_in(folder)
-        .map_err(|e| FsError::new(folder, "checking that files can be written in it", e))?;
+    // An unnamed file where the system has them (O_TMPFILE on Linux), so that not even a kill leaves it.
+    tempfile::tempfile_in(folder).map_err(|e| FsError::new(folder, "checking that files can be written in it", e))?;
     Ok(())
 }
 
