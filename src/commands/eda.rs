@@ -8,7 +8,7 @@ pub struct Args {
     /// An MVTec AD category, or a root holding several (each gets its own report subfolder).
     #[arg(long, value_name = "CATEGORY_DIR|MVTEC_ROOT")]
     data: PathBuf,
-    /// Folder for summary.md, eda.json and the figures.
+    /// Folder for summary.md, eda.json and the figures (replaced whole: a new, empty or earlier report folder).
     #[arg(long, value_name = "DIR")]
     report: PathBuf,
     /// Sample images per row of the sample grid.

@@ -28,7 +28,8 @@ pub struct Args {
     #[command(flatten)]
     run: RunArgs,
     /// Folder for metrics.json, scores.csv, roc.png, confusion.png, tsne.png (and model.safetensors when
-    /// fitted); with --all, one folder per category and summary.md / summary.json.
+    /// fitted); with --all, one folder per category and summary.md / summary.json. Replaced whole: a new,
+    /// empty or earlier report folder.
     #[arg(long, value_name = "DIR")]
     report: PathBuf,
     #[command(flatten)]

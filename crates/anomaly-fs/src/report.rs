@@ -34,6 +34,9 @@ pub enum OutputError {
         path.display()
     )]
     NotAReport { path: PathBuf },
+    /// A report was asked for at a path that does not name a folder of its own (`.`, `..`, `/`).
+    #[error("{}: name the report folder itself (e.g. {}/report), not . or .. or the root", path.display(), path.display())]
+    Unnamed { path: PathBuf },
     /// A file was asked for where a folder is.
     #[error("{}: is a folder; give the path of a file to write (e.g. {}/model.safetensors)", path.display(), path.display())]
     IsAFolder { path: PathBuf },
@@ -64,11 +67,6 @@ impl ReportContent {
     pub fn contains(&self, name: impl AsRef<Path>) -> bool {
         self.files.contains_key(name.as_ref())
     }
-
-    /// The files' names, relative to the report folder, sorted.
-    pub fn names(&self) -> impl Iterator<Item = &Path> {
-        self.files.keys().map(PathBuf::as_path)
-    }
 }
 
 /// A report folder being made by this run: its lock taken and its target checked at the start, its content
@@ -85,15 +83,13 @@ impl ReportWriter {
     /// a report can go there (a new, empty or report folder, with a writable parent), and removes what
     /// killed runs left beside it (staging folders, old content moved aside).
     pub fn start(target: &Path) -> Result<Self, OutputError> {
+        if target.file_name().is_none() {
+            return Err(OutputError::Unnamed { path: target.to_path_buf() });
+        }
         let lock = OutputLock::acquire(target)?;
         check_report_target(target)?;
         remove_leftovers(target)?;
         Ok(Self { target: target.to_path_buf(), _lock: lock })
-    }
-
-    /// The report folder.
-    pub fn target(&self) -> &Path {
-        &self.target
     }
 
     /// Writes `content` and the marker into a staging folder beside the target, flushes it to disk and
@@ -291,5 +287,8 @@ mod tests {
         assert!(error.to_string().contains(&dir.path().join("file").display().to_string()), "{error}");
         let error = ReportWriter::start(&dir.path().join("file/report")).unwrap_err();
         assert!(error.to_string().contains("creating the folder"), "{error}");
+        for unnamed in [".", "..", "/"] {
+            assert!(matches!(ReportWriter::start(Path::new(unnamed)).unwrap_err(), OutputError::Unnamed { .. }), "{unnamed}");
+        }
     }
 }
