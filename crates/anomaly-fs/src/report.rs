@@ -7,7 +7,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::{FsError, OLD, OutputLock, STAGING, parent, replace_dir, staging_dir, temp_prefix};
+use crate::{FsError, OLD, OutputLock, STAGING, parent, replace_dir, set_readable, staging_dir, temp_prefix};
 
 /// The hidden file every report folder holds: anomaly replaces a folder with it (or an empty one) and
 /// refuses any other, so that `--report` pointed at the wrong folder never deletes someone's files.
@@ -105,7 +105,11 @@ impl ReportWriter {
             let path = staging.path().join(name);
             let folder = parent(&path);
             fs::create_dir_all(folder).map_err(|e| FsError::new(folder, "creating the folder", e))?;
-            fs::write(&path, bytes).map_err(|e| FsError::new(&path, "writing", e))?;
+            let written = fs::File::create(&path).and_then(|mut file| {
+                io::Write::write_all(&mut file, bytes)?;
+                set_readable(&file)
+            });
+            written.map_err(|e| FsError::new(&path, "writing", e))?;
         }
         replace_dir(staging, &self.target)?;
         Ok(())
