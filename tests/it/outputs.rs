@@ -173,8 +173,8 @@ fn with_marker(mut names: Vec<String>) -> Vec<String> {
     names
 }
 
-/// A checkpoint folder after a kill: progress.json says epoch N, and the files of epoch N are there (a
-/// killed epoch's may be there too); `N`.
+/// A checkpoint folder after a kill: progress.json says epoch N, and the files of epoch N are there (the
+/// killed epoch's may be there too, whole or as temporary files); `N`.
 fn checkpoint_epoch(dir: &Path) -> usize {
     let progress: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("progress.json")).unwrap()).unwrap();
     let epoch = progress["epochs_done"].as_u64().unwrap() as usize;
@@ -182,10 +182,15 @@ fn checkpoint_epoch(dir: &Path) -> usize {
     for name in [format!("weights-{epoch}.bpk"), format!("optimizer-{epoch}.bpk")] {
         assert!(files.contains(&name), "{name} in {files:?}");
     }
-    assert!(
-        files.iter().all(|f| f == "progress.json" || f.ends_with(&format!("-{epoch}.bpk")) || f.ends_with(&format!("-{}.bpk", epoch + 1))),
-        "{files:?}"
-    );
+    let next = epoch + 1;
+    let expected = |f: &String| {
+        f == "progress.json"
+            || [epoch, next].iter().any(|e| f.ends_with(&format!("-{e}.bpk")))
+            || [format!(".weights-{next}.bpk."), format!(".optimizer-{next}.bpk."), ".progress.json.".into()]
+                .iter()
+                .any(|p| f.starts_with(p))
+    };
+    assert!(files.iter().all(expected), "{files:?}");
     epoch
 }
 

@@ -193,7 +193,8 @@ fn save(
 }
 
 /// Removes the weights and optimizer files of epochs other than `epochs` (the previous checkpoint's, and a
-/// killed run's that never got its progress.json).
+/// killed run's that never got its progress.json) and the temporary files a run killed while writing one
+/// left (`.weights-N.bpk.XXXXXX`; this run's own are all in place by now).
 fn remove_other_epochs(dir: &Path, epochs: usize) -> Result<(), AutoencoderError> {
     let listing = |e| AutoencoderError::Io { path: dir.to_path_buf(), source: e };
     for entry in std::fs::read_dir(dir).map_err(listing)? {
@@ -201,7 +202,8 @@ fn remove_other_epochs(dir: &Path, epochs: usize) -> Result<(), AutoencoderError
         let name = name.to_string_lossy();
         let epoch =
             ["weights-", "optimizer-"].iter().find_map(|prefix| name.strip_prefix(prefix)?.strip_suffix(".bpk")?.parse::<usize>().ok());
-        if epoch.is_some_and(|epoch| epoch != epochs) {
+        let temporary = [".weights-", ".optimizer-", ".progress.json."].iter().any(|prefix| name.starts_with(prefix));
+        if temporary || epoch.is_some_and(|epoch| epoch != epochs) {
             let path = dir.join(name.as_ref());
             std::fs::remove_file(&path).map_err(|e| AutoencoderError::Io { path, source: e })?;
         }
