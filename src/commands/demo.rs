@@ -1,7 +1,8 @@
 use std::path::PathBuf;
 
 use anomaly_data::{Dataset, SyntheticConfig, write_synthetic_dataset};
-use anomaly_eval::ModelSource;
+use anomaly_eval::{Evaluation, ModelSource};
+use anomaly_fs::ReportWriter;
 use anomaly_method::{MemoryBankSettings, MethodName, MethodSettings};
 use anyhow::Result;
 
@@ -42,6 +43,8 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let settings = MethodSettings { memory_bank: args.memory_bank, ..MethodSettings::default() };
     anomaly_method::check(MethodName::MemoryBank, &settings, args.train)?;
+    let report = args.out.join("report");
+    let writer = ReportWriter::start(&report)?;
     let data = args.out.join("data");
     let synthetic = SyntheticConfig {
         seed: args.data_seed,
@@ -56,6 +59,7 @@ pub fn run(args: Args) -> Result<()> {
     let runtime = args.run.runtime()?;
     note!("{} on {}", settings.memory_bank.backbone, runtime.device().describe());
     let source = ModelSource::Fit { method: MethodName::MemoryBank, settings: &settings };
-    let summary = anomaly_eval::evaluate(&dataset, source, &runtime, &args.options.options(args.out.join("report")))?;
+    let Evaluation { summary, report } = anomaly_eval::evaluate(&dataset, source, &runtime, &args.options.options(report))?;
+    writer.finish(&report)?;
     print_summary(&summary, args.options.json)
 }

@@ -12,7 +12,7 @@ pub struct Args {
     /// An MVTec AD category, or a root holding several (each gets its own report subfolder).
     #[arg(long, value_name = "CATEGORY_DIR|MVTEC_ROOT")]
     data: PathBuf,
-    /// Folder for summary.md, eda.json and the figures.
+    /// Folder for summary.md, eda.json and the figures (replaced whole: a new, empty or earlier report folder).
     #[arg(long, value_name = "DIR")]
     report: PathBuf,
     /// Sample images per row of the sample grid.
@@ -26,7 +26,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let stats = anomaly_eval::analyse_dataset(&args.data, &args.report, args.samples, args.images.limits())?;
+    let writer = anomaly_fs::ReportWriter::start(&args.report)?;
+    let (stats, report) = anomaly_eval::analyse_dataset(&args.data, args.samples, args.images.limits())?;
+    writer.finish(&report)?;
     if args.json {
         let value = if stats.len() == 1 { stats[0].clone() } else { serde_json::json!(stats) };
         outln!("{}", serde_json::to_string_pretty(&value)?)?;

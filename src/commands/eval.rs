@@ -1,7 +1,8 @@
 use std::path::PathBuf;
 
 use anomaly_data::Dataset;
-use anomaly_eval::{AllSummary, EvalSummary, ModelSource};
+use anomaly_eval::{AllSummary, EvalSummary, Evaluation, ModelSource};
+use anomaly_fs::ReportWriter;
 use anomaly_method::{MethodName, MethodSettings};
 use anyhow::{Context, Result};
 
@@ -28,7 +29,8 @@ pub struct Args {
     #[command(flatten)]
     run: RunArgs,
     /// Folder for metrics.json, scores.csv, roc.png, confusion.png, tsne.png (and model.safetensors when
-    /// fitted); with --all, one folder per category and summary.md / summary.json.
+    /// fitted); with --all, one folder per category and summary.md / summary.json. Replaced whole: a new,
+    /// empty or earlier report folder.
     #[arg(long, value_name = "DIR")]
     report: PathBuf,
     #[command(flatten)]
@@ -36,12 +38,15 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    // The report folder is locked and checked before anything is read or computed.
+    let writer = ReportWriter::start(&args.report)?;
     let options = args.options.options(args.report.clone());
     if let Some(root) = &args.all {
         anomaly_method::check(args.method, &args.settings, usize::MAX)?;
         let runtime = args.run.runtime()?;
         note!("{} on {}: categories under {}", args.method, runtime.device().describe(), root.display());
-        let summary = AllSummary::run(root, args.method, &args.settings, &runtime, &options)?;
+        let (summary, report) = AllSummary::run(root, args.method, &args.settings, &runtime, &options)?;
+        writer.finish(&report)?;
         if args.options.json {
             outln!("{}", serde_json::to_string_pretty(&summary.json)?)?;
         } else {
@@ -58,7 +63,7 @@ pub fn run(args: Args) -> Result<()> {
     // Bad settings and bad model files are refused before the device starts.
     let model = match &args.model {
         Some(path) => {
-            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let bytes = anomaly_fs::read_regular_file(path)?;
             anomaly_method::check_model_file(&bytes, path)?;
             Some((path, bytes))
         }
@@ -77,7 +82,9 @@ pub fn run(args: Args) -> Result<()> {
         ModelSource::Fit { method, .. } => method.to_string(),
     };
     note!("{method} on {}: {}", runtime.device().describe(), data.display());
-    print_summary(&anomaly_eval::evaluate(&dataset, source, &runtime, &options)?, args.options.json)
+    let Evaluation { summary, report } = anomaly_eval::evaluate(&dataset, source, &runtime, &options)?;
+    writer.finish(&report)?;
+    print_summary(&summary, args.options.json)
 }
 
 /// Prints an evaluation's result: the metrics file as JSON, or a line and the report's files.

@@ -28,6 +28,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    anomaly_fs::check_file_output(&args.out)?;
     let dataset = Dataset::open(&args.data)?;
     anomaly_eval::note_skipped(&dataset.skipped);
     let paths: Vec<PathBuf> = dataset.samples.iter().map(|s| s.path.clone()).collect();

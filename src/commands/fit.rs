@@ -30,6 +30,8 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let mut clock = anomaly_eval::Stopwatch::start();
+    // A model path that cannot be written fails now, not after the fitting.
+    anomaly_fs::check_file_output(&args.model)?;
     let dataset = Dataset::open(&args.data)?;
     anomaly_eval::note_skipped(&dataset.skipped);
     let paths: Vec<PathBuf> = dataset.split(Split::Train).map(|s| s.path.clone()).collect();

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anomaly_method::image_progress;
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::args::RunArgs;
 use crate::output::{StdoutClosed, note, out};
@@ -30,7 +30,7 @@ pub struct Args {
 const ANOMALY_FOUND: u8 = 3;
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let bytes = std::fs::read(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
+    let bytes = anomaly_fs::read_regular_file(&args.model)?;
     anomaly_method::check_model_file(&bytes, &args.model)?;
     let mut paths = Vec::new();
     for path in &args.paths {

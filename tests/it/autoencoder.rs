@@ -59,6 +59,13 @@ fn a_seed_gives_the_same_model_and_a_resumed_run_ends_where_a_straight_one_does(
     let checkpoint = Checkpoint { dir: dir.path().join("ckpt"), resume: true };
     let first = run(&device, 2, 9, Some(&checkpoint));
     assert_eq!(first.epoch_losses.len(), 2);
+    // One whole checkpoint: the last epoch's files, named by it, and the progress that points at them.
+    let mut files: Vec<String> =
+        std::fs::read_dir(&checkpoint.dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    files.sort();
+    assert_eq!(files, ["optimizer-2.bpk", "progress.json", "weights-2.bpk"]);
+    // A killed run's files of an epoch it never recorded do not mix into the restore.
+    std::fs::write(checkpoint.dir.join("weights-3.bpk"), "half").unwrap();
     let resumed = run(&device, 4, 9, Some(&checkpoint));
     assert_eq!(resumed.epoch_losses.len(), 4, "two epochs restored, two trained");
     assert!(bytes(resumed) == straight, "resumed run = uninterrupted run");

@@ -161,3 +161,17 @@ fn out_of_range_arguments_are_refused_by_the_parser() {
         assert!(message.contains("error: invalid value"), "{args:?}: {message}");
     }
 }
+
+#[cfg(unix)]
+#[test]
+fn a_model_that_is_not_a_regular_file_is_refused_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("a.png");
+    write_png(&image, 1);
+    let weights = weights_dir();
+    for model in [Path::new("/dev/zero"), dir.path()] {
+        let mut args = predict_args(model, &weights);
+        args.push(image.to_str().unwrap());
+        assert_one_error_line(&anomaly(&args), &[&model.display().to_string(), "not a regular file"]);
+    }
+}

@@ -12,5 +12,6 @@ mod fuzz;
 mod hostile;
 mod kernels;
 mod metrics;
+mod outputs;
 mod report;
 mod weights;

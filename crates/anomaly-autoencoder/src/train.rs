@@ -154,12 +154,22 @@ impl Optimizer for CpuLoadedAdam {
 }
 
 const PROGRESS: &str = "progress.json";
-// Burnpack keeps the parameters' ids, which the optimizer's state is keyed by.
-const WEIGHTS: &str = "weights.bpk";
-const OPTIMIZER: &str = "optimizer.bpk";
 
-/// Writes the checkpoint; each file is replaced atomically and flushed to disk, the progress file last, so
-/// that a checkpoint is never read half-written.
+/// The weights after `epochs` epochs. Burnpack keeps the parameters' ids, which the optimizer's state is
+/// keyed by.
+fn weights_file(dir: &Path, epochs: usize) -> PathBuf {
+    dir.join(format!("weights-{epochs}.bpk"))
+}
+
+/// The optimizer's state after `epochs` epochs.
+fn optimizer_file(dir: &Path, epochs: usize) -> PathBuf {
+    dir.join(format!("optimizer-{epochs}.bpk"))
+}
+
+/// Writes the checkpoint. The weights and the optimizer's state go to files named by the epoch, each
+/// written atomically, and progress.json, replaced atomically last, says which epoch is the checkpoint: a
+/// run killed at any point leaves a whole checkpoint (the new epoch's or the previous one's), never the
+/// weights of one epoch with the state of another. The files of other epochs are removed after.
 fn save(
     checkpoint: &Checkpoint,
     model: &ConvAutoencoder,
@@ -168,17 +178,36 @@ fn save(
 ) -> Result<(), AutoencoderError> {
     let dir = &checkpoint.dir;
     let failed = |path: &Path, reason: String| AutoencoderError::Checkpoint { path: path.to_path_buf(), reason };
-    let weights = dir.join(WEIGHTS);
+    let weights = weights_file(dir, progress.epochs_done);
     let mut store = BurnpackStore::from_bytes(None);
     model.save_into(&mut store).map_err(|e| failed(&weights, e.to_string()))?;
     let bytes = store.get_bytes().map_err(|e| failed(&weights, e.to_string()))?;
     anomaly_fs::write_atomic(&weights, &bytes)?;
-    let state = dir.join(OPTIMIZER);
+    let state = optimizer_file(dir, progress.epochs_done);
     let bytes = optimizer.into_bytes().map_err(|e| failed(&state, e.to_string()))?;
     anomaly_fs::write_atomic(&state, &bytes)?;
     let record = dir.join(PROGRESS);
     let bytes = serde_json::to_vec_pretty(progress).map_err(|e| failed(&record, e.to_string()))?;
     anomaly_fs::write_atomic(&record, &bytes)?;
+    remove_other_epochs(dir, progress.epochs_done)
+}
+
+/// Removes the weights and optimizer files of epochs other than `epochs` (the previous checkpoint's, and a
+/// killed run's that never got its progress.json) and the temporary files a run killed while writing one
+/// left (`.weights-N.bpk.XXXXXX`; this run's own are all in place by now).
+fn remove_other_epochs(dir: &Path, epochs: usize) -> Result<(), AutoencoderError> {
+    let listing = |e| AutoencoderError::Io { path: dir.to_path_buf(), source: e };
+    for entry in std::fs::read_dir(dir).map_err(listing)? {
+        let name = entry.map_err(listing)?.file_name();
+        let name = name.to_string_lossy();
+        let epoch =
+            ["weights-", "optimizer-"].iter().find_map(|prefix| name.strip_prefix(prefix)?.strip_suffix(".bpk")?.parse::<usize>().ok());
+        let temporary = [".weights-", ".optimizer-", ".progress.json."].iter().any(|prefix| name.starts_with(prefix));
+        if temporary || epoch.is_some_and(|epoch| epoch != epochs) {
+            let path = dir.join(name.as_ref());
+            std::fs::remove_file(&path).map_err(|e| AutoencoderError::Io { path, source: e })?;
+        }
+    }
     Ok(())
 }
 
@@ -202,10 +231,10 @@ fn restore(
             "made with other settings or another number of images; remove it or resume with the settings it was made with".into(),
         ));
     }
-    let weights = dir.join(WEIGHTS);
+    let weights = weights_file(dir, progress.epochs_done);
     let mut store = BurnpackStore::from_file(&weights);
     model.load_from(&mut store).map_err(|e| bad(weights.clone(), e.to_string()))?;
-    let optimizer_path = dir.join(OPTIMIZER);
+    let optimizer_path = optimizer_file(dir, progress.epochs_done);
     let optimizer = optimizer.load(&optimizer_path).map_err(|e| bad(optimizer_path.clone(), e.to_string()))?;
     Ok((model, optimizer, progress))
 }

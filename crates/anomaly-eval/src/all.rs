@@ -4,11 +4,12 @@
 use std::path::{Path, PathBuf};
 
 use anomaly_data::Dataset;
+use anomaly_fs::ReportContent;
 use anomaly_method::{MethodName, MethodSettings, Runtime};
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use crate::{EvalOptions, EvalSummary, ModelSource, evaluate};
+use crate::{EvalOptions, EvalSummary, Evaluation, ModelSource, evaluate};
 
 /// One category's evaluation, or why it failed.
 pub enum CategoryResult {
@@ -43,11 +44,18 @@ pub fn mvtec_categories(root: &Path) -> Result<Vec<PathBuf>> {
 }
 
 impl AllSummary {
-    /// Fits and evaluates `method` on every category under `root`, each into its own folder of
-    /// `options.report`, and writes summary.json and summary.md there. A failing category is reported
-    /// (on stderr and in the summary) and the others still run.
-    pub fn run(root: &Path, method: MethodName, settings: &MethodSettings, runtime: &Runtime, options: &EvalOptions) -> Result<Self> {
+    /// Fits and evaluates `method` on every category under `root`, and returns the summary with the whole
+    /// report's files: one subfolder per category, and summary.json and summary.md. A failing category is
+    /// reported (on stderr and in the summary) and the others still run.
+    pub fn run(
+        root: &Path,
+        method: MethodName,
+        settings: &MethodSettings,
+        runtime: &Runtime,
+        options: &EvalOptions,
+    ) -> Result<(Self, ReportContent)> {
         let mut categories = Vec::new();
+        let mut report = ReportContent::default();
         for category in mvtec_categories(root)? {
             let name = category.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let category_options = EvalOptions { report: options.report.join(&name), ..options.clone() };
@@ -56,12 +64,13 @@ impl AllSummary {
                 .inspect(|dataset| crate::note_skipped(&dataset.skipped))
                 .and_then(|dataset| evaluate(&dataset, ModelSource::Fit { method, settings }, runtime, &category_options));
             categories.push(match result {
-                Ok(summary) => {
-                    eprintln!("{}", summary.describe());
+                Ok(Evaluation { summary, report: files }) => {
+                    note!("{}", summary.describe());
+                    report.nest(&name, files);
                     CategoryResult::Done(summary)
                 }
                 Err(error) => {
-                    eprintln!("error: {name}: {error:#}");
+                    note!("error: {name}: {error:#}");
                     CategoryResult::Failed { category: name, error: format!("{error:#}") }
                 }
             });
@@ -72,9 +81,9 @@ impl AllSummary {
             summary.json["k"] = json!(settings.memory_bank.k);
             summary.json["features"] = json!(settings.memory_bank.features);
         }
-        anomaly_fs::write_atomic(&options.report.join("summary.json"), serde_json::to_string_pretty(&summary.json)?.as_bytes())?;
-        anomaly_fs::write_atomic(&options.report.join("summary.md"), summary.markdown.as_bytes())?;
-        Ok(summary)
+        report.add("summary.json", serde_json::to_string_pretty(&summary.json)?);
+        report.add("summary.md", summary.markdown.clone());
+        Ok((summary, report))
     }
 
     /// The summary of finished categories: mean image AUROC over those where it is defined.
@@ -151,6 +160,7 @@ mod tests {
             n_test: 4,
             timings_s: BTreeMap::from([("total".to_string(), 2.0)]),
             report: PathBuf::from(name),
+            files: Vec::new(),
         })
     }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anomaly_data::{Dataset, HISTOGRAM_BINS, ImageLimits, ImageStats, Label, Sample, Split, image_stats, load_mask, load_rgb8};
-use anomaly_fs::write_atomic;
+use anomaly_fs::ReportContent;
 use anomaly_method::image_progress;
 use anomaly_report::{GridImage, defect_area_png, histogram_png, sample_grid_png};
 use anyhow::Result;
@@ -15,11 +15,14 @@ use serde_json::json;
 
 use crate::Stopwatch;
 
-/// Analyses an MVTec AD category, or every category of a root (each in its own subfolder of `report`,
-/// with an index summary.md), and returns each category's eda.json. Each image is decoded within `limits`.
-pub fn analyse_dataset(data: &Path, report: &Path, per_row: usize, limits: ImageLimits) -> Result<Vec<serde_json::Value>> {
+/// Analyses an MVTec AD category, or every category of a root (each in its own subfolder of the report,
+/// with an index summary.md), and returns each category's eda.json and the report's files. Each image is
+/// decoded within `limits`.
+pub fn analyse_dataset(data: &Path, per_row: usize, limits: ImageLimits) -> Result<(Vec<serde_json::Value>, ReportContent)> {
+    let mut report = ReportContent::default();
     if data.join("train").join("good").is_dir() {
-        return Ok(vec![category(&open_category(data)?, report, per_row, limits)?]);
+        let stats = category(&open_category(data)?, &mut report, per_row, limits)?;
+        return Ok((vec![stats], report));
     }
     let roots = crate::mvtec_categories(data)
         .map_err(|_| anyhow::anyhow!("{}: neither an MVTec AD category (no train/good) nor a root holding categories", data.display()))?;
@@ -29,15 +32,17 @@ pub fn analyse_dataset(data: &Path, report: &Path, per_row: usize, limits: Image
     );
     for root in &roots {
         let dataset = open_category(root)?;
-        let stats = category(&dataset, &report.join(&dataset.name), per_row, limits)?;
+        let mut files = ReportContent::default();
+        let stats = category(&dataset, &mut files, per_row, limits)?;
+        report.nest(&dataset.name, files);
         index.push_str(&format!(
             "| {0} | {1} | {2} | {3} | {4} | [{0}/summary.md]({0}/summary.md) |\n",
             dataset.name, stats["n_train"], stats["n_test_good"], stats["n_test_defective"], stats["defect_types"]
         ));
         all.push(stats);
     }
-    write_atomic(&report.join("summary.md"), index.as_bytes())?;
-    Ok(all)
+    report.add("summary.md", index);
+    Ok((all, report))
 }
 
 /// An MVTec AD category, with a note of what reading it passed over.
@@ -47,8 +52,8 @@ fn open_category(root: &Path) -> Result<Dataset> {
     Ok(dataset)
 }
 
-/// Analyses one category and writes its summary.md, eda.json and figures into `report`.
-fn category(dataset: &Dataset, report: &Path, per_row: usize, limits: ImageLimits) -> Result<serde_json::Value> {
+/// Analyses one category and adds its summary.md, eda.json and figures to `report`.
+fn category(dataset: &Dataset, report: &mut ReportContent, per_row: usize, limits: ImageLimits) -> Result<serde_json::Value> {
     let mut clock = Stopwatch::start();
     let progress = image_progress(dataset.samples.len(), &format!("eda {}", dataset.name));
     let measured: Vec<ImageStats> = dataset
@@ -106,15 +111,15 @@ fn category(dataset: &Dataset, report: &Path, per_row: usize, limits: ImageLimit
     if histograms[1].iter().any(|&c| c > 0) {
         series.push(("defective".to_string(), normalised(&histograms[1])));
     }
-    write_atomic(&report.join("histograms.png"), &histogram_png(&format!("Luminance: {}", dataset.name), &series)?)?;
+    report.add("histograms.png", histogram_png(&format!("Luminance: {}", dataset.name), &series)?);
     figures.push("histograms.png");
     if !areas.is_empty() {
         let groups: Vec<(String, Vec<f64>)> =
             areas.iter().map(|(name, a)| (name.clone(), a.iter().map(|(area, _)| *area).collect())).collect();
-        write_atomic(&report.join("defect_area.png"), &defect_area_png(&format!("Defect area per type: {}", dataset.name), &groups)?)?;
+        report.add("defect_area.png", defect_area_png(&format!("Defect area per type: {}", dataset.name), &groups)?);
         figures.push("defect_area.png");
     }
-    write_atomic(&report.join("samples.png"), &sample_grid(dataset, per_row, limits)?)?;
+    report.add("samples.png", sample_grid(dataset, per_row, limits)?);
     figures.push("samples.png");
     clock.lap("figures");
 
@@ -154,8 +159,8 @@ fn category(dataset: &Dataset, report: &Path, per_row: usize, limits: ImageLimit
         "figures": figures,
         "timings_s": clock.seconds(),
     });
-    write_atomic(&report.join("eda.json"), serde_json::to_string_pretty(&stats)?.as_bytes())?;
-    write_atomic(&report.join("summary.md"), summary_markdown(&stats).as_bytes())?;
+    report.add("eda.json", serde_json::to_string_pretty(&stats)?);
+    report.add("summary.md", summary_markdown(&stats));
     Ok(stats)
 }
 
@@ -250,8 +255,7 @@ mod tests {
         let data = dir.path().join("data");
         let config = SyntheticConfig { seed: 3, size: 48, train: 4, test_good: 2, per_defect: 1 };
         write_synthetic_dataset(&data, &config).unwrap();
-        let report = dir.path().join("report");
-        let stats = analyse_dataset(&data, &report, 3, ImageLimits::default()).unwrap();
+        let (stats, report) = analyse_dataset(&data, 3, ImageLimits::default()).unwrap();
         let stats = &stats[0];
         assert_eq!((stats["n_train"].as_u64(), stats["n_test_good"].as_u64()), (Some(4), Some(2)));
         let types = stats["defect_types"].as_u64().unwrap() as usize;
@@ -268,9 +272,11 @@ mod tests {
             assert!((0.0..=1.0).contains(&mean) && std > 0.0);
         }
         for file in ["summary.md", "eda.json", "histograms.png", "defect_area.png", "samples.png"] {
-            assert!(report.join(file).is_file(), "{file}");
+            assert!(report.contains(file), "{file}");
         }
-        let markdown = std::fs::read_to_string(report.join("summary.md")).unwrap();
+        let folder = dir.path().join("report");
+        anomaly_fs::ReportWriter::start(&folder).unwrap().finish(&report).unwrap();
+        let markdown = std::fs::read_to_string(folder.join("summary.md")).unwrap();
         assert!(markdown.contains("| train | good | 4 | 0 |"), "{markdown}");
     }
 }

@@ -2,6 +2,15 @@
 //! images (metrics.json, scores.csv, ROC, confusion matrix, t-SNE map, pixel metrics and figures for
 //! methods that localise), the `eval --all` summary, and the exploratory analysis of a dataset (`eda`).
 
+/// Writes one line to standard error, dropped if standard error cannot take it: a closed pipe there must
+/// not panic a run.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 mod all;
 mod eda;
 mod figures;
@@ -12,25 +21,24 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anomaly_data::{Dataset, Sample, Skipped, Split};
+use anomaly_fs::ReportContent;
 use anomaly_method::{Detector, ImageOutput, MethodName, MethodSettings, Runtime, image_progress};
 use anyhow::Result;
 use serde::Serialize;
 
 pub use all::{AllSummary, CategoryResult, mvtec_categories};
 pub use eda::analyse_dataset;
-pub use report::{Outcome, per_defect, scores_csv, tsne_groups, write_report};
+pub use report::{Outcome, build_report, per_defect, scores_csv, tsne_groups};
 
 /// Tells the user, on stderr, what reading a dataset or a folder passed over (at most ten lines and a
 /// count), so that nothing is skipped silently.
 pub fn note_skipped(skipped: &[Skipped]) {
-    use std::io::Write;
     const SHOWN: usize = 10;
-    let mut stderr = std::io::stderr().lock();
     for skip in skipped.iter().take(SHOWN) {
-        let _ = writeln!(stderr, "note: {skip}");
+        note!("note: {skip}");
     }
     if skipped.len() > SHOWN {
-        let _ = writeln!(stderr, "note: … and {} more skipped", skipped.len() - SHOWN);
+        note!("note: … and {} more skipped", skipped.len() - SHOWN);
     }
 }
 
@@ -67,7 +75,7 @@ impl Stopwatch {
 /// Settings of an evaluation that do not change its numbers.
 #[derive(Clone, Debug)]
 pub struct EvalOptions {
-    /// The report folder.
+    /// The report folder the caller puts the evaluation's files in (named in the summary).
     pub report: PathBuf,
     /// Seed of the t-SNE layout.
     pub seed: u64,
@@ -79,7 +87,7 @@ pub struct EvalOptions {
 pub enum ModelSource<'a> {
     /// A fitted model.
     Loaded(Box<dyn Detector>),
-    /// Fitted here on the dataset's train/good images, and saved into the report folder.
+    /// Fitted here on the dataset's train/good images, and saved with the report.
     Fit { method: MethodName, settings: &'a MethodSettings },
 }
 
@@ -96,6 +104,9 @@ pub struct EvalSummary {
     pub n_test: usize,
     pub timings_s: BTreeMap<String, f64>,
     pub report: PathBuf,
+    /// The report's files (names in its folder), in the order the closing message lists them.
+    #[serde(skip)]
+    pub files: Vec<String>,
 }
 
 impl EvalSummary {
@@ -115,9 +126,9 @@ impl EvalSummary {
         )
     }
 
-    /// The report folder's files, for the closing message.
+    /// The report's files, for the closing message: this run's only, whatever the folder held before.
     pub fn files(&self) -> Vec<PathBuf> {
-        report::REPORT_FILES.iter().map(|f| self.report.join(f)).filter(|p| p.is_file()).collect()
+        self.files.iter().map(|f| self.report.join(f)).collect()
     }
 }
 
@@ -132,9 +143,18 @@ pub fn test_samples(dataset: &Dataset) -> Result<Vec<&Sample>> {
     Ok(test)
 }
 
-/// Scores a dataset's test images with a model (fitting it first if asked) and writes the report.
-pub fn evaluate(dataset: &Dataset, source: ModelSource, runtime: &Runtime, options: &EvalOptions) -> Result<EvalSummary> {
+/// An evaluation's figures, and its report's files for the caller to put in place whole
+/// ([`anomaly_fs::ReportWriter::finish`]).
+pub struct Evaluation {
+    pub summary: EvalSummary,
+    pub report: ReportContent,
+}
+
+/// Scores a dataset's test images with a model (fitting it first if asked) and makes the report's files,
+/// in memory: nothing is written, so a run stopped before its end leaves no half report.
+pub fn evaluate(dataset: &Dataset, source: ModelSource, runtime: &Runtime, options: &EvalOptions) -> Result<Evaluation> {
     let mut clock = Stopwatch::start();
+    let mut report = ReportContent::default();
     let test = test_samples(dataset)?;
     let detector = match source {
         ModelSource::Loaded(detector) => detector,
@@ -142,7 +162,7 @@ pub fn evaluate(dataset: &Dataset, source: ModelSource, runtime: &Runtime, optio
             let train: Vec<PathBuf> = dataset.split(Split::Train).map(|s| s.path.clone()).collect();
             let detector = anomaly_method::fit(method, settings, &train, &dataset.name, runtime)?;
             clock.lap("fit");
-            anomaly_fs::write_atomic(&options.report.join("model.safetensors"), &detector.to_bytes()?)?;
+            report.add("model.safetensors", detector.to_bytes()?);
             detector
         }
     };
@@ -169,7 +189,7 @@ pub fn evaluate(dataset: &Dataset, source: ModelSource, runtime: &Runtime, optio
     let pixel = figures::pixel_auroc(&test, &outputs, detector.preprocess(), runtime.image_limits())?;
     if outputs.iter().any(|o| o.reconstruction.is_some()) {
         let png = figures::reconstructions_png(&dataset.name, &test, &inputs, &outputs, detector.preprocess(), runtime.image_limits())?;
-        anomaly_fs::write_atomic(&options.report.join("reconstructions.png"), &png)?;
+        report.add("reconstructions.png", png);
         clock.lap("reconstructions");
     }
     let test_embedding: Vec<f32> = outputs.iter().flat_map(|o| o.embedding.iter().copied()).collect();
@@ -194,9 +214,9 @@ pub fn evaluate(dataset: &Dataset, source: ModelSource, runtime: &Runtime, optio
         test_embedding: &test_embedding,
         method,
     };
-    let mut summary = write_report(&dataset.name, outcome, options, clock)?;
+    let mut summary = build_report(&dataset.name, outcome, options, clock, &mut report)?;
     summary.pixel_auroc = pixel.and_then(|(value, _)| value);
-    Ok(summary)
+    Ok(Evaluation { summary, report })
 }
 
 #[cfg(test)]
@@ -297,7 +317,8 @@ mod tests {
         let runtime =
             Runtime::new(device, dir.path(), Box::new(|_| anyhow::bail!("no weights needed")), 4, anomaly_data::ImageLimits::default());
         let options = EvalOptions { report: dir.path().join("report"), seed: 0, tsne_points: 100 };
-        let summary = evaluate(&dataset, ModelSource::Loaded(Box::new(detector)), &runtime, &options).unwrap();
+        let Evaluation { summary, report } = evaluate(&dataset, ModelSource::Loaded(Box::new(detector)), &runtime, &options).unwrap();
+        anomaly_fs::ReportWriter::start(&options.report).unwrap().finish(&report).unwrap();
 
         let test = test_samples(&dataset).unwrap();
         assert_eq!((summary.n_train, summary.n_test), (3, test.len()));

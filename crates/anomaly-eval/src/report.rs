@@ -4,15 +4,15 @@ use std::collections::BTreeMap;
 
 use anomaly_data::{Label, Sample};
 use anomaly_detector::ScoreStats;
-use anomaly_fs::write_atomic;
+use anomaly_fs::ReportContent;
 use anomaly_report::{MetricsError, PointGroup, RocPlot, TsneConfig};
 use anyhow::Result;
 use serde_json::json;
 
 use crate::{EvalOptions, EvalSummary, Stopwatch};
 
-/// Every file a report folder may hold, in the order the closing message lists them.
-pub(crate) const REPORT_FILES: [&str; 7] =
+/// Every file a report may hold, in the order the closing message lists them.
+const REPORT_FILES: [&str; 7] =
     ["metrics.json", "scores.csv", "roc.png", "confusion.png", "tsne.png", "reconstructions.png", "model.safetensors"];
 
 /// A method's scores of a dataset's test images and what the report needs to say about them.
@@ -48,9 +48,15 @@ pub fn per_defect(test: &[&Sample], scores: &[f64], threshold: f64) -> BTreeMap<
     groups
 }
 
-/// Computes the metrics of an outcome and writes metrics.json, scores.csv, roc.png, confusion.png and
-/// tsne.png into the report folder.
-pub fn write_report(dataset: &str, outcome: Outcome, options: &EvalOptions, mut clock: Stopwatch) -> Result<EvalSummary> {
+/// Computes the metrics of an outcome and adds metrics.json, scores.csv, roc.png, confusion.png and
+/// tsne.png to the report (which may hold the model and reconstructions already).
+pub fn build_report(
+    dataset: &str,
+    outcome: Outcome,
+    options: &EvalOptions,
+    mut clock: Stopwatch,
+    report: &mut ReportContent,
+) -> Result<EvalSummary> {
     let Outcome { test, scores, threshold, .. } = &outcome;
     let threshold = *threshold;
     let labels: Vec<bool> = test.iter().map(|s| s.label == Label::Defective).collect();
@@ -66,23 +72,19 @@ pub fn write_report(dataset: &str, outcome: Outcome, options: &EvalOptions, mut 
     let with_masks = test.iter().filter(|s| s.label == Label::Defective && s.mask.is_some()).count();
     clock.lap("metrics");
 
-    let report = &options.report;
     let title = &outcome.title;
-    write_atomic(&report.join("scores.csv"), scores_csv(test, scores, threshold).as_bytes())?;
+    report.add("scores.csv", scores_csv(test, scores, threshold));
     if let Some(auroc) = auroc {
         let roc = anomaly_report::roc_curve(scores, &labels)?;
         let operating_point = (confusion.fp as f64 / (confusion.fp + confusion.tn).max(1) as f64, confusion.recall());
         let png = anomaly_report::roc_png(&RocPlot { title: &format!("ROC: {title}"), roc: &roc, auroc, threshold, operating_point })?;
-        write_atomic(&report.join("roc.png"), &png)?;
+        report.add("roc.png", png);
     }
-    write_atomic(
-        &report.join("confusion.png"),
-        &anomaly_report::confusion_png(&format!("Confusion matrix: {dataset}"), &confusion, threshold)?,
-    )?;
+    report.add("confusion.png", anomaly_report::confusion_png(&format!("Confusion matrix: {dataset}"), &confusion, threshold)?);
     clock.lap("plots");
 
     let groups_tsne = tsne_groups(outcome.embedding_width, outcome.train_embedding, outcome.test_embedding, test, options);
-    write_atomic(&report.join("tsne.png"), &anomaly_report::tsne_png(&format!("{}: {title}", outcome.tsne_title), &groups_tsne)?)?;
+    report.add("tsne.png", anomaly_report::tsne_png(&format!("{}: {title}", outcome.tsne_title), &groups_tsne)?);
     clock.lap("tsne");
 
     let timings = clock.seconds();
@@ -115,12 +117,12 @@ pub fn write_report(dataset: &str, outcome: Outcome, options: &EvalOptions, mut 
     if let Some(note) = &auroc_note {
         metrics["image_auroc_note"] = json!(note);
     }
-    write_atomic(&report.join("metrics.json"), serde_json::to_string_pretty(&metrics)?.as_bytes())?;
+    report.add("metrics.json", serde_json::to_string_pretty(&metrics)?);
     if let Some(note) = auroc_note {
-        eprintln!("note: {dataset}: {note}");
+        note!("note: {dataset}: {note}");
     }
     if with_masks < defective {
-        eprintln!(
+        note!(
             "note: {dataset}: {} of {defective} defective test images have no mask (masks are not needed for image scores)",
             defective - with_masks
         );
@@ -135,7 +137,8 @@ pub fn write_report(dataset: &str, outcome: Outcome, options: &EvalOptions, mut 
         n_train: outcome.train_scores.count,
         n_test: test.len(),
         timings_s: timings,
-        report: report.clone(),
+        report: options.report.clone(),
+        files: REPORT_FILES.iter().filter(|f| report.contains(f)).map(|f| f.to_string()).collect(),
     })
 }
 

@@ -1,13 +1,20 @@
 //! Writing files and folders whole or not at all, so that a crash, a full disk or a second process never
 //! leaves a reader with half a model, half a weights file or half a dataset: everything is written under a
 //! temporary name in the same folder, flushed to the disk, then renamed into place (a rename within one
-//! file system is atomic).
+//! file system is atomic). Report folders are built the same way as a whole, by one run at a time
+//! ([`ReportWriter`]).
+
+mod lock;
+mod report;
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use tempfile::{NamedTempFile, TempDir};
+
+pub use lock::OutputLock;
+pub use report::{OutputError, REPORT_MARKER, ReportContent, ReportWriter, check_file_output};
 
 /// A file or folder that could not be written, named, with what was being done to it.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +33,19 @@ impl FsError {
     pub fn new(path: impl Into<PathBuf>, action: &'static str, source: io::Error) -> Self {
         Self { path: path.into(), action, source }
     }
+}
+
+/// Reads a regular file whole: a folder, a FIFO or a device (`--model /dev/zero`) is refused instead of
+/// blocking or filling memory.
+pub fn read_regular_file(path: &Path) -> Result<Vec<u8>, FsError> {
+    let mut file = File::open(path).map_err(|e| FsError::new(path, "reading", e))?;
+    let metadata = file.metadata().map_err(|e| FsError::new(path, "reading", e))?;
+    if !metadata.is_file() {
+        return Err(FsError::new(path, "reading", io::Error::new(io::ErrorKind::InvalidInput, "not a regular file")));
+    }
+    let mut bytes = Vec::with_capacity(metadata.len() as usize);
+    io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| FsError::new(path, "reading", e))?;
+    Ok(bytes)
 }
 
 /// Writes `bytes` to `path` atomically: readers see the old content or the new, never a mixture, and the
@@ -53,26 +73,54 @@ pub fn write_atomic_with<T, E: From<FsError>>(path: &Path, write: impl FnOnce(&m
 }
 
 /// An empty folder beside `target` (so on the same file system) to build a folder's new content in before
-/// [`replace_dir`] puts it in place; removed when dropped, so a failed build leaves nothing behind.
+/// [`replace_dir`] puts it in place; removed when dropped, so a failed build leaves nothing behind. It is
+/// named `.NAME.staging-XXXXXX` and readable by others (mode 0755 on Unix), as the folder it becomes.
 pub fn staging_dir(target: &Path) -> Result<TempDir, FsError> {
     let folder = parent(target);
     fs::create_dir_all(folder).map_err(|e| FsError::new(folder, "creating the folder", e))?;
-    tempfile::Builder::new()
-        .prefix(&temp_prefix(target))
+    let staging = tempfile::Builder::new()
+        .prefix(&leftover_prefix(target, STAGING))
         .tempdir_in(folder)
-        .map_err(|e| FsError::new(folder, "creating a staging folder", e))
+        .map_err(|e| FsError::new(folder, "creating a staging folder", e))?;
+    set_folder_readable(staging.path()).map_err(|e| FsError::new(staging.path(), "setting its permissions", e))?;
+    Ok(staging)
 }
 
-/// Puts the folder built in `staging` at `target`, flushed to disk, replacing any folder there. The old
-/// folder is moved aside, not deleted, until the new one is in place, and moved back if that fails; only
-/// then is it removed. A crash in between leaves the old content beside `target` under a `.NAME.*` name.
+/// Puts the folder built in `staging` at `target`, flushed to disk, replacing any folder there. On Linux an
+/// existing folder is swapped with the new one in one step (`renameat2(RENAME_EXCHANGE)`), so that
+/// `target` always names a whole folder, and the old content, now at the staging name, is removed.
+/// Elsewhere (or on a file system without the swap) the old folder is moved aside, not deleted, until the
+/// new one is in place, and moved back if that fails; only then is it removed. A crash in between leaves
+/// the old content beside `target` under a hidden `.NAME.staging-*` or `.NAME.old-*` name, which
+/// [`ReportWriter::start`] removes for reports.
 pub fn replace_dir(staging: TempDir, target: &Path) -> Result<(), FsError> {
     sync_tree(staging.path())?;
+    let folder = parent(target);
+    if fs::symlink_metadata(target).is_ok_and(|old| old.is_dir()) {
+        match exchange(staging.path(), target) {
+            Ok(()) => {
+                sync_folder(folder).map_err(|e| FsError::new(folder, "flushing to disk", e))?;
+                // The staging name now holds the old content.
+                let old = staging.keep();
+                return fs::remove_dir_all(&old).map_err(|e| FsError::new(&old, "removing the old content", e));
+            }
+            // Dropping `staging` removes the new content.
+            Err(e) if !swap_unsupported(&e) => return Err(FsError::new(target, "swapping the new content into place", e)),
+            // The file system cannot swap: move the old folder aside instead.
+            Err(_) => {}
+        }
+    }
+    move_aside_and_replace(staging, target)
+}
+
+/// [`replace_dir`] without the swap: the old content moved aside, the new renamed into place, the old
+/// removed.
+fn move_aside_and_replace(staging: TempDir, target: &Path) -> Result<(), FsError> {
     let folder = parent(target);
     let aside = match fs::symlink_metadata(target) {
         Ok(old) => {
             let aside = tempfile::Builder::new()
-                .prefix(&temp_prefix(target))
+                .prefix(&leftover_prefix(target, OLD))
                 .tempdir_in(folder)
                 .map_err(|e| FsError::new(folder, "creating a place for the old content", e))?
                 .keep();
@@ -114,6 +162,43 @@ fn temp_prefix(path: &Path) -> String {
     format!(".{}.", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default())
 }
 
+/// What a staging folder's name says after `.NAME.`.
+const STAGING: &str = "staging-";
+/// What the name of old content moved aside says after `.NAME.`.
+const OLD: &str = "old-";
+
+/// `.NAME.staging-` or `.NAME.old-`: the names a folder replacement leaves when it is interrupted, each
+/// followed by tempfile's six random letters and digits.
+fn leftover_prefix(target: &Path, kind: &str) -> String {
+    format!("{}{kind}", temp_prefix(target))
+}
+
+/// Swaps two paths in one step.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let a = CString::new(a.as_os_str().as_bytes())?;
+    let b = CString::new(b.as_os_str().as_bytes())?;
+    // SAFETY: both are valid NUL-terminated paths that live across the call; renameat2 reads nothing else.
+    let status = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+    if status == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_a: &Path, _b: &Path) -> io::Result<()> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
+/// Whether a failed swap means the kernel or file system cannot swap (rather than a real failure).
+fn swap_unsupported(error: &io::Error) -> bool {
+    #[cfg(target_os = "linux")]
+    if matches!(error.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)) {
+        return true;
+    }
+    error.kind() == io::ErrorKind::Unsupported
+}
+
 /// Mode 0644 on Unix: a temporary file starts at 0600, but results are meant to be read by others.
 #[cfg(unix)]
 fn set_readable(file: &File) -> io::Result<()> {
@@ -123,6 +208,18 @@ fn set_readable(file: &File) -> io::Result<()> {
 
 #[cfg(not(unix))]
 fn set_readable(_file: &File) -> io::Result<()> {
+    Ok(())
+}
+
+/// Mode 0755 on Unix: a temporary folder starts at 0700.
+#[cfg(unix)]
+fn set_folder_readable(folder: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(folder, fs::Permissions::from_mode(0o755))
+}
+
+#[cfg(not(unix))]
+fn set_folder_readable(_folder: &Path) -> io::Result<()> {
     Ok(())
 }
 
