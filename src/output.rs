@@ -19,6 +19,12 @@ pub fn write_stdout(text: &str) -> anyhow::Result<()> {
     })
 }
 
+/// A path as one line of text: lossy where it is not UTF-8, control characters (a newline in a file name
+/// would split a verdict line) escaped as Rust writes them (`\n`, `\u{1b}`).
+pub fn one_line_path(path: &std::path::Path) -> String {
+    path.to_string_lossy().chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
 /// Writes one line to standard output (a result): `Err(StdoutClosed)` when the reader has gone.
 macro_rules! outln {
     () => {

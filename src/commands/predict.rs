@@ -5,7 +5,7 @@ use anomaly_method::image_progress;
 use anyhow::Result;
 
 use crate::args::RunArgs;
-use crate::output::{StdoutClosed, note, out};
+use crate::output::{StdoutClosed, note, one_line_path, out};
 
 /// `anomaly predict`.
 #[derive(clap::Args)]
@@ -86,7 +86,7 @@ impl Printer {
                 }
                 lines.push_str(&line.to_string());
             } else {
-                lines.push_str(&format!("{score:>10.4}  {:<9}  {}", if anomalous { "anomalous" } else { "good" }, path.display()));
+                lines.push_str(&format!("{score:>10.4}  {:<9}  {}", if anomalous { "anomalous" } else { "good" }, one_line_path(path)));
             }
             lines.push('\n');
         }

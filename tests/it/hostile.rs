@@ -104,19 +104,29 @@ fn names_that_are_not_utf8_are_printed_lossily_and_kept_exactly_in_json() {
     let dir = tempfile::tempdir().unwrap();
     let name = std::ffi::OsStr::from_bytes(b"part\xff\xfe.png");
     write_png(&dir.path().join(name), 3);
+    write_png(&dir.path().join("two\nlines.png"), 4);
     let (model, weights) = (model(), weights_dir());
     let mut args = predict_args(&model, &weights);
     args.extend(["--json", dir.path().to_str().unwrap()]);
     let output = anomaly(&args);
     assert!(output.status.success(), "{}", stderr(&output));
-    let line: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0]["path"].as_str().unwrap().ends_with("part\u{FFFD}\u{FFFD}.png")
+            || lines[1]["path"].as_str().unwrap().ends_with("two\nlines.png")
+    );
+    let line = lines.iter().find(|line| line.get("path_bytes").is_some()).unwrap();
     assert!(line["path"].as_str().unwrap().ends_with("part\u{FFFD}\u{FFFD}.png"), "{line}");
     let bytes: Vec<u8> = line["path_bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect();
     assert_eq!(bytes, dir.path().join(name).as_os_str().as_bytes());
     args.retain(|a| *a != "--json");
     let output = anomaly(&args);
     assert!(output.status.success(), "{}", stderr(&output));
-    assert!(String::from_utf8_lossy(&output.stdout).contains("part\u{FFFD}\u{FFFD}.png"));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(text.lines().count(), 2, "a newline in a name does not split its verdict line: {text}");
+    assert!(text.contains("part\u{FFFD}\u{FFFD}.png") && text.contains("two\\nlines.png"), "{text}");
 }
 
 #[test]
