@@ -113,10 +113,7 @@ fn names_that_are_not_utf8_are_printed_lossily_and_kept_exactly_in_json() {
     let stdout = String::from_utf8(output.stdout).unwrap();
     let lines: Vec<serde_json::Value> = stdout.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
     assert_eq!(lines.len(), 2, "{stdout}");
-    assert!(
-        lines[0]["path"].as_str().unwrap().ends_with("part\u{FFFD}\u{FFFD}.png")
-            || lines[1]["path"].as_str().unwrap().ends_with("two\nlines.png")
-    );
+    assert!(lines.iter().any(|line| line["path"].as_str().unwrap().ends_with("/two\nlines.png")), "{stdout}");
     let line = lines.iter().find(|line| line.get("path_bytes").is_some()).unwrap();
     assert!(line["path"].as_str().unwrap().ends_with("part\u{FFFD}\u{FFFD}.png"), "{line}");
     let bytes: Vec<u8> = line["path_bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect();
