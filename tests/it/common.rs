@@ -113,3 +113,20 @@ impl Rng {
         (0..count).map(|_| mean + scale * self.normal()).collect()
     }
 }
+
+/// The bytes of a memory-bank model file as `fit` writes them: 12 images' worth of EfficientNet-Lite0-wide
+/// features (deterministic), k 3, 50 columns; no backbone is run.
+pub fn bank_model_bytes() -> Vec<u8> {
+    use anomaly_detector::{Compute, DetectorConfig, FeatureSource, MemoryBank, Model};
+    let dim = anomaly_backbone::BackboneName::EfficientNetLite0.feature_dim();
+    let features: Vec<f32> = (0..12 * dim).map(|i| ((i * 7919) % 1013) as f32 / 1013.0).collect();
+    let bank = MemoryBank::fit(&features, dim, DetectorConfig { k: 3, features: 50 }, &Compute::Cpu).unwrap();
+    let source = FeatureSource {
+        backbone: "efficientnet-lite0".into(),
+        weights_file: "efficientnet-lite0.pth".into(),
+        weights_sha256: "ab".repeat(32),
+        preprocess: anomaly_backbone::BackboneName::EfficientNetLite0.preprocess(),
+        dataset: "unit".into(),
+    };
+    Model::new(bank, source).to_bytes()
+}

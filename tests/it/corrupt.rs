@@ -6,10 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use anomaly_backbone::{Backbone, ResNetConfig, load_weights};
-use anomaly_detector::{Compute, DetectorConfig, FeatureSource, MemoryBank, Model};
 use burn::tensor::Device;
 
-use crate::common::fixture;
+use crate::common::{bank_model_bytes, fixture};
 
 fn anomaly(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_anomaly")).args(args).output().expect("the anomaly binary runs")
@@ -17,17 +16,7 @@ fn anomaly(args: &[&str]) -> Output {
 
 /// A memory bank fitted on 12 images' worth of EfficientNet-Lite0-wide features, as `fit` would write it.
 fn bank_model(path: &Path) {
-    let dim = anomaly_backbone::BackboneName::EfficientNetLite0.feature_dim();
-    let features: Vec<f32> = (0..12 * dim).map(|i| ((i * 7919) % 1013) as f32 / 1013.0).collect();
-    let bank = MemoryBank::fit(&features, dim, DetectorConfig { k: 3, features: 50 }, &Compute::Cpu).unwrap();
-    let source = FeatureSource {
-        backbone: "efficientnet-lite0".into(),
-        weights_file: "efficientnet-lite0.pth".into(),
-        weights_sha256: "ab".repeat(32),
-        preprocess: anomaly_backbone::BackboneName::EfficientNetLite0.preprocess(),
-        dataset: "unit".into(),
-    };
-    std::fs::write(path, Model::new(bank, source).to_bytes()).unwrap();
+    std::fs::write(path, bank_model_bytes()).unwrap();
 }
 
 /// Sets the `index`th f32 value of a tensor of a safetensors file, in place.
@@ -77,6 +66,14 @@ fn a_memory_bank_with_a_nan_or_inf_cell_is_refused_by_predict_naming_file_and_te
     }
 }
 
+/// `fit --method autoencoder` of a small network (32 px, latent 8) on the CPU, with `extra` options.
+fn fit_autoencoder(data: &Path, model: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["fit", "--method", "autoencoder", "--data", data.to_str().unwrap(), "--model", model.to_str().unwrap()];
+    args.extend(["--image-size", "32", "--latent", "8", "--device", "cpu"]);
+    args.extend(extra);
+    anomaly(&args)
+}
+
 #[test]
 fn an_autoencoder_with_a_nan_weight_is_refused_by_predict_and_eval() {
     let dir = tempfile::tempdir().unwrap();
@@ -84,25 +81,7 @@ fn an_autoencoder_with_a_nan_weight_is_refused_by_predict_and_eval() {
     let config = anomaly_data::SyntheticConfig { seed: 4, size: 48, train: 4, test_good: 1, per_defect: 1 };
     anomaly_data::write_synthetic_dataset(&data, &config).unwrap();
     let model = dir.path().join("ae.safetensors");
-    let fit = anomaly(&[
-        "fit",
-        "--method",
-        "autoencoder",
-        "--data",
-        data.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "--image-size",
-        "32",
-        "--latent",
-        "8",
-        "--epochs",
-        "1",
-        "--train-batch-size",
-        "4",
-        "--device",
-        "cpu",
-    ]);
+    let fit = fit_autoencoder(&data, &model, &["--epochs", "1", "--train-batch-size", "4"]);
     assert!(fit.status.success(), "{}", String::from_utf8_lossy(&fit.stderr));
     set_value(&model, "to_latent.weight", 9, f32::NAN);
     let image = anomaly_data::collect_images(&data.join("test")).unwrap().files.remove(0);
@@ -127,27 +106,7 @@ fn an_autoencoder_with_a_nan_weight_is_refused_by_predict_and_eval() {
     // A training that diverges (an absurd learning rate) leaves NaN or ±Inf weights: the fit says so and
     // writes no model.
     let diverged = dir.path().join("diverged.safetensors");
-    let fit = anomaly(&[
-        "fit",
-        "--method",
-        "autoencoder",
-        "--data",
-        data.to_str().unwrap(),
-        "--model",
-        diverged.to_str().unwrap(),
-        "--image-size",
-        "32",
-        "--latent",
-        "8",
-        "--epochs",
-        "2",
-        "--train-batch-size",
-        "2",
-        "--learning-rate",
-        "1e30",
-        "--device",
-        "cpu",
-    ]);
+    let fit = fit_autoencoder(&data, &diverged, &["--epochs", "2", "--train-batch-size", "2", "--learning-rate", "1e30"]);
     let stderr = String::from_utf8_lossy(&fit.stderr);
     assert_eq!(fit.status.code(), Some(1), "{stderr}");
     let line = stderr.lines().find(|l| l.starts_with("error: ")).unwrap_or_default();

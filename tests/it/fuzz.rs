@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anomaly_data::{Dataset, ImageLimits, collect_images, load_mask, load_rgb8, stored_color};
 
-use crate::common::{Rng, fixture};
+use crate::common::{Rng, bank_model_bytes, fixture};
 
 /// Cases per target and the seed, from the environment or the defaults.
 fn budget(default_cases: usize) -> (usize, u64) {
@@ -295,22 +295,11 @@ fn fuzz_folder_walks_over_random_trees_with_links() {
 /// Real model files of every method: the seeds of the model-file fuzzer.
 fn model_seeds() -> Vec<Vec<u8>> {
     use anomaly_autoencoder::{AutoencoderModel, ConvAutoencoderConfig, TrainConfig, Trained, seeded_network};
-    use anomaly_detector::{Compute, DetectorConfig, FeatureSource, MemoryBank, Model};
-    let dim = anomaly_backbone::BackboneName::EfficientNetLite0.feature_dim();
-    let features: Vec<f32> = (0..10 * dim).map(|i| ((i * 7919) % 1013) as f32 / 1013.0).collect();
-    let bank = MemoryBank::fit(&features, dim, DetectorConfig { k: 3, features: 40 }, &Compute::Cpu).unwrap();
-    let source = FeatureSource {
-        backbone: "efficientnet-lite0".into(),
-        weights_file: "efficientnet-lite0.pth".into(),
-        weights_sha256: "ab".repeat(32),
-        preprocess: anomaly_backbone::BackboneName::EfficientNetLite0.preprocess(),
-        dataset: "fuzz".into(),
-    };
     let config = ConvAutoencoderConfig::new().with_image_size(32).with_latent(8).with_channels(vec![4, 8]);
     let network = seeded_network(&config, &burn::tensor::Device::flex(), 1).unwrap();
     let trained = Trained { model: network, epoch_losses: vec![0.2, 0.1] };
     let autoencoder = AutoencoderModel::new(trained, config, TrainConfig::default(), &[0.1, 0.3], "fuzz").to_bytes().unwrap();
-    vec![Model::new(bank, source).to_bytes(), autoencoder]
+    vec![bank_model_bytes(), autoencoder]
 }
 
 /// Mutates a safetensors file where its structure is (the JSON header, half the time, keeping the length

@@ -255,8 +255,8 @@ fn sync_tree(root: &Path) -> Result<(), FsError> {
 mod tests {
     use super::*;
 
-    /// Names in `folder`, sorted.
-    fn listing(folder: &Path) -> Vec<String> {
+    /// Names in `folder`, hidden ones included, sorted.
+    pub(crate) fn listing(folder: &Path) -> Vec<String> {
         let mut names: Vec<String> = fs::read_dir(folder).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
         names

@@ -178,12 +178,7 @@ fn remove_leftovers(target: &Path) -> Result<(), FsError> {
 mod tests {
     use super::*;
 
-    /// Names in `folder`, hidden ones included, sorted.
-    fn listing(folder: &Path) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(folder).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-        names.sort();
-        names
-    }
+    use crate::tests::listing;
 
     fn content(files: &[(&str, &str)]) -> ReportContent {
         let mut content = ReportContent::default();
