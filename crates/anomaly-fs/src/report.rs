@@ -35,10 +35,10 @@ pub enum OutputError {
     )]
     NotAReport { path: PathBuf },
     /// A report was asked for at a path that does not name a folder of its own (`.`, `..`, `/`).
-    #[error("{}: name the report folder itself (e.g. {}/report), not . or .. or the root", path.display(), path.display())]
+    #[error("{}: name the report folder itself (e.g. {}), not . or .. or the root", path.display(), path.join("report").display())]
     Unnamed { path: PathBuf },
     /// A file was asked for where a folder is.
-    #[error("{}: is a folder; give the path of a file to write (e.g. {}/model.safetensors)", path.display(), path.display())]
+    #[error("{}: is a folder; give the path of a file to write (e.g. {})", path.display(), path.join("model.safetensors").display())]
     IsAFolder { path: PathBuf },
 }
 
