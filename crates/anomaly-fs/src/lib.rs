@@ -1,11 +1,14 @@
 //! Writing files and folders whole or not at all, so that a crash, a full disk or a second process never
 //! leaves a reader with half a model, half a weights file or half a dataset: everything is written under a
 //! temporary name in the same folder, flushed to the disk, then renamed into place (a rename within one
-//! file system is atomic). Report folders are built the same way as a whole, by one run at a time
+//! file system is atomic); on Linux the content is written into an unnamed file (`O_TMPFILE`) and named
+//! only once it is whole, so that even a kill leaves no temporary file behind. Report folders are built the same way as a whole, by one run at a time
 //! ([`ReportWriter`]).
 
 mod lock;
 mod report;
+#[cfg(target_os = "linux")]
+mod unnamed;
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -61,6 +64,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
 pub fn write_atomic_with<T, E: From<FsError>>(path: &Path, write: impl FnOnce(&mut File) -> Result<T, E>) -> Result<T, E> {
     let folder = parent(path);
     fs::create_dir_all(folder).map_err(|e| FsError::new(folder, "creating the folder", e))?;
+    #[cfg(target_os = "linux")]
+    if let Some(mut file) = unnamed::create_in(folder) {
+        let value = write(&mut file)?;
+        file.flush().and_then(|()| file.sync_all()).map_err(|e| FsError::new(path, "flushing to disk", e))?;
+        set_readable(&file).map_err(|e| FsError::new(path, "setting its permissions", e))?;
+        // Named only now that it is whole and on disk: a kill before this leaves nothing behind.
+        let named = tempfile::Builder::new()
+            .prefix(&temp_prefix(path))
+            .make_in(folder, |temp| unnamed::link(&file, temp))
+            .map_err(|e| FsError::new(folder, "naming the written file", e))?;
+        named.persist(path).map_err(|e| FsError::new(path, "renaming into place", e.error))?;
+        sync_folder(folder).map_err(|e| FsError::new(folder, "flushing to disk", e))?;
+        return Ok(value);
+    }
     let mut temp =
         NamedTempFile::with_prefix_in(temp_prefix(path), folder).map_err(|e| FsError::new(folder, "creating a temporary file", e))?;
     let value = write(temp.as_file_mut())?;
@@ -303,6 +320,21 @@ mod tests {
         assert_eq!(result.unwrap_err().action, "downloading");
         assert_eq!(fs::read(&path).unwrap(), b"old");
         assert_eq!(listing(dir.path()), ["weights.pth"]);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn while_content_is_written_the_folder_holds_no_new_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let seen = write_atomic_with(&path, |file| {
+            file.write_all(b"half").map_err(|e| FsError::new(&path, "writing", e))?;
+            Ok::<_, FsError>(listing(dir.path()))
+        })
+        .unwrap();
+        assert!(seen.is_empty(), "a kill here would leave {seen:?}");
+        assert_eq!(listing(dir.path()), ["model.safetensors"]);
+        assert_eq!(fs::read(&path).unwrap(), b"half");
     }
 
     #[test]
