@@ -473,8 +473,14 @@ fn eval_all_summarises_every_category() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("mvtec");
     synthetic(&root.join("carpet"), 1, 5);
+    // A category reached through a link is named by the link, as its report folder is.
+    synthetic(&dir.path().join("elsewhere"), 2, 5);
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(dir.path().join("elsewhere"), root.join("tile")).unwrap();
+    #[cfg(not(unix))]
     synthetic(&root.join("tile"), 2, 5);
     std::fs::create_dir_all(root.join("not-a-category")).unwrap();
+    std::fs::create_dir_all(root.join("half/test/crack")).unwrap();
     let report = dir.path().join("report");
     let weights = weights_dir();
     let output = anomaly(&[
@@ -501,6 +507,10 @@ fn eval_all_summarises_every_category() {
     let markdown = std::fs::read_to_string(report.join("summary.md")).unwrap();
     assert!(markdown.contains("| [carpet](carpet/metrics.json) |") && markdown.contains("**mean**"), "{markdown}");
     assert!(report.join("tile/roc.png").is_file());
+    assert!(markdown.contains("| [tile](tile/metrics.json) |"), "{markdown}");
+    let message = stderr(&output);
+    assert!(message.contains("note: skipped") && message.contains("half: an MVTec AD category without train/good"), "{message}");
+    assert!(!message.contains("not-a-category"), "a plain folder is not a category to mention: {message}");
 }
 
 #[test]

@@ -33,12 +33,20 @@ impl AllSummary {
 
 /// The MVTec AD categories under `root` (folders holding train/good), sorted.
 pub fn mvtec_categories(root: &Path) -> Result<Vec<PathBuf>> {
-    let mut categories: Vec<PathBuf> = std::fs::read_dir(root)
-        .with_context(|| format!("listing {}", root.display()))?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|path| path.join("train").join("good").is_dir())
-        .collect();
-    categories.sort();
+    let mut folders = Vec::new();
+    for entry in std::fs::read_dir(root).with_context(|| format!("listing {}", root.display()))? {
+        folders.push(entry.with_context(|| format!("listing {}", root.display()))?.path());
+    }
+    folders.sort();
+    let mut categories = Vec::new();
+    for folder in folders {
+        if folder.join("train").join("good").is_dir() {
+            categories.push(folder);
+        } else if ["train", "test", "ground_truth"].iter().any(|part| folder.join(part).is_dir()) {
+            // Part of the layout without its good training images: said, not passed over in silence.
+            note!("note: skipped {}: an MVTec AD category without train/good", folder.display());
+        }
+    }
     anyhow::ensure!(!categories.is_empty(), "{}: no MVTec AD categories found (folders holding train/good)", root.display());
     Ok(categories)
 }
@@ -59,7 +67,10 @@ impl AllSummary {
         for category in mvtec_categories(root)? {
             let name = category.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let category_options = EvalOptions { report: options.report.join(&name), ..options.clone() };
+            // The category is named by its folder under the root (the report subfolder's name), even
+            // when that folder is a link to one named otherwise.
             let result = Dataset::mvtec(&category)
+                .map(|dataset| Dataset { name: name.clone(), ..dataset })
                 .map_err(anyhow::Error::from)
                 .inspect(|dataset| crate::note_skipped(&dataset.skipped))
                 .and_then(|dataset| evaluate(&dataset, ModelSource::Fit { method, settings }, runtime, &category_options));
