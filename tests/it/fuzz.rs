@@ -183,7 +183,14 @@ fn image_case(rng: &mut Rng, folder: &Path) -> Result<Verdict, String> {
     if pixels > FUZZ_LIMITS || rgb.as_raw().len() as u64 != pixels * 3 {
         return Err(format!("decoded {}×{} past the limit or with a wrong buffer", rgb.width(), rgb.height()));
     }
-    for result in [load_mask(&path, &limits).map(|_| ()), stored_color(&path, &limits).map(|_| ())] {
+    // The network input too: an elongated image within the pixel limit must not blow up the resize.
+    let preprocessed = anomaly_data::Preprocess::imagenet().load(&path, &limits).map(|image| image.pixels.len());
+    if let Ok(values) = preprocessed
+        && values != 3 * 224 * 224
+    {
+        return Err(format!("{values} input values, not 3 × 224 × 224"));
+    }
+    for result in [load_mask(&path, &limits).map(|_| ()), stored_color(&path, &limits).map(|_| ()), preprocessed.map(|_| ())] {
         if let Err(error) = result {
             one_line(&error, &path)?;
         }

@@ -182,3 +182,23 @@ fn a_model_that_is_not_a_regular_file_is_refused_without_blocking() {
         assert_one_error_line(&anomaly(&args), &[&model.display().to_string(), "not a regular file"]);
     }
 }
+
+/// A gray PNG of `width × height` pixels, all 128 (it compresses to almost nothing).
+fn flat_png(path: &Path, width: u32, height: u32) {
+    image::GrayImage::from_pixel(width, height, image::Luma([128])).save(path).unwrap();
+}
+
+#[test]
+fn an_image_too_elongated_to_resize_is_refused_not_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wide, tall) = (dir.path().join("wide.png"), dir.path().join("tall.png"));
+    // 60 megapixels, under the limit, but 256 × 15 360 000 000 once its short side is resized.
+    flat_png(&wide, 60_000_000, 1);
+    flat_png(&tall, 1, 60_000_000);
+    let (model, weights) = (model(), weights_dir());
+    for (path, name) in [(&wide, "wide.png"), (&tall, "tall.png")] {
+        let mut args = predict_args(&model, &weights);
+        args.push(path.to_str().unwrap());
+        assert_one_error_line(&anomaly(&args), &[name, "60000000", "aspect ratio"]);
+    }
+}

@@ -20,6 +20,16 @@ pub enum DataError {
         path.display()
     )]
     TooLarge { path: PathBuf, width: u64, height: u64, max_pixels: u64 },
+    /// An image so elongated that resizing its shorter side to the network's input would make it larger
+    /// than the limit (the resize alone would exhaust memory).
+    #[error(
+        "{}: the image is {width}×{height} pixels; resizing its shorter side for the network makes it {}×{}, \
+         more than {max_pixels} pixels: crop it to a sensible aspect ratio first",
+        path.display(),
+        resized.0,
+        resized.1
+    )]
+    Elongated { path: PathBuf, width: u32, height: u32, resized: (u64, u64), max_pixels: u64 },
     /// A file larger than any image within the pixel limit could be; refused before it is read.
     #[error(
         "{}: {bytes} bytes is more than any image of at most {max_pixels} pixels needs; \
@@ -62,6 +72,17 @@ impl DataError {
     /// line breaks).
     pub(crate) fn decode(path: impl Into<PathBuf>, reason: impl AsRef<str>) -> Self {
         Self::Decode { path: path.into(), reason: reason.as_ref().split_whitespace().collect::<Vec<_>>().join(" ") }
+    }
+
+    /// The error, naming `path` where it was made without one (preprocessing a decoded image).
+    pub(crate) fn at(self, path: &std::path::Path) -> Self {
+        match self {
+            Self::Decode { reason, .. } => Self::Decode { path: path.into(), reason },
+            Self::Elongated { width, height, resized, max_pixels, .. } => {
+                Self::Elongated { path: path.into(), width, height, resized, max_pixels }
+            }
+            other => other,
+        }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

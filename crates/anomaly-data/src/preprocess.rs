@@ -1,10 +1,10 @@
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::resample::resize_crop_bilinear;
-use crate::{DataError, ImageLimits, load_rgb8};
+use crate::{DataError, ImageLimits, load_mask, load_rgb8};
 
 /// How an image becomes a network input, following torchvision's `Resize(resize)`, `CenterCrop(crop)`,
 /// `ToTensor()`, `Normalize(mean, std)` on PIL images, so that weights trained in PyTorch see the same pixels.
@@ -57,17 +57,20 @@ impl Preprocess {
     /// Decodes (within `limits`) and preprocesses one file.
     pub fn load(&self, path: &Path, limits: &ImageLimits) -> Result<PreprocessedImage, DataError> {
         let image = load_rgb8(path, limits)?;
-        self.apply(&image).map_err(|e| match e {
-            DataError::Decode { reason, .. } => DataError::Decode { path: path.into(), reason },
-            other => other,
-        })
+        self.apply(&image, limits).map_err(|e| e.at(path))
     }
 
-    /// Preprocesses a decoded RGB image.
-    pub fn apply(&self, image: &RgbImage) -> Result<PreprocessedImage, DataError> {
+    /// Decodes (within `limits`) a ground-truth mask and brings it into the input's geometry ([`Self::mask`]).
+    pub fn read_mask(&self, path: &Path, limits: &ImageLimits) -> Result<Vec<bool>, DataError> {
+        self.mask(&load_mask(path, limits)?, limits).map_err(|e| e.at(path))
+    }
+
+    /// Preprocesses a decoded RGB image; an image so elongated that resizing it would cost more than
+    /// `limits` allow is refused.
+    pub fn apply(&self, image: &RgbImage, limits: &ImageLimits) -> Result<PreprocessedImage, DataError> {
         self.validate()?;
         let (width, height) = image.dimensions();
-        let (new_width, new_height) = resized_size(width, height, self.resize);
+        let (new_width, new_height) = self.resized_size(width, height, limits)?;
         let crop = self.crop as usize;
         // torchvision rounds the crop offset with Python's round(), which rounds halves to even.
         let top = ((new_height - self.crop) as f64 / 2.0).round_ties_even() as usize;
@@ -96,10 +99,10 @@ impl Preprocess {
     /// A ground-truth mask in the geometry of the network input: resized with nearest-neighbour sampling
     /// (PIL's `NEAREST`, as torchvision resizes masks) and center-cropped like the image; `crop × crop`
     /// values, row-major, `true` where the part is defective.
-    pub fn mask(&self, mask: &GrayImage) -> Result<Vec<bool>, DataError> {
+    pub fn mask(&self, mask: &GrayImage, limits: &ImageLimits) -> Result<Vec<bool>, DataError> {
         self.validate()?;
         let (width, height) = mask.dimensions();
-        let (new_width, new_height) = resized_size(width, height, self.resize);
+        let (new_width, new_height) = self.resized_size(width, height, limits)?;
         let top = ((new_height - self.crop) as f64 / 2.0).round_ties_even() as u32;
         let left = ((new_width - self.crop) as f64 / 2.0).round_ties_even() as u32;
         // PIL samples the source pixel under the centre of each target pixel.
@@ -115,13 +118,20 @@ impl Preprocess {
     }
 }
 
-/// The size torchvision's `Resize(int)` gives: the shorter side becomes `short`, the longer one keeps the
-/// aspect ratio, truncated.
-fn resized_size(width: u32, height: u32, short: u32) -> (u32, u32) {
-    if width <= height {
-        (short, (short as u64 * height as u64 / width as u64) as u32)
-    } else {
-        ((short as u64 * width as u64 / height as u64) as u32, short)
+impl Preprocess {
+    /// The size torchvision's `Resize(int)` gives: the shorter side becomes `resize`, the longer one keeps
+    /// the aspect ratio, truncated. An image so elongated that the resized one would hold more pixels than
+    /// `limits` allow (or than 16 crops, whichever is more) is refused: its resize alone would exhaust
+    /// memory (a 60000000×1 PNG of 58 KB asked for 59 GB).
+    fn resized_size(&self, width: u32, height: u32, limits: &ImageLimits) -> Result<(u32, u32), DataError> {
+        let (width64, height64, short) = (u64::from(width), u64::from(height), u64::from(self.resize));
+        let (new_width, new_height) =
+            if width64 <= height64 { (short, short * height64 / width64.max(1)) } else { (short * width64 / height64.max(1), short) };
+        let most = limits.max_pixels().max(16 * u64::from(self.crop) * u64::from(self.crop));
+        match (u32::try_from(new_width), u32::try_from(new_height)) {
+            (Ok(w), Ok(h)) if new_width.saturating_mul(new_height) <= most => Ok((w, h)),
+            _ => Err(DataError::Elongated { path: PathBuf::new(), width, height, resized: (new_width, new_height), max_pixels: most }),
+        }
     }
 }
 
@@ -131,16 +141,21 @@ mod tests {
 
     #[test]
     fn resized_size_keeps_aspect_like_torchvision() {
-        assert_eq!(resized_size(900, 900, 256), (256, 256));
-        assert_eq!(resized_size(1024, 700, 256), (374, 256));
-        assert_eq!(resized_size(300, 401, 256), (256, 342));
+        let imagenet = Preprocess::imagenet();
+        let limits = ImageLimits::default();
+        assert_eq!(imagenet.resized_size(900, 900, &limits).unwrap(), (256, 256));
+        assert_eq!(imagenet.resized_size(1024, 700, &limits).unwrap(), (374, 256));
+        assert_eq!(imagenet.resized_size(300, 401, &limits).unwrap(), (256, 342));
+        // 256 × 15 360 000 000 pixels: refused before any resize is attempted.
+        let error = imagenet.resized_size(60_000_000, 1, &limits).unwrap_err();
+        assert!(matches!(error, DataError::Elongated { resized: (15_360_000_000, 256), .. }), "{error}");
     }
 
     #[test]
     fn constant_image_normalises_to_known_value() {
         let image = RgbImage::from_pixel(40, 30, image::Rgb([255, 0, 128]));
         let p = Preprocess { resize: 20, crop: 16, mean: [0.5; 3], std: [0.5; 3] };
-        let out = p.apply(&image).unwrap();
+        let out = p.apply(&image, &ImageLimits::default()).unwrap();
         assert_eq!(out.pixels.len(), 3 * 16 * 16);
         assert!((out.pixels[0] - 1.0).abs() < 1e-6);
         assert!((out.pixels[256] + 1.0).abs() < 1e-6);
@@ -152,7 +167,7 @@ mod tests {
         // A 100 × 50 mask, defective in its right half; resize 20 → 40 × 20, crop 20 from x = 10.
         let mask = GrayImage::from_fn(100, 50, |x, _| image::Luma([if x >= 50 { 255 } else { 0 }]));
         let p = Preprocess { resize: 20, crop: 20, ..Preprocess::imagenet() };
-        let out = p.mask(&mask).unwrap();
+        let out = p.mask(&mask, &ImageLimits::default()).unwrap();
         assert_eq!(out.len(), 400);
         let row: Vec<bool> = out[..20].to_vec();
         assert_eq!(row, (10..30).map(|x| x >= 20).collect::<Vec<_>>());

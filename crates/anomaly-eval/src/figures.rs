@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use anomaly_data::{ImageLimits, Label, Preprocess, Sample, load_mask};
+use anomaly_data::{ImageLimits, Label, Preprocess, Sample};
 use anomaly_method::ImageOutput;
 use anomaly_report::GridImage;
 use anyhow::Result;
@@ -45,7 +45,7 @@ pub(crate) fn pixel_auroc(
         anyhow::ensure!(map.len() == side * side, "an anomaly map of {} values is not {side}×{side}", map.len());
         let truth = match (&sample.mask, sample.label) {
             (_, Label::Good) => vec![false; side * side],
-            (Some(mask), Label::Defective) => preprocess.mask(&load_mask(mask, &limits)?)?,
+            (Some(mask), Label::Defective) => preprocess.read_mask(mask, &limits)?,
             (None, Label::Defective) => continue,
         };
         scores.extend(map.iter().map(|&e| e as f64));
@@ -76,7 +76,7 @@ pub(crate) fn reconstructions_png(
         let (Some(reconstruction), Some(map)) = (&output.reconstruction, &output.map) else { continue };
         let mask = match &sample.mask {
             Some(path) => {
-                let truth = preprocess.mask(&load_mask(path, &limits)?)?;
+                let truth = preprocess.read_mask(path, &limits)?;
                 Some(GrayImage::from_fn(side as u32, side as u32, |x, y| {
                     image::Luma([if truth[y as usize * side + x as usize] { 255 } else { 0 }])
                 }))
