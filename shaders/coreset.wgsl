@@ -10,11 +10,15 @@
 // f32 and a fused multiply-add rounds the sum exactly as a multiply then an add does: the distance depends
 // only on the order of the sum over dimensions, j = 0, 1, …, the order of the CPU paths.
 //
+// A chunk stores its points four at a time: `data[j * quads + q]` holds dimension j of points 4q … 4q + 3
+// (the chunk is padded to a multiple of 4 points), so each invocation sums four points side by side with
+// vec4 loads: wide reads on hardware GPUs and on llvmpipe alike, each lane still summing j = 0, 1, ….
+//
 // Arg-max order: the larger running minimum, ties to the lower index. It is a total order, so any
 // reduction tree finds the same point.
 
 struct Params {
-    // Points in this chunk.
+    // Points in this chunk (the last quad may be padding).
     rows: u32,
     // Global index of the chunk's first point.
     start: u32,
@@ -42,9 +46,9 @@ struct State {
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> data: array<f32>;          // this chunk, [dims][rows]
+@group(0) @binding(1) var<storage, read> data: array<vec4<f32>>;    // this chunk, [dims][quads]
 @group(0) @binding(2) var<storage, read_write> center: array<f32>;  // [dims]
-@group(0) @binding(3) var<storage, read_write> mins: array<f32>;    // this chunk, [rows]
+@group(0) @binding(3) var<storage, read_write> mins: array<vec4<f32>>;  // this chunk, [quads]
 @group(0) @binding(4) var<storage, read_write> partials: array<Best>;
 @group(0) @binding(5) var<storage, read_write> state: State;
 @group(0) @binding(6) var<storage, read_write> picks: array<u32>;
@@ -76,6 +80,10 @@ fn reduce_workgroup(lane: u32) {
     }
 }
 
+fn quads() -> u32 {
+    return (params.rows + 3u) / 4u;
+}
+
 @compute @workgroup_size(WG)
 fn fetch(@builtin(local_invocation_index) lane: u32) {
     let pick = state.pick;
@@ -83,29 +91,37 @@ fn fetch(@builtin(local_invocation_index) lane: u32) {
         return;
     }
     let row = pick - params.start;
+    let quads = quads();
     for (var j = lane; j < params.dims; j += WG) {
-        center[j] = data[j * params.rows + row];
+        center[j] = data[j * quads + row / 4u][row % 4u];
     }
     if (lane == 0u) {
-        mins[row] = PICKED;
+        mins[row / 4u][row % 4u] = PICKED;
     }
 }
 
 @compute @workgroup_size(WG)
 fn update(@builtin(global_invocation_id) id: vec3<u32>, @builtin(workgroup_id) group: vec3<u32>,
           @builtin(local_invocation_index) lane: u32) {
-    let row = id.x;
+    let q = id.x;
+    let quads = quads();
     var value = NONE;
     var index = NO_INDEX;
-    if (row < params.rows) {
-        var sum = 0.0;
+    if (q < quads) {
+        var sum = vec4<f32>(0.0);
         for (var j = 0u; j < params.dims; j++) {
-            let t = data[j * params.rows + row] - center[j];
+            let t = data[j * quads + q] - vec4<f32>(center[j]);
             sum = sum + t * t;
         }
-        value = min(mins[row], sum);
-        mins[row] = value;
-        index = params.start + row;
+        let m = min(mins[q], sum);
+        mins[q] = m;
+        // The quad's best, in index order: a later point wins only with a strictly larger minimum.
+        for (var c = 0u; c < 4u; c++) {
+            if (4u * q + c < params.rows && m[c] > value) {
+                value = m[c];
+                index = params.start + 4u * q + c;
+            }
+        }
     }
     best_value[lane] = value;
     best_index[lane] = index;

@@ -276,14 +276,19 @@ impl GpuKernels {
         if row_bytes > gpu.limits.max_binding_bytes {
             return Err(KernelError::RowTooLarge { cols: p, bytes: row_bytes, limit: gpu.limits.max_binding_bytes });
         }
-        let mut chunk_rows = ((gpu.limits.max_binding_bytes / row_bytes) as usize).min(gpu.limits.max_workgroups as usize * WG as usize);
+        // Chunks of whole quads (the shader's vec4 of 4 points), one invocation per quad.
+        let mut chunk_rows =
+            ((gpu.limits.max_binding_bytes / (4 * row_bytes)) as usize).min(gpu.limits.max_workgroups as usize * WG as usize) * 4;
         if let Some(rows) = chunking.chunk_rows {
             chunk_rows = chunk_rows.min(rows.max(1));
+        }
+        if chunk_rows == 0 {
+            return Err(KernelError::RowTooLarge { cols: p, bytes: 4 * row_bytes, limit: gpu.limits.max_binding_bytes });
         }
         let steps = chunking.steps_per_submission.clamp(1, space.picks - 1);
 
         let starts: Vec<usize> = (0..n).step_by(chunk_rows).collect();
-        let total_groups: usize = starts.iter().map(|&s| chunk_rows.min(n - s).div_ceil(WG as usize)).sum();
+        let total_groups: usize = starts.iter().map(|&s| chunk_rows.min(n - s).div_ceil(4).div_ceil(WG as usize)).sum();
         if total_groups as u64 * 8 > gpu.limits.max_binding_bytes {
             return Err(KernelError::Shape(format!("{total_groups} workgroup results exceed one binding")));
         }
@@ -299,9 +304,11 @@ impl GpuKernels {
         let mut partial_offset = 0;
         for &start in &starts {
             let rows = chunk_rows.min(n - start);
-            let mut columns = vec![0f32; rows * p];
-            columns.par_chunks_mut(rows).enumerate().for_each(|(j, column)| {
-                for (r, value) in column.iter_mut().enumerate() {
+            let padded = rows.next_multiple_of(4);
+            // Dimension-major, points padded with zeros to whole quads.
+            let mut columns = vec![0f32; padded * p];
+            columns.par_chunks_mut(padded).enumerate().for_each(|(j, column)| {
+                for (r, value) in column.iter_mut().enumerate().take(rows) {
                     *value = space.values[(start + r) * p + j];
                 }
             });
@@ -313,10 +320,10 @@ impl GpuKernels {
             drop(columns);
             let mins = gpu.device.create_buffer_init(&BufferInitDescriptor {
                 label: Some("coreset minima"),
-                contents: bytemuck::cast_slice(&vec![f32::MAX; rows]),
+                contents: bytemuck::cast_slice(&vec![f32::MAX; padded]),
                 usage: wgpu::BufferUsages::STORAGE,
             });
-            let groups = gpu.groups_1d(rows, WG)?.0;
+            let groups = gpu.groups_1d(padded / 4, WG)?.0;
             let params = gpu.uniform(&Params {
                 rows: rows as u32,
                 start: start as u32,
