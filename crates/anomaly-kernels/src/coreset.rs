@@ -44,7 +44,8 @@ pub const STEPS_PER_SUBMISSION: usize = 4096;
 /// How PatchCore's coreset is drawn.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CoresetSettings {
-    /// Share of the points kept, in (0, 1].
+    /// Share of the points kept, in (0, 1]: `ceil(ratio × N)` picks, at least 1; 1 keeps every point,
+    /// in pick order.
     pub ratio: f64,
     /// Dimensions of the random projection; 0 (or ≥ the feature width) keeps the features as they are.
     pub projection: usize,
@@ -116,7 +117,7 @@ impl Plan {
         }
         let mut rng = SplitMix64::new(settings.seed);
         let start = ((rng.next_u64() as u128 * rows as u128) >> 64) as usize;
-        let picks = ((settings.ratio * rows as f64).ceil() as usize).clamp(1, rows);
+        let picks = pick_count(settings.ratio, rows);
         let projected = settings.projection;
         if projected == 0 || projected >= dims {
             return Ok(Self { start, picks, dims, matrix: None });
@@ -131,6 +132,15 @@ impl Plan {
         matrix.truncate(dims * projected);
         Ok(Self { start, picks, dims: projected, matrix: Some(matrix) })
     }
+}
+
+/// `ceil(ratio × rows)`, at least 1, with a product within 1e-9 (relative) of a whole number taken as that
+/// number: 0.07 × 100 is 7.000000000000001 in f64, and must keep 7 points, not 8.
+pub(crate) fn pick_count(ratio: f64, rows: usize) -> usize {
+    let exact = ratio * rows as f64;
+    let nearest = exact.round();
+    let count = if (exact - nearest).abs() <= 1e-9 * nearest.max(1.0) { nearest } else { exact.ceil() };
+    (count as usize).clamp(1, rows)
 }
 
 /// The grid step of values whose largest magnitude is `max_abs` (1 for all zeros).
@@ -150,11 +160,15 @@ pub(crate) fn to_grid(value: f32, scale: f32) -> f32 {
 /// of picks: built once, so that timing a path or comparing paths selects from the very same bits.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CoresetSpace {
+    /// Points (N).
     pub rows: usize,
+    /// Dimensions after the projection (P).
     pub dims: usize,
     /// Row-major `rows × dims` integers in −2047 … 2047, as f32.
     pub values: Vec<f32>,
+    /// The seeded first pick.
     pub start: usize,
+    /// Points to pick, the start included (benchmarks lower it to time part of a run).
     pub picks: usize,
 }
 
@@ -410,6 +424,11 @@ mod tests {
         }
         assert_eq!(Plan::new(&features, 40, 10, &CoresetSettings { ratio: 1.0, ..settings }).unwrap().picks, 40);
         assert_eq!(Plan::new(&features, 40, 10, &CoresetSettings { ratio: 1e-9, ..settings }).unwrap().picks, 1);
+        assert_eq!((0.07 * 100.0f64).ceil(), 8.0, "the rounding pick_count guards against");
+        assert_eq!(pick_count(0.07, 100), 7);
+        assert_eq!(pick_count(0.071, 100), 8);
+        assert_eq!(pick_count(0.1, 1_000_001), 100_001);
+        assert_eq!(pick_count(0.01, 1_000_000), 10_000);
         for ratio in [0.0, -0.5, 1.0000001, f64::NAN, f64::INFINITY] {
             assert!(
                 matches!(Plan::new(&features, 40, 10, &CoresetSettings { ratio, ..settings }), Err(KernelError::InvalidRatio(_))),
