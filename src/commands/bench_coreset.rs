@@ -98,18 +98,17 @@ pub fn run(args: CoresetArgs) -> Result<()> {
                     projection_ms.push(start.elapsed().as_secs_f64() * 1e3);
                 }
                 let Some(mut space) = space else { continue };
-                let coreset = space.picks;
+                let coreset = space.picks();
                 if coreset < 2 {
                     note!("skipping n {n} ratio {ratio}: a coreset of one point has no greedy step to time");
                     continue;
                 }
-                space.picks = args.max_picks.map_or(coreset, |max| coreset.min(max));
-                let picks_timed = space.picks;
+                let picks_timed = args.max_picks.map_or(coreset, |max| coreset.min(max));
                 let reference_picks = args.reference_picks.min(coreset);
+                space.set_picks(reference_picks);
                 let mut reference_run = Vec::new();
-                let reference_s = median_s(args.repeats, || {
-                    reference_run = reference::greedy(&space.values, n, space.dims, space.start, reference_picks);
-                });
+                let reference_s = median_s(args.repeats, || reference_run = reference::greedy(&space));
+                space.set_picks(picks_timed);
                 let mut cpu_run = Vec::new();
                 let cpu_s = median_s(args.repeats, || cpu_run = fast::select(&space));
                 let mut wgpu_s = None;
@@ -126,7 +125,7 @@ pub fn run(args: CoresetArgs) -> Result<()> {
                 let row = Row {
                     patches: n,
                     dims: d,
-                    projected_dims: space.dims,
+                    projected_dims: space.dims(),
                     ratio,
                     coreset,
                     picks_timed,

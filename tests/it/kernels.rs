@@ -297,15 +297,15 @@ fn coreset_data(case: &CoresetCase, seed: u64) -> Vec<f32> {
 /// Checks picks against the greedy rule itself, in f64 on the grid points: distinct, starting at the
 /// space's start, as many as the ratio asks, and each the farthest remaining point (within rounding).
 fn check_greedy(case: &str, picks: &[u32], space: &CoresetSpace, ratio: f64) {
-    assert_eq!(picks.len(), ((ratio * space.rows as f64).ceil() as usize).max(1), "{case}: pick count");
-    assert_eq!(picks[0] as usize, space.start, "{case}: the first pick is the seeded start");
-    let mut seen = vec![false; space.rows];
-    let mut mins = vec![f64::INFINITY; space.rows];
+    assert_eq!(picks.len(), ((ratio * space.rows() as f64).ceil() as usize).max(1), "{case}: pick count");
+    assert_eq!(picks[0] as usize, space.start(), "{case}: the first pick is the seeded start");
+    let mut seen = vec![false; space.rows()];
+    let mut mins = vec![f64::INFINITY; space.rows()];
     for (step, &pick) in picks.iter().enumerate() {
         let pick = pick as usize;
-        assert!(pick < space.rows && !seen[pick], "{case}: pick {step} ({pick}) is out of range or repeated");
+        assert!(pick < space.rows() && !seen[pick], "{case}: pick {step} ({pick}) is out of range or repeated");
         if step > 0 {
-            let farthest = (0..space.rows).filter(|&i| !seen[i]).map(|i| mins[i]).fold(f64::NEG_INFINITY, f64::max);
+            let farthest = (0..space.rows()).filter(|&i| !seen[i]).map(|i| mins[i]).fold(f64::NEG_INFINITY, f64::max);
             assert!(mins[pick] >= farthest * (1.0 - 1e-6), "{case}: pick {step} ({pick}) at {} but a point lies at {farthest}", mins[pick]);
         }
         seen[pick] = true;
@@ -326,7 +326,7 @@ fn coreset_picks_are_equal_on_every_path() {
         let features = coreset_data(case, 100 + seed as u64);
         let settings = CoresetSettings { ratio: case.ratio, projection: case.projection, seed: seed as u64 * 7 + 1 };
         let space = CoresetSpace::new(&features, case.n, case.d, &settings).unwrap();
-        assert!(space.values.iter().all(|v| v.fract() == 0.0 && v.abs() <= anomaly_kernels::GRID_MAX), "{}: grid", case.name);
+        assert!(space.values().iter().all(|v| v.fract() == 0.0 && v.abs() <= anomaly_kernels::GRID_MAX), "{}: grid", case.name);
         let expected = reference::coreset(&features, case.n, case.d, &settings).unwrap();
         check_greedy(case.name, &expected, &space, case.ratio);
         assert_eq!(fast::coreset(&features, case.n, case.d, &settings).unwrap(), expected, "{}: fast CPU", case.name);

@@ -158,18 +158,14 @@ pub(crate) fn to_grid(value: f32, scale: f32) -> f32 {
 
 /// The points the greedy selection runs on (projected and on the grid), with the start and the number
 /// of picks: built once, so that timing a path or comparing paths selects from the very same bits.
+/// Its fields are private, so every path may rely on their consistency.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CoresetSpace {
-    /// Points (N).
-    pub rows: usize,
-    /// Dimensions after the projection (P).
-    pub dims: usize,
-    /// Row-major `rows × dims` integers in −2047 … 2047, as f32.
-    pub values: Vec<f32>,
-    /// The seeded first pick.
-    pub start: usize,
-    /// Points to pick, the start included (benchmarks lower it to time part of a run).
-    pub picks: usize,
+    rows: usize,
+    dims: usize,
+    values: Vec<f32>,
+    start: usize,
+    picks: usize,
 }
 
 impl CoresetSpace {
@@ -191,9 +187,40 @@ impl CoresetSpace {
         Ok(Self { rows, dims: p, values, start: plan.start, picks: plan.picks })
     }
 
-    /// Row `i`.
+    /// Row `i` (`i` < `rows()`).
     pub fn row(&self, i: usize) -> &[f32] {
         &self.values[i * self.dims..(i + 1) * self.dims]
+    }
+
+    /// Points (N).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Dimensions after the projection (P).
+    pub fn dims(&self) -> usize {
+        self.dims
+    }
+
+    /// Row-major `rows × dims` integers in −2047 … 2047, as f32.
+    pub fn values(&self) -> &[f32] {
+        &self.values
+    }
+
+    /// The seeded first pick.
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
+    /// Points to pick, the start included.
+    pub fn picks(&self) -> usize {
+        self.picks
+    }
+
+    /// Picks `picks` points instead (kept within 1 … N): a benchmark times part of a run with it; every
+    /// run's picks are a prefix of the whole coreset's.
+    pub fn set_picks(&mut self, picks: usize) {
+        self.picks = picks.clamp(1, self.rows);
     }
 }
 
@@ -276,12 +303,6 @@ impl GpuKernels {
     pub fn coreset_select(&self, space: &CoresetSpace, chunking: CoresetChunking) -> Result<Vec<u32>, KernelError> {
         let gpu = &self.gpu;
         let (n, p) = (space.rows, space.dims);
-        if n == 0 || p == 0 || space.values.len() != n * p || space.start >= n || space.picks == 0 || space.picks > n {
-            return Err(KernelError::Shape(format!(
-                "an inconsistent coreset space: {n} × {p}, start {}, {} picks",
-                space.start, space.picks
-            )));
-        }
         let mut picks = vec![space.start as u32];
         if space.picks == 1 {
             return Ok(picks);

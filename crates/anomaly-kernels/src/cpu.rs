@@ -90,13 +90,19 @@ pub mod reference {
         for y in &mut values {
             *y = coreset::to_grid(*y, scale);
         }
-        Ok(greedy(&values, rows, p, plan.start, plan.picks))
+        Ok(greedy_rows(&values, rows, p, plan.start, plan.picks))
+    }
+
+    /// The reference's greedy selection on a prepared space (for benchmarks: the reference's own
+    /// projection is `coreset`'s).
+    pub fn greedy(space: &CoresetSpace) -> Vec<u32> {
+        greedy_rows(space.values(), space.rows(), space.dims(), space.start(), space.picks())
     }
 
     /// The greedy selection on `rows × dims` grid points from `start`, until `picks` points are picked:
     /// running minima of squared distances summed over j = 0, 1, …; the largest minimum is picked, the
     /// first (lowest index) of equal ones.
-    pub fn greedy(values: &[f32], rows: usize, dims: usize, start: usize, picks: usize) -> Vec<u32> {
+    fn greedy_rows(values: &[f32], rows: usize, dims: usize, start: usize, picks: usize) -> Vec<u32> {
         let mut mins = vec![f32::MAX; rows];
         let mut picked = vec![start as u32];
         while picked.len() < picks {
@@ -280,7 +286,7 @@ pub mod fast {
     /// order, so the picks equal `reference::greedy`'s whatever the split.
     pub fn select(space: &CoresetSpace) -> Vec<u32> {
         const LANES: usize = CORESET_LANES;
-        let (n, p) = (space.rows, space.dims);
+        let (n, p) = (space.rows(), space.dims());
         let blocks = n.div_ceil(LANES);
         let mut blocked = vec![0f32; blocks * p * LANES];
         blocked.par_chunks_mut(p * LANES).enumerate().for_each(|(b, block)| {
@@ -292,9 +298,9 @@ pub mod fast {
         });
         // Padding lanes sit below every real minimum (picked points hold −1): never picked.
         let mut mins: Vec<f32> = (0..blocks * LANES).map(|i| if i < n { f32::MAX } else { f32::NEG_INFINITY }).collect();
-        let mut picked = vec![space.start as u32];
+        let mut picked = vec![space.start() as u32];
         let task = CORESET_TASK_BLOCKS * LANES;
-        while picked.len() < space.picks.min(n) {
+        while picked.len() < space.picks() {
             let last = *picked.last().unwrap_or(&0) as usize;
             mins[last] = -1.0;
             let center = space.row(last);
