@@ -19,6 +19,8 @@ pub enum Bench {
     Backbone(BackboneBenchArgs),
     /// Column statistics, pairwise distance and k-nearest-neighbour kernels over a sweep of sizes.
     Kernels(super::bench_kernels::KernelArgs),
+    /// Picks per second of PatchCore's greedy coreset: CPU reference, multithreaded CPU and wgpu.
+    Coreset(super::bench_coreset::CoresetArgs),
 }
 
 #[derive(clap::Args)]
@@ -43,6 +45,7 @@ pub fn run(bench: Bench) -> Result<()> {
     match bench {
         Bench::Backbone(args) => backbone(args),
         Bench::Kernels(args) => super::bench_kernels::run(args),
+        Bench::Coreset(args) => super::bench_coreset::run(args),
     }
 }
 

@@ -236,7 +236,7 @@ fn timed_result(mut work: impl FnMut() -> Result<(), anomaly_kernels::KernelErro
 }
 
 /// Uniform values in [-1, 1) from a seeded xorshift, fast enough for gigabyte banks.
-fn random(count: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn random(count: usize, seed: u64) -> Vec<f32> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..count)
         .map(|_| {

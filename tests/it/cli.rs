@@ -628,3 +628,36 @@ fn the_autoencoder_fits_evaluates_with_pixel_auroc_and_predicts() {
         assert!((prediction["score"].as_f64().unwrap() - reported).abs() < 1e-5, "{line} vs {prediction}");
     }
 }
+
+#[test]
+fn bench_coreset_prints_rates_of_paths_that_agree() {
+    let output = anomaly(&[
+        "bench",
+        "coreset",
+        "--patches",
+        "600",
+        "--dims",
+        "24",
+        "--ratio",
+        "0.05,1",
+        "--projection",
+        "8",
+        "--repeats",
+        "1",
+        "--json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let cases = report["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 2);
+    for case in cases {
+        assert_eq!(case["picks_agree"], true, "{case}");
+        assert_eq!(case["projected_dims"], 8);
+        assert!(case["wgpu_picks_s"].as_f64().unwrap() > 0.0 && case["cpu_picks_s"].as_f64().unwrap() > 0.0, "{case}");
+    }
+    assert_eq!((cases[0]["coreset"].as_u64(), cases[1]["coreset"].as_u64()), (Some(30), Some(600)));
+    for bad in [["--ratio", "0"], ["--ratio", "1.5"], ["--patches", "0"]] {
+        let output = anomaly(&["bench", "coreset", bad[0], bad[1]]);
+        assert!(!output.status.success() && stderr(&output).contains(bad[0]), "{bad:?}: {}", stderr(&output));
+    }
+}

@@ -2,7 +2,9 @@
 //! D = 1, k = 1 and k = N, exact ties, large magnitudes, and inputs split past a (lowered) binding limit.
 
 use anomaly_kernels::cpu::{fast, reference};
-use anomaly_kernels::{DistanceKernel, GpuKernels, KernelError, KernelLimits, Neighbours, top_columns};
+use anomaly_kernels::{
+    CoresetChunking, CoresetSettings, CoresetSpace, DistanceKernel, GpuKernels, KernelError, KernelLimits, Neighbours, top_columns,
+};
 
 use crate::common::{Rng, wgpu_device};
 
@@ -253,6 +255,131 @@ fn invalid_requests_are_refused() {
     let tiny = GpuKernels::shared().unwrap().with_limits(small_limits(&kernels, 64));
     let error = tiny.upload(&[0.0; 100], 1, 100).unwrap_err();
     assert!(matches!(error, KernelError::RowTooLarge { .. }) && error.to_string().contains("--device cpu"), "{error}");
+}
+
+struct CoresetCase {
+    name: &'static str,
+    n: usize,
+    d: usize,
+    projection: usize,
+    ratio: f64,
+    /// Values from a few integers (many exactly equal distances) instead of normals.
+    coarse: bool,
+    /// Rows in groups of three equal copies (exact ties, zero distances).
+    duplicates: bool,
+}
+
+const CORESET_CASES: [CoresetCase; 8] = [
+    CoresetCase { name: "projected", n: 1000, d: 64, projection: 16, ratio: 0.1, coarse: false, duplicates: false },
+    CoresetCase { name: "wide, projected to 128", n: 1500, d: 200, projection: 128, ratio: 0.03, coarse: false, duplicates: false },
+    CoresetCase { name: "no projection", n: 777, d: 20, projection: 0, ratio: 0.05, coarse: false, duplicates: true },
+    CoresetCase { name: "projection ≥ D, all points", n: 300, d: 5, projection: 128, ratio: 1.0, coarse: false, duplicates: true },
+    CoresetCase { name: "coarse values, ties", n: 900, d: 3, projection: 0, ratio: 0.5, coarse: true, duplicates: false },
+    CoresetCase { name: "coarse projected, all points", n: 257, d: 12, projection: 4, ratio: 1.0, coarse: true, duplicates: true },
+    CoresetCase { name: "d = 1", n: 400, d: 1, projection: 128, ratio: 0.2, coarse: false, duplicates: false },
+    CoresetCase { name: "one point", n: 1, d: 7, projection: 3, ratio: 1.0, coarse: false, duplicates: false },
+];
+
+fn coreset_data(case: &CoresetCase, seed: u64) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    let d = case.d;
+    let mut features: Vec<f32> =
+        if case.coarse { (0..case.n * d).map(|_| (rng.next_u64() % 3) as f32).collect() } else { rng.normals(case.n * d, 2.0, 3.0) };
+    if case.duplicates {
+        for row in 0..case.n {
+            let source = row / 3 * 3;
+            features.copy_within(source * d..(source + 1) * d, row * d);
+        }
+    }
+    features
+}
+
+/// Checks picks against the greedy rule itself, in f64 on the grid points: distinct, starting at the
+/// space's start, as many as the ratio asks, and each the farthest remaining point (within rounding).
+fn check_greedy(case: &str, picks: &[u32], space: &CoresetSpace, ratio: f64) {
+    assert_eq!(picks.len(), ((ratio * space.rows() as f64).ceil() as usize).max(1), "{case}: pick count");
+    assert_eq!(picks[0] as usize, space.start(), "{case}: the first pick is the seeded start");
+    let mut seen = vec![false; space.rows()];
+    let mut mins = vec![f64::INFINITY; space.rows()];
+    for (step, &pick) in picks.iter().enumerate() {
+        let pick = pick as usize;
+        assert!(pick < space.rows() && !seen[pick], "{case}: pick {step} ({pick}) is out of range or repeated");
+        if step > 0 {
+            let farthest = (0..space.rows()).filter(|&i| !seen[i]).map(|i| mins[i]).fold(f64::NEG_INFINITY, f64::max);
+            assert!(mins[pick] >= farthest * (1.0 - 1e-6), "{case}: pick {step} ({pick}) at {} but a point lies at {farthest}", mins[pick]);
+        }
+        seen[pick] = true;
+        let center = space.row(pick);
+        for (i, min) in mins.iter_mut().enumerate() {
+            let squared: f64 = space.row(i).iter().zip(center).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
+            *min = min.min(squared);
+        }
+    }
+}
+
+#[test]
+fn coreset_picks_are_equal_on_every_path() {
+    let kernels = kernels();
+    // 16 KiB bindings: the points split across several chunks whatever their width.
+    let small = GpuKernels::shared().unwrap().with_limits(small_limits(&kernels, 16 * 1024));
+    for (seed, case) in CORESET_CASES.iter().enumerate() {
+        let features = coreset_data(case, 100 + seed as u64);
+        let settings = CoresetSettings { ratio: case.ratio, projection: case.projection, seed: seed as u64 * 7 + 1 };
+        let space = CoresetSpace::new(&features, case.n, case.d, &settings).unwrap();
+        assert!(space.values().iter().all(|v| v.fract() == 0.0 && v.abs() <= anomaly_kernels::GRID_MAX), "{}: grid", case.name);
+        let expected = reference::coreset(&features, case.n, case.d, &settings).unwrap();
+        check_greedy(case.name, &expected, &space, case.ratio);
+        assert_eq!(fast::coreset(&features, case.n, case.d, &settings).unwrap(), expected, "{}: fast CPU", case.name);
+        assert_eq!(kernels.coreset(&features, case.n, case.d, &settings).unwrap(), expected, "{}: GPU", case.name);
+        // Forced chunks of 64 points (not a multiple of the workgroup) and 5 steps per submission.
+        let chunking = CoresetChunking { chunk_rows: Some(64), steps_per_submission: 5 };
+        assert_eq!(kernels.coreset_select(&space, chunking).unwrap(), expected, "{}: GPU, 64-point chunks", case.name);
+        assert_eq!(small.coreset_select(&space, CoresetChunking::default()).unwrap(), expected, "{}: GPU, 16 KiB bindings", case.name);
+        if case.ratio == 1.0 {
+            let mut all = expected.clone();
+            all.sort_unstable();
+            assert_eq!(all, (0..case.n as u32).collect::<Vec<_>>(), "{}: ratio 1 keeps every point", case.name);
+        }
+    }
+}
+
+#[test]
+fn coreset_seeds_change_the_picks_and_repeat_them() {
+    let case = &CORESET_CASES[0];
+    let features = coreset_data(case, 5);
+    let picks = |seed| fast::coreset(&features, case.n, case.d, &CoresetSettings { ratio: 0.05, projection: 16, seed }).unwrap();
+    assert_eq!(picks(1), picks(1));
+    assert_ne!(picks(1), picks(2));
+}
+
+#[test]
+fn invalid_coreset_requests_are_refused() {
+    let kernels = kernels();
+    let settings = CoresetSettings::default();
+    let features = vec![1.0f32; 30];
+    type Path<'a> = Box<dyn Fn(&[f32], usize, usize, &CoresetSettings) -> Result<Vec<u32>, KernelError> + 'a>;
+    let paths: [(&str, Path); 3] = [
+        ("reference", Box::new(reference::coreset)),
+        ("fast", Box::new(fast::coreset)),
+        ("gpu", Box::new(|f: &[f32], n, d, s: &CoresetSettings| kernels.coreset(f, n, d, s))),
+    ];
+    for (name, path) in &paths {
+        assert!(matches!(path(&[], 0, 3, &settings), Err(KernelError::Shape(_))), "{name}: empty bank");
+        assert!(matches!(path(&[], 10, 0, &settings), Err(KernelError::Shape(_))), "{name}: D = 0");
+        assert!(matches!(path(&features, 11, 3, &settings), Err(KernelError::Shape(_))), "{name}: wrong length");
+        for ratio in [0.0, 1.5, -1.0, f64::NAN] {
+            let error = path(&features, 10, 3, &CoresetSettings { ratio, ..settings }).unwrap_err();
+            assert!(matches!(error, KernelError::InvalidRatio(_)) && error.to_string().contains("ratio"), "{name}: ratio {ratio}");
+        }
+        let mut bad = features.clone();
+        bad[7] = f32::INFINITY;
+        assert!(matches!(path(&bad, 10, 3, &settings), Err(KernelError::NonFinite { row: 2, column: 1 })), "{name}: infinity");
+        // All points equal: every distance is 0 and the picks run in index order after the start.
+        let picks = path(&features, 10, 3, &CoresetSettings { ratio: 0.5, ..settings }).unwrap();
+        let start = picks[0];
+        let expected: Vec<u32> = std::iter::once(start).chain((0..10).filter(|&i| i != start).take(4)).collect();
+        assert_eq!(picks, expected, "{name}: equal points");
+    }
 }
 
 /// Not a check but a measurement, printed: what handing burn's backbone output to our kernels through

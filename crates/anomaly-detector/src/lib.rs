@@ -62,6 +62,7 @@ pub enum DetectorError {
 }
 
 /// Where the bank's kernels run.
+#[allow(clippy::large_enum_variant, reason = "one value per run, made once: boxing the GPU variant would save nothing")]
 pub enum Compute {
     /// Our WGSL kernels.
     Gpu(GpuKernels),

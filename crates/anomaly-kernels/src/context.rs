@@ -10,6 +10,7 @@ use bytemuck::Pod;
 use wgpu::util::{BufferInitDescriptor, DeviceExt};
 
 use crate::column_stats::ColumnStatsKernel;
+use crate::coreset::CoresetKernels;
 use crate::distance::{DistanceKernel, DistanceShaders};
 use crate::distance_broadcast::BroadcastShaders;
 use crate::gather_columns::GatherKernel;
@@ -32,6 +33,10 @@ pub enum KernelError {
     Device(#[from] anomaly_device::DeviceError),
     #[error("reading results back from the GPU failed: {0}")]
     Readback(String),
+    #[error("the coreset ratio {0} is out of range: it must be above 0 and at most 1")]
+    InvalidRatio(f64),
+    #[error("the features hold a value that is not a finite number (row {row}, column {column})")]
+    NonFinite { row: usize, column: usize },
 }
 
 /// The device limits the kernels split their work by; tests lower them to exercise chunking cheaply.
@@ -103,6 +108,7 @@ pub struct GpuKernels {
     pub(crate) distance: DistanceShaders,
     pub(crate) broadcast: BroadcastShaders,
     pub(crate) topk: TopKKernel,
+    pub(crate) coreset: CoresetKernels,
     pub(crate) distance_kernel: DistanceKernel,
 }
 
@@ -131,6 +137,7 @@ impl GpuKernels {
             distance: DistanceShaders::new(&device),
             broadcast: BroadcastShaders::new(&device),
             topk: TopKKernel::new(&device),
+            coreset: CoresetKernels::new(&device),
             distance_kernel: DistanceKernel::Tiled,
             gpu: Gpu { limits: KernelLimits::of(&device), timestamps, device, queue },
         }
@@ -245,6 +252,13 @@ impl Kernel {
         });
         Self { pipeline, layout }
     }
+
+    /// A bind group of whole `buffers` in order, for dispatches that reuse it (`Gpu::dispatch_bound`).
+    pub fn bind_group(&self, device: &wgpu::Device, buffers: &[&wgpu::Buffer]) -> wgpu::BindGroup {
+        let entries: Vec<wgpu::BindGroupEntry> =
+            buffers.iter().enumerate().map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() }).collect();
+        device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &self.layout, entries: &entries })
+    }
 }
 
 /// Compiles one of the WGSL files of the top-level `shaders/` folder.
@@ -320,6 +334,13 @@ impl Gpu {
             self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &kernel.layout, entries: &entries });
         pass.set_pipeline(&kernel.pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(groups.0, groups.1, 1);
+    }
+
+    /// Encodes one dispatch of `kernel` with a bind group built by its `bind_group`.
+    pub fn dispatch_bound(&self, pass: &mut wgpu::ComputePass, kernel: &Kernel, bind_group: &wgpu::BindGroup, groups: (u32, u32)) {
+        pass.set_pipeline(&kernel.pipeline);
+        pass.set_bind_group(0, bind_group, &[]);
         pass.dispatch_workgroups(groups.0, groups.1, 1);
     }
 

@@ -2,12 +2,16 @@
 //! (to keep the columns of highest std-dev) and the k nearest bank rows of every query. Each GPU kernel
 //! has a plain f64 CPU reference (for tests) and a fast multithreaded CPU path (for machines without a GPU).
 //!
+//! PatchCore's greedy coreset (`coreset`) selects the memory bank's points the same way on every path:
+//! the CPU reference, the multithreaded CPU path and the GPU pick the same points for the same seed.
+//!
 //! One module per shader file of the top-level `shaders/` folder holds that shader's host side (its
 //! typed `Params`, its pipelines, its dispatches); `context` holds what they share, and `knn` composes
 //! the distance and top-k kernels.
 
 mod column_stats;
 mod context;
+mod coreset;
 pub mod cpu;
 mod distance;
 mod distance_broadcast;
@@ -19,6 +23,7 @@ mod row_norms;
 mod topk;
 
 pub use context::{GpuKernels, GpuMatrix, KernelError, KernelLimits};
+pub use coreset::{CoresetChunking, CoresetSettings, CoresetSpace, GRID_MAX, STEPS_PER_SUBMISSION};
 pub use distance::DistanceKernel;
 pub use distance_broadcast::BROADCAST_MAX_D;
 

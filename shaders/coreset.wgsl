@@ -1,0 +1,154 @@
+// PatchCore's approximate greedy coreset: repeatedly pick the point farthest from the picked set.
+//
+// One step is three dispatches, all on the device: `fetch` (once per chunk; the chunk holding the last pick
+// copies its coordinates to `center` and marks it picked), `update` (once per chunk; every point's distance
+// to `center` lowers its running minimum, and each workgroup writes its arg-max), and `reduce` (one
+// workgroup: the global arg-max becomes the next pick, read by the next step's `fetch`). The host encodes
+// thousands of steps per submission and reads `picks` back once per submission.
+//
+// Points are integers on a 12-bit grid (|x| ≤ 2047, see coreset.rs), so every squared difference is exact in
+// f32 and a fused multiply-add rounds the sum exactly as a multiply then an add does: the distance depends
+// only on the order of the sum over dimensions, j = 0, 1, …, the order of the CPU paths.
+//
+// A chunk stores its points four at a time: `data[j * quads + q]` holds dimension j of points 4q … 4q + 3
+// (the chunk is padded to a multiple of 4 points), so each invocation sums four points side by side with
+// vec4 loads: wide reads on hardware GPUs and on llvmpipe alike, each lane still summing j = 0, 1, ….
+//
+// Arg-max order: the larger running minimum, ties to the lower index. It is a total order, so any
+// reduction tree finds the same point.
+
+struct Params {
+    // Points in this chunk (the last quad may be padding).
+    rows: u32,
+    // Global index of the chunk's first point.
+    start: u32,
+    dims: u32,
+    // This chunk's first slot in `partials`.
+    partial_offset: u32,
+    // Slots in `partials` over all chunks (read by `reduce`).
+    partials: u32,
+    // Length of `picks`: a step writes its pick at `count % block`.
+    block: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+struct Best {
+    value: f32,
+    index: u32,
+}
+
+struct State {
+    // The last pick (the first: the seeded start).
+    pick: u32,
+    // Steps run so far.
+    count: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> data: array<vec4<f32>>;    // this chunk, [dims][quads]
+@group(0) @binding(2) var<storage, read_write> center: array<f32>;  // [dims]
+@group(0) @binding(3) var<storage, read_write> mins: array<vec4<f32>>;  // this chunk, [quads]
+@group(0) @binding(4) var<storage, read_write> partials: array<Best>;
+@group(0) @binding(5) var<storage, read_write> state: State;
+@group(0) @binding(6) var<storage, read_write> picks: array<u32>;
+
+// Invocations per workgroup, a power of two: set by the host (coreset.rs).
+override WG: u32;
+// Running minimum of a picked point: below every distance, so it is never picked again.
+const PICKED: f32 = -1.0;
+// An empty slot: below `PICKED`.
+const NONE: f32 = -2.0;
+const NO_INDEX: u32 = 0xffffffffu;
+
+var<workgroup> best_value: array<f32, WG>;
+var<workgroup> best_index: array<u32, WG>;
+
+fn better(value_a: f32, index_a: u32, value_b: f32, index_b: u32) -> bool {
+    return value_a > value_b || (value_a == value_b && index_a < index_b);
+}
+
+// Leaves the workgroup's best (value, index) in slot 0.
+fn reduce_workgroup(lane: u32) {
+    workgroupBarrier();
+    for (var half = WG / 2u; half > 0u; half >>= 1u) {
+        if (lane < half && better(best_value[lane + half], best_index[lane + half], best_value[lane], best_index[lane])) {
+            best_value[lane] = best_value[lane + half];
+            best_index[lane] = best_index[lane + half];
+        }
+        workgroupBarrier();
+    }
+}
+
+fn quads() -> u32 {
+    return (params.rows + 3u) / 4u;
+}
+
+@compute @workgroup_size(WG)
+fn fetch(@builtin(local_invocation_index) lane: u32) {
+    let pick = state.pick;
+    if (pick < params.start || pick - params.start >= params.rows) {
+        return;
+    }
+    let row = pick - params.start;
+    let quads = quads();
+    for (var j = lane; j < params.dims; j += WG) {
+        center[j] = data[j * quads + row / 4u][row % 4u];
+    }
+    if (lane == 0u) {
+        mins[row / 4u][row % 4u] = PICKED;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn update(@builtin(global_invocation_id) id: vec3<u32>, @builtin(workgroup_id) group: vec3<u32>,
+          @builtin(local_invocation_index) lane: u32) {
+    let q = id.x;
+    let quads = quads();
+    var value = NONE;
+    var index = NO_INDEX;
+    if (q < quads) {
+        var sum = vec4<f32>(0.0);
+        for (var j = 0u; j < params.dims; j++) {
+            let t = data[j * quads + q] - vec4<f32>(center[j]);
+            sum = sum + t * t;
+        }
+        let m = min(mins[q], sum);
+        mins[q] = m;
+        // The quad's best, in index order: a later point wins only with a strictly larger minimum.
+        for (var c = 0u; c < 4u; c++) {
+            if (4u * q + c < params.rows && m[c] > value) {
+                value = m[c];
+                index = params.start + 4u * q + c;
+            }
+        }
+    }
+    best_value[lane] = value;
+    best_index[lane] = index;
+    reduce_workgroup(lane);
+    if (lane == 0u) {
+        partials[params.partial_offset + group.x] = Best(best_value[0], best_index[0]);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn reduce(@builtin(local_invocation_index) lane: u32) {
+    var value = NONE;
+    var index = NO_INDEX;
+    for (var i = lane; i < params.partials; i += WG) {
+        let slot = partials[i];
+        if (better(slot.value, slot.index, value, index)) {
+            value = slot.value;
+            index = slot.index;
+        }
+    }
+    best_value[lane] = value;
+    best_index[lane] = index;
+    reduce_workgroup(lane);
+    if (lane == 0u) {
+        let pick = best_index[0];
+        picks[state.count % params.block] = pick;
+        state.pick = pick;
+        state.count = state.count + 1u;
+    }
+}

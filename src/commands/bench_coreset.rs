@@ -1,0 +1,183 @@
+//! `anomaly bench coreset`: picks per second of PatchCore's greedy coreset on the CPU reference, the
+//! multithreaded CPU path and the WGSL kernel, for a sweep of patch counts, widths and ratios.
+
+use std::time::Instant;
+
+use crate::commands::bench_kernels::{KernelDevice, random};
+use crate::output::{note, outln};
+use anomaly_kernels::cpu::{fast, reference};
+use anomaly_kernels::{CoresetChunking, CoresetSettings, CoresetSpace, GpuKernels};
+use anomaly_method::count_in;
+use anyhow::Result;
+use serde::Serialize;
+
+#[derive(clap::Args)]
+pub struct CoresetArgs {
+    #[arg(long, value_enum, default_value = "wgpu")]
+    device: KernelDevice,
+    /// Patch counts (points) to sweep.
+    #[arg(long, value_delimiter = ',', default_value = "100000,1000000", value_parser = count_in(1, 100_000_000))]
+    patches: Vec<usize>,
+    /// Feature widths to sweep.
+    #[arg(long, value_delimiter = ',', default_value = "128", value_parser = count_in(1, 8192))]
+    dims: Vec<usize>,
+    /// Coreset ratios to sweep, each in (0, 1].
+    #[arg(long, value_delimiter = ',', default_value = "0.01,0.1", value_parser = unit_ratio)]
+    ratio: Vec<f64>,
+    /// Dimensions of the random projection (0: none; ≥ the width: none).
+    #[arg(long, default_value_t = 128, value_parser = count_in(0, 8192))]
+    projection: usize,
+    /// Timed runs per path; the median is printed.
+    #[arg(long, default_value_t = 3, value_parser = count_in(1, 100))]
+    repeats: usize,
+    /// Stop the multithreaded CPU and GPU runs after this many picks (every pick costs the same, so the
+    /// rate holds for the whole coreset); default: the whole coreset.
+    #[arg(long, value_parser = count_in(2, 100_000_000))]
+    max_picks: Option<usize>,
+    /// Picks the single-threaded reference runs (it is slow; its rate is per pick like the others').
+    #[arg(long, default_value_t = 20, value_parser = count_in(2, 100_000_000))]
+    reference_picks: usize,
+    /// Print a JSON array (one object per case) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn unit_ratio(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(ratio) if ratio > 0.0 && ratio <= 1.0 => Ok(ratio),
+        _ => Err("expected a number above 0 and at most 1".into()),
+    }
+}
+
+#[derive(Serialize)]
+struct Row {
+    patches: usize,
+    dims: usize,
+    projected_dims: usize,
+    ratio: f64,
+    /// Picks of the whole coreset.
+    coreset: usize,
+    /// Picks timed per run of the multithreaded CPU and GPU paths.
+    picks_timed: usize,
+    projection_ms: f64,
+    reference_picks_s: f64,
+    cpu_picks_s: f64,
+    wgpu_picks_s: Option<f64>,
+    /// Multithreaded CPU over the reference (>1: faster).
+    cpu_over_reference: f64,
+    /// GPU over the multithreaded CPU (>1: faster).
+    wgpu_over_cpu: Option<f64>,
+    /// Whether the paths picked the same points (the reference over its own, shorter, run).
+    picks_agree: bool,
+}
+
+pub fn run(args: CoresetArgs) -> Result<()> {
+    let gpu = match args.device {
+        KernelDevice::Wgpu => Some(GpuKernels::shared()?),
+        KernelDevice::Cpu => None,
+    };
+    let threads = rayon::current_num_threads();
+    let device = match &gpu {
+        Some(_) => format!("wgpu: {}; cpu: {threads} threads", anomaly_device::GpuContext::get()?.adapter),
+        None => format!("cpu: {threads} threads"),
+    };
+    if !args.json {
+        note!("device {device}; wall time, medians of {} runs; the projection is timed apart from the picks", args.repeats);
+    }
+    let mut rows = Vec::new();
+    for &d in &args.dims {
+        for &n in &args.patches {
+            let features = random(n * d, 1 + n as u64 + d as u64);
+            for &ratio in &args.ratio {
+                let settings = CoresetSettings { ratio, projection: args.projection, seed: 0 };
+                let mut projection_ms = Vec::new();
+                let mut space = None;
+                for _ in 0..args.repeats {
+                    let start = Instant::now();
+                    space = Some(CoresetSpace::new(&features, n, d, &settings)?);
+                    projection_ms.push(start.elapsed().as_secs_f64() * 1e3);
+                }
+                let Some(mut space) = space else { continue };
+                let coreset = space.picks();
+                if coreset < 2 {
+                    note!("skipping n {n} ratio {ratio}: a coreset of one point has no greedy step to time");
+                    continue;
+                }
+                let picks_timed = args.max_picks.map_or(coreset, |max| coreset.min(max));
+                let reference_picks = args.reference_picks.min(coreset);
+                space.set_picks(reference_picks);
+                let mut reference_run = Vec::new();
+                let reference_s = median_s(args.repeats, || reference_run = reference::greedy(&space));
+                space.set_picks(picks_timed);
+                let mut cpu_run = Vec::new();
+                let cpu_s = median_s(args.repeats, || cpu_run = fast::select(&space));
+                let mut wgpu_s = None;
+                let mut agree = cpu_run.starts_with(&reference_run) || reference_run.starts_with(&cpu_run);
+                if let Some(gpu) = &gpu {
+                    let mut gpu_run = Ok(Vec::new());
+                    wgpu_s = Some(median_s(args.repeats, || gpu_run = gpu.coreset_select(&space, CoresetChunking::default())));
+                    agree &= gpu_run? == cpu_run;
+                }
+                // A run of p picks makes p − 1 greedy steps (the first pick is the seeded start).
+                let rate = |picks: usize, s: f64| (picks - 1) as f64 / s;
+                let (reference_picks_s, cpu_picks_s) = (rate(reference_picks, reference_s), rate(picks_timed, cpu_s));
+                let wgpu_picks_s = wgpu_s.map(|s| rate(picks_timed, s));
+                let row = Row {
+                    patches: n,
+                    dims: d,
+                    projected_dims: space.dims(),
+                    ratio,
+                    coreset,
+                    picks_timed,
+                    projection_ms: median(projection_ms),
+                    reference_picks_s,
+                    cpu_picks_s,
+                    wgpu_picks_s,
+                    cpu_over_reference: cpu_picks_s / reference_picks_s,
+                    wgpu_over_cpu: wgpu_picks_s.map(|g| g / cpu_picks_s),
+                    picks_agree: agree,
+                };
+                if !args.json {
+                    outln!(
+                        "n {:>9} d {:>5}→{:<4} ratio {:<6} picks {:>7}/{:<7} projection {:>9.1} ms  reference {:>9.1}  cpu {:>9.1}  wgpu {:>9} picks/s  cpu/ref {:>6.1}  wgpu/cpu {:>6}  agree {}",
+                        row.patches,
+                        row.dims,
+                        row.projected_dims,
+                        row.ratio,
+                        row.picks_timed,
+                        row.coreset,
+                        row.projection_ms,
+                        row.reference_picks_s,
+                        row.cpu_picks_s,
+                        row.wgpu_picks_s.map_or("-".into(), |r| format!("{r:.1}")),
+                        row.cpu_over_reference,
+                        row.wgpu_over_cpu.map_or("-".into(), |r| format!("{r:.2}")),
+                        if row.picks_agree { "yes" } else { "NO" },
+                    )?;
+                }
+                rows.push(row);
+            }
+        }
+    }
+    if args.json {
+        outln!("{}", serde_json::json!({ "device": device, "cases": rows }))?;
+    }
+    Ok(())
+}
+
+/// Median wall time in seconds of `repeats` runs.
+fn median_s(repeats: usize, mut work: impl FnMut()) -> f64 {
+    let times = (0..repeats)
+        .map(|_| {
+            let start = Instant::now();
+            work();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    median(times)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
