@@ -25,6 +25,7 @@ pub struct Extractor {
 }
 
 /// One feature map of a batch, brought back to the host.
+#[derive(Clone, Debug)]
 pub struct HostMap {
     pub name: String,
     /// `[batch, channels, height, width]`.

@@ -9,6 +9,7 @@
 mod autoencoder;
 mod extractor;
 mod memory_bank;
+pub mod patch_features;
 mod progress;
 
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ use anyhow::Result;
 pub use autoencoder::AutoencoderSettings;
 pub use extractor::{Extractor, HostMap, to_vec};
 pub use memory_bank::MemoryBankSettings;
+pub use patch_features::{PatchLayout, Patches};
 pub use progress::image_progress;
 
 /// The detection methods, as `--method` names them and model files record them.
