@@ -13,5 +13,6 @@ mod hostile;
 mod kernels;
 mod metrics;
 mod outputs;
+mod patch_features;
 mod report;
 mod weights;
