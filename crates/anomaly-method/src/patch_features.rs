@@ -548,6 +548,39 @@ mod tests {
         assert!(lite0.with_patch_dim(153).is_err());
     }
 
+    /// Each layout against its backbone's own maps (untrained weights at the input crop): the taps' widths
+    /// and grids, and that each tap is the last one at its stride (the next tap is coarser).
+    #[test]
+    fn layouts_fit_their_backbones() {
+        use anomaly_backbone::Backbone;
+        use burn::tensor::Tensor;
+        let device = burn::tensor::Device::flex();
+        for name in [BackboneName::ResNet50, BackboneName::EfficientNetLite0, BackboneName::EfficientNetLite2] {
+            let layout = PatchLayout::new(name);
+            let backbone = Backbone::init(name, &device);
+            let tap_names = backbone.tap_names();
+            let next = |tap: &str| tap_names[tap_names.iter().position(|t| t == tap).unwrap() + 1].clone();
+            let [shallow, deep] = layout.taps();
+            let (after_shallow, after_deep) = (next(shallow), next(deep));
+            let side = name.preprocess().crop as usize;
+            let input = Tensor::<4>::zeros([1, 3, side, side], &device);
+            let features = backbone.features(input, &[shallow, deep, &after_shallow, &after_deep]);
+            let maps: Vec<HostMap> = features
+                .maps
+                .into_iter()
+                .map(|(name, map)| HostMap { name, shape: map.dims(), values: crate::to_vec(map.into_data()).unwrap() })
+                .collect();
+            let shape = |tap: &str| maps.iter().find(|m| m.name == tap).unwrap().shape;
+            let (grid, [c1, c2]) = (layout.grid(), layout.channels());
+            assert_eq!(shape(shallow), [1, c1, grid.0, grid.1], "{name}");
+            assert_eq!(shape(deep), [1, c2, grid.0.div_ceil(2), grid.1.div_ceil(2)], "{name}");
+            assert_eq!(shape(&after_shallow)[2], grid.0.div_ceil(2), "{name}: {shallow} is not the last tap at stride 8");
+            assert_eq!(shape(&after_deep)[2], grid.0.div_ceil(4), "{name}: {deep} is not the last tap at stride 16");
+            let patches = layout.patches(&maps).unwrap();
+            assert_eq!((patches.grid, patches.patch_dim), (grid, layout.patch_dim()));
+        }
+    }
+
     #[test]
     fn a_layout_checks_the_maps_it_is_given() {
         let layout = PatchLayout::new(BackboneName::EfficientNetLite0).with_patch_dim(16).unwrap();
