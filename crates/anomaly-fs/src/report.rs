@@ -143,11 +143,54 @@ fn check_report_target(target: &Path) -> Result<(), OutputError> {
         Err(e) => Err(FsError::new(target, "reading", e).into()),
         Ok(meta) if !meta.is_dir() => Err(OutputError::NotAFolder { path: target.to_path_buf() }),
         Ok(_) if target.join(REPORT_MARKER).is_file() => Ok(()),
+        Ok(_) if holds_only_unmarked_report_files(target) => Ok(()),
         Ok(_) => {
             let mut entries = fs::read_dir(target).map_err(|e| FsError::new(target, "listing", e))?;
             if entries.next().is_none() { Ok(()) } else { Err(OutputError::NotAReport { path: target.to_path_buf() }) }
         }
     }
+}
+
+/// The files reports held before they carried the marker (anomaly 0.1 up to the marker's introduction).
+const UNMARKED_REPORT_FILES: [&str; 13] = [
+    "metrics.json",
+    "scores.csv",
+    "roc.png",
+    "confusion.png",
+    "tsne.png",
+    "model.safetensors",
+    "reconstructions.png",
+    "summary.md",
+    "summary.json",
+    "eda.json",
+    "histograms.png",
+    "defect_area.png",
+    "samples.png",
+];
+
+/// Whether `folder` is a report written before reports carried the marker: it holds `metrics.json`,
+/// `summary.json` or `eda.json`, and nothing but files such reports held, and subfolders (categories) that
+/// are such reports too. A folder with any other file is never one, so nobody's files are replaced.
+fn holds_only_unmarked_report_files(folder: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(folder) else { return false };
+    let mut has_results = false;
+    for entry in entries {
+        let Ok(entry) = entry else { return false };
+        let Ok(kind) = entry.file_type() else { return false };
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if kind.is_dir() {
+            if !holds_only_unmarked_report_files(&entry.path()) {
+                return false;
+            }
+            has_results = true;
+        } else if kind.is_file() && UNMARKED_REPORT_FILES.contains(&name.as_ref()) {
+            has_results |= matches!(name.as_ref(), "metrics.json" | "summary.json" | "eda.json");
+        } else {
+            return false;
+        }
+    }
+    has_results
 }
 
 /// Removes the staging folders and moved-aside old content that runs killed while replacing `target` left
@@ -216,6 +259,18 @@ mod tests {
     }
 
     #[test]
+    fn a_report_written_before_the_marker_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("report");
+        fs::create_dir_all(target.join("carpet")).unwrap();
+        for name in ["summary.json", "summary.md", "carpet/metrics.json", "carpet/roc.png", "carpet/model.safetensors"] {
+            fs::write(target.join(name), "old").unwrap();
+        }
+        ReportWriter::start(&target).unwrap().finish(&content(&[("metrics.json", "new")])).unwrap();
+        assert_eq!(listing(&target), [REPORT_MARKER, "metrics.json"]);
+    }
+
+    #[test]
     fn a_folder_anomaly_did_not_write_or_a_file_is_refused_untouched() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("photos");
@@ -228,6 +283,13 @@ mod tests {
         let file = dir.path().join("notes.txt");
         fs::write(&file, "x").unwrap();
         assert!(matches!(ReportWriter::start(&file).unwrap_err(), OutputError::NotAFolder { .. }));
+        // A folder of report file names with one other file among them is not a report either.
+        fs::remove_file(target.join("holiday.jpg")).unwrap();
+        for name in ["metrics.json", "roc.png", "thesis.pdf"] {
+            fs::write(target.join(name), "x").unwrap();
+        }
+        assert!(matches!(ReportWriter::start(&target).unwrap_err(), OutputError::NotAReport { .. }));
+        assert_eq!(listing(&target), ["metrics.json", "roc.png", "thesis.pdf"]);
         assert_eq!(listing(dir.path()), ["notes.txt", "photos"], "no lock file left");
         // An empty folder may become a report.
         let empty = dir.path().join("empty");
