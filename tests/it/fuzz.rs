@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use anomaly_data::{Dataset, ImageLimits, collect_images, load_mask, load_rgb8, stored_color};
+use anomaly_data::{Dataset, ImageLimits, collect_images, load_mask, load_rgb8, load_rgb8_and_color};
 
 use crate::common::{Rng, bank_model_bytes, fixture};
 
@@ -190,7 +190,7 @@ fn image_case(rng: &mut Rng, folder: &Path) -> Result<Verdict, String> {
     {
         return Err(format!("{values} input values, not 3 × 224 × 224"));
     }
-    for result in [load_mask(&path, &limits).map(|_| ()), stored_color(&path, &limits).map(|_| ()), preprocessed.map(|_| ())] {
+    for result in [load_mask(&path, &limits).map(|_| ()), load_rgb8_and_color(&path, &limits).map(|_| ()), preprocessed.map(|_| ())] {
         if let Err(error) = result {
             one_line(&error, &path)?;
         }

@@ -109,9 +109,9 @@ impl Dataset {
         if path.join("train").join("good").is_dir() {
             return Self::mvtec(path);
         }
-        let mvtec_parts: Vec<&str> = ["train", "test", "ground_truth"].into_iter().filter(|part| path.join(part).is_dir()).collect();
-        if !mvtec_parts.is_empty() {
-            return Err(DataError::IncompleteMvtec { path: path.into(), found: mvtec_parts.join(", ") });
+        let parts = mvtec_parts(path);
+        if !parts.is_empty() {
+            return Err(DataError::IncompleteMvtec { path: path.into(), found: parts.join(", ") });
         }
         if path.is_dir() || path.is_file() {
             let found = collect_images(path)?;
@@ -130,6 +130,12 @@ impl Dataset {
     pub fn split(&self, split: Split) -> impl Iterator<Item = &Sample> {
         self.samples.iter().filter(move |s| s.split == split)
     }
+}
+
+/// The folders of the MVTec AD layout (`train`, `test`, `ground_truth`) that `path` has: a folder with any
+/// of them is meant as a category, never as a plain folder of good images.
+pub fn mvtec_parts(path: &Path) -> Vec<&'static str> {
+    ["train", "test", "ground_truth"].into_iter().filter(|part| path.join(part).is_dir()).collect()
 }
 
 /// The image files a path names: the file itself, or every image under a folder (recursively, sorted,

@@ -64,16 +64,17 @@ impl Default for ImageLimits {
 /// Images larger than `limits` are refused from their header, before decoding.
 pub fn load_rgb8(path: &Path, limits: &ImageLimits) -> Result<RgbImage, DataError> {
     let (bytes, format) = read_image_file(path, limits)?;
-    if format == ImageFormat::Jpeg
-        && let Some(rgb) = decode_jpeg(&bytes, path, limits)?
-    {
-        return Ok(rgb);
-    }
-    let image = decode_with_image_crate(&bytes, format, path, limits)?;
-    Ok(match image {
-        DynamicImage::ImageRgb8(rgb) => rgb,
-        other => other.to_rgb8(),
-    })
+    decode_rgb8(&bytes, format, path, limits)
+}
+
+/// As [`load_rgb8`], with the colour type the file stores (e.g. `Rgb8`, `L16`) from its header, for one
+/// read of the file.
+pub fn load_rgb8_and_color(path: &Path, limits: &ImageLimits) -> Result<(RgbImage, String), DataError> {
+    let (bytes, format) = read_image_file(path, limits)?;
+    let decoder =
+        ImageReader::with_format(Cursor::new(&bytes), format).into_decoder().map_err(|e| DataError::decode(path, e.to_string()))?;
+    let color = format!("{:?}", image::ImageDecoder::color_type(&decoder));
+    Ok((decode_rgb8(&bytes, format, path, limits)?, color))
 }
 
 /// Decodes a ground-truth mask into one 8-bit channel; any non-zero pixel is defective. Limited as
@@ -83,12 +84,17 @@ pub fn load_mask(path: &Path, limits: &ImageLimits) -> Result<GrayImage, DataErr
     Ok(decode_with_image_crate(&bytes, format, path, limits)?.to_luma8())
 }
 
-/// The colour type an image file stores (e.g. `Rgb8`, `L16`), from its header.
-pub fn stored_color(path: &Path, limits: &ImageLimits) -> Result<String, DataError> {
-    let (bytes, format) = read_image_file(path, limits)?;
-    let decoder =
-        ImageReader::with_format(Cursor::new(&bytes), format).into_decoder().map_err(|e| DataError::decode(path, e.to_string()))?;
-    Ok(format!("{:?}", image::ImageDecoder::color_type(&decoder)))
+/// A read image file's bytes to 8-bit RGB: libjpeg-turbo for JPEGs it can convert, the image crate else.
+fn decode_rgb8(bytes: &[u8], format: ImageFormat, path: &Path, limits: &ImageLimits) -> Result<RgbImage, DataError> {
+    if format == ImageFormat::Jpeg
+        && let Some(rgb) = decode_jpeg(bytes, path, limits)?
+    {
+        return Ok(rgb);
+    }
+    Ok(match decode_with_image_crate(bytes, format, path, limits)? {
+        DynamicImage::ImageRgb8(rgb) => rgb,
+        other => other.to_rgb8(),
+    })
 }
 
 /// Reads an image file whole, refusing what is not a regular file (a FIFO would block forever), a file
@@ -115,14 +121,16 @@ fn read_image_file(path: &Path, limits: &ImageLimits) -> Result<(Vec<u8>, ImageF
     Ok((bytes, format))
 }
 
-/// The image crate's decoder, after the header's dimensions are checked against the limit.
+/// The image crate's decoder: the header is read once, its dimensions checked against the limit, then
+/// the pixels decoded.
 fn decode_with_image_crate(bytes: &[u8], format: ImageFormat, path: &Path, limits: &ImageLimits) -> Result<DynamicImage, DataError> {
     let decode_error = |e: image::ImageError| DataError::decode(path, e.to_string());
-    let (width, height) = ImageReader::with_format(Cursor::new(bytes), format).into_dimensions().map_err(decode_error)?;
-    limits.check(path, width.into(), height.into())?;
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     reader.limits(limits.decoder_limits());
-    reader.decode().map_err(decode_error)
+    let decoder = reader.into_decoder().map_err(decode_error)?;
+    let (width, height) = image::ImageDecoder::dimensions(&decoder);
+    limits.check(path, width.into(), height.into())?;
+    DynamicImage::from_decoder(decoder).map_err(decode_error)
 }
 
 /// libjpeg-turbo decoding to RGB; `None` for colour spaces it cannot convert to RGB (CMYK), which the

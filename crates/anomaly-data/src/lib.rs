@@ -11,8 +11,8 @@ mod stats;
 mod synthetic;
 mod walk;
 
-pub use dataset::{Dataset, Label, Sample, Split, collect_images};
-pub use decode::{ImageLimits, load_mask, load_rgb8, stored_color};
+pub use dataset::{Dataset, Label, Sample, Split, collect_images, mvtec_parts};
+pub use decode::{ImageLimits, load_mask, load_rgb8, load_rgb8_and_color};
 pub use error::DataError;
 pub use loader::{Batch, BatchLoader};
 pub use preprocess::{Preprocess, PreprocessedImage};

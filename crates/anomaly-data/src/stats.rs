@@ -3,7 +3,7 @@
 
 use image::GrayImage;
 
-use crate::{DataError, ImageLimits, Sample, load_mask, load_rgb8, stored_color};
+use crate::{DataError, ImageLimits, Sample, load_mask, load_rgb8_and_color};
 
 /// Bins of the luminance histograms.
 pub const HISTOGRAM_BINS: usize = 64;
@@ -36,8 +36,7 @@ pub struct DefectArea {
 
 /// Reads one sample (and its mask) within `limits` and measures it.
 pub fn image_stats(sample: &Sample, limits: &ImageLimits) -> Result<ImageStats, DataError> {
-    let color = stored_color(&sample.path, limits)?;
-    let image = load_rgb8(&sample.path, limits)?;
+    let (image, color) = load_rgb8_and_color(&sample.path, limits)?;
     let mut channel_sum = [0.0f64; 3];
     let mut channel_sum_sq = [0.0f64; 3];
     let mut histogram = [0u64; HISTOGRAM_BINS];

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anomaly_data::Dataset;
 use anomaly_fs::ReportContent;
-use anomaly_method::{MethodName, MethodSettings, Runtime};
+use anomaly_method::{MethodName, MethodSettings, Runtime, note};
 use anyhow::{Context, Result};
 use serde_json::json;
 
@@ -42,7 +42,7 @@ pub fn mvtec_categories(root: &Path) -> Result<Vec<PathBuf>> {
     for folder in folders {
         if folder.join("train").join("good").is_dir() {
             categories.push(folder);
-        } else if ["train", "test", "ground_truth"].iter().any(|part| folder.join(part).is_dir()) {
+        } else if !anomaly_data::mvtec_parts(&folder).is_empty() {
             // Part of the layout without its good training images: said, not passed over in silence.
             note!("note: skipped {}: an MVTec AD category without train/good", folder.display());
         }
