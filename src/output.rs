@@ -1,7 +1,7 @@
 //! The binary's output, written so that it never panics: `println!` panics when standard output is a
 //! closed pipe (`anomaly predict … | head`) or a full disk. Results go through [`outln!`], which turns a
 //! closed pipe into [`StdoutClosed`] (the run then ends quietly, as `head` expects) and any other failure
-//! into an error; messages go through [`note!`], which drops what a closed stderr cannot take.
+//! into an error; messages go through `anomaly_method::note!`, which drops what a closed stderr cannot take.
 
 use std::io::Write;
 
@@ -42,12 +42,5 @@ macro_rules! out {
     };
 }
 
-/// Writes one line to standard error (progress, notes), dropped if standard error cannot take it.
-macro_rules! note {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
-    }};
-}
-
-pub(crate) use {note, out, outln};
+pub(crate) use anomaly_method::note;
+pub(crate) use {out, outln};

@@ -2,15 +2,6 @@
 //! images (metrics.json, scores.csv, ROC, confusion matrix, t-SNE map, pixel metrics and figures for
 //! methods that localise), the `eval --all` summary, and the exploratory analysis of a dataset (`eda`).
 
-/// Writes one line to standard error, dropped if standard error cannot take it: a closed pipe there must
-/// not panic a run.
-macro_rules! note {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
-    }};
-}
-
 mod all;
 mod eda;
 mod figures;
@@ -22,7 +13,7 @@ use std::time::Instant;
 
 use anomaly_data::{Dataset, Sample, Skipped, Split};
 use anomaly_fs::ReportContent;
-use anomaly_method::{Detector, ImageOutput, MethodName, MethodSettings, Runtime, image_progress};
+use anomaly_method::{Detector, ImageOutput, MethodName, MethodSettings, Runtime, image_progress, note};
 use anyhow::Result;
 use serde::Serialize;
 

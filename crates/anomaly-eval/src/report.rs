@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use anomaly_data::{Label, Sample};
 use anomaly_detector::ScoreStats;
 use anomaly_fs::ReportContent;
+use anomaly_method::note;
 use anomaly_report::{MetricsError, PointGroup, RocPlot, TsneConfig};
 use anyhow::Result;
 use serde_json::json;

@@ -1,4 +1,5 @@
-//! Progress bars over images: drawn on stderr when it is a terminal, hidden otherwise.
+//! What a run shows on stderr: progress bars over images (drawn when stderr is a terminal, hidden
+//! otherwise) and one-line notes.
 
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -10,4 +11,14 @@ pub fn image_progress(total: usize, message: &str) -> ProgressBar {
     );
     bar.set_message(message.to_string());
     bar
+}
+
+/// Writes one line to standard error (progress, notes), dropped if standard error cannot take it: a closed
+/// pipe there (`… 2>&1 | head`) must not panic a run, as `eprintln!` would.
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
 }
