@@ -3,16 +3,13 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use anomaly_backbone::{Backbone, ResNetConfig, load_weights};
 use burn::tensor::Device;
 
+use crate::cli::anomaly;
 use crate::common::{bank_model_bytes, fixture};
-
-fn anomaly(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_anomaly")).args(args).output().expect("the anomaly binary runs")
-}
 
 /// A memory bank fitted on 12 images' worth of EfficientNet-Lite0-wide features, as `fit` would write it.
 fn bank_model(path: &Path) {

@@ -5,7 +5,7 @@ use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
-use crate::{FsError, OutputError, parent};
+use crate::{FsError, OutputError, parent, temp_prefix};
 
 /// The exclusive right to write one output path, held from the start of a run to its end: a second run
 /// that asks for it fails at once instead of mixing its files with the first's. The lock is an OS file
@@ -23,8 +23,7 @@ impl OutputLock {
     pub fn acquire(target: &Path) -> Result<Self, OutputError> {
         let folder = parent(target);
         fs::create_dir_all(folder).map_err(|e| FsError::new(folder, "creating the folder", e))?;
-        let name = target.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-        let path = folder.join(format!(".{name}.lock"));
+        let path = folder.join(format!("{}lock", temp_prefix(target)));
         loop {
             let mut file = OpenOptions::new()
                 .read(true)
