@@ -12,6 +12,9 @@ pub struct Batch {
     pub paths: Vec<PathBuf>,
     /// The images' normalised pixels, one CHW image after another.
     pub pixels: Vec<f32>,
+    /// Each image's width and height as decoded, before resizing: maps over the input crop are put back
+    /// onto the original image by them.
+    pub original_sizes: Vec<(u32, u32)>,
 }
 
 impl Batch {
@@ -42,8 +45,11 @@ impl BatchLoader {
         let producer = std::thread::spawn(move || {
             for chunk in paths.chunks(batch_size) {
                 let loaded: Result<Vec<_>, DataError> = chunk.par_iter().map(|p| preprocess.load(p, &limits)).collect();
-                let batch = loaded
-                    .map(|images| Batch { paths: chunk.to_vec(), pixels: images.into_iter().flat_map(|image| image.pixels).collect() });
+                let batch = loaded.map(|images| Batch {
+                    paths: chunk.to_vec(),
+                    original_sizes: images.iter().map(|image| image.original_size).collect(),
+                    pixels: images.into_iter().flat_map(|image| image.pixels).collect(),
+                });
                 let failed = batch.is_err();
                 if sender.send(batch).is_err() || failed {
                     return;

@@ -96,6 +96,11 @@ pub trait Detector {
     fn threshold(&self) -> f32;
     /// How the threshold was set, for metrics.json.
     fn threshold_rule(&self) -> &'static str;
+    /// For methods that localise: map values above it mark the anomalous region (`predict`'s bounding
+    /// box); set from the training images alone, like [`Detector::threshold`].
+    fn pixel_threshold(&self) -> Option<f32> {
+        None
+    }
     /// The training images' scores, which set the threshold.
     fn train_scores(&self) -> &ScoreStats;
     /// The method and its settings in a few words, for figure titles.
