@@ -192,20 +192,30 @@ pub mod fast {
                 let m = block.len() / d;
                 let query_norms = row_norms_serial(block, d);
                 let mut best: Vec<Vec<(f32, u32)>> = vec![Vec::with_capacity(k + BANK_BLOCK); m];
+                // The k-th best squared distance so far (infinite until k are held): a later bank row
+                // enters only below it, since an equal one has a higher index and loses the tie. Most
+                // rows fail this one comparison, so the selection costs little beside the product.
+                let mut bounds = vec![f32::INFINITY; m];
                 let mut products = vec![0f32; m * BANK_BLOCK];
                 for start in (0..n).step_by(BANK_BLOCK) {
                     let width = BANK_BLOCK.min(n - start);
                     let chunk = &bank[start * d..(start + width) * d];
                     multiply_transposed(block, chunk, m, width, d, &mut products[..m * width]);
-                    for (i, candidates) in best.iter_mut().enumerate() {
+                    for (i, (candidates, bound)) in best.iter_mut().zip(&mut bounds).enumerate() {
                         let row = &products[i * width..(i + 1) * width];
-                        candidates.extend(row.iter().enumerate().map(|(j, &dot)| {
-                            let squared = (query_norms[i] + bank_norms[start + j] - 2.0 * dot).max(0.0);
-                            (squared, (start + j) as u32)
-                        }));
+                        let (query_norm, norms) = (query_norms[i], &bank_norms[start..start + width]);
+                        for (j, (&dot, &norm)) in row.iter().zip(norms).enumerate() {
+                            let squared = (query_norm + norm - 2.0 * dot).max(0.0);
+                            if squared < *bound {
+                                candidates.push((squared, (start + j) as u32));
+                            }
+                        }
                         if candidates.len() > k {
                             candidates.select_nth_unstable_by(k - 1, nearer);
                             candidates.truncate(k);
+                        }
+                        if candidates.len() == k {
+                            *bound = candidates.iter().map(|c| c.0).fold(f32::NEG_INFINITY, f32::max);
                         }
                     }
                 }

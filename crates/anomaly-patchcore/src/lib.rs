@@ -1,0 +1,349 @@
+//! PatchCore (Roth et al. 2022) on patch features, with no backbone in sight: the training images'
+//! patches reduced to a bank by the greedy coreset (anomaly-kernels' `coreset`), each patch scored by
+//! its distance to the nearest bank patch (the kNN kernels, k = 1), an image by its worst patch (or,
+//! with `reweight`, PatchCore's reweighting by that patch's bank neighbourhood), and the anomaly map by
+//! the patch scores upsampled and smoothed ([`anomaly_map`]).
+//!
+//! The threshold is the seed's rule on leave-one-out scores: each training image is scored against the
+//! bank without the rows that came from its own patches (its k = 8 nearest bank rows are fetched, the
+//! first from another image is its nearest; when all eight are its own, an exact scan decides), and the
+//! threshold is their mean + 3σ. The pixel threshold is the same rule on the maxima of the training
+//! images' leave-one-out maps.
+
+mod maps;
+mod model_file;
+
+use anomaly_detector::{Compute, ScoreStats};
+use anomaly_kernels::cpu::fast;
+use anomaly_kernels::{CoresetSettings, GpuKernels, GpuMatrix, KernelError, Neighbours};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+pub use maps::{BLUR_SIGMA, anomaly_map, blur, upsample_bilinear};
+pub use model_file::{PATCHCORE, PatchCoreInfo, PatchCoreModel, PatchSource};
+
+/// Bank rows (the nearest included) whose distances PatchCore's reweighting softmaxes, as anomalib.
+pub const REWEIGHT_NEIGHBOURS: usize = 9;
+
+/// Nearest bank rows fetched per training patch for its leave-one-out score.
+const LEAVE_ONE_OUT_K: usize = 8;
+
+/// How a PatchCore bank is made and applied.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PatchCoreConfig {
+    /// Share of the training patches the coreset keeps, in (0, 1].
+    pub coreset_ratio: f64,
+    /// Dimensions of the coreset's random projection (0: none).
+    pub projection: usize,
+    /// Seed of the coreset's projection and start.
+    pub seed: u64,
+    /// Whether an image's score is reweighted by its worst patch's bank neighbourhood.
+    pub reweight: bool,
+}
+
+impl Default for PatchCoreConfig {
+    /// PatchCore's defaults: 10% of the patches, a 128-d projection, no reweighting.
+    fn default() -> Self {
+        let coreset = CoresetSettings::default();
+        Self { coreset_ratio: coreset.ratio, projection: coreset.projection, seed: coreset.seed, reweight: false }
+    }
+}
+
+impl PatchCoreConfig {
+    fn coreset(&self) -> CoresetSettings {
+        CoresetSettings { ratio: self.coreset_ratio, projection: self.projection, seed: self.seed }
+    }
+
+    /// Checks the settings against the number of training images, before any image is read.
+    pub fn check(&self, train_images: usize) -> Result<(), PatchCoreError> {
+        if !(self.coreset_ratio > 0.0 && self.coreset_ratio <= 1.0) {
+            return Err(PatchCoreError::Kernel(KernelError::InvalidRatio(self.coreset_ratio)));
+        }
+        if train_images < 2 {
+            return Err(PatchCoreError::TooFewImages(train_images));
+        }
+        Ok(())
+    }
+}
+
+/// Where a bank's patches come from: their grid per image, their width, and the input crop's side the
+/// maps are drawn at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchGeometry {
+    /// Patch rows and columns per image.
+    pub grid: (usize, usize),
+    /// Values per patch.
+    pub patch_dim: usize,
+    /// Side of the square input crop.
+    pub side: usize,
+}
+
+impl PatchGeometry {
+    /// Patches per image.
+    pub fn per_image(&self) -> usize {
+        self.grid.0 * self.grid.1
+    }
+}
+
+/// Why PatchCore could not fit or score.
+#[derive(Debug, thiserror::Error)]
+pub enum PatchCoreError {
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error("{0}")]
+    Shape(String),
+    #[error("PatchCore needs at least 2 training images (its threshold scores each against the others' patches), got {0}")]
+    TooFewImages(usize),
+    #[error(
+        "the coreset's {rows} patches all come from training image {image}, which leaves it no bank to be scored against; \
+         raise --coreset-ratio"
+    )]
+    OneImageBank { rows: usize, image: usize },
+}
+
+/// One image's result: its score and its anomaly map over the input crop.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageScore {
+    /// The worst patch's distance (reweighted if asked).
+    pub score: f32,
+    /// `side × side`, row-major.
+    pub map: Vec<f32>,
+}
+
+/// A fitted PatchCore bank with its thresholds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PatchBank {
+    config: PatchCoreConfig,
+    geometry: PatchGeometry,
+    rows: Vec<f32>,
+    train_patches: usize,
+    train_scores: Vec<f32>,
+    train_map_maxima: Vec<f32>,
+}
+
+impl PatchBank {
+    /// Fits a bank to the training images' patches (row-major `images × per_image × patch_dim`).
+    pub fn fit(patches: &[f32], geometry: PatchGeometry, config: PatchCoreConfig, compute: &Compute) -> Result<Self, PatchCoreError> {
+        let (per_image, dim) = (geometry.per_image(), geometry.patch_dim);
+        if per_image == 0 || dim == 0 || !patches.len().is_multiple_of(per_image * dim) {
+            return Err(PatchCoreError::Shape(format!("{} values are not images of {per_image} patches of {dim}", patches.len())));
+        }
+        let images = patches.len() / (per_image * dim);
+        config.check(images)?;
+        let n = images * per_image;
+        let mut picks = match compute {
+            Compute::Gpu(kernels) => kernels.coreset(patches, n, dim, &config.coreset())?,
+            Compute::Cpu => fast::coreset(patches, n, dim, &config.coreset())?,
+        };
+        // Ascending order: bank rows then follow the images, and ties in the kNN go the same way on
+        // every path.
+        picks.sort_unstable();
+        let rows: Vec<f32> = picks.iter().flat_map(|&p| patches[p as usize * dim..][..dim].iter().copied()).collect();
+        let sources: Vec<usize> = picks.iter().map(|&p| p as usize / per_image).collect();
+        if let Some(&image) = sources.first().filter(|&&first| sources.iter().all(|&s| s == first)) {
+            return Err(PatchCoreError::OneImageBank { rows: sources.len(), image });
+        }
+        let mut bank = Self { config, geometry, rows, train_patches: n, train_scores: Vec::new(), train_map_maxima: Vec::new() };
+        let k = LEAVE_ONE_OUT_K.min(sources.len());
+        let neighbours = match compute {
+            Compute::Gpu(kernels) => kernels.knn_host(&kernels.upload(&bank.rows, sources.len(), dim)?, patches, k)?,
+            Compute::Cpu => fast::knn(patches, &bank.rows, dim, k),
+        };
+        let scored: Vec<(f32, f32)> = (0..images)
+            .into_par_iter()
+            .map(|image| {
+                let others = |row: usize| sources[row] != image;
+                let own = &patches[image * per_image * dim..][..per_image * dim];
+                let nearest: Vec<(f32, usize)> = (0..per_image)
+                    .map(|p| {
+                        let q = image * per_image + p;
+                        let found = neighbours.row_indices(q).iter().zip(neighbours.row_distances(q)).find(|pair| others(*pair.0 as usize));
+                        match found {
+                            Some((&i, &d)) => (d, i as usize),
+                            None => bank.nearest_exact(&own[p * dim..][..dim], others),
+                        }
+                    })
+                    .collect();
+                let image_score = bank.image_score(own, &nearest, others);
+                let patch_scores: Vec<f32> = nearest.iter().map(|n| n.0).collect();
+                let map_max = anomaly_map(&patch_scores, geometry.grid, geometry.side, BLUR_SIGMA).into_iter().fold(0.0, f32::max);
+                (image_score, map_max)
+            })
+            .collect();
+        (bank.train_scores, bank.train_map_maxima) = scored.into_iter().unzip();
+        Ok(bank)
+    }
+
+    /// A bank read back from its parts (a model file), checked for shape.
+    pub fn from_parts(
+        config: PatchCoreConfig,
+        geometry: PatchGeometry,
+        rows: Vec<f32>,
+        train_patches: usize,
+        train_scores: Vec<f32>,
+        train_map_maxima: Vec<f32>,
+    ) -> Result<Self, PatchCoreError> {
+        let dim = geometry.patch_dim;
+        if dim == 0 || rows.is_empty() || !rows.len().is_multiple_of(dim) || geometry.per_image() == 0 || geometry.side == 0 {
+            return Err(PatchCoreError::Shape(format!("a bank of {} values is not rows of {dim} patches", rows.len())));
+        }
+        if train_scores.len() != train_map_maxima.len() {
+            return Err(PatchCoreError::Shape(format!(
+                "{} training scores but {} training map maxima",
+                train_scores.len(),
+                train_map_maxima.len()
+            )));
+        }
+        Ok(Self { config, geometry, rows, train_patches, train_scores, train_map_maxima })
+    }
+
+    /// The nearest bank row among those `allowed`, by a plain scan: `(distance, row)`.
+    fn nearest_exact(&self, patch: &[f32], allowed: impl Fn(usize) -> bool) -> (f32, usize) {
+        let (squared, row) = self
+            .rows
+            .chunks_exact(self.geometry.patch_dim)
+            .enumerate()
+            .filter(|&(row, _)| allowed(row))
+            .map(|(row, values)| (squared_distance(patch, values), row))
+            .fold((f32::INFINITY, usize::MAX), |best, c| if c.0 < best.0 { c } else { best });
+        (squared.sqrt(), row)
+    }
+
+    /// An image's score from its patches and each one's nearest allowed bank row `(distance, row)`:
+    /// the worst patch's distance, reweighted if the config asks (bank rows outside `allowed` are not
+    /// the image's neighbourhood).
+    fn image_score(&self, patches: &[f32], nearest: &[(f32, usize)], allowed: impl Fn(usize) -> bool) -> f32 {
+        let Some((worst, &(score, row))) = nearest.iter().enumerate().max_by(|a, b| a.1.0.total_cmp(&b.1.0).then(b.0.cmp(&a.0))) else {
+            return 0.0;
+        };
+        if !self.config.reweight {
+            return score;
+        }
+        let dim = self.geometry.patch_dim;
+        let patch = &patches[worst * dim..][..dim];
+        // m*'s neighbourhood in the bank (itself first), then the patch's distances to it, softmaxed.
+        let anchor = &self.rows[row * dim..][..dim];
+        let mut support: Vec<(f32, usize)> = self
+            .rows
+            .chunks_exact(dim)
+            .enumerate()
+            .filter(|&(r, _)| allowed(r))
+            .map(|(r, values)| (squared_distance(anchor, values), r))
+            .collect();
+        let take = REWEIGHT_NEIGHBOURS.min(support.len());
+        support.select_nth_unstable_by(take - 1, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        support.truncate(take);
+        support.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let distances: Vec<f64> =
+            support.iter().map(|&(_, r)| (squared_distance(patch, &self.rows[r * dim..][..dim]) as f64).sqrt()).collect();
+        let peak = distances.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let total: f64 = distances.iter().map(|d| (d - peak).exp()).sum();
+        let weight = 1.0 - (distances[0] - peak).exp() / total;
+        (weight * score as f64) as f32
+    }
+
+    /// A scorer keeping the bank where `compute` runs (uploaded once).
+    pub fn scorer<'a>(&'a self, compute: &'a Compute) -> Result<BankScorer<'a>, PatchCoreError> {
+        let uploaded = match compute {
+            Compute::Gpu(kernels) => Some((kernels, kernels.upload(&self.rows, self.len(), self.geometry.patch_dim)?)),
+            Compute::Cpu => None,
+        };
+        Ok(BankScorer { bank: self, uploaded })
+    }
+
+    /// Patches in the bank.
+    pub fn len(&self) -> usize {
+        self.rows.len() / self.geometry.patch_dim
+    }
+
+    /// Whether the bank holds no patch (never, once fitted).
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The bank's patches, row-major.
+    pub fn rows(&self) -> &[f32] {
+        &self.rows
+    }
+
+    /// How it was made.
+    pub fn config(&self) -> &PatchCoreConfig {
+        &self.config
+    }
+
+    /// Its patches' grid, width and input side.
+    pub fn geometry(&self) -> &PatchGeometry {
+        &self.geometry
+    }
+
+    /// Training patches the coreset chose from.
+    pub fn train_patches(&self) -> usize {
+        self.train_patches
+    }
+
+    /// The training images' leave-one-out scores.
+    pub fn train_scores(&self) -> &[f32] {
+        &self.train_scores
+    }
+
+    /// The maxima of the training images' leave-one-out maps.
+    pub fn train_map_maxima(&self) -> &[f32] {
+        &self.train_map_maxima
+    }
+
+    /// Images scoring above it are anomalous: mean + 3σ of the leave-one-out scores.
+    pub fn threshold(&self) -> f32 {
+        ScoreStats::of(&self.train_scores).threshold()
+    }
+
+    /// Map values above it are anomalous: mean + 3σ of the leave-one-out maps' maxima.
+    pub fn pixel_threshold(&self) -> f32 {
+        ScoreStats::of(&self.train_map_maxima).threshold()
+    }
+}
+
+/// Scores images' patches against a bank held where its compute runs.
+pub struct BankScorer<'a> {
+    bank: &'a PatchBank,
+    uploaded: Option<(&'a GpuKernels, GpuMatrix)>,
+}
+
+impl BankScorer<'_> {
+    /// Each image's score and map, from its patches (row-major `images × per_image × patch_dim`).
+    pub fn score(&self, patches: &[f32]) -> Result<Vec<ImageScore>, PatchCoreError> {
+        let geometry = self.bank.geometry;
+        let (per_image, dim) = (geometry.per_image(), geometry.patch_dim);
+        if !patches.len().is_multiple_of(per_image * dim) {
+            return Err(PatchCoreError::Shape(format!(
+                "{} values are not images of {per_image} patches of {dim}, as this bank's",
+                patches.len()
+            )));
+        }
+        if patches.is_empty() {
+            return Ok(Vec::new());
+        }
+        let neighbours: Neighbours = match &self.uploaded {
+            Some((kernels, bank)) => kernels.knn_host(bank, patches, 1)?,
+            None => fast::knn(patches, &self.bank.rows, dim, 1),
+        };
+        Ok(patches
+            .par_chunks(per_image * dim)
+            .enumerate()
+            .map(|(image, own)| {
+                let first = image * per_image;
+                let nearest: Vec<(f32, usize)> =
+                    (first..first + per_image).map(|q| (neighbours.distances[q], neighbours.indices[q] as usize)).collect();
+                let score = self.bank.image_score(own, &nearest, |_| true);
+                let patch_scores: Vec<f32> = nearest.iter().map(|n| n.0).collect();
+                ImageScore { score, map: anomaly_map(&patch_scores, geometry.grid, geometry.side, BLUR_SIGMA) }
+            })
+            .collect())
+    }
+}
+
+fn squared_distance(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+}
+
+#[cfg(test)]
+mod tests;

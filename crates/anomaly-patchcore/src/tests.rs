@@ -1,0 +1,183 @@
+use std::path::Path;
+
+use anomaly_data::Preprocess;
+
+use super::*;
+
+/// Seeded values in [-1, 1).
+fn random(len: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn geometry() -> PatchGeometry {
+    PatchGeometry { grid: (3, 4), patch_dim: 6, side: 16 }
+}
+
+/// The leave-one-out scores written out plainly: each image's worst patch's distance to the nearest
+/// bank row (by index into `picks`, ascending) from another image.
+fn plain_leave_one_out(patches: &[f32], picks: &[u32], geometry: PatchGeometry) -> Vec<f32> {
+    let (per_image, dim) = (geometry.per_image(), geometry.patch_dim);
+    let images = patches.len() / (per_image * dim);
+    (0..images)
+        .map(|image| {
+            (0..per_image)
+                .map(|p| {
+                    let patch = &patches[(image * per_image + p) * dim..][..dim];
+                    picks
+                        .iter()
+                        .filter(|&&pick| pick as usize / per_image != image)
+                        .map(|&pick| squared_distance(patch, &patches[pick as usize * dim..][..dim]) as f64)
+                        .fold(f64::INFINITY, f64::min)
+                        .sqrt()
+                })
+                .fold(0.0, f64::max) as f32
+        })
+        .collect()
+}
+
+#[test]
+fn leave_one_out_scores_skip_the_images_own_bank_rows() {
+    let geometry = geometry();
+    // Eight images whose patches repeat within an image (so an image's nearest bank rows are often all
+    // its own and the exact scan is needed), at several coreset ratios.
+    let mut patches = Vec::new();
+    for image in 0..8u64 {
+        let base = random(4 * geometry.patch_dim, image + 1);
+        for p in 0..geometry.per_image() {
+            let jitter = random(geometry.patch_dim, 100 + image * 31 + p as u64);
+            patches.extend(base[(p % 4) * geometry.patch_dim..][..geometry.patch_dim].iter().zip(&jitter).map(|(b, j)| b + 0.01 * j));
+        }
+    }
+    for ratio in [1.0, 0.5, 0.2] {
+        let config = PatchCoreConfig { coreset_ratio: ratio, ..PatchCoreConfig::default() };
+        let bank = PatchBank::fit(&patches, geometry, config, &Compute::Cpu).unwrap();
+        let n = 8 * geometry.per_image();
+        let mut picks = fast::coreset(&patches, n, geometry.patch_dim, &config.coreset()).unwrap();
+        picks.sort_unstable();
+        assert_eq!(bank.len(), picks.len());
+        let expected = plain_leave_one_out(&patches, &picks, geometry);
+        for (ours, plain) in bank.train_scores().iter().zip(&expected) {
+            assert!((ours - plain).abs() <= 1e-4 * plain.max(1.0), "ratio {ratio}: {ours} vs {plain}");
+        }
+        assert!(bank.threshold() > 0.0 && bank.pixel_threshold() > 0.0);
+        assert!(
+            bank.train_map_maxima().iter().zip(bank.train_scores()).all(|(m, s)| *m <= s + 1e-5),
+            "a blurred map peaks below its worst patch"
+        );
+    }
+}
+
+#[test]
+fn an_image_scores_its_worst_patch_and_its_map_peaks_there() {
+    let geometry = PatchGeometry { grid: (4, 4), patch_dim: 5, side: 32 };
+    let patches = random(6 * 16 * 5, 7);
+    let bank =
+        PatchBank::fit(&patches, geometry, PatchCoreConfig { coreset_ratio: 1.0, ..PatchCoreConfig::default() }, &Compute::Cpu).unwrap();
+    // A training image scores 0 against the whole bank (itself included); one patch moved far away makes
+    // its image's score that patch's distance, and the map peak where the patch is.
+    let mut query = patches[..16 * 5].to_vec();
+    for v in &mut query[9 * 5..10 * 5] {
+        *v += 3.0;
+    }
+    let scorer = bank.scorer(&Compute::Cpu).unwrap();
+    let scored = scorer.score(&query).unwrap();
+    assert_eq!(scored.len(), 1);
+    let nearest = bank.rows().chunks_exact(5).map(|row| squared_distance(&query[9 * 5..10 * 5], row)).fold(f32::INFINITY, f32::min).sqrt();
+    assert!((scored[0].score - nearest).abs() < 1e-4, "{} vs {nearest}", scored[0].score);
+    let map = &scored[0].map;
+    assert_eq!(map.len(), 32 * 32);
+    let peak = map.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+    // Patch (2, 1) covers input rows 16..24 and columns 8..16.
+    assert!((16..24).contains(&(peak / 32)) && (8..16).contains(&(peak % 32)), "peak at {peak}");
+    assert!(scorer.score(&patches[..16 * 5]).unwrap()[0].score < 1e-3);
+}
+
+#[test]
+fn reweighting_scales_the_score_by_a_weight_below_one() {
+    let geometry = geometry();
+    let patches = random(5 * geometry.per_image() * geometry.patch_dim, 3);
+    let plain = PatchBank::fit(&patches, geometry, PatchCoreConfig::default(), &Compute::Cpu).unwrap();
+    let config = PatchCoreConfig { reweight: true, ..PatchCoreConfig::default() };
+    let reweighted = PatchBank::fit(&patches, geometry, config, &Compute::Cpu).unwrap();
+    for (r, p) in reweighted.train_scores().iter().zip(plain.train_scores()) {
+        assert!(*r > 0.0 && r < p, "{r} vs {p}");
+    }
+}
+
+#[test]
+fn too_few_images_or_a_bad_shape_are_errors_not_panics() {
+    let geometry = geometry();
+    let one = random(geometry.per_image() * geometry.patch_dim, 1);
+    assert!(matches!(PatchBank::fit(&one, geometry, PatchCoreConfig::default(), &Compute::Cpu), Err(PatchCoreError::TooFewImages(1))));
+    assert!(matches!(PatchBank::fit(&one[1..], geometry, PatchCoreConfig::default(), &Compute::Cpu), Err(PatchCoreError::Shape(_))));
+    let bad_ratio = PatchCoreConfig { coreset_ratio: 0.0, ..PatchCoreConfig::default() };
+    assert!(bad_ratio.check(10).is_err());
+    // Two identical images: whichever the coreset starts from, the bank may hold one image's rows only.
+    let twice = [one.clone(), one].concat();
+    let tiny = PatchCoreConfig { coreset_ratio: 0.01, ..PatchCoreConfig::default() };
+    assert!(matches!(PatchBank::fit(&twice, geometry, tiny, &Compute::Cpu), Err(PatchCoreError::OneImageBank { rows: 1, .. })));
+}
+
+fn source() -> PatchSource {
+    PatchSource {
+        backbone: "efficientnet-lite0".into(),
+        weights_file: "w.pth".into(),
+        weights_sha256: "ab".repeat(32),
+        preprocess: Preprocess { resize: 18, crop: 16, mean: [0.5; 3], std: [0.5; 3] },
+        taps: ["block4".into(), "block10".into()],
+        dataset: "synthetic".into(),
+    }
+}
+
+#[test]
+fn the_model_file_round_trips_and_refuses_corruption() {
+    let geometry = geometry();
+    let patches = random(4 * geometry.per_image() * geometry.patch_dim, 9);
+    let bank =
+        PatchBank::fit(&patches, geometry, PatchCoreConfig { coreset_ratio: 0.5, ..PatchCoreConfig::default() }, &Compute::Cpu).unwrap();
+    let model = PatchCoreModel::new(bank, source());
+    model.check_values().unwrap();
+    let bytes = model.to_bytes();
+    let path = Path::new("model.safetensors");
+    let read = PatchCoreModel::from_bytes(&bytes, path).unwrap();
+    // (JSON may move an f64 statistic by its last bit; the tensors and thresholds are exact.)
+    assert_eq!(read.bank(), model.bank());
+    assert_eq!(
+        (read.info().threshold, read.info().pixel_threshold, &read.info().source),
+        (model.info().threshold, model.info().pixel_threshold, &model.info().source)
+    );
+
+    // A NaN in the bank is named with its place.
+    let mut rows = model.bank().rows().to_vec();
+    rows[2 * geometry.patch_dim + 3] = f32::NAN;
+    let corrupt = PatchBank::from_parts(
+        *model.bank().config(),
+        geometry,
+        rows,
+        model.bank().train_patches(),
+        model.bank().train_scores().to_vec(),
+        model.bank().train_map_maxima().to_vec(),
+    )
+    .unwrap();
+    let error =
+        PatchCoreModel::from_bytes(&PatchCoreModel { info: model.info().clone(), bank: corrupt }.to_bytes(), path).unwrap_err().to_string();
+    assert!(error.contains("tensor \"bank\" holds NaN at row 2, column 3"), "{error}");
+
+    // Every truncation is an error, never a panic.
+    for cut in (0..bytes.len()).step_by(97) {
+        assert!(PatchCoreModel::from_bytes(&bytes[..cut], path).is_err());
+    }
+    // A header declaring an impossible geometry is refused before any tensor is read.
+    let mut info = model.info().clone();
+    info.geometry.grid = (0, 4);
+    let error = PatchCoreModel::from_bytes(&PatchCoreModel { info, bank: model.bank().clone() }.to_bytes(), path).unwrap_err().to_string();
+    assert!(error.contains("patch geometry"), "{error}");
+}
