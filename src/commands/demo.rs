@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 
+use anomaly_backbone::BackboneName;
 use anomaly_data::{Dataset, SyntheticConfig, write_synthetic_dataset};
 use anomaly_eval::{Evaluation, ModelSource};
 use anomaly_fs::ReportWriter;
@@ -32,6 +33,9 @@ pub struct Args {
     /// Test images per defect type (cut, hole, missing_thread, stain).
     #[arg(long, default_value_t = 8, value_parser = count_in(0, 100_000))]
     per_defect: usize,
+    /// The ImageNet backbone whose pooled features fill the bank.
+    #[arg(long, value_enum, ignore_case = true, default_value_t = BackboneName::EfficientNetLite0)]
+    backbone: BackboneName,
     #[command(flatten)]
     memory_bank: MemoryBankSettings,
     #[command(flatten)]
@@ -41,7 +45,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let settings = MethodSettings { memory_bank: args.memory_bank, ..MethodSettings::default() };
+    let settings = MethodSettings { backbone: args.backbone, memory_bank: args.memory_bank, ..MethodSettings::default() };
     anomaly_method::check(MethodName::MemoryBank, &settings, args.train)?;
     let report = args.out.join("report");
     let writer = ReportWriter::start(&report)?;
@@ -57,7 +61,7 @@ pub fn run(args: Args) -> Result<()> {
     note!("synthetic woven fabric: {} (seed {})", data.display(), synthetic.seed);
     let dataset = Dataset { name: "synthetic woven fabric".into(), ..Dataset::mvtec(&data)? };
     let runtime = args.run.runtime()?;
-    note!("{} on {}", settings.memory_bank.backbone, runtime.device().describe());
+    note!("{} on {}", settings.backbone, runtime.device().describe());
     let source = ModelSource::Fit { method: MethodName::MemoryBank, settings: &settings };
     let Evaluation { summary, report } = anomaly_eval::evaluate(&dataset, source, &runtime, &args.options.options(report))?;
     writer.finish(&report)?;

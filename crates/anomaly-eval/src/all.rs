@@ -147,7 +147,11 @@ fn method_label(method: MethodName, settings: &MethodSettings) -> String {
     match method {
         MethodName::MemoryBank => {
             let s = &settings.memory_bank;
-            format!("{} with k = {}, {} feature columns", s.backbone, s.k, s.features)
+            format!("{} with k = {}, {} feature columns", settings.backbone, s.k, s.features)
+        }
+        MethodName::Patchcore => {
+            let s = &settings.patchcore;
+            format!("PatchCore on {}, coreset {}{}", settings.backbone, s.coreset_ratio, if s.reweight { ", reweighted" } else { "" })
         }
         MethodName::Autoencoder => format!("autoencoder {}px, latent {}", settings.autoencoder.image_size, settings.autoencoder.latent),
     }

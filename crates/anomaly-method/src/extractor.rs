@@ -138,7 +138,7 @@ impl Extractor {
         Ok(())
     }
 
-    fn forward(&self, batch: &Batch, side: usize, taps: &[&str]) -> Result<(Vec<f32>, Vec<HostMap>)> {
+    pub(crate) fn forward(&self, batch: &Batch, side: usize, taps: &[&str]) -> Result<(Vec<f32>, Vec<HostMap>)> {
         let input = Tensor::<4>::from_data(TensorData::new(batch.pixels.clone(), [batch.len(), 3, side, side]), &self.device.device);
         let features = self.backbone.features(input, taps);
         let pooled = to_vec(features.pooled.into_data()).context("reading features back from the device")?;

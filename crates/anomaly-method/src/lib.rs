@@ -10,6 +10,7 @@ mod autoencoder;
 mod extractor;
 mod memory_bank;
 pub mod patch_features;
+mod patchcore;
 mod progress;
 
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ pub use autoencoder::AutoencoderSettings;
 pub use extractor::{Extractor, HostMap, to_vec};
 pub use memory_bank::MemoryBankSettings;
 pub use patch_features::{PatchLayout, Patches};
+pub use patchcore::PatchCoreSettings;
 pub use progress::image_progress;
 
 /// The detection methods, as `--method` names them and model files record them.
@@ -33,18 +35,22 @@ pub enum MethodName {
     /// ImageNet features of a pretrained backbone, k nearest neighbours in a memory bank of good images.
     #[default]
     MemoryBank,
+    /// PatchCore: patch features of a pretrained backbone in a coreset bank; an image's worst patch's
+    /// distance to the bank scores, and the patches' distances map where the defect is.
+    Patchcore,
     /// A convolutional autoencoder trained on the good images; the reconstruction error scores.
     Autoencoder,
 }
 
 impl MethodName {
     /// Every method, in the order help texts list them.
-    pub const ALL: [MethodName; 2] = [Self::MemoryBank, Self::Autoencoder];
+    pub const ALL: [MethodName; 3] = [Self::MemoryBank, Self::Patchcore, Self::Autoencoder];
 
     /// The name on the command line and in model files.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::MemoryBank => anomaly_detector::MEMORY_BANK,
+            Self::Patchcore => anomaly_patchcore::PATCHCORE,
             Self::Autoencoder => anomaly_autoencoder::AUTOENCODER,
         }
     }
@@ -57,12 +63,29 @@ impl std::fmt::Display for MethodName {
 }
 
 /// Every method's settings, as the commands that fit take them (each method reads its own).
-#[derive(clap::Args, Clone, Debug, Default)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct MethodSettings {
+    /// The ImageNet backbone the memory bank and PatchCore take their features from.
+    #[arg(long, value_enum, ignore_case = true, default_value_t = BackboneName::EfficientNetLite0)]
+    pub backbone: BackboneName,
     #[command(flatten)]
     pub memory_bank: MemoryBankSettings,
     #[command(flatten)]
+    pub patchcore: PatchCoreSettings,
+    #[command(flatten)]
     pub autoencoder: AutoencoderSettings,
+}
+
+impl Default for MethodSettings {
+    /// The command line's defaults: EfficientNet-Lite0 and each method's own.
+    fn default() -> Self {
+        Self {
+            backbone: BackboneName::EfficientNetLite0,
+            memory_bank: MemoryBankSettings::default(),
+            patchcore: PatchCoreSettings::default(),
+            autoencoder: AutoencoderSettings::default(),
+        }
+    }
 }
 
 /// What one image's scoring produced.
@@ -204,6 +227,7 @@ impl Runtime {
 pub fn check(method: MethodName, settings: &MethodSettings, train_images: usize) -> Result<()> {
     match method {
         MethodName::MemoryBank => settings.memory_bank.check(train_images),
+        MethodName::Patchcore => settings.patchcore.check(settings.backbone, train_images),
         MethodName::Autoencoder => settings.autoencoder.check(),
     }
 }
@@ -218,9 +242,39 @@ pub fn fit(
 ) -> Result<Box<dyn Detector>> {
     check(method, settings, train.len())?;
     Ok(match method {
-        MethodName::MemoryBank => Box::new(memory_bank::MemoryBankDetector::fit(&settings.memory_bank, train, dataset, runtime)?),
+        MethodName::MemoryBank => {
+            Box::new(memory_bank::MemoryBankDetector::fit(&settings.memory_bank, settings.backbone, train, dataset, runtime)?)
+        }
+        MethodName::Patchcore => {
+            Box::new(patchcore::PatchCoreDetector::fit(&settings.patchcore, settings.backbone, train, dataset, runtime)?)
+        }
         MethodName::Autoencoder => Box::new(autoencoder::AutoencoderDetector::fit(&settings.autoencoder, train, dataset, runtime)?),
     })
+}
+
+/// The backbone a model file names, loaded, if its weights are the ones it was fitted with (`weights_file`,
+/// `weights_sha256` as the file records them; `path` names the model in errors).
+fn fitted_extractor(
+    name: BackboneName,
+    weights_file: &str,
+    weights_sha256: &str,
+    path: &Path,
+    runtime: &Runtime,
+) -> Result<Arc<Extractor>> {
+    let extractor = runtime.extractor(name)?;
+    let sha = extractor.weights_sha256()?;
+    if sha != weights_sha256 {
+        anyhow::bail!(
+            "{}: the model was fitted with {name} weights {weights_file} (sha256 {}…), but {} has sha256 {}…; put the weights it \
+             was fitted with in {} or refit the model",
+            path.display(),
+            &weights_sha256[..weights_sha256.len().min(12)],
+            extractor.weights().display(),
+            &sha[..12],
+            runtime.weights_dir().display()
+        );
+    }
+    Ok(extractor)
 }
 
 /// The error of a fit whose model holds a NaN, ±Inf or senseless number, raised before anything is written.
@@ -231,6 +285,7 @@ fn unusable_fit(reason: impl std::fmt::Display) -> anyhow::Error {
 /// A model file that passed every check that needs no device, parsed as far as that went.
 enum CheckedModel {
     MemoryBank(Box<anomaly_detector::Model>),
+    Patchcore(Box<anomaly_patchcore::PatchCoreModel>),
     Autoencoder,
 }
 
@@ -242,6 +297,7 @@ enum CheckedModel {
 pub fn check_model_file(bytes: &[u8], path: &Path) -> Result<MethodName> {
     Ok(match checked_model(bytes, path)? {
         CheckedModel::MemoryBank(_) => MethodName::MemoryBank,
+        CheckedModel::Patchcore(_) => MethodName::Patchcore,
         CheckedModel::Autoencoder => MethodName::Autoencoder,
     })
 }
@@ -258,6 +314,7 @@ fn checked_model(bytes: &[u8], path: &Path) -> Result<CheckedModel> {
     })?;
     Ok(match method {
         MethodName::MemoryBank => CheckedModel::MemoryBank(Box::new(memory_bank::check_model(bytes, path)?)),
+        MethodName::Patchcore => CheckedModel::Patchcore(Box::new(patchcore::check_model(bytes, path)?)),
         MethodName::Autoencoder => {
             anomaly_autoencoder::AutoencoderModel::check_bytes(bytes, path)?;
             CheckedModel::Autoencoder
@@ -270,6 +327,7 @@ fn checked_model(bytes: &[u8], path: &Path) -> Result<CheckedModel> {
 pub fn load(bytes: &[u8], path: &Path, runtime: &Runtime) -> Result<Box<dyn Detector>> {
     Ok(match checked_model(bytes, path)? {
         CheckedModel::MemoryBank(model) => Box::new(memory_bank::MemoryBankDetector::load(*model, path, runtime)?),
+        CheckedModel::Patchcore(model) => Box::new(patchcore::PatchCoreDetector::load(*model, path, runtime)?),
         CheckedModel::Autoencoder => Box::new(autoencoder::AutoencoderDetector::load(bytes, path, runtime)?),
     })
 }

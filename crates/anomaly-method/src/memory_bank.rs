@@ -13,25 +13,22 @@ use serde_json::json;
 
 use crate::{Detector, Embedding, Extractor, ImageOutput, MethodName, Runtime, Scorer, count_in};
 
-/// The memory bank's settings on the command line.
+/// The memory bank's settings on the command line (its backbone is [`crate::MethodSettings`]'s).
 #[derive(clap::Args, Clone, Copy, Debug)]
 pub struct MemoryBankSettings {
-    /// The ImageNet backbone whose pooled features fill the bank.
-    #[arg(long, value_enum, ignore_case = true, default_value_t = BackboneName::EfficientNetLite0)]
-    pub backbone: BackboneName,
-    /// Nearest bank rows an image's score averages over.
+    /// Memory bank: nearest bank rows an image's score averages over.
     #[arg(long, default_value_t = 50, value_parser = count_in(1, 100_000))]
     pub k: usize,
-    /// Feature columns kept: those of highest std-dev across the training images.
+    /// Memory bank: feature columns kept: those of highest std-dev across the training images.
     #[arg(long, default_value_t = 500, value_parser = count_in(1, 1_000_000))]
     pub features: usize,
 }
 
 impl Default for MemoryBankSettings {
-    /// The seed's settings: EfficientNet-Lite0, k = 50, 500 columns.
+    /// The seed's settings: k = 50, 500 columns.
     fn default() -> Self {
         let DetectorConfig { k, features } = DetectorConfig::default();
-        Self { backbone: BackboneName::EfficientNetLite0, k, features }
+        Self { k, features }
     }
 }
 
@@ -53,9 +50,9 @@ pub struct MemoryBankDetector {
 }
 
 impl MemoryBankDetector {
-    /// Extracts the good images' features and fits the bank to them.
-    pub fn fit(settings: &MemoryBankSettings, train: &[PathBuf], dataset: &str, runtime: &Runtime) -> Result<Self> {
-        let extractor = runtime.extractor(settings.backbone)?;
+    /// Extracts the good images' features with `backbone` and fits the bank to them.
+    pub fn fit(settings: &MemoryBankSettings, backbone: BackboneName, train: &[PathBuf], dataset: &str, runtime: &Runtime) -> Result<Self> {
+        let extractor = runtime.extractor(backbone)?;
         let features = extractor.pooled(train, runtime.batch_size(), runtime.image_limits(), "train features")?;
         let bank = MemoryBank::fit(&features, extractor.name().feature_dim(), settings.config(), extractor.compute()?)?;
         let source = FeatureSource {
@@ -75,21 +72,7 @@ impl MemoryBankDetector {
     pub fn load(model: Model, path: &Path, runtime: &Runtime) -> Result<Self> {
         let info = &model.info;
         let name: BackboneName = info.backbone.parse().map_err(|e: String| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let extractor = runtime.extractor(name)?;
-        let sha = extractor.weights_sha256()?;
-        if sha != info.weights_sha256 {
-            anyhow::bail!(
-                "{}: the model was fitted with {} weights {} (sha256 {}…), but {} has sha256 {}…; put the weights it was \
-                 fitted with in {} or refit the model",
-                path.display(),
-                info.backbone,
-                info.weights_file,
-                &info.weights_sha256[..info.weights_sha256.len().min(12)],
-                extractor.weights().display(),
-                &sha[..12],
-                runtime.weights_dir().display()
-            );
-        }
+        let extractor = crate::fitted_extractor(name, &info.weights_file, &info.weights_sha256, path, runtime)?;
         Ok(Self { model, extractor })
     }
 

@@ -378,6 +378,16 @@ impl Extractor {
         }
         self.run(paths, &layout.taps(), batch_size, limits, progress, |batch, _, maps| sink(batch, layout.patches(&maps)?))
     }
+
+    /// The patches in `layout` of a batch of images already preprocessed (a model file records the
+    /// preprocessing it was fitted with).
+    pub fn batch_patches(&self, layout: &PatchLayout, batch: &Batch, side: usize) -> Result<Patches> {
+        if layout.backbone() != self.name() {
+            bail!("a patch layout for {} cannot run on {}", layout.backbone(), self.name());
+        }
+        let (_, maps) = self.forward(batch, side, &layout.taps())?;
+        layout.patches(&maps)
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,302 @@
+//! PatchCore behind the [`Detector`] interface: the backbone's patch features ([`PatchLayout`]) of the good
+//! images go to anomaly-patchcore's [`PatchBank`] (coreset, leave-one-out thresholds); an image scores its
+//! worst patch's distance to the bank, and its map shows every patch's.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anomaly_backbone::BackboneName;
+use anomaly_data::{Batch, Preprocess};
+use anomaly_detector::ScoreStats;
+use anomaly_patchcore::{BankScorer, PatchBank, PatchCoreConfig, PatchCoreModel, PatchGeometry, PatchSource};
+use anyhow::Result;
+use serde_json::json;
+
+use crate::{Detector, Embedding, Extractor, ImageOutput, MethodName, PatchLayout, Runtime, Scorer, count_in, image_progress};
+
+/// PatchCore's settings on the command line (its backbone is [`crate::MethodSettings`]'s).
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct PatchCoreSettings {
+    /// PatchCore: share of the training patches its greedy coreset keeps in the bank (1 keeps all).
+    #[arg(long, default_value_t = 0.1, value_parser = coreset_ratio)]
+    pub coreset_ratio: f64,
+    /// PatchCore: dimensions of the coreset's seeded random projection (0: select on the patches as they are).
+    #[arg(long, default_value_t = 128, value_parser = count_in(0, 65_536))]
+    pub projection: usize,
+    /// PatchCore: seed of the coreset's projection and first pick.
+    #[arg(long, default_value_t = 0)]
+    pub coreset_seed: u64,
+    /// PatchCore: values per patch, pooled from the two feature maps' channels [default: 1024 for the
+    /// ResNets, all channels for EfficientNet-Lite].
+    #[arg(long, value_parser = count_in(1, 65_536))]
+    pub patch_dim: Option<usize>,
+    /// PatchCore: weigh an image's score by its worst patch's neighbourhood in the bank, as the paper's
+    /// reweighting.
+    #[arg(long)]
+    pub reweight: bool,
+}
+
+impl Default for PatchCoreSettings {
+    /// PatchCore's defaults: 10% coreset, 128-d projection, seed 0, the backbone's patch width.
+    fn default() -> Self {
+        let config = PatchCoreConfig::default();
+        Self {
+            coreset_ratio: config.coreset_ratio,
+            projection: config.projection,
+            coreset_seed: config.seed,
+            patch_dim: None,
+            reweight: false,
+        }
+    }
+}
+
+/// `--coreset-ratio`: a number above 0 and at most 1.
+fn coreset_ratio(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(ratio) if ratio > 0.0 && ratio <= 1.0 => Ok(ratio),
+        _ => Err("expected a share of the patches above 0 and at most 1 (0.1 keeps 10%)".into()),
+    }
+}
+
+impl PatchCoreSettings {
+    fn config(&self) -> PatchCoreConfig {
+        PatchCoreConfig { coreset_ratio: self.coreset_ratio, projection: self.projection, seed: self.coreset_seed, reweight: self.reweight }
+    }
+
+    fn layout(&self, backbone: BackboneName) -> Result<PatchLayout> {
+        let layout = PatchLayout::new(backbone);
+        match self.patch_dim {
+            Some(dim) => layout.with_patch_dim(dim),
+            None => Ok(layout),
+        }
+    }
+
+    /// Checks the settings against the backbone and the number of training images, before any image is read.
+    pub fn check(&self, backbone: BackboneName, train_images: usize) -> Result<()> {
+        self.layout(backbone)?;
+        Ok(self.config().check(train_images)?)
+    }
+}
+
+/// A fitted PatchCore model and the backbone that makes its patches.
+pub struct PatchCoreDetector {
+    model: PatchCoreModel,
+    layout: PatchLayout,
+    extractor: Arc<Extractor>,
+    /// The training images' mean patches, for the t-SNE map (known after a fit, not in the file).
+    train_embedding: Option<Vec<f32>>,
+}
+
+impl PatchCoreDetector {
+    /// Extracts the good images' patches and fits the bank to them.
+    pub fn fit(settings: &PatchCoreSettings, backbone: BackboneName, train: &[PathBuf], dataset: &str, runtime: &Runtime) -> Result<Self> {
+        let layout = settings.layout(backbone)?;
+        let extractor = runtime.extractor(backbone)?;
+        let preprocess = extractor.preprocess();
+        let (grid, dim) = (layout.grid(), layout.patch_dim());
+        let per_image = grid.0 * grid.1;
+        let mut patches = Vec::with_capacity(train.len() * per_image * dim);
+        let mut embedding = Vec::with_capacity(train.len() * dim);
+        let progress = image_progress(train.len(), "train patches");
+        extractor.patches(&layout, train.to_vec(), runtime.batch_size(), runtime.image_limits(), &progress, |_, batch| {
+            anyhow::ensure!(batch.grid == grid, "the backbone gave a {:?} patch grid, not the layout's {grid:?}", batch.grid);
+            embedding.extend(mean_patches(&batch.values, per_image, dim));
+            patches.extend_from_slice(&batch.values);
+            Ok(())
+        })?;
+        progress.finish_and_clear();
+        let geometry = PatchGeometry { grid, patch_dim: dim, side: preprocess.crop as usize };
+        let bank = PatchBank::fit(&patches, geometry, settings.config(), extractor.compute()?)?;
+        drop(patches);
+        let source = PatchSource {
+            backbone: extractor.name().to_string(),
+            weights_file: extractor.weights_name(),
+            weights_sha256: extractor.weights_sha256()?.to_string(),
+            preprocess,
+            taps: layout.taps().map(str::to_string),
+            dataset: dataset.to_string(),
+        };
+        let model = PatchCoreModel::new(bank, source);
+        model.check_values().map_err(crate::unusable_fit)?;
+        Ok(Self { model, layout, extractor, train_embedding: Some(embedding) })
+    }
+
+    /// Loads the backbone a checked model file ([`check_model`]) names, refusing weights other than the
+    /// ones it was fitted with.
+    pub fn load(model: PatchCoreModel, path: &Path, runtime: &Runtime) -> Result<Self> {
+        let layout = model_layout(&model, path)?;
+        let source = &model.info().source;
+        let extractor = crate::fitted_extractor(layout.backbone(), &source.weights_file, &source.weights_sha256, path, runtime)?;
+        Ok(Self { model, layout, extractor, train_embedding: None })
+    }
+
+    fn bank(&self) -> &PatchBank {
+        self.model.bank()
+    }
+}
+
+/// The patch layout a model file's header describes, if this build makes the same patches.
+fn model_layout(model: &PatchCoreModel, path: &Path) -> Result<PatchLayout> {
+    let info = model.info();
+    let name: BackboneName = info.source.backbone.parse().map_err(|e: String| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let layout = PatchLayout::new(name).with_patch_dim(info.geometry.patch_dim).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    anyhow::ensure!(
+        layout.taps().map(str::to_string) == info.source.taps && layout.grid() == info.geometry.grid,
+        "{}: its patches come from {:?} on a {:?} grid, but this anomaly makes {name}'s from {:?} on a {:?} grid; refit the model",
+        path.display(),
+        info.source.taps,
+        info.geometry.grid,
+        layout.taps(),
+        layout.grid()
+    );
+    anyhow::ensure!(
+        info.source.weights_sha256.len() == 64 && info.source.weights_sha256.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{}: not an anomaly model file (its weights sha256 is not 64 hex digits)",
+        path.display()
+    );
+    Ok(layout)
+}
+
+/// Reads a PatchCore model file without a device: the file's own checks and a layout this build makes.
+pub(crate) fn check_model(bytes: &[u8], path: &Path) -> Result<PatchCoreModel> {
+    let model = PatchCoreModel::from_bytes(bytes, path)?;
+    model_layout(&model, path)?;
+    Ok(model)
+}
+
+/// Each image's mean patch (`images × dim`): the vector the t-SNE map places it by.
+fn mean_patches(values: &[f32], per_image: usize, dim: usize) -> Vec<f32> {
+    values
+        .chunks_exact(per_image * dim)
+        .flat_map(|image| {
+            let mut sum = vec![0f64; dim];
+            for patch in image.chunks_exact(dim) {
+                for (s, &v) in sum.iter_mut().zip(patch) {
+                    *s += v as f64;
+                }
+            }
+            sum.into_iter().map(move |s| (s / per_image as f64) as f32)
+        })
+        .collect()
+}
+
+impl Detector for PatchCoreDetector {
+    fn method(&self) -> MethodName {
+        MethodName::Patchcore
+    }
+
+    fn preprocess(&self) -> &Preprocess {
+        &self.model.info().source.preprocess
+    }
+
+    fn threshold(&self) -> f32 {
+        self.model.info().threshold
+    }
+
+    fn threshold_rule(&self) -> &'static str {
+        "mean + 3 sigma (population) of the training images' leave-one-out scores (each against the bank without its own \
+         patches); anomalous when score > threshold"
+    }
+
+    fn pixel_threshold(&self) -> Option<f32> {
+        Some(self.model.info().pixel_threshold)
+    }
+
+    fn train_scores(&self) -> &ScoreStats {
+        &self.model.info().train_scores
+    }
+
+    fn title(&self) -> String {
+        let info = self.model.info();
+        format!("{} · PatchCore · {} of {} patches", info.source.backbone, info.bank_rows, info.train_patches)
+    }
+
+    fn describe(&self) -> String {
+        let info = self.model.info();
+        format!(
+            "{} images, a bank of {} of {} patches ({}-d, coreset {}), threshold {:.4} (training scores: mean {:.4}, σ {:.4}, max \
+             {:.4}), pixel threshold {:.4}",
+            info.train_scores.count,
+            info.bank_rows,
+            info.train_patches,
+            info.geometry.patch_dim,
+            info.config.coreset_ratio,
+            info.threshold,
+            info.train_scores.mean,
+            info.train_scores.std,
+            info.train_scores.max,
+            info.pixel_threshold
+        )
+    }
+
+    fn embedding_name(&self) -> &'static str {
+        "the images' mean patch features"
+    }
+
+    fn report_fields(&self) -> serde_json::Value {
+        let info = self.model.info();
+        json!({
+            "method": MethodName::Patchcore.as_str(),
+            "backbone": info.source.backbone,
+            "weights_sha256": info.source.weights_sha256,
+            "device": self.device(),
+            "taps": info.source.taps,
+            "patch_dim": info.geometry.patch_dim,
+            "patch_grid": [info.geometry.grid.0, info.geometry.grid.1],
+            "coreset_ratio": info.config.coreset_ratio,
+            "projection": info.config.projection,
+            "coreset_seed": info.config.seed,
+            "reweight": info.config.reweight,
+            "bank_rows": info.bank_rows,
+            "train_patches": info.train_patches,
+            "pixel_threshold": info.pixel_threshold,
+        })
+    }
+
+    fn info(&self) -> serde_json::Value {
+        serde_json::to_value(self.model.info()).expect("model info serialises")
+    }
+
+    fn train_embedding(&self) -> Option<Embedding<'_>> {
+        self.train_embedding.as_deref().map(|rows| Embedding { width: self.layout.patch_dim(), rows })
+    }
+
+    fn device(&self) -> String {
+        self.extractor.device().describe()
+    }
+
+    fn scorer(&self) -> Result<Box<dyn Scorer + '_>> {
+        Ok(Box::new(PatchScorer { detector: self, scorer: self.bank().scorer(self.extractor.compute()?)? }))
+    }
+
+    fn to_bytes(&self) -> Result<Vec<u8>> {
+        Ok(self.model.to_bytes())
+    }
+}
+
+/// Scores batches against a bank uploaded once to the kernels' device.
+struct PatchScorer<'a> {
+    detector: &'a PatchCoreDetector,
+    scorer: BankScorer<'a>,
+}
+
+impl Scorer for PatchScorer<'_> {
+    fn score(&mut self, batch: &Batch) -> Result<Vec<ImageOutput>> {
+        let detector = self.detector;
+        let side = detector.preprocess().crop as usize;
+        let patches = detector.extractor.batch_patches(&detector.layout, batch, side)?;
+        let dim = patches.patch_dim;
+        let embeddings = mean_patches(&patches.values, patches.per_image(), dim);
+        let scored = self.scorer.score(&patches.values)?;
+        Ok(scored
+            .into_iter()
+            .zip(embeddings.chunks_exact(dim))
+            .map(|(image, embedding)| ImageOutput {
+                score: image.score,
+                embedding: embedding.to_vec(),
+                map: Some(image.map),
+                reconstruction: None,
+            })
+            .collect())
+    }
+}
