@@ -14,5 +14,6 @@ mod kernels;
 mod metrics;
 mod outputs;
 mod patch_features;
+mod patchcore;
 mod report;
 mod weights;

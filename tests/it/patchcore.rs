@@ -1,0 +1,113 @@
+//! PatchCore end to end on the synthetic fabric with the real EfficientNet-Lite0 weights: fit, eval
+//! (image and pixel metrics), predict, and maps that point at the defect.
+
+use std::path::{Path, PathBuf};
+
+use anomaly_data::{Dataset, ImageLimits, Label, Split, SyntheticConfig, write_synthetic_dataset};
+use anomaly_method::{MethodName, MethodSettings, Runtime};
+
+use crate::cli::{anomaly, stderr, weights_dir};
+use crate::common::lite0_weights;
+
+fn synthetic(root: &Path, seed: u64) {
+    let config = SyntheticConfig { seed, size: 96, train: 8, test_good: 3, per_defect: 2 };
+    write_synthetic_dataset(root, &config).unwrap();
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn patchcore_fits_evaluates_with_pixel_metrics_and_predicts_the_same_scores() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("fabric");
+    synthetic(&data, 31);
+    let (model, weights) = (dir.path().join("pc.safetensors"), weights_dir());
+    let common = ["--device", "cpu", "--offline", "--weights-dir", weights.to_str().unwrap()];
+    let fit =
+        [&["fit", "--method", "patchcore", "--data", data.to_str().unwrap(), "--model", model.to_str().unwrap(), "--json"], &common[..]];
+    let output = anomaly(&fit.concat());
+    assert!(output.status.success(), "{}", stderr(&output));
+    let fitted: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let info = &fitted["info"];
+    assert_eq!(info["method"], "patchcore");
+    assert_eq!(info["taps"], serde_json::json!(["block4", "block10"]));
+    // 8 images of 28 × 28 patches, 10% kept.
+    assert_eq!(info["train_patches"].as_u64(), Some(8 * 784));
+    assert_eq!(info["bank_rows"].as_u64(), Some((8 * 784usize).div_ceil(10) as u64));
+    assert!(info["threshold"].as_f64().unwrap() > 0.0 && info["pixel_threshold"].as_f64().unwrap() > 0.0);
+
+    let report = dir.path().join("report");
+    let eval = [
+        &["eval", "--data", data.to_str().unwrap(), "--model", model.to_str().unwrap(), "--report", report.to_str().unwrap()],
+        &common[..],
+    ];
+    let output = anomaly(&eval.concat());
+    assert!(output.status.success(), "{}", stderr(&output));
+    let metrics = read_json(&report.join("metrics.json"));
+    assert_eq!(metrics["method"], "patchcore");
+    assert_eq!(metrics["bank_rows"], info["bank_rows"]);
+    for key in ["image_auroc", "pixel_auroc", "threshold", "pixel_threshold"] {
+        assert!(metrics[key].is_number(), "{key}: {metrics}");
+    }
+    // The fabric's defects are plain to see: PatchCore finds them all.
+    assert!(metrics["image_auroc"].as_f64().unwrap() > 0.9, "{metrics}");
+    assert!(metrics["pixel_auroc"].as_f64().unwrap() > 0.9, "{metrics}");
+
+    let test = data.join("test");
+    let predict = [&["predict", "--model", model.to_str().unwrap(), test.to_str().unwrap(), "--json"], &common[..]];
+    let output = anomaly(&predict.concat());
+    assert!(output.status.success(), "{}", stderr(&output));
+    let predicted: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let csv = std::fs::read_to_string(report.join("scores.csv")).unwrap();
+    assert_eq!(predicted.len(), csv.lines().count() - 1);
+    for (line, prediction) in csv.lines().skip(1).zip(&predicted) {
+        let reported: f64 = line.split(',').nth(3).unwrap().parse().unwrap();
+        assert!((prediction["score"].as_f64().unwrap() - reported).abs() < 1e-5, "{line} vs {prediction}");
+    }
+}
+
+#[test]
+fn a_patchcore_map_peaks_inside_the_mask_of_each_defect() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("fabric");
+    synthetic(&data, 32);
+    let dataset = Dataset::mvtec(&data).unwrap();
+    let weights = lite0_weights();
+    let device = anomaly_device::ResolvedDevice { device: burn::tensor::Device::flex(), adapter: None };
+    let folder = weights.parent().unwrap().to_path_buf();
+    let runtime = Runtime::new(device, &folder, Box::new(move |_| Ok(weights.clone())), 4, ImageLimits::default());
+    let train: Vec<PathBuf> = dataset.split(Split::Train).map(|s| s.path.clone()).collect();
+    let detector = anomaly_method::fit(MethodName::Patchcore, &MethodSettings::default(), &train, "fabric", &runtime).unwrap();
+    assert_eq!(detector.method(), MethodName::Patchcore);
+    let defective: Vec<_> = dataset.split(Split::Test).filter(|s| s.label == Label::Defective && s.mask.is_some()).collect();
+    let paths = defective.iter().map(|s| s.path.clone()).collect();
+    let mut outputs = Vec::new();
+    anomaly_method::score_paths(detector.as_ref(), paths, 4, ImageLimits::default(), |_, batch| {
+        outputs.extend(batch);
+        Ok(())
+    })
+    .unwrap();
+    let preprocess = detector.preprocess();
+    let side = preprocess.crop as usize;
+    for (sample, output) in defective.iter().zip(&outputs) {
+        let map = output.map.as_ref().expect("PatchCore maps every image");
+        assert_eq!(map.len(), side * side);
+        let peak = map.iter().enumerate().fold((0, f32::MIN), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0;
+        let mask = preprocess.read_mask(sample.mask.as_ref().unwrap(), &ImageLimits::default()).unwrap();
+        // Within a patch (8 px) of the mask: the map is blurred and its grid is the patches'.
+        let near = |i: usize| {
+            let (y, x) = ((i / side) as isize, (i % side) as isize);
+            (-8..=8).any(|dy| {
+                (-8..=8).any(|dx| {
+                    let (yy, xx) = (y + dy, x + dx);
+                    (0..side as isize).contains(&yy) && (0..side as isize).contains(&xx) && mask[yy as usize * side + xx as usize]
+                })
+            })
+        };
+        assert!(near(peak), "{}: the map peaks at ({}, {}), away from the defect", sample.path.display(), peak / side, peak % side);
+        assert!(output.score > detector.threshold(), "{}: {} ≤ threshold {}", sample.path.display(), output.score, detector.threshold());
+    }
+}
