@@ -106,7 +106,13 @@ impl PatchCoreDetector {
         })?;
         progress.finish_and_clear();
         let geometry = PatchGeometry { grid, patch_dim: dim, side: preprocess.crop as usize };
+        let spinner = stage_spinner(format!(
+            "PatchCore: coreset of {} patches and leave-one-out threshold on {}",
+            patches.len() / dim,
+            if extractor.device().is_wgpu() { "wgpu" } else { "the CPU" }
+        ));
         let bank = PatchBank::fit(&patches, geometry, settings.config(), extractor.compute()?)?;
+        spinner.finish_and_clear();
         drop(patches);
         let source = PatchSource {
             backbone: extractor.name().to_string(),
@@ -162,6 +168,13 @@ pub(crate) fn check_model(bytes: &[u8], path: &Path) -> Result<PatchCoreModel> {
     let model = PatchCoreModel::from_bytes(bytes, path)?;
     model_layout(&model, path)?;
     Ok(model)
+}
+
+/// A spinner naming a stage that shows no count (drawn when stderr is a terminal).
+fn stage_spinner(message: String) -> indicatif::ProgressBar {
+    let spinner = indicatif::ProgressBar::new_spinner().with_message(message);
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    spinner
 }
 
 /// Each image's mean patch (`images × dim`): the vector the t-SNE map places it by.
@@ -235,7 +248,7 @@ impl Detector for PatchCoreDetector {
 
     fn report_fields(&self) -> serde_json::Value {
         let info = self.model.info();
-        json!({
+        let mut fields = json!({
             "method": MethodName::Patchcore.as_str(),
             "backbone": info.source.backbone,
             "weights_sha256": info.source.weights_sha256,
@@ -250,7 +263,11 @@ impl Detector for PatchCoreDetector {
             "bank_rows": info.bank_rows,
             "train_patches": info.train_patches,
             "pixel_threshold": info.pixel_threshold,
-        })
+        });
+        if let Some(seconds) = self.bank().fit_seconds() {
+            fields["fit_stages_s"] = json!(seconds);
+        }
+        fields
     }
 
     fn info(&self) -> serde_json::Value {

@@ -110,6 +110,15 @@ pub struct ImageScore {
     pub map: Vec<f32>,
 }
 
+/// Seconds a fit spent in its two stages, for reports and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct FitSeconds {
+    /// The coreset: projection and greedy selection.
+    pub coreset: f64,
+    /// The leave-one-out scores and maps of the training images.
+    pub leave_one_out: f64,
+}
+
 /// A fitted PatchCore bank with its thresholds.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PatchBank {
@@ -119,6 +128,8 @@ pub struct PatchBank {
     train_patches: usize,
     train_scores: Vec<f32>,
     train_map_maxima: Vec<f32>,
+    /// Known after a fit in this process, not kept in the file.
+    fit_seconds: Option<FitSeconds>,
 }
 
 impl PatchBank {
@@ -131,6 +142,7 @@ impl PatchBank {
         let images = patches.len() / (per_image * dim);
         config.check(images)?;
         let n = images * per_image;
+        let clock = std::time::Instant::now();
         let mut picks = match compute {
             Compute::Gpu(kernels) => kernels.coreset(patches, n, dim, &config.coreset())?,
             Compute::Cpu => fast::coreset(patches, n, dim, &config.coreset())?,
@@ -143,7 +155,9 @@ impl PatchBank {
         if let Some(&image) = sources.first().filter(|&&first| sources.iter().all(|&s| s == first)) {
             return Err(PatchCoreError::OneImageBank { rows: sources.len(), image });
         }
-        let mut bank = Self { config, geometry, rows, train_patches: n, train_scores: Vec::new(), train_map_maxima: Vec::new() };
+        let coreset_seconds = clock.elapsed().as_secs_f64();
+        let mut bank =
+            Self { config, geometry, rows, train_patches: n, train_scores: Vec::new(), train_map_maxima: Vec::new(), fit_seconds: None };
         let k = LEAVE_ONE_OUT_K.min(sources.len());
         let neighbours = match compute {
             Compute::Gpu(kernels) => kernels.knn_host(&kernels.upload(&bank.rows, sources.len(), dim)?, patches, k)?,
@@ -171,6 +185,7 @@ impl PatchBank {
             })
             .collect();
         (bank.train_scores, bank.train_map_maxima) = scored.into_iter().unzip();
+        bank.fit_seconds = Some(FitSeconds { coreset: coreset_seconds, leave_one_out: clock.elapsed().as_secs_f64() - coreset_seconds });
         Ok(bank)
     }
 
@@ -194,7 +209,7 @@ impl PatchBank {
                 train_map_maxima.len()
             )));
         }
-        Ok(Self { config, geometry, rows, train_patches, train_scores, train_map_maxima })
+        Ok(Self { config, geometry, rows, train_patches, train_scores, train_map_maxima, fit_seconds: None })
     }
 
     /// The nearest bank row among those `allowed`, by a plain scan: `(distance, row)`.
@@ -274,6 +289,11 @@ impl PatchBank {
     /// Its patches' grid, width and input side.
     pub fn geometry(&self) -> &PatchGeometry {
         &self.geometry
+    }
+
+    /// How long the fit's stages took, when this process fitted the bank.
+    pub fn fit_seconds(&self) -> Option<FitSeconds> {
+        self.fit_seconds
     }
 
     /// Training patches the coreset chose from.
