@@ -386,11 +386,11 @@ fn models_that_do_not_fit_are_refused_with_one_line() {
     predict(&other_weights, "the model was fitted with efficientnet-lite0 weights");
 
     // A model file of a method this build does not know (a newer anomaly's) is named, not misread.
-    let metadata = anomaly_detector::model_metadata(r#"{"method":"patchcore"}"#.into());
+    let metadata = anomaly_detector::model_metadata(r#"{"method":"normalizing-flow"}"#.into());
     let no_tensors: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
     let unknown = dir.path().join("unknown-method.safetensors");
     std::fs::write(&unknown, safetensors::serialize(no_tensors, Some(metadata)).unwrap()).unwrap();
-    predict(&unknown, "unknown-method.safetensors: a model of method 'patchcore', which this anomaly does not know");
+    predict(&unknown, "unknown-method.safetensors: a model of method 'normalizing-flow', which this anomaly does not know");
 
     // k larger than the bank: refused before any feature is computed, and no model written.
     let model = dir.path().join("never.safetensors");
