@@ -111,3 +111,35 @@ fn a_patchcore_map_peaks_inside_the_mask_of_each_defect() {
         assert!(output.score > detector.threshold(), "{}: {} ≤ threshold {}", sample.path.display(), output.score, detector.threshold());
     }
 }
+
+#[test]
+fn a_patchcore_bank_is_the_same_on_wgpu_chunked_or_not_as_on_the_cpu() {
+    use anomaly_detector::Compute;
+    use anomaly_kernels::{GpuKernels, KernelLimits};
+    use anomaly_patchcore::{PatchBank, PatchCoreConfig, PatchGeometry};
+
+    crate::common::wgpu_device();
+    let geometry = PatchGeometry { grid: (6, 6), patch_dim: 40, side: 48 };
+    let mut rng = crate::common::Rng::new(12);
+    // Six images of clustered patches, as real ones are: a few textures plus noise.
+    let textures = rng.normals(5 * geometry.patch_dim, 0.0, 1.0);
+    let patches: Vec<f32> = (0..6 * geometry.per_image())
+        .flat_map(|p| {
+            let texture = &textures[(p * 7 % 5) * geometry.patch_dim..][..geometry.patch_dim];
+            texture.iter().zip(rng.normals(geometry.patch_dim, 0.0, 0.2)).map(|(t, n)| t + n).collect::<Vec<_>>()
+        })
+        .collect();
+    let config = PatchCoreConfig { coreset_ratio: 0.25, projection: 16, ..PatchCoreConfig::default() };
+    let cpu = PatchBank::fit(&patches, geometry, config, &Compute::Cpu).unwrap();
+    let whole = GpuKernels::shared().unwrap();
+    // 4 KiB bindings split the bank (54 rows of 160 bytes) into 3 chunks, the 216 training patches into
+    // 9, and the coreset's projected points (64 bytes each) into 4.
+    let small = GpuKernels::shared().unwrap().with_limits(KernelLimits { max_binding_bytes: 4096, ..whole.limits() });
+    for (name, kernels) in [("whole", whole), ("4 KiB bindings", small)] {
+        let gpu = PatchBank::fit(&patches, geometry, config, &Compute::Gpu(kernels)).unwrap();
+        assert_eq!(gpu.rows(), cpu.rows(), "{name}: the coreset picked other patches");
+        for (g, c) in gpu.train_scores().iter().zip(cpu.train_scores()).chain(gpu.train_map_maxima().iter().zip(cpu.train_map_maxima())) {
+            assert!((g - c).abs() <= 1e-4 * c.max(1.0), "{name}: {g} vs {c}");
+        }
+    }
+}
