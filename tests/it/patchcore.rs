@@ -67,6 +67,27 @@ fn patchcore_fits_evaluates_with_pixel_metrics_and_predicts_the_same_scores() {
         let reported: f64 = line.split(',').nth(3).unwrap().parse().unwrap();
         assert!((prediction["score"].as_f64().unwrap() - reported).abs() < 1e-5, "{line} vs {prediction}");
     }
+
+    // A test image of another size and shape than the training images is scored all the same.
+    let odd = dir.path().join("odd.png");
+    let image = image::open(data.join("test/good/000.png")).unwrap();
+    image.resize_exact(150, 70, image::imageops::FilterType::Triangle).save(&odd).unwrap();
+    let output = anomaly(&[&["predict", "--model", model.to_str().unwrap(), odd.to_str().unwrap(), "--json"], &common[..]].concat());
+    assert!(output.status.success(), "{}", stderr(&output));
+    let prediction: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(prediction["score"].as_f64().unwrap() > 0.0, "{prediction}");
+
+    // One training image cannot give a leave-one-out threshold: one line says so, and no model is written.
+    let single = dir.path().join("single");
+    std::fs::create_dir(&single).unwrap();
+    std::fs::copy(data.join("train/good/000.png"), single.join("only.png")).unwrap();
+    let never = dir.path().join("never.safetensors");
+    let fit_one = [&["fit", "--method", "patchcore", "--data", single.to_str().unwrap(), "--model", never.to_str().unwrap()], &common[..]];
+    let output = anomaly(&fit_one.concat());
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(message.contains("PatchCore needs at least 2 training images") && message.lines().count() == 1, "{message}");
+    assert!(!never.exists());
 }
 
 #[test]
