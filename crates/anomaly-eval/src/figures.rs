@@ -87,9 +87,9 @@ pub(crate) fn reconstructions_png(
         rows.push((
             name,
             vec![
-                GridImage { image: to_rgb(input, side), mask },
-                GridImage { image: to_rgb(reconstruction, side), mask: None },
-                GridImage { image: heat(map, side, peak), mask: None },
+                GridImage { image: to_rgb(input, side), mask, caption: String::new() },
+                GridImage { image: to_rgb(reconstruction, side), mask: None, caption: String::new() },
+                GridImage { image: heat(map, side, peak), mask: None, caption: String::new() },
             ],
         ));
     }
