@@ -26,10 +26,11 @@ pub(crate) fn shown_images(test: &[&Sample]) -> BTreeSet<usize> {
     shown
 }
 
-/// Pixel AUROC of the anomaly maps (over the input crop) against the masks: good images' pixels are all
+/// Pixel AUROC of the anomaly maps over the input crop against the masks brought into its geometry
+/// (`pixel_auroc_crop`, beside the metrics at the images' own resolution): good images' pixels are all
 /// negatives, defective images without a mask are left out. `None` when the method gives no maps; the
 /// value is `None` with a note when it is undefined.
-pub(crate) fn pixel_auroc(
+pub(crate) fn pixel_auroc_crop(
     test: &[&Sample],
     outputs: &[ImageOutput],
     preprocess: &Preprocess,
@@ -151,11 +152,11 @@ mod tests {
         let refs: Vec<&Sample> = test.iter().collect();
         // The defect's pixels score highest, the unmasked "hole" image would spoil it but is left out.
         let outputs = [output(vec![0.1, 0.2, 0.1, 0.2]), output(vec![0.0, 0.9, 0.1, 0.8]), output(vec![5.0; 4])];
-        let (value, note) = pixel_auroc(&refs, &outputs, &preprocess, ImageLimits::default()).unwrap().unwrap();
+        let (value, note) = pixel_auroc_crop(&refs, &outputs, &preprocess, ImageLimits::default()).unwrap().unwrap();
         assert!((value.unwrap() - 1.0).abs() < 1e-12 && note.is_none(), "{value:?} {note:?}");
         // Methods without maps have no pixel AUROC at all; a set without defective pixels has an undefined one.
         assert!(
-            pixel_auroc(
+            pixel_auroc_crop(
                 &refs,
                 &[ImageOutput::default(), ImageOutput::default(), ImageOutput::default()],
                 &preprocess,
@@ -164,7 +165,7 @@ mod tests {
             .unwrap()
             .is_none()
         );
-        let (value, note) = pixel_auroc(&refs[..1], &outputs[..1], &preprocess, ImageLimits::default()).unwrap().unwrap();
+        let (value, note) = pixel_auroc_crop(&refs[..1], &outputs[..1], &preprocess, ImageLimits::default()).unwrap().unwrap();
         assert!(value.is_none() && note.unwrap().contains("undefined"));
     }
 }
