@@ -653,7 +653,53 @@ fn the_autoencoder_fits_evaluates_with_pixel_auroc_and_predicts() {
     for (line, prediction) in csv.lines().skip(1).zip(&predicted) {
         let reported: f64 = line.split(',').nth(3).unwrap().parse().unwrap();
         assert!((prediction["score"].as_f64().unwrap() - reported).abs() < 1e-5, "{line} vs {prediction}");
+        // The map's largest value; no box, as the autoencoder has no pixel threshold.
+        assert!(prediction["map_max"].as_f64().is_some_and(|m| m > 0.0) && prediction.get("bbox").is_none(), "{prediction}");
     }
+
+    // --maps writes each image's overlay (and with --tiff its float map) by file stem.
+    let predicted_maps = dir.path().join("predicted");
+    let good = data.join("test/good");
+    let output = anomaly(&[
+        "predict",
+        "--model",
+        model.to_str().unwrap(),
+        good.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--maps",
+        predicted_maps.to_str().unwrap(),
+        "--tiff",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let mut written: Vec<String> =
+        std::fs::read_dir(&predicted_maps).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    written.sort();
+    let mut expected: Vec<String> = std::fs::read_dir(&good)
+        .unwrap()
+        .flat_map(|e| {
+            let stem = e.unwrap().path().file_stem().unwrap().to_string_lossy().into_owned();
+            [format!("{stem}.png"), format!("{stem}.tiff")]
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(written, expected);
+    assert_eq!(image::image_dimensions(predicted_maps.join(&expected[0])).unwrap(), (64, 64));
+    // Images whose overlays would overwrite each other (the same name under two defect folders) are
+    // refused before any work; --tiff needs --maps.
+    let output = anomaly(&[
+        "predict",
+        "--model",
+        model.to_str().unwrap(),
+        data.join("test").to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--maps",
+        predicted_maps.to_str().unwrap(),
+    ]);
+    assert!(!output.status.success() && stderr(&output).contains("would both be written to"), "{}", stderr(&output));
+    let output = anomaly(&["predict", "--model", model.to_str().unwrap(), good.to_str().unwrap(), "--tiff"]);
+    assert!(!output.status.success() && stderr(&output).contains("--maps"), "{}", stderr(&output));
 }
 
 #[test]

@@ -214,8 +214,51 @@ fn saved_map_path(dir: &Path, dataset: &str, sample: &Sample) -> PathBuf {
     path
 }
 
+/// The smallest rectangle (in the image's pixels) holding every pixel of `map` (row-major, `width` wide)
+/// above `threshold`: where a method that localises says the defect is. `None` when no pixel is above.
+pub fn bounding_box(map: &[f32], width: u32, threshold: f32) -> Option<BoundingBox> {
+    let width = width.max(1) as usize;
+    let (mut left, mut top, mut right, mut bottom) = (usize::MAX, usize::MAX, 0, 0);
+    for (y, row) in map.chunks_exact(width).enumerate() {
+        let (Some(first), Some(last)) = (row.iter().position(|&v| v > threshold), row.iter().rposition(|&v| v > threshold)) else {
+            continue;
+        };
+        (left, right) = (left.min(first), right.max(last));
+        (top, bottom) = (top.min(y), y);
+    }
+    (left != usize::MAX).then(|| BoundingBox {
+        x: left as u32,
+        y: top as u32,
+        width: (right - left + 1) as u32,
+        height: (bottom - top + 1) as u32,
+    })
+}
+
+/// A rectangle of an image's pixels: its top-left corner and size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct BoundingBox {
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// Writes the image at `image_path` (read within `limits`) with `map` (at the image's size) over it in heat
+/// colours from 0 to `scale`, as heatmaps.png and `eval --save-maps` draw them, as a PNG at `path`.
+pub fn write_map_overlay(path: &Path, image_path: &Path, map: &[f32], scale: f32, limits: &ImageLimits) -> Result<()> {
+    let image = load_rgb8(image_path, limits)?;
+    anyhow::ensure!(
+        image.width() as usize * image.height() as usize == map.len(),
+        "{}: the image changed while it was scored ({}×{})",
+        image_path.display(),
+        image.width(),
+        image.height()
+    );
+    write_png(path, &overlay(&image, map, None, scale))
+}
+
 /// Writes a single-channel float32 TIFF (what MVTec AD's evaluation code reads anomaly maps from).
-pub(crate) fn write_float_tiff(path: &Path, width: u32, height: u32, values: &[f32]) -> Result<()> {
+pub fn write_float_tiff(path: &Path, width: u32, height: u32, values: &[f32]) -> Result<()> {
     anomaly_fs::write_atomic_with(path, |file| -> Result<()> {
         let mut writer = std::io::BufWriter::new(file);
         let mut encoder = tiff::encoder::TiffEncoder::new(&mut writer).with_context(|| format!("{}: writing", path.display()))?;
@@ -367,6 +410,17 @@ mod tests {
         assert_eq!(saved_map_path(dir, "bottle", &nested).with_extension("tiff"), Path::new("/maps/bottle/test/broken_large/sub/000.tiff"));
         let elsewhere = sample(PathBuf::from("../x/7.png"), "good", None);
         assert_eq!(saved_map_path(dir, "x", &elsewhere), Path::new("/maps/x/test/good/7.png"));
+    }
+
+    #[test]
+    fn bounding_boxes_hold_the_pixels_above_the_threshold() {
+        let mut map = vec![0.0f32; 5 * 4];
+        assert_eq!(bounding_box(&map, 5, 0.5), None);
+        map[5 + 3] = 0.9; // (3, 1)
+        map[2 * 5 + 1] = 0.6; // (1, 2)
+        map[3 * 5 + 4] = 0.5; // (4, 3): not above
+        assert_eq!(bounding_box(&map, 5, 0.5), Some(BoundingBox { x: 1, y: 1, width: 3, height: 2 }));
+        assert_eq!(bounding_box(&map, 5, 0.0), Some(BoundingBox { x: 1, y: 1, width: 4, height: 3 }));
     }
 
     #[test]
