@@ -138,7 +138,7 @@ impl MapOutputs<'_> {
     ) -> Result<Option<MapDetail>> {
         let Some(map) = &output.map else { return Ok(None) };
         let map = preprocess.map_to_original(map, size).with_context(|| format!("{}: its anomaly map", path.display()))?;
-        let max = map.iter().copied().fold(0.0f32, f32::max);
+        let max = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let bbox = self.pixel_threshold.map(|t| anomaly_eval::bounding_box(&map, size.0, t));
         if let Some(dir) = self.dir {
             let scale = self.pixel_threshold.map_or(max, |t| 2.0 * t);

@@ -192,7 +192,7 @@ pub fn evaluate(dataset: &Dataset, source: ModelSource, runtime: &Runtime, optio
         maps::TestMaps { test: &test, outputs: &outputs, sizes: &sizes, preprocess: detector.preprocess(), limits: runtime.image_limits() };
     let crop_pixel = figures::pixel_auroc_crop(&test, &outputs, detector.preprocess(), runtime.image_limits())?;
     let pixel = maps.pixel_metrics()?;
-    if let Some((value, _)) = &crop_pixel {
+    if let Some(value) = crop_pixel {
         method["pixel_auroc_crop"] = serde_json::json!(value);
     }
     match &pixel {
