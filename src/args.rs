@@ -87,6 +87,6 @@ pub struct ReportArgs {
 impl ReportArgs {
     /// The evaluation options for a report in `report`.
     pub fn options(&self, report: PathBuf) -> anomaly_eval::EvalOptions {
-        anomaly_eval::EvalOptions { report, seed: self.seed, tsne_points: self.tsne_points }
+        anomaly_eval::EvalOptions { report, seed: self.seed, tsne_points: self.tsne_points, save_maps: None }
     }
 }

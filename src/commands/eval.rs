@@ -35,12 +35,20 @@ pub struct Args {
     report: PathBuf,
     #[command(flatten)]
     options: ReportArgs,
+    /// For methods with anomaly maps: save each test image's map at its original size as a float32 TIFF
+    /// in MVTec AD's evaluation layout, DIR/<category>/test/<defect>/<name>.tiff, with an overlay PNG
+    /// (<name>.png) beside it. Outside --report; files are replaced one by one.
+    #[arg(long, value_name = "DIR")]
+    save_maps: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> Result<()> {
     // The report folder is locked and checked before anything is read or computed.
     let writer = ReportWriter::start(&args.report)?;
-    let options = args.options.options(args.report.clone());
+    if let Some(maps) = &args.save_maps {
+        check_maps_folder(maps, &args.report)?;
+    }
+    let options = anomaly_eval::EvalOptions { save_maps: args.save_maps.clone(), ..args.options.options(args.report.clone()) };
     if let Some(root) = &args.all {
         anomaly_method::check(args.method, &args.settings, usize::MAX)?;
         let runtime = args.run.runtime()?;
@@ -85,6 +93,20 @@ pub fn run(args: Args) -> Result<()> {
     let Evaluation { summary, report } = anomaly_eval::evaluate(&dataset, source, &runtime, &options)?;
     writer.finish(&report)?;
     print_summary(&summary, args.options.json)
+}
+
+/// Fails before any work when `--save-maps` cannot be written, or lies inside the report folder (which
+/// the report replaces whole, maps and all).
+fn check_maps_folder(maps: &std::path::Path, report: &std::path::Path) -> Result<()> {
+    let absolute = |path: &std::path::Path| std::path::absolute(path).with_context(|| format!("{}: resolving the path", path.display()));
+    anyhow::ensure!(
+        !absolute(maps)?.starts_with(absolute(report)?),
+        "{}: --save-maps must be outside the --report folder {} (a report replaces its whole folder)",
+        maps.display(),
+        report.display()
+    );
+    anomaly_fs::check_folder_output(maps, "--save-maps")?;
+    Ok(())
 }
 
 /// Prints an evaluation's result: the metrics file as JSON, or a line and the report's files.

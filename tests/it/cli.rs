@@ -577,26 +577,53 @@ fn the_autoencoder_fits_evaluates_with_pixel_auroc_and_predicts() {
     assert_eq!(fitted["info"]["epoch_losses"].as_array().unwrap().len(), 3);
 
     let report = dir.path().join("report");
-    let output = anomaly(&[
-        "eval",
-        "--data",
-        data.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "--report",
-        report.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
+    let maps = dir.path().join("maps");
+    let eval = |report: &Path, maps: &Path| {
+        anomaly(&[
+            "eval",
+            "--data",
+            data.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--save-maps",
+            maps.to_str().unwrap(),
+        ])
+    };
+    let output = eval(&report, &maps);
     assert!(output.status.success(), "{}", stderr(&output));
     let metrics = read_json(&report.join("metrics.json"));
     assert_eq!(metrics["method"], "autoencoder");
-    let pixel = metrics["pixel_auroc"].as_f64().unwrap();
-    assert!((0.0..=1.0).contains(&pixel));
+    for field in ["pixel_auroc", "pixel_auroc_crop", "aupro", "f1_optimal_precision", "f1_optimal_recall"] {
+        assert!(metrics[field].as_f64().is_some_and(|v| (0.0..=1.0).contains(&v)), "{field}: {metrics}");
+    }
+    assert!(metrics["pixel_threshold_f1"]["threshold"].is_number(), "{metrics}");
     assert!(metrics["image_auroc"].is_number());
-    for file in ["reconstructions.png", "roc.png", "confusion.png", "tsne.png", "scores.csv"] {
+    for file in ["reconstructions.png", "heatmaps.png", "roc.png", "confusion.png", "tsne.png", "scores.csv"] {
         assert!(report.join(file).is_file(), "{file}");
     }
+    // One float map per test image at its size (64 × 64), where MVTec AD's evaluation looks, and its overlay.
+    let csv = std::fs::read_to_string(report.join("scores.csv")).unwrap();
+    for line in csv.lines().skip(1) {
+        let image = Path::new(line.split(',').next().unwrap());
+        let defect = image.parent().unwrap().file_name().unwrap();
+        let saved = maps.join("fabric/test").join(defect).join(image.file_stem().unwrap()).with_extension("tiff");
+        let mut decoder = tiff::decoder::Decoder::new(std::fs::File::open(&saved).unwrap()).unwrap();
+        assert_eq!(decoder.dimensions().unwrap(), (64, 64), "{}", saved.display());
+        let tiff::decoder::DecodingResult::F32(values) = decoder.read_image().unwrap() else { panic!("{}: not float32", saved.display()) };
+        assert!(values.iter().all(|v| v.is_finite() && *v >= 0.0) && values.iter().any(|&v| v > 0.0), "{}", saved.display());
+        assert_eq!(image::image_dimensions(saved.with_extension("png")).unwrap(), (64, 64));
+    }
+    // A maps folder that is a file, or inside the report (which is replaced whole), fails before any work.
+    std::fs::write(dir.path().join("a-file"), "x").unwrap();
+    let output = eval(&dir.path().join("report2"), &dir.path().join("a-file"));
+    assert!(!output.status.success() && stderr(&output).contains("is a file, not a folder"), "{}", stderr(&output));
+    let output = eval(&report, &report.join("maps"));
+    assert!(!output.status.success() && stderr(&output).contains("must be outside the --report folder"), "{}", stderr(&output));
+    assert!(!report.join("maps").exists() && !dir.path().join("report2").exists());
 
     // Settings that cannot build an autoencoder fail before any training.
     expect_one_line_error(
@@ -626,7 +653,53 @@ fn the_autoencoder_fits_evaluates_with_pixel_auroc_and_predicts() {
     for (line, prediction) in csv.lines().skip(1).zip(&predicted) {
         let reported: f64 = line.split(',').nth(3).unwrap().parse().unwrap();
         assert!((prediction["score"].as_f64().unwrap() - reported).abs() < 1e-5, "{line} vs {prediction}");
+        // The map's largest value; no box, as the autoencoder has no pixel threshold.
+        assert!(prediction["map_max"].as_f64().is_some_and(|m| m > 0.0) && prediction.get("bbox").is_none(), "{prediction}");
     }
+
+    // --maps writes each image's overlay (and with --tiff its float map) by file stem.
+    let predicted_maps = dir.path().join("predicted");
+    let good = data.join("test/good");
+    let output = anomaly(&[
+        "predict",
+        "--model",
+        model.to_str().unwrap(),
+        good.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--maps",
+        predicted_maps.to_str().unwrap(),
+        "--tiff",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let mut written: Vec<String> =
+        std::fs::read_dir(&predicted_maps).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    written.sort();
+    let mut expected: Vec<String> = std::fs::read_dir(&good)
+        .unwrap()
+        .flat_map(|e| {
+            let stem = e.unwrap().path().file_stem().unwrap().to_string_lossy().into_owned();
+            [format!("{stem}.png"), format!("{stem}.tiff")]
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(written, expected);
+    assert_eq!(image::image_dimensions(predicted_maps.join(&expected[0])).unwrap(), (64, 64));
+    // Images whose overlays would overwrite each other (the same name under two defect folders) are
+    // refused before any work; --tiff needs --maps.
+    let output = anomaly(&[
+        "predict",
+        "--model",
+        model.to_str().unwrap(),
+        data.join("test").to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--maps",
+        predicted_maps.to_str().unwrap(),
+    ]);
+    assert!(!output.status.success() && stderr(&output).contains("would both be written to"), "{}", stderr(&output));
+    let output = anomaly(&["predict", "--model", model.to_str().unwrap(), good.to_str().unwrap(), "--tiff"]);
+    assert!(!output.status.success() && stderr(&output).contains("--maps"), "{}", stderr(&output));
 }
 
 #[test]

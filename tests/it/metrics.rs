@@ -50,6 +50,13 @@ fn metrics_match_scikit_learn() {
         let optimum = best_f1(&scores, &labels).unwrap();
         assert!((optimum.f1 - case["best_f1"].as_f64().unwrap()).abs() < 1e-12, "{name} best f1 {optimum:?}");
         assert_eq!(optimum.threshold, case["best_f1_threshold"].as_f64().unwrap(), "{name} best f1 threshold");
+        // Precision and recall of flagging the scores at or above the optimum.
+        let flagged = |defective: bool| {
+            scores.iter().zip(&labels).filter(|&(&score, &label)| score >= optimum.threshold && label == defective).count() as f64
+        };
+        let positives = labels.iter().filter(|&&label| label).count() as f64;
+        assert!((optimum.precision - flagged(true) / (flagged(true) + flagged(false))).abs() < 1e-12, "{name} {optimum:?}");
+        assert!((optimum.recall - flagged(true) / positives).abs() < 1e-12, "{name} {optimum:?}");
     }
 }
 
@@ -133,10 +140,16 @@ fn pixel_auroc_equals_the_image_auroc_of_all_pixels() {
     let scores: Vec<Vec<f32>> = (0..3).map(|_| rng.normals(12 * 9, 0.0, 1.0).iter().map(|s| (s * 4.0).round()).collect()).collect();
     let masks: Vec<Vec<bool>> = (0..3).map(|i| (0..12 * 9).map(|p| (p * 7 + i) % 5 == 0).collect()).collect();
     let maps: Vec<AnomalyMap> = scores.iter().map(|s| AnomalyMap { width: 12, height: 9, scores: s }).collect();
-    let ours = pixel_auroc(&maps, &masks.iter().map(|m| Some(m.as_slice())).collect::<Vec<_>>()).unwrap();
+    let mask_refs: Vec<Option<&[bool]>> = masks.iter().map(|m| Some(m.as_slice())).collect();
+    let ours = pixel_auroc(&maps, &mask_refs).unwrap();
     let flat: Vec<f64> = scores.concat().iter().map(|&s| s as f64).collect();
     let image_auroc = auroc(&flat, &masks.concat()).unwrap();
     assert!((ours - image_auroc).abs() < 1e-12, "{ours} vs {image_auroc}");
+    // So are the F1-optimal threshold and its F1 (ties between scores abound: they are rounded).
+    let optimum = pixel_metrics(&maps, &mask_refs, AUPRO_MAX_FPR).unwrap().f1_optimal;
+    let image_optimum = best_f1(&flat, &masks.concat()).unwrap();
+    assert_eq!(optimum.threshold as f64, image_optimum.threshold, "{optimum:?} vs {image_optimum:?}");
+    assert!((optimum.f1 - image_optimum.f1).abs() < 1e-12, "{optimum:?} vs {image_optimum:?}");
 }
 
 /// A 4 × 4 image, scores and mask given by the pixels' positions.

@@ -15,7 +15,7 @@ pub use dataset::{Dataset, Label, Sample, Split, collect_images, mvtec_parts};
 pub use decode::{ImageLimits, load_mask, load_rgb8, load_rgb8_and_color};
 pub use error::DataError;
 pub use loader::{Batch, BatchLoader};
-pub use preprocess::{Preprocess, PreprocessedImage};
+pub use preprocess::{Preprocess, PreprocessedImage, mask_at_size};
 pub use stats::{DefectArea, HISTOGRAM_BINS, ImageStats, defect_area, image_stats};
 pub use synthetic::{SYNTHETIC_DEFECTS, SplitMix, SyntheticConfig, write_synthetic_dataset};
 pub use walk::{ImageFiles, SkipReason, Skipped};

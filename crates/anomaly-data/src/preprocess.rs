@@ -119,6 +119,81 @@ impl Preprocess {
 }
 
 impl Preprocess {
+    /// A map over the network input (`crop × crop` values, row-major: an anomaly map) put back onto the
+    /// original `width × height` image, undoing the resize and the centre crop, so that maps can be
+    /// compared with masks and shown over images at their own resolution (as MVTec AD evaluates them).
+    /// Each original pixel's centre is carried into the resized image (`(x + 0.5)·new/old − 0.5`); where
+    /// it lands inside the crop the map is sampled bilinearly there (edges held), elsewhere the value is 0
+    /// (the network never saw those pixels). Returns `width × height` values, row-major.
+    pub fn map_to_original(&self, map: &[f32], (width, height): (u32, u32)) -> Result<Vec<f32>, DataError> {
+        self.validate()?;
+        let crop = self.crop as usize;
+        if map.len() != crop * crop {
+            return Err(DataError::InvalidPreprocess(format!("a map of {} values is not {crop}×{crop}", map.len())));
+        }
+        if width == 0 || height == 0 {
+            return Ok(Vec::new());
+        }
+        // As `resized_size`, in u64 and without the limit: only the scale matters here, and the output is
+        // the original's size, which was decoded within the limit.
+        let (width64, height64, short) = (u64::from(width), u64::from(height), u64::from(self.resize));
+        let (new_width, new_height) =
+            if width64 <= height64 { (short, short * height64 / width64) } else { (short * width64 / height64, short) };
+        let offset = |new: u64| ((new.saturating_sub(u64::from(self.crop))) as f64 / 2.0).round_ties_even();
+        let columns = uncrop_axis(width as usize, new_width as f64, offset(new_width), crop);
+        let rows = uncrop_axis(height as usize, new_height as f64, offset(new_height), crop);
+        let mut out = vec![0.0f32; width as usize * height as usize];
+        for (out_row, row) in out.chunks_exact_mut(width as usize).zip(&rows) {
+            let Some((y0, y1, wy)) = *row else { continue };
+            let (top, bottom) = (&map[y0 * crop..][..crop], &map[y1 * crop..][..crop]);
+            for (value, column) in out_row.iter_mut().zip(&columns) {
+                if let Some((x0, x1, wx)) = *column {
+                    let upper = top[x0] + (top[x1] - top[x0]) * wx;
+                    let lower = bottom[x0] + (bottom[x1] - bottom[x0]) * wx;
+                    *value = upper + (lower - upper) * wy;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Per original pixel along one axis: `None` outside the crop, else the two crop cells it lies between and
+/// the weight of the second, for an image of `original` pixels resized to `new` and cropped to `crop` from `offset`.
+fn uncrop_axis(original: usize, new: f64, offset: f64, crop: usize) -> Vec<Option<(usize, usize, f32)>> {
+    let scale = new / original as f64;
+    (0..original)
+        .map(|x| {
+            let at = (x as f64 + 0.5) * scale - 0.5 - offset;
+            // The crop's pixels cover [-0.5, crop - 0.5) in these coordinates (their centres at 0 … crop - 1).
+            if !(-0.5..crop as f64 - 0.5).contains(&at) {
+                return None;
+            }
+            let at = at.clamp(0.0, (crop - 1) as f64);
+            let first = (at.floor() as usize).min(crop - 1);
+            Some((first, (first + 1).min(crop - 1), (at - first as f64) as f32))
+        })
+        .collect()
+}
+
+/// A ground-truth mask at `size` (an image's width and height): as it is when it has that size, else
+/// resized with nearest-neighbour sampling (PIL's `NEAREST`, as [`Preprocess::mask`] resizes masks);
+/// `true` where the part is defective, row-major.
+pub fn mask_at_size(mask: &GrayImage, (width, height): (u32, u32)) -> Vec<bool> {
+    let (from_width, from_height) = mask.dimensions();
+    if from_width == 0 || from_height == 0 {
+        return vec![false; width as usize * height as usize];
+    }
+    let source = |target: u32, from: u32, to: u32| (((target as f64 + 0.5) * from as f64 / to as f64) as u32).min(from - 1);
+    let mut out = Vec::with_capacity(width as usize * height as usize);
+    for y in 0..height {
+        let sy = source(y, from_height, height);
+        out.extend((0..width).map(|x| mask.get_pixel(source(x, from_width, width), sy)[0] > 0));
+    }
+    out
+}
+
+impl Preprocess {
     /// The size torchvision's `Resize(int)` gives: the shorter side becomes `resize`, the longer one keeps
     /// the aspect ratio, truncated. An image so elongated that the resized one would hold more pixels than
     /// `limits` allow (or than 16 crops, whichever is more) is refused: its resize alone would exhaust
@@ -172,6 +247,64 @@ mod tests {
         let row: Vec<bool> = out[..20].to_vec();
         assert_eq!(row, (10..30).map(|x| x >= 20).collect::<Vec<_>>());
         assert!(out.chunks(20).all(|r| r == row.as_slice()));
+    }
+
+    #[test]
+    fn a_constant_map_is_the_constant_inside_the_crop_window_and_zero_outside() {
+        // 32 × 16 resized to 16 × 8 (half scale), cropped 4 × 4 from (6, 2): original columns 12..20, rows 4..12.
+        let p = Preprocess { resize: 8, crop: 4, ..Preprocess::imagenet() };
+        let out = p.map_to_original(&[2.5; 16], (32, 16)).unwrap();
+        assert_eq!(out.len(), 32 * 16);
+        for y in 0..16 {
+            for x in 0..32 {
+                let inside = (12..20).contains(&x) && (4..12).contains(&y);
+                assert_eq!(out[y * 32 + x], if inside { 2.5 } else { 0.0 }, "({x}, {y})");
+            }
+        }
+        // Portrait, with the crop's offset rounded half to even as torchvision does: 10 × 21 resized to
+        // 4 × 8 (8.4 truncated), cropped 4 × 4 from (0, 2); rows whose centres land in resized [1.5, 5.5).
+        let p = Preprocess { resize: 4, crop: 4, ..Preprocess::imagenet() };
+        let out = p.map_to_original(&[1.0; 16], (10, 21)).unwrap();
+        let rows: Vec<usize> = (0..21).filter(|&y| out[y * 10] == 1.0).collect();
+        let expected: Vec<usize> = (0..21).filter(|&y| (1.5..5.5).contains(&((y as f64 + 0.5) * 8.0 / 21.0 - 0.5))).collect();
+        assert_eq!(rows, expected);
+        assert!(out.chunks(10).all(|row| row.iter().all(|&v| v == row[0])));
+        assert!(matches!(p.map_to_original(&[1.0; 15], (10, 21)), Err(DataError::InvalidPreprocess(_))));
+    }
+
+    #[test]
+    fn a_smooth_map_comes_back_where_the_crop_took_it() {
+        // A map linear in the resized image's coordinates: bilinear sampling gives it back exactly at every
+        // original pixel that lands between crop pixel centres, and cropping the result again (each crop
+        // pixel's nearest original pixel) gives the map back.
+        let p = Preprocess { resize: 20, crop: 16, ..Preprocess::imagenet() };
+        let (width, height) = (75u32, 50u32); // resized 30 × 20, crop from (7, 2)
+        let (left, top) = (7.0, 2.0);
+        let field = |rx: f64, ry: f64| (0.25 * rx + 0.5 * ry + 1.0) as f32;
+        let map: Vec<f32> = (0..16 * 16).map(|i| field(left + (i % 16) as f64, top + (i / 16) as f64)).collect();
+        let out = p.map_to_original(&map, (width, height)).unwrap();
+        let scale = 30.0 / 75.0;
+        for y in 0..height as usize {
+            for x in 0..width as usize {
+                let (rx, ry) = ((x as f64 + 0.5) * scale - 0.5, (y as f64 + 0.5) * scale - 0.5);
+                if (left..=left + 15.0).contains(&rx) && (top..=top + 15.0).contains(&ry) {
+                    assert!((out[y * 75 + x] - field(rx, ry)).abs() < 1e-4, "({x}, {y})");
+                }
+            }
+        }
+        for (i, &value) in map.iter().enumerate() {
+            let (cx, cy) = ((i % 16) as f64 + left, (i / 16) as f64 + top);
+            let (x, y) = (((cx + 0.5) / scale) as usize, ((cy + 0.5) / scale) as usize);
+            let (rx, ry) = ((x as f64 + 0.5) * scale - 0.5, (y as f64 + 0.5) * scale - 0.5);
+            assert!((out[y * 75 + x] - value).abs() <= 0.75 * ((rx - cx).abs() + (ry - cy).abs()) as f32 + 1e-5, "{i}");
+        }
+    }
+
+    #[test]
+    fn masks_of_another_size_are_resized_nearest_to_the_image() {
+        let mask = GrayImage::from_fn(4, 2, |x, _| image::Luma([if x >= 2 { 255 } else { 0 }]));
+        assert_eq!(mask_at_size(&mask, (4, 2)), [false, false, true, true, false, false, true, true]);
+        assert_eq!(mask_at_size(&mask, (8, 1)), [false, false, false, false, true, true, true, true]);
     }
 
     #[test]

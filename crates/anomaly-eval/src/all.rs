@@ -97,12 +97,17 @@ impl AllSummary {
         Ok((summary, report))
     }
 
-    /// The summary of finished categories: mean image AUROC over those where it is defined.
+    /// The summary of finished categories: mean image AUROC over those where it is defined, and for methods
+    /// with maps the pixel AUROC and AUPRO (at the images' own resolution) of each and their means.
     pub fn new(root: &Path, method: &str, device: &str, categories: Vec<CategoryResult>) -> Self {
-        let aurocs: Vec<f64> =
-            categories.iter().filter_map(|c| if let CategoryResult::Done(s) = c { s.image_auroc } else { None }).collect();
-        let mean_auroc = (!aurocs.is_empty()).then(|| aurocs.iter().sum::<f64>() / aurocs.len() as f64);
-        let json = json!({
+        let done: Vec<&EvalSummary> =
+            categories.iter().filter_map(|c| if let CategoryResult::Done(s) = c { Some(s) } else { None }).collect();
+        let mean = |values: Vec<f64>| (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64);
+        let mean_auroc = mean(done.iter().filter_map(|s| s.image_auroc).collect());
+        let mean_pixel_auroc = mean(done.iter().filter_map(|s| s.pixel_auroc).collect());
+        let mean_aupro = mean(done.iter().filter_map(|s| s.aupro).collect());
+        let pixel_columns = mean_pixel_auroc.is_some() || mean_aupro.is_some();
+        let mut json = json!({
             "root": root,
             "method": method,
             "device": device,
@@ -112,34 +117,50 @@ impl AllSummary {
                 CategoryResult::Failed { category, error } => json!({ "dataset": category, "error": error }),
             }).collect::<Vec<_>>(),
         });
+        if pixel_columns {
+            json["mean_pixel_auroc"] = json!(mean_pixel_auroc);
+            json["mean_aupro"] = json!(mean_aupro);
+        }
+        let (pixel_head, pixel_rule, pixel_blank) =
+            if pixel_columns { (" pixel AUROC | AUPRO |", "---|---|", " | |") } else { ("", "", "") };
         let mut markdown = format!(
             "# anomaly eval --all\n\n{method} on {device}; root `{}`.\n\n\
-             | category | image AUROC | threshold | F1 | accuracy | train | test | seconds |\n|---|---|---|---|---|---|---|---|\n",
+             | category | image AUROC |{pixel_head} threshold | F1 | accuracy | train | test | seconds |\n|---|---|{pixel_rule}---|---|---|---|---|---|\n",
             root.display()
         );
+        let figure = |value: Option<f64>| value.map_or("undefined".to_string(), |a| format!("{a:.4}"));
         for category in &categories {
             match category {
-                CategoryResult::Done(s) => markdown.push_str(&format!(
-                    "| [{0}]({0}/metrics.json) | {1} | {2:.4} | {3:.3} | {4:.3} | {5} | {6} | {7:.1} |\n",
-                    s.dataset,
-                    s.image_auroc.map_or("undefined".into(), |a| format!("{a:.4}")),
-                    s.threshold,
-                    s.f1,
-                    s.accuracy,
-                    s.n_train,
-                    s.n_test,
-                    s.timings_s.get("total").copied().unwrap_or_default()
-                )),
+                CategoryResult::Done(s) => {
+                    let pixel = if pixel_columns { format!(" {} | {} |", figure(s.pixel_auroc), figure(s.aupro)) } else { String::new() };
+                    markdown.push_str(&format!(
+                        "| [{0}]({0}/metrics.json) | {1} |{pixel} {2:.4} | {3:.3} | {4:.3} | {5} | {6} | {7:.1} |\n",
+                        s.dataset,
+                        figure(s.image_auroc),
+                        s.threshold,
+                        s.f1,
+                        s.accuracy,
+                        s.n_train,
+                        s.n_test,
+                        s.timings_s.get("total").copied().unwrap_or_default()
+                    ))
+                }
                 CategoryResult::Failed { category, error } => {
-                    markdown.push_str(&format!("| {category} | failed: {} | | | | | | |\n", error.replace('|', "\\|")))
+                    markdown.push_str(&format!("| {category} | failed: {} |{pixel_blank} | | | | | |\n", error.replace('|', "\\|")))
                 }
             }
         }
         if let Some(mean) = mean_auroc {
-            markdown.push_str(&format!("| **mean** | **{mean:.4}** | | | | | | |\n"));
+            let pixel = if pixel_columns { format!(" {} | {} |", bold(mean_pixel_auroc), bold(mean_aupro)) } else { String::new() };
+            markdown.push_str(&format!("| **mean** | **{mean:.4}** |{pixel} | | | | | |\n"));
         }
         Self { json, markdown, categories }
     }
+}
+
+/// A mean in bold, or nothing when there is none.
+fn bold(value: Option<f64>) -> String {
+    value.map_or(String::new(), |v| format!("**{v:.4}**"))
 }
 
 /// The method and its settings in words, for the summary's heading.
@@ -164,10 +185,15 @@ mod tests {
     use super::*;
 
     fn done(name: &str, auroc: Option<f64>) -> CategoryResult {
+        with_pixels(name, auroc, None)
+    }
+
+    fn with_pixels(name: &str, auroc: Option<f64>, pixels: Option<(f64, f64)>) -> CategoryResult {
         CategoryResult::Done(EvalSummary {
             dataset: name.into(),
             image_auroc: auroc,
-            pixel_auroc: None,
+            pixel_auroc: pixels.map(|p| p.0),
+            aupro: pixels.map(|p| p.1),
             threshold: 1.5,
             f1: 0.5,
             accuracy: 0.75,
@@ -195,5 +221,25 @@ mod tests {
         assert!(summary.markdown.contains("| cable | undefined") || summary.markdown.contains("[cable](cable/metrics.json) | undefined"));
         assert!(summary.markdown.contains("| grid | failed: a \\| b |"));
         assert!(summary.markdown.contains("| **mean** | **0.8000** |"));
+        assert!(!summary.markdown.contains("AUPRO") && summary.json.get("mean_aupro").is_none(), "{}", summary.markdown);
+    }
+
+    #[test]
+    fn methods_with_maps_get_pixel_auroc_and_aupro_columns() {
+        let categories = vec![
+            with_pixels("bottle", Some(0.9), Some((0.95, 0.8))),
+            with_pixels("cable", Some(0.7), Some((0.85, 0.6))),
+            CategoryResult::Failed { category: "grid".into(), error: "x".into() },
+        ];
+        let summary = AllSummary::new(Path::new("/mvtec"), "m", "cpu", categories);
+        assert!(summary.markdown.contains("| category | image AUROC | pixel AUROC | AUPRO | threshold |"), "{}", summary.markdown);
+        assert!(summary.markdown.contains("| [bottle](bottle/metrics.json) | 0.9000 | 0.9500 | 0.8000 | 1.5000 |"), "{}", summary.markdown);
+        assert!(summary.markdown.contains("| **mean** | **0.8000** | **0.9000** | **0.7000** |"), "{}", summary.markdown);
+        assert!((summary.json["mean_aupro"].as_f64().unwrap() - 0.7).abs() < 1e-12);
+        assert_eq!(summary.json["categories"][0]["aupro"], 0.8);
+        // Every row has as many cells as the header.
+        let cells = |line: &str| line.matches('|').count();
+        let header = summary.markdown.lines().find(|l| l.starts_with("| category")).unwrap();
+        assert!(summary.markdown.lines().filter(|l| l.starts_with('|')).all(|l| cells(l) == cells(header)), "{}", summary.markdown);
     }
 }

@@ -183,7 +183,7 @@ fn sample_grid(dataset: &Dataset, per_row: usize, limits: ImageLimits) -> Result
                 .par_iter()
                 .map(|s| {
                     let mask = s.mask.as_deref().map(|mask| load_mask(mask, &limits)).transpose()?;
-                    Ok(GridImage { image: load_rgb8(&s.path, &limits)?, mask })
+                    Ok(GridImage { image: load_rgb8(&s.path, &limits)?, mask, caption: String::new() })
                 })
                 .collect::<Result<Vec<_>, anomaly_data::DataError>>()?;
             Ok((name, images))

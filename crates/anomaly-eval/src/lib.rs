@@ -5,6 +5,7 @@
 mod all;
 mod eda;
 mod figures;
+mod maps;
 mod report;
 
 use std::collections::BTreeMap;
@@ -19,6 +20,7 @@ use serde::Serialize;
 
 pub use all::{AllSummary, CategoryResult, mvtec_categories};
 pub use eda::analyse_dataset;
+pub use maps::{BoundingBox, bounding_box, write_float_tiff, write_map_overlay};
 pub use report::{Outcome, build_report, per_defect, scores_csv, tsne_groups};
 
 /// Tells the user, on stderr, what reading a dataset or a folder passed over (at most ten lines and a
@@ -72,6 +74,9 @@ pub struct EvalOptions {
     pub seed: u64,
     /// At most this many images in the t-SNE map (a stratified subsample beyond it).
     pub tsne_points: usize,
+    /// Where to save every test image's anomaly map at its original size (float TIFF and overlay PNG, in
+    /// MVTec AD's evaluation layout under a folder named after the dataset), for methods with maps.
+    pub save_maps: Option<PathBuf>,
 }
 
 /// How the model to evaluate is had.
@@ -87,7 +92,9 @@ pub enum ModelSource<'a> {
 pub struct EvalSummary {
     pub dataset: String,
     pub image_auroc: Option<f64>,
+    /// Pixel AUROC and AUPRO at the test images' own resolution, for methods with maps.
     pub pixel_auroc: Option<f64>,
+    pub aupro: Option<f64>,
     pub threshold: f64,
     pub f1: f64,
     pub accuracy: f64,
@@ -105,8 +112,9 @@ impl EvalSummary {
     pub fn describe(&self) -> String {
         let auroc = self.image_auroc.map_or("undefined".to_string(), |a| format!("{a:.4}"));
         let pixel = self.pixel_auroc.map_or(String::new(), |a| format!(", pixel AUROC {a:.4}"));
+        let aupro = self.aupro.map_or(String::new(), |a| format!(", AUPRO {a:.4}"));
         format!(
-            "{}: image AUROC {auroc}{pixel}, threshold {:.4}, F1 {:.3}, accuracy {:.3} ({} train, {} test images, {:.1} s)",
+            "{}: image AUROC {auroc}{pixel}{aupro}, threshold {:.4}, F1 {:.3}, accuracy {:.3} ({} train, {} test images, {:.1} s)",
             self.dataset,
             self.threshold,
             self.f1,
@@ -161,6 +169,7 @@ pub fn evaluate(dataset: &Dataset, source: ModelSource, runtime: &Runtime, optio
     let paths: Vec<PathBuf> = test.iter().map(|s| s.path.clone()).collect();
     let progress = image_progress(paths.len(), "test images");
     let mut outputs: Vec<ImageOutput> = Vec::with_capacity(test.len());
+    let mut sizes: Vec<(u32, u32)> = Vec::with_capacity(test.len());
     let mut inputs: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
     anomaly_method::score_paths(detector.as_ref(), paths, runtime.batch_size(), runtime.image_limits(), |batch, batch_outputs| {
         let per_image = batch.pixels.len() / batch.len().max(1);
@@ -171,26 +180,57 @@ pub fn evaluate(dataset: &Dataset, source: ModelSource, runtime: &Runtime, optio
             }
             outputs.push(output);
         }
+        sizes.extend_from_slice(&batch.original_sizes);
         progress.inc(batch.len() as u64);
         Ok(())
     })?;
     progress.finish_and_clear();
     clock.lap("score");
 
-    let pixel = figures::pixel_auroc(&test, &outputs, detector.preprocess(), runtime.image_limits())?;
+    let mut method = detector.report_fields();
+    let maps =
+        maps::TestMaps { test: &test, outputs: &outputs, sizes: &sizes, preprocess: detector.preprocess(), limits: runtime.image_limits() };
+    let crop_pixel = figures::pixel_auroc_crop(&test, &outputs, detector.preprocess(), runtime.image_limits())?;
+    let pixel = maps.pixel_metrics()?;
+    if let Some(value) = crop_pixel {
+        method["pixel_auroc_crop"] = serde_json::json!(value);
+    }
+    match &pixel {
+        Some(Ok(metrics)) => {
+            method["pixel_auroc"] = serde_json::json!(metrics.auroc);
+            method["aupro"] = serde_json::json!(metrics.aupro);
+            method["aupro_max_fpr"] = serde_json::json!(anomaly_report::AUPRO_MAX_FPR);
+            method["pixel_threshold_f1"] = serde_json::json!(metrics.f1_optimal);
+        }
+        Some(Err(note)) => {
+            for field in ["pixel_auroc", "aupro", "pixel_threshold_f1"] {
+                method[field] = serde_json::Value::Null;
+            }
+            method["pixel_auroc_note"] = serde_json::json!(note);
+        }
+        None => {}
+    }
+    if pixel.is_some() {
+        clock.lap("pixel metrics");
+    }
     if outputs.iter().any(|o| o.reconstruction.is_some()) {
         let png = figures::reconstructions_png(&dataset.name, &test, &inputs, &outputs, detector.preprocess(), runtime.image_limits())?;
         report.add("reconstructions.png", png);
         clock.lap("reconstructions");
     }
-    let test_embedding: Vec<f32> = outputs.iter().flat_map(|o| o.embedding.iter().copied()).collect();
-    let mut method = detector.report_fields();
-    if let Some((value, note)) = &pixel {
-        method["pixel_auroc"] = serde_json::json!(value);
-        if let Some(note) = note {
-            method["pixel_auroc_note"] = serde_json::json!(note);
+    if maps.any() {
+        let scale = maps.heat_scale();
+        report.add("heatmaps.png", maps.heatmaps_png(&dataset.name, scale)?);
+        clock.lap("heatmaps");
+        if let Some(dir) = &options.save_maps {
+            let saved = maps.save(dir, &dataset.name, scale)?;
+            note!("{}: {saved} anomaly maps saved under {}", dataset.name, dir.join(&dataset.name).display());
+            clock.lap("save maps");
         }
+    } else if let Some(dir) = &options.save_maps {
+        note!("note: {}: {} gives no anomaly maps; nothing saved in {}", dataset.name, detector.title(), dir.display());
     }
+    let test_embedding: Vec<f32> = outputs.iter().flat_map(|o| o.embedding.iter().copied()).collect();
     let train_embedding = detector.train_embedding();
     let outcome = Outcome {
         test: &test,
@@ -206,12 +246,16 @@ pub fn evaluate(dataset: &Dataset, source: ModelSource, runtime: &Runtime, optio
         method,
     };
     let mut summary = build_report(&dataset.name, outcome, options, clock, &mut report)?;
-    summary.pixel_auroc = pixel.and_then(|(value, _)| value);
+    if let Some(Ok(metrics)) = pixel {
+        (summary.pixel_auroc, summary.aupro) = (Some(metrics.auroc), Some(metrics.aupro));
+    }
     Ok(Evaluation { summary, report })
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use anomaly_data::{Batch, Preprocess, SyntheticConfig, write_synthetic_dataset};
     use anomaly_detector::ScoreStats;
     use anomaly_device::ResolvedDevice;
@@ -294,37 +338,98 @@ mod tests {
         }
     }
 
+    /// `detector` evaluated on a small synthetic dataset (40 × 40 images) in `dir`, its report written.
+    fn evaluate_brightness(dir: &Path, detector: Brightness, save_maps: Option<PathBuf>) -> (Dataset, EvalSummary, EvalOptions) {
+        let data = dir.join("data");
+        write_synthetic_dataset(&data, &SyntheticConfig { seed: 5, size: 40, train: 3, test_good: 3, per_defect: 2 }).unwrap();
+        let dataset = Dataset::mvtec(&data).unwrap();
+        let device = ResolvedDevice { device: burn::tensor::Device::flex(), adapter: None };
+        let runtime = Runtime::new(device, dir, Box::new(|_| anyhow::bail!("no weights needed")), 4, anomaly_data::ImageLimits::default());
+        let options = EvalOptions { report: dir.join("report"), seed: 0, tsne_points: 100, save_maps };
+        let Evaluation { summary, report } = evaluate(&dataset, ModelSource::Loaded(Box::new(detector)), &runtime, &options).unwrap();
+        anomaly_fs::ReportWriter::start(&options.report).unwrap().finish(&report).unwrap();
+        (dataset, summary, options)
+    }
+
+    fn brightness(resize: u32, crop: u32) -> Brightness {
+        Brightness { preprocess: Preprocess { resize, crop, mean: [0.0; 3], std: [1.0; 3] }, stats: ScoreStats::of(&[0.5, 0.7, 0.6]) }
+    }
+
     #[test]
     fn any_detector_is_evaluated_into_a_whole_report_with_pixel_metrics() {
         let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        write_synthetic_dataset(&data, &SyntheticConfig { seed: 5, size: 40, train: 3, test_good: 3, per_defect: 2 }).unwrap();
-        let dataset = Dataset::mvtec(&data).unwrap();
-        let detector = Brightness {
-            preprocess: Preprocess { resize: 32, crop: 32, mean: [0.0; 3], std: [1.0; 3] },
-            stats: ScoreStats::of(&[0.5, 0.7, 0.6]),
-        };
-        let device = ResolvedDevice { device: burn::tensor::Device::flex(), adapter: None };
-        let runtime =
-            Runtime::new(device, dir.path(), Box::new(|_| anyhow::bail!("no weights needed")), 4, anomaly_data::ImageLimits::default());
-        let options = EvalOptions { report: dir.path().join("report"), seed: 0, tsne_points: 100 };
-        let Evaluation { summary, report } = evaluate(&dataset, ModelSource::Loaded(Box::new(detector)), &runtime, &options).unwrap();
-        anomaly_fs::ReportWriter::start(&options.report).unwrap().finish(&report).unwrap();
+        let (dataset, summary, options) = evaluate_brightness(dir.path(), brightness(32, 32), None);
 
         let test = test_samples(&dataset).unwrap();
         assert_eq!((summary.n_train, summary.n_test), (3, test.len()));
         assert!(summary.pixel_auroc.is_some_and(|a| (0.0..=1.0).contains(&a)), "{summary:?}");
+        assert!(summary.aupro.is_some_and(|a| (0.0..=1.0).contains(&a)), "{summary:?}");
+        assert!(summary.describe().contains(", AUPRO "), "{}", summary.describe());
         let metrics: serde_json::Value = serde_json::from_slice(&std::fs::read(options.report.join("metrics.json")).unwrap()).unwrap();
         assert_eq!(metrics["method"], "brightness");
         assert_eq!(metrics["threshold"], 1.0);
         assert_eq!(metrics["n_test"].as_u64(), Some(test.len() as u64));
-        assert_eq!(metrics["pixel_auroc"].as_f64(), summary.pixel_auroc);
+        // serde_json reads numbers back to within an ulp.
+        let same = |field: &str, value: Option<f64>| (metrics[field].as_f64().unwrap() - value.unwrap()).abs() < 1e-12;
+        assert!(same("pixel_auroc", summary.pixel_auroc) && same("aupro", summary.aupro), "{metrics}");
+        assert!(metrics["pixel_auroc_crop"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)), "{metrics}");
+        let pixel_f1 = &metrics["pixel_threshold_f1"];
+        assert!(pixel_f1["threshold"].is_number() && pixel_f1["f1"].as_f64().is_some_and(|f| (0.0..=1.0).contains(&f)), "{metrics}");
+        let optimum = metrics["f1_optimal_threshold"].as_f64().unwrap();
+        let scores: Vec<(f64, bool)> = std::fs::read_to_string(options.report.join("scores.csv"))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|line| {
+                let fields: Vec<&str> = line.split(',').collect();
+                (fields[3].parse().unwrap(), fields[2] == "defective")
+            })
+            .collect();
+        // The F1-optimal image threshold's precision and recall are those of flagging the scores at or
+        // above it (scores.csv rounds to 6 decimals, hence the tolerance).
+        let flagged = |defective: bool| scores.iter().filter(|&&(s, d)| s >= optimum - 1e-6 && d == defective).count() as f64;
+        let positives = scores.iter().filter(|&&(_, d)| d).count() as f64;
+        assert!((metrics["f1_optimal_recall"].as_f64().unwrap() - flagged(true) / positives).abs() < 1e-12, "{metrics}");
+        assert!(
+            (metrics["f1_optimal_precision"].as_f64().unwrap() - flagged(true) / (flagged(true) + flagged(false))).abs() < 1e-12,
+            "{metrics}"
+        );
         let confusion = &metrics["confusion"];
         let counted: u64 = ["tn", "fp", "fn", "tp"].iter().map(|k| confusion[k].as_u64().unwrap()).sum();
         assert_eq!(counted, test.len() as u64);
-        let csv = std::fs::read_to_string(options.report.join("scores.csv")).unwrap();
-        assert_eq!(csv.lines().count(), test.len() + 1);
+        assert_eq!(scores.len(), test.len());
         let files: Vec<String> = summary.files().iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect();
-        assert_eq!(files, ["metrics.json", "scores.csv", "roc.png", "confusion.png", "tsne.png"]);
+        assert_eq!(files, ["metrics.json", "scores.csv", "roc.png", "confusion.png", "tsne.png", "heatmaps.png"]);
+        let heatmaps = image::open(options.report.join("heatmaps.png")).unwrap();
+        assert!(heatmaps.width() > 256 && heatmaps.height() > 256, "{:?}", (heatmaps.width(), heatmaps.height()));
+    }
+
+    #[test]
+    fn saved_maps_are_the_maps_at_the_original_size_in_mvtecs_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let saved = dir.path().join("maps");
+        // Resize 32 and crop 24 of 40 × 40 images: a border of 5 original pixels lies outside the crop.
+        let detector = brightness(32, 24);
+        let preprocess = detector.preprocess.clone();
+        let (dataset, summary, _) = evaluate_brightness(dir.path(), detector, Some(saved.clone()));
+        assert!(summary.aupro.is_some(), "{summary:?}");
+        let test = test_samples(&dataset).unwrap();
+        for sample in &test {
+            let name = sample.path.file_stem().unwrap().to_string_lossy();
+            let path = saved.join("data/test").join(&sample.defect).join(format!("{name}.tiff"));
+            let mut decoder = tiff::decoder::Decoder::new(std::fs::File::open(&path).unwrap()).unwrap();
+            assert_eq!(decoder.dimensions().unwrap(), (40, 40), "{}", path.display());
+            let tiff::decoder::DecodingResult::F32(values) = decoder.read_image().unwrap() else {
+                panic!("{}: not float32", path.display())
+            };
+            // The brightness map of the input crop, put back onto the image.
+            let input = preprocess.load(&sample.path, &anomaly_data::ImageLimits::default()).unwrap();
+            let batch = Batch { paths: vec![sample.path.clone()], pixels: input.pixels, original_sizes: vec![input.original_size] };
+            let map = BrightnessScorer.score(&batch).unwrap().remove(0).map.unwrap();
+            assert_eq!(values, preprocess.map_to_original(&map, (40, 40)).unwrap(), "{}", path.display());
+            assert!(values[..40 * 5].iter().all(|&v| v == 0.0), "outside the crop: {}", path.display());
+            let overlay = image::open(path.with_extension("png")).unwrap();
+            assert_eq!((overlay.width(), overlay.height()), (40, 40));
+        }
     }
 }

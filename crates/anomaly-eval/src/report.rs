@@ -13,8 +13,8 @@ use serde_json::json;
 use crate::{EvalOptions, EvalSummary, Stopwatch};
 
 /// Every file a report may hold, in the order the closing message lists them.
-const REPORT_FILES: [&str; 7] =
-    ["metrics.json", "scores.csv", "roc.png", "confusion.png", "tsne.png", "reconstructions.png", "model.safetensors"];
+const REPORT_FILES: [&str; 8] =
+    ["metrics.json", "scores.csv", "roc.png", "confusion.png", "tsne.png", "reconstructions.png", "heatmaps.png", "model.safetensors"];
 
 /// A method's scores of a dataset's test images and what the report needs to say about them.
 pub struct Outcome<'a> {
@@ -106,6 +106,8 @@ pub fn build_report(
         "f1": confusion.f1(),
         "f1_optimal_threshold": best.as_ref().map(|b| b.threshold),
         "f1_optimal": best.as_ref().map(|b| b.f1),
+        "f1_optimal_precision": best.as_ref().map(|b| b.precision),
+        "f1_optimal_recall": best.as_ref().map(|b| b.recall),
         "per_defect": groups.iter().map(|(name, &(count, mean, detected))| {
             (name.clone(), json!({ "count": count, "mean_score": mean, "detected": detected }))
         }).collect::<serde_json::Map<_, _>>(),
@@ -132,6 +134,7 @@ pub fn build_report(
         dataset: dataset.to_string(),
         image_auroc: auroc,
         pixel_auroc: None,
+        aupro: None,
         threshold,
         f1: confusion.f1(),
         accuracy: confusion.accuracy(),
@@ -239,7 +242,7 @@ mod tests {
 
     #[test]
     fn tsne_groups_keep_every_group_and_its_share_within_the_budget() {
-        let options = EvalOptions { report: PathBuf::new(), seed: 0, tsne_points: 10 };
+        let options = EvalOptions { report: PathBuf::new(), seed: 0, tsne_points: 10, save_maps: None };
         let train: Vec<f32> = (0..40).map(|i| i as f32).collect(); // 20 rows of 2
         let test = [sample("1", "good"), sample("2", "cut"), sample("3", "cut"), sample("4", "hole")];
         let refs: Vec<&Sample> = test.iter().collect();

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use tempfile::{NamedTempFile, TempDir};
 
 pub use lock::OutputLock;
-pub use report::{OutputError, REPORT_MARKER, ReportContent, ReportWriter, check_file_output};
+pub use report::{OutputError, REPORT_MARKER, ReportContent, ReportWriter, check_file_output, check_folder_output};
 
 /// A file or folder that could not be written, named, with what was being done to it.
 #[derive(Debug, thiserror::Error)]

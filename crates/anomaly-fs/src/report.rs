@@ -37,6 +37,9 @@ pub enum OutputError {
     /// A report was asked for at a path that does not name a folder of its own (`.`, `..`, `/`).
     #[error("{}: name the report folder itself (e.g. {}), not . or .. or the root", path.display(), path.join("report").display())]
     Unnamed { path: PathBuf },
+    /// A folder of outputs was asked for where a file (or a link to one) is.
+    #[error("{}: is a file, not a folder; choose a folder for {option}", path.display())]
+    FileNotFolder { path: PathBuf, option: &'static str },
     /// A file was asked for where a folder is.
     #[error("{}: is a folder; give the path of a file to write (e.g. {})", path.display(), path.join("model.safetensors").display())]
     IsAFolder { path: PathBuf },
@@ -127,6 +130,18 @@ pub fn check_file_output(path: &Path) -> Result<(), OutputError> {
     fs::create_dir_all(folder).map_err(|e| FsError::new(folder, "creating the folder", e))?;
     // An unnamed file where the system has them (O_TMPFILE on Linux), so that not even a kill leaves it.
     tempfile::tempfile_in(folder).map_err(|e| FsError::new(folder, "checking that files can be written in it", e))?;
+    Ok(())
+}
+
+/// Checks early that files can be written in the folder `path` (the command-line `option` that named it,
+/// for the message): that it is not a file, and that it can be created and written in. Commands that write
+/// many files into a folder (`eval --save-maps`) call it before any work.
+pub fn check_folder_output(path: &Path, option: &'static str) -> Result<(), OutputError> {
+    if path.exists() && !path.is_dir() {
+        return Err(OutputError::FileNotFolder { path: path.to_path_buf(), option });
+    }
+    fs::create_dir_all(path).map_err(|e| FsError::new(path, "creating the folder", e))?;
+    tempfile::tempfile_in(path).map_err(|e| FsError::new(path, "checking that files can be written in it", e))?;
     Ok(())
 }
 
@@ -336,6 +351,18 @@ mod tests {
         assert!(matches!(error, OutputError::IsAFolder { .. }), "{error}");
         check_file_output(&dir.path().join("new/sub/model.safetensors")).unwrap();
         assert_eq!(listing(&dir.path().join("new/sub")), Vec::<String>::new(), "the check leaves no file");
+    }
+
+    #[test]
+    fn a_folder_output_is_checked_before_the_work() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("file"), "x").unwrap();
+        let error = check_folder_output(&dir.path().join("file"), "--save-maps").unwrap_err();
+        assert!(matches!(error, OutputError::FileNotFolder { .. }) && error.to_string().contains("--save-maps"), "{error}");
+        let error = check_folder_output(&dir.path().join("file/maps"), "--save-maps").unwrap_err();
+        assert!(error.to_string().contains("creating the folder"), "{error}");
+        check_folder_output(&dir.path().join("new/maps"), "--save-maps").unwrap();
+        assert_eq!(listing(&dir.path().join("new/maps")), Vec::<String>::new(), "the check leaves no file");
     }
 
     #[cfg(unix)]

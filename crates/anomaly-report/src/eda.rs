@@ -91,10 +91,12 @@ pub fn defect_area_png(title: &str, groups: &[(String, Vec<f64>)]) -> Result<Vec
     })
 }
 
-/// One sample image and, where there is one, its ground-truth mask (of the same size).
+/// One sample image and, where there is one, its ground-truth mask (of the same size), with a caption
+/// drawn under it (none when empty).
 pub struct GridImage {
     pub image: RgbImage,
     pub mask: Option<GrayImage>,
+    pub caption: String,
 }
 
 /// Side of a thumbnail in the sample grid.
@@ -102,35 +104,56 @@ const THUMB: u32 = 160;
 
 /// Draws one row of thumbnails per group (e.g. per defect type), mask outlines in red, group names at left.
 pub fn sample_grid_png(title: &str, rows: &[(String, Vec<GridImage>)]) -> Result<Vec<u8>, PlotError> {
+    sample_grid_png_sized(title, rows, THUMB)
+}
+
+/// As [`sample_grid_png`], with thumbnails of `thumb` pixels on their longer side, for figures whose
+/// images need the room (anomaly maps over the images).
+pub fn sample_grid_png_sized(title: &str, rows: &[(String, Vec<GridImage>)], thumb: u32) -> Result<Vec<u8>, PlotError> {
+    let thumb = thumb.max(16);
     let (gap, header) = (6u32, 44u32);
+    let caption_height = if rows.iter().flat_map(|(_, samples)| samples).any(|s| !s.caption.is_empty()) { 20 } else { 0 };
+    let cell = thumb + caption_height + gap;
     // Room for the longest row name at about 9 px per character.
     let label_width = 24 + 9 * rows.iter().map(|(name, _)| name.chars().count() as u32).max().unwrap_or(8).max(8);
     let columns = rows.iter().map(|(_, samples)| samples.len()).max().unwrap_or(1).max(1) as u32;
-    let width = label_width + columns * (THUMB + gap) + gap;
-    let height = header + rows.len().max(1) as u32 * (THUMB + gap) + gap;
+    // As wide as the title needs, at about 12 px per character.
+    let width = (label_width + columns * (thumb + gap) + gap).max(24 + 12 * title.chars().count() as u32);
+    let height = header + rows.len().max(1) as u32 * cell + gap;
     let mut canvas = RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
     for (row, (_, samples)) in rows.iter().enumerate() {
         for (column, sample) in samples.iter().enumerate() {
-            let thumb = thumbnail(sample);
-            let (x, y) = (label_width + column as u32 * (THUMB + gap) + gap, header + row as u32 * (THUMB + gap) + gap);
-            image::imageops::overlay(&mut canvas, &thumb, x as i64, y as i64);
+            let small = thumbnail(sample, thumb);
+            let (x, y) = (label_width + column as u32 * (thumb + gap) + gap, header + row as u32 * cell + gap);
+            image::imageops::overlay(&mut canvas, &small, x as i64, y as i64);
         }
     }
+    // About 7 px per character of the caption font.
+    let caption_chars = (thumb / 7).max(4) as usize;
     let (w, h) = canvas.dimensions();
     render_over("samples.png", canvas.into_raw(), (w, h), |root| {
         root.draw_text(title, &(FONT, 22).into_font().color(&BLACK), (12, 10))?;
-        for (row, (name, _)) in rows.iter().enumerate() {
-            let y = (header + row as u32 * (THUMB + gap) + gap + THUMB / 2 - 8) as i32;
-            root.draw_text(name, &(FONT, 16).into_font().color(&BLACK), (12, y))?;
+        for (row, (name, samples)) in rows.iter().enumerate() {
+            let top = header + row as u32 * cell + gap;
+            root.draw_text(name, &(FONT, 16).into_font().color(&BLACK), (12, (top + thumb / 2 - 8) as i32))?;
+            for (column, sample) in samples.iter().enumerate().filter(|(_, s)| !s.caption.is_empty()) {
+                let caption = if sample.caption.chars().count() > caption_chars {
+                    format!("{}…", sample.caption.chars().take(caption_chars - 1).collect::<String>())
+                } else {
+                    sample.caption.clone()
+                };
+                let x = label_width + column as u32 * (thumb + gap) + gap;
+                root.draw_text(&caption, &(FONT, 13).into_font().color(&BLACK), (x as i32, (top + thumb + 3) as i32))?;
+            }
         }
         Ok(())
     })
 }
 
 /// A thumbnail that keeps the aspect ratio, with the mask's outline drawn in red.
-fn thumbnail(sample: &GridImage) -> RgbImage {
+fn thumbnail(sample: &GridImage, side: u32) -> RgbImage {
     let (w, h) = sample.image.dimensions();
-    let scale = THUMB as f64 / w.max(h) as f64;
+    let scale = side as f64 / w.max(h).max(1) as f64;
     let (tw, th) = (((w as f64 * scale).round() as u32).max(1), ((h as f64 * scale).round() as u32).max(1));
     let mut thumb = image::imageops::resize(&sample.image, tw, th, FilterType::Triangle);
     if let Some(mask) = &sample.mask {

@@ -8,8 +8,10 @@ mod pixel_metrics;
 mod plots;
 mod tsne;
 
-pub use eda::{GridImage, defect_area_png, histogram_png, sample_grid_png};
+pub use eda::{GridImage, defect_area_png, histogram_png, sample_grid_png, sample_grid_png_sized};
 pub use metrics::{Confusion, F1Optimum, MetricsError, Roc, auroc, best_f1, confusion, roc_curve};
-pub use pixel_metrics::{AUPRO_MAX_FPR, AnomalyMap, PixelMetrics, PixelMetricsError, aupro, pixel_auroc, pixel_metrics};
+pub use pixel_metrics::{
+    AUPRO_MAX_FPR, AnomalyMap, PixelF1, PixelMetrics, PixelMetricsError, PixelScores, aupro, pixel_auroc, pixel_metrics,
+};
 pub use plots::{PlotError, PointGroup, RocPlot, confusion_png, roc_png, tsne_png};
 pub use tsne::{TsneConfig, tsne};

@@ -145,6 +145,9 @@ pub fn confusion(scores: &[f64], labels: &[bool], threshold: f64) -> Result<Conf
 pub struct F1Optimum {
     pub threshold: f64,
     pub f1: f64,
+    /// Precision and recall at the threshold, which say how the F1 is made up.
+    pub precision: f64,
+    pub recall: f64,
 }
 
 /// The F1-optimal threshold over every distinct score, as read off sklearn's `precision_recall_curve`
@@ -156,14 +159,14 @@ pub fn best_f1(scores: &[f64], labels: &[bool]) -> Result<F1Optimum, MetricsErro
         return Err(MetricsError::SingleClass("defective"));
     }
     let (fps, tps, thresholds) = cumulative_counts(scores, labels);
-    let mut best = F1Optimum { threshold: f64::INFINITY, f1: -1.0 };
+    let mut best = F1Optimum { threshold: f64::INFINITY, f1: -1.0, precision: 0.0, recall: 0.0 };
     // Ascending thresholds, so that a later equal F1 does not replace the lower threshold.
     for i in (0..thresholds.len()).rev() {
         let precision = tps[i] / (tps[i] + fps[i]);
         let recall = tps[i] / positives;
         let f1 = if precision + recall > 0.0 { 2.0 * precision * recall / (precision + recall) } else { 0.0 };
         if f1 > best.f1 {
-            best = F1Optimum { threshold: thresholds[i], f1 };
+            best = F1Optimum { threshold: thresholds[i], f1, precision, recall };
         }
     }
     Ok(best)

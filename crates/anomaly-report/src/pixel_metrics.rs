@@ -21,11 +21,20 @@ pub struct AnomalyMap<'a> {
     pub scores: &'a [f32],
 }
 
-/// Pixel AUROC and AUPRO of one set of maps, computed from one sort.
+/// Pixel AUROC, AUPRO and the F1-optimal pixel threshold of one set of maps, computed from one sort.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct PixelMetrics {
     pub auroc: f64,
     pub aupro: f64,
+    /// The threshold that flags the pixels best by F1 over all pixels (a pixel at or above it is flagged).
+    pub f1_optimal: PixelF1,
+}
+
+/// A pixel threshold and the F1 of flagging the pixels at or above it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct PixelF1 {
+    pub threshold: f32,
+    pub f1: f64,
 }
 
 /// Why pixel metrics cannot be computed for these maps and masks.
@@ -62,90 +71,127 @@ pub fn aupro(maps: &[AnomalyMap], masks: &[Option<&[bool]>], max_fpr: f64) -> Re
 
 /// Pixel AUROC and AUPRO up to `max_fpr` together, for the price of one sort.
 pub fn pixel_metrics(maps: &[AnomalyMap], masks: &[Option<&[bool]>], max_fpr: f64) -> Result<PixelMetrics, PixelMetricsError> {
-    if !(max_fpr > 0.0 && max_fpr <= 1.0) {
-        return Err(PixelMetricsError::MaxFpr(max_fpr));
+    if maps.len() != masks.len() {
+        return Err(PixelMetricsError::CountMismatch { maps: maps.len(), masks: masks.len() });
     }
-    let pixels = SortedPixels::new(maps, masks)?;
-    let (negatives, positives) = (pixels.negatives.len() as u64, pixels.positives.len() as u64);
-    if positives == 0 {
-        return Err(PixelMetricsError::NoDefects);
+    let mut pixels = PixelScores::with_capacity(maps.iter().map(|m| m.scores.len()).sum());
+    for (map, mask) in maps.iter().zip(masks) {
+        pixels.add(*map, *mask)?;
     }
-    if negatives == 0 {
-        return Err(PixelMetricsError::NoNegatives);
+    pixels.metrics(max_fpr)
+}
+
+/// The pixels of a set of maps, gathered one image at a time, so that a caller never holds every map
+/// at once: each pixel is kept as 4 bytes (8 for defective ones) whatever the map's type, and the map
+/// can be dropped once added. A full MVTec AD category at its own resolution (83 images of 900 × 900)
+/// holds about 270 MB here.
+#[derive(Default)]
+pub struct PixelScores {
+    /// Score keys ([`score_key`]) of the anomaly-free pixels.
+    negatives: Vec<u32>,
+    /// Score key in the high half, region index in the low half, of the defective pixels.
+    positives: Vec<u64>,
+    /// Size of each region, by region index.
+    sizes: Vec<u32>,
+    /// Images added so far (named in errors).
+    images: usize,
+}
+
+impl PixelScores {
+    /// Room for `pixels` pixels in all, so that gathering a known number reallocates nothing.
+    pub fn with_capacity(pixels: usize) -> Self {
+        Self { negatives: Vec::with_capacity(pixels), ..Self::default() }
     }
-    let regions = pixels.inverse_sizes.len() as f64;
-    let mut roc_area = RocArea::default();
-    let mut pro_area = ProArea::new(max_fpr);
-    pixels.for_each_threshold(|fp, tp, overlap| {
-        roc_area.add(fp, tp);
-        pro_area.add(fp as f64 / negatives as f64, (overlap / regions).min(1.0));
-    });
-    pro_area.add(1.0, 1.0);
-    Ok(PixelMetrics { auroc: roc_area.twice_area as f64 / (2 * positives * negatives) as f64, aupro: pro_area.area / max_fpr })
+
+    /// Adds one image's map; `mask` is `None` for an image without defects, else `true` where a pixel is
+    /// defective, of the map's size. A bad image is refused whole, leaving what was added before.
+    pub fn add(&mut self, map: AnomalyMap, mask: Option<&[bool]>) -> Result<(), PixelMetricsError> {
+        let (index, width, height) = (self.images, map.width, map.height);
+        if width.checked_mul(height) != Some(map.scores.len()) {
+            return Err(PixelMetricsError::MapSize { index, len: map.scores.len(), width, height });
+        }
+        if let Some(mask) = mask
+            && mask.len() != map.scores.len()
+        {
+            return Err(PixelMetricsError::MaskSize { index, len: mask.len(), width, height });
+        }
+        if map.scores.iter().any(|s| s.is_nan()) {
+            return Err(PixelMetricsError::NotANumber { index });
+        }
+        let total = (self.negatives.len() + self.positives.len()) as u64 + map.scores.len() as u64;
+        if total > u32::MAX as u64 {
+            return Err(PixelMetricsError::TooManyPixels(total));
+        }
+        self.images += 1;
+        let Some(mask) = mask.filter(|m| m.contains(&true)) else {
+            self.negatives.extend(map.scores.iter().map(|&s| score_key(s)));
+            return Ok(());
+        };
+        let first_region = self.sizes.len() as u32;
+        let regions = label_regions(mask, width, height, &mut self.sizes);
+        for (&score, &region) in map.scores.iter().zip(&regions) {
+            match region {
+                0 => self.negatives.push(score_key(score)),
+                r => self.positives.push((score_key(score) as u64) << 32 | (first_region + r - 1) as u64),
+            }
+        }
+        Ok(())
+    }
+
+    /// Pixel AUROC, AUPRO up to `max_fpr` (normalised by it) and the F1-optimal threshold of the pixels added.
+    pub fn metrics(self, max_fpr: f64) -> Result<PixelMetrics, PixelMetricsError> {
+        if !(max_fpr > 0.0 && max_fpr <= 1.0) {
+            return Err(PixelMetricsError::MaxFpr(max_fpr));
+        }
+        let pixels = SortedPixels::new(self);
+        let (negatives, positives) = (pixels.negatives.len() as u64, pixels.positives.len() as u64);
+        if positives == 0 {
+            return Err(PixelMetricsError::NoDefects);
+        }
+        if negatives == 0 {
+            return Err(PixelMetricsError::NoNegatives);
+        }
+        let regions = pixels.inverse_sizes.len() as f64;
+        let mut roc_area = RocArea::default();
+        let mut pro_area = ProArea::new(max_fpr);
+        let mut best = PixelF1 { threshold: f32::INFINITY, f1: -1.0 };
+        pixels.for_each_threshold(|threshold, fp, tp, overlap| {
+            roc_area.add(fp, tp);
+            pro_area.add(fp as f64 / negatives as f64, (overlap / regions).min(1.0));
+            // F1 = 2·tp / (2·tp + fp + fn), with fn = positives − tp; the lowest threshold wins ties.
+            let f1 = 2.0 * tp as f64 / (tp + fp + positives) as f64;
+            if f1 >= best.f1 {
+                best = PixelF1 { threshold: key_score(threshold), f1 };
+            }
+        });
+        pro_area.add(1.0, 1.0);
+        Ok(PixelMetrics {
+            auroc: roc_area.twice_area as f64 / (2 * positives * negatives) as f64,
+            aupro: pro_area.area / max_fpr,
+            f1_optimal: best,
+        })
+    }
 }
 
 /// The pixels sorted by score, highest first: negatives as score keys alone, positives with their region.
 struct SortedPixels {
-    /// Score keys ([`score_key`]) of the anomaly-free pixels.
     negatives: Vec<u32>,
-    /// Score key in the high half, region index in the low half, of the defective pixels.
     positives: Vec<u64>,
     /// 1 / size of each region, by region index.
     inverse_sizes: Vec<f64>,
 }
 
 impl SortedPixels {
-    fn new(maps: &[AnomalyMap], masks: &[Option<&[bool]>]) -> Result<Self, PixelMetricsError> {
-        if maps.len() != masks.len() {
-            return Err(PixelMetricsError::CountMismatch { maps: maps.len(), masks: masks.len() });
-        }
-        let mut total: u64 = 0;
-        let mut defective = 0;
-        for (index, (map, mask)) in maps.iter().zip(masks).enumerate() {
-            let (width, height) = (map.width, map.height);
-            let area = width.checked_mul(height);
-            if area != Some(map.scores.len()) {
-                return Err(PixelMetricsError::MapSize { index, len: map.scores.len(), width, height });
-            }
-            if let Some(mask) = mask {
-                if mask.len() != map.scores.len() {
-                    return Err(PixelMetricsError::MaskSize { index, len: mask.len(), width, height });
-                }
-                defective += mask.iter().filter(|&&d| d).count();
-            }
-            if map.scores.iter().any(|s| s.is_nan()) {
-                return Err(PixelMetricsError::NotANumber { index });
-            }
-            total += map.scores.len() as u64;
-        }
-        if total > u32::MAX as u64 {
-            return Err(PixelMetricsError::TooManyPixels(total));
-        }
-        let mut negatives = Vec::with_capacity(total as usize - defective);
-        let mut positives = Vec::with_capacity(defective);
-        let mut sizes: Vec<u32> = Vec::new();
-        for (map, mask) in maps.iter().zip(masks) {
-            let Some(mask) = mask.filter(|m| m.contains(&true)) else {
-                negatives.extend(map.scores.iter().map(|&s| score_key(s)));
-                continue;
-            };
-            let first_region = sizes.len() as u32;
-            let regions = label_regions(mask, map.width, map.height, &mut sizes);
-            for (&score, &region) in map.scores.iter().zip(&regions) {
-                match region {
-                    0 => negatives.push(score_key(score)),
-                    r => positives.push((score_key(score) as u64) << 32 | (first_region + r - 1) as u64),
-                }
-            }
-        }
+    fn new(scores: PixelScores) -> Self {
+        let PixelScores { mut negatives, mut positives, sizes, .. } = scores;
         negatives.par_sort_unstable_by(|a, b| b.cmp(a));
         positives.par_sort_unstable_by(|a, b| b.cmp(a));
-        Ok(Self { negatives, positives, inverse_sizes: sizes.iter().map(|&s| 1.0 / s as f64).collect() })
+        Self { negatives, positives, inverse_sizes: sizes.iter().map(|&s| 1.0 / s as f64).collect() }
     }
 
-    /// Calls `visit(false positives, true positives, Σ over regions of their flagged share)` at each distinct
-    /// score, highest first, with every pixel at or above it flagged.
-    fn for_each_threshold(&self, mut visit: impl FnMut(u64, u64, f64)) {
+    /// Calls `visit(threshold key, false positives, true positives, Σ over regions of their flagged share)`
+    /// at each distinct score, highest first, with every pixel at or above it flagged.
+    fn for_each_threshold(&self, mut visit: impl FnMut(u32, u64, u64, f64)) {
         let (negatives, positives) = (&self.negatives, &self.positives);
         let (mut i, mut j) = (0, 0);
         let (mut fp, mut tp) = (0u64, 0u64);
@@ -161,7 +207,7 @@ impl SortedPixels {
                 overlap.add(self.inverse_sizes[positives[j] as u32 as usize]);
                 j += 1;
             }
-            visit(fp, tp, overlap.value());
+            visit(threshold, fp, tp, overlap.value());
         }
     }
 }
@@ -170,6 +216,11 @@ impl SortedPixels {
 fn score_key(score: f32) -> u32 {
     let bits = (score + 0.0).to_bits(); // -0 + 0 is +0
     if bits >> 31 == 1 { !bits } else { bits | 1 << 31 }
+}
+
+/// The score a key stands for ([`score_key`] undone; -0 comes back as +0).
+fn key_score(key: u32) -> f32 {
+    f32::from_bits(if key >> 31 == 1 { key & !(1 << 31) } else { !key })
 }
 
 /// The 8-connected regions of `mask`: per pixel 0 outside, else the region's number from 1; each new
@@ -280,6 +331,9 @@ mod tests {
         assert!(keys.windows(2).all(|w| w[0] <= w[1]), "{keys:?}");
         assert_eq!(score_key(-0.0), score_key(0.0));
         assert_eq!(keys.iter().collect::<std::collections::BTreeSet<_>>().len(), scores.len() - 1);
+        for &score in &scores {
+            assert_eq!(key_score(score_key(score)), score + 0.0);
+        }
     }
 
     #[test]
@@ -295,5 +349,23 @@ mod tests {
         assert_eq!(sizes, [7, 2, 2, 2]);
         assert_eq!(labels[..10], [1, 0, 0, 0, 2, 0, 1, 0, 0, 2]);
         assert_eq!(labels[15..], [3, 3, 0, 0, 0]);
+    }
+
+    #[test]
+    fn the_f1_optimal_pixel_threshold_is_the_lowest_of_the_best() {
+        // Defective pixels score 3, 2, 0; anomaly-free ones 2.5, 1, 0, 0. At 3: F1 2/(1+0+3) = 0.5; at 2.5:
+        // 2/5; at 2: 4/(2+1+3) = 2/3; at 1: 4/7; at 0: 6/10. Best 2/3 at 2.
+        let scores = [3.0, 2.0, 0.0, 2.5, 1.0, 0.0, 0.0];
+        let mask = [true, true, true, false, false, false, false];
+        let mut pixels = PixelScores::default();
+        pixels.add(AnomalyMap { width: 7, height: 1, scores: &scores }, Some(&mask)).unwrap();
+        let metrics = pixels.metrics(AUPRO_MAX_FPR).unwrap();
+        assert_eq!(metrics.f1_optimal, PixelF1 { threshold: 2.0, f1: 2.0 / 3.0 });
+        // Two thresholds equally good, over two images: at 3, F1 2/(1+0+2) = 2/3; at 2, 2/(1+2+2); at 1,
+        // 4/(2+2+2) = 2/3 again. The lower is taken, as the image-level best_f1 does.
+        let mut tied = PixelScores::default();
+        tied.add(AnomalyMap { width: 2, height: 1, scores: &[3.0, 2.0] }, Some(&[true, false])).unwrap();
+        tied.add(AnomalyMap { width: 2, height: 1, scores: &[1.0, 2.0] }, Some(&[true, false])).unwrap();
+        assert_eq!(tied.metrics(1.0).unwrap().f1_optimal, PixelF1 { threshold: 1.0, f1: 2.0 / 3.0 });
     }
 }
