@@ -48,12 +48,15 @@ fn patchcore_fits_evaluates_with_pixel_metrics_and_predicts_the_same_scores() {
     let metrics = read_json(&report.join("metrics.json"));
     assert_eq!(metrics["method"], "patchcore");
     assert_eq!(metrics["bank_rows"], info["bank_rows"]);
-    for key in ["image_auroc", "pixel_auroc", "threshold", "pixel_threshold"] {
+    for key in ["image_auroc", "pixel_auroc", "pixel_auroc_crop", "aupro", "threshold", "pixel_threshold"] {
         assert!(metrics[key].is_number(), "{key}: {metrics}");
     }
+    assert!(metrics["pixel_threshold_f1"]["threshold"].is_number(), "{metrics}");
+    assert!(report.join("heatmaps.png").is_file());
     // The fabric's defects are plain to see: PatchCore finds them all.
     assert!(metrics["image_auroc"].as_f64().unwrap() > 0.9, "{metrics}");
     assert!(metrics["pixel_auroc"].as_f64().unwrap() > 0.9, "{metrics}");
+    assert!(metrics["aupro"].as_f64().unwrap() > 0.5, "{metrics}");
 
     let test = data.join("test");
     let predict = [&["predict", "--model", model.to_str().unwrap(), test.to_str().unwrap(), "--json"], &common[..]];
@@ -66,6 +69,17 @@ fn patchcore_fits_evaluates_with_pixel_metrics_and_predicts_the_same_scores() {
     for (line, prediction) in csv.lines().skip(1).zip(&predicted) {
         let reported: f64 = line.split(',').nth(3).unwrap().parse().unwrap();
         assert!((prediction["score"].as_f64().unwrap() - reported).abs() < 1e-5, "{line} vs {prediction}");
+        // Every map peaks at or below its image's worst patch (the blur averages), and an anomalous
+        // image's region above the pixel threshold is boxed inside the image.
+        assert!(prediction["map_max"].as_f64().unwrap() <= prediction["score"].as_f64().unwrap() + 1e-4, "{prediction}");
+        if prediction["map_max"].as_f64().unwrap() > info["pixel_threshold"].as_f64().unwrap() {
+            let bbox = &prediction["bbox"];
+            let (x, width) = (bbox["x"].as_u64().unwrap(), bbox["width"].as_u64().unwrap());
+            let (y, height) = (bbox["y"].as_u64().unwrap(), bbox["height"].as_u64().unwrap());
+            assert!(width > 0 && height > 0 && x + width <= 96 && y + height <= 96, "{prediction}");
+        } else {
+            assert!(prediction["bbox"].is_null(), "{prediction}");
+        }
     }
 
     // A test image of another size and shape than the training images is scored all the same.
