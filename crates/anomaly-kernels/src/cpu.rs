@@ -184,6 +184,9 @@ pub mod fast {
     /// The k nearest bank rows of every query: blocks of −2·Q·Bᵀ by sgemm plus the norms, and a running
     /// partial selection per query, so that memory stays at a block of distances per thread.
     pub fn knn(queries: &[f32], bank: &[f32], d: usize, k: usize) -> Neighbours {
+        if k == 0 {
+            return Neighbours { k, distances: Vec::new(), indices: Vec::new() };
+        }
         let n = bank.len() / d;
         let bank_norms = row_norms(bank, d);
         let rows: Vec<Vec<(f32, u32)>> = queries
@@ -191,7 +194,11 @@ pub mod fast {
             .flat_map_iter(|block| {
                 let m = block.len() / d;
                 let query_norms = row_norms_serial(block, d);
-                let mut best: Vec<Vec<(f32, u32)>> = vec![Vec::with_capacity(k + BANK_BLOCK); m];
+                // Each query holds at most 2k candidates, cut back to its k best whenever full: its
+                // memory stays small (a whole bank block's room per query, kept for PatchCore's 164k
+                // leave-one-out queries, fragmented the heap into gigabytes).
+                let room = 2 * k;
+                let mut best: Vec<Vec<(f32, u32)>> = (0..m).map(|_| Vec::with_capacity(room)).collect();
                 // The k-th best squared distance so far (infinite until k are held): a later bank row
                 // enters only below it, since an equal one has a higher index and loses the tie. Most
                 // rows fail this one comparison, so the selection costs little beside the product.
@@ -208,22 +215,16 @@ pub mod fast {
                             let squared = (query_norm + norm - 2.0 * dot).max(0.0);
                             if squared < *bound {
                                 candidates.push((squared, (start + j) as u32));
+                                if candidates.len() == room {
+                                    keep_nearest(candidates, k, bound);
+                                }
                             }
-                        }
-                        if candidates.len() > k {
-                            candidates.select_nth_unstable_by(k - 1, nearer);
-                            candidates.truncate(k);
-                        }
-                        if candidates.len() == k {
-                            *bound = candidates.iter().map(|c| c.0).fold(f32::NEG_INFINITY, f32::max);
                         }
                     }
                 }
                 best.into_iter().map(|mut candidates| {
                     candidates.sort_unstable_by(nearer);
-                    // Room for a whole bank block per query is only needed while scanning: kept for every
-                    // query of a large set (PatchCore's 164k training patches) it cost gigabytes.
-                    candidates.shrink_to_fit();
+                    candidates.truncate(k);
                     candidates
                 })
             })
@@ -237,6 +238,14 @@ pub mod fast {
             }
         }
         Neighbours { k, distances, indices }
+    }
+
+    /// Cuts `candidates` back to their `k` nearest (by distance, then index: a total order, so the same
+    /// set whenever it is cut) and sets `bound` to the k-th distance.
+    fn keep_nearest(candidates: &mut Vec<(f32, u32)>, k: usize, bound: &mut f32) {
+        candidates.select_nth_unstable_by(k - 1, nearer);
+        candidates.truncate(k);
+        *bound = candidates.iter().map(|c| c.0).fold(f32::NEG_INFINITY, f32::max);
     }
 
     fn row_norms_serial(matrix: &[f32], d: usize) -> Vec<f32> {
