@@ -21,7 +21,8 @@ pub struct Args {
     /// Evaluate this fitted model instead of fitting one (the method and its settings come from the model).
     #[arg(long, value_name = "FILE.safetensors", conflicts_with_all = ["backbone", "k", "features", "method"])]
     model: Option<PathBuf>,
-    /// memory-bank (backbone features, k nearest neighbours) or autoencoder (reconstruction error).
+    /// memory-bank (pooled backbone features, k nearest neighbours), patchcore (patch features in a coreset
+    /// bank, anomaly maps) or autoencoder (reconstruction error).
     #[arg(long, value_enum, default_value_t)]
     method: MethodName,
     #[command(flatten)]

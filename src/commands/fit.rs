@@ -10,7 +10,8 @@ use crate::output::{note, outln};
 /// `anomaly fit`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// memory-bank (backbone features, k nearest neighbours) or autoencoder (reconstruction error).
+    /// memory-bank (pooled backbone features, k nearest neighbours), patchcore (patch features in a coreset
+    /// bank, anomaly maps) or autoencoder (reconstruction error).
     #[arg(long, value_enum, default_value_t)]
     method: MethodName,
     #[command(flatten)]
