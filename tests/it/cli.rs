@@ -216,6 +216,22 @@ pub(crate) fn demo() -> &'static Path {
     })
 }
 
+/// Runs `predict --json` with `model` on the test folder `test` (plus `options`) and checks that every
+/// score equals the one `report`'s scores.csv gives, in the same order; returns the predictions.
+pub(crate) fn predict_as_reported(model: &Path, test: &Path, options: &[&str], report: &Path) -> Vec<serde_json::Value> {
+    let output = anomaly(&[&["predict", "--model", model.to_str().unwrap(), test.to_str().unwrap(), "--json"], options].concat());
+    assert!(output.status.success(), "{}", stderr(&output));
+    let predicted: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let csv = std::fs::read_to_string(report.join("scores.csv")).unwrap();
+    assert_eq!(predicted.len(), csv.lines().count() - 1);
+    for (line, prediction) in csv.lines().skip(1).zip(&predicted) {
+        let reported: f64 = line.split(',').nth(3).unwrap().parse().unwrap();
+        assert!((prediction["score"].as_f64().unwrap() - reported).abs() < 1e-5, "{line} vs {prediction}");
+    }
+    predicted
+}
+
 fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
@@ -643,16 +659,8 @@ fn the_autoencoder_fits_evaluates_with_pixel_auroc_and_predicts() {
         "image size 100 must be a multiple of 16",
     );
 
-    let output =
-        anomaly(&["predict", "--model", model.to_str().unwrap(), data.join("test").to_str().unwrap(), "--device", "cpu", "--json"]);
-    assert!(output.status.success(), "{}", stderr(&output));
-    let predicted: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let csv = std::fs::read_to_string(report.join("scores.csv")).unwrap();
-    assert_eq!(predicted.len(), csv.lines().count() - 1);
-    for (line, prediction) in csv.lines().skip(1).zip(&predicted) {
-        let reported: f64 = line.split(',').nth(3).unwrap().parse().unwrap();
-        assert!((prediction["score"].as_f64().unwrap() - reported).abs() < 1e-5, "{line} vs {prediction}");
+    let test = data.join("test");
+    for prediction in predict_as_reported(&model, &test, &["--device", "cpu"], &report) {
         // The map's largest value; no box, as the autoencoder has no pixel threshold.
         assert!(prediction["map_max"].as_f64().is_some_and(|m| m > 0.0) && prediction.get("bbox").is_none(), "{prediction}");
     }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anomaly_data::{Dataset, ImageLimits, Label, Split, SyntheticConfig, write_synthetic_dataset};
 use anomaly_method::{MethodName, MethodSettings, Runtime};
 
-use crate::cli::{anomaly, stderr, weights_dir};
+use crate::cli::{anomaly, predict_as_reported, stderr, weights_dir};
 use crate::common::lite0_weights;
 
 fn synthetic(root: &Path, seed: u64) {
@@ -58,17 +58,7 @@ fn patchcore_fits_evaluates_with_pixel_metrics_and_predicts_the_same_scores() {
     assert!(metrics["pixel_auroc"].as_f64().unwrap() > 0.9, "{metrics}");
     assert!(metrics["aupro"].as_f64().unwrap() > 0.5, "{metrics}");
 
-    let test = data.join("test");
-    let predict = [&["predict", "--model", model.to_str().unwrap(), test.to_str().unwrap(), "--json"], &common[..]];
-    let output = anomaly(&predict.concat());
-    assert!(output.status.success(), "{}", stderr(&output));
-    let predicted: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let csv = std::fs::read_to_string(report.join("scores.csv")).unwrap();
-    assert_eq!(predicted.len(), csv.lines().count() - 1);
-    for (line, prediction) in csv.lines().skip(1).zip(&predicted) {
-        let reported: f64 = line.split(',').nth(3).unwrap().parse().unwrap();
-        assert!((prediction["score"].as_f64().unwrap() - reported).abs() < 1e-5, "{line} vs {prediction}");
+    for prediction in predict_as_reported(&model, &data.join("test"), &common, &report) {
         // Every map peaks at or below its image's worst patch (the blur averages), and an anomalous
         // image's region above the pixel threshold is boxed inside the image.
         assert!(prediction["map_max"].as_f64().unwrap() <= prediction["score"].as_f64().unwrap() + 1e-4, "{prediction}");
