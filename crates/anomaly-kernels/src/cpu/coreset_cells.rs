@@ -25,8 +25,10 @@
 //! What it saves depends on the points. On clustered points, as patch features are, the minima soon
 //! shrink below the clusters' spacing and a step measures a small share of the points (5% over the
 //! coreset of 10% of 40k points, 1–2% of 164k: `bench coreset --data clusters`). On structureless noise
-//! in 128 dimensions nothing is skipped, and a step costs about twice a plain scan's: the cells' blocks
-//! lie apart in memory, and the moves and the bookkeeping add to the same sums.
+//! in 128 dimensions nothing is skipped, and a step costs two to three times a plain scan's (the cells'
+//! blocks lie apart in memory, and the moves and the bookkeeping add to the same sums): there
+//! `fast::select_with_updates` gives up after a few hundred picks and finishes as a plain scan from the
+//! cells' minima (`into_mins`).
 
 use rayon::prelude::*;
 
@@ -192,6 +194,17 @@ impl CoresetCells {
             });
         self.push(&center, cell);
         measured
+    }
+
+    /// Every point's running minimum, by original index (picked points: −1, as the plain scan marks them).
+    pub fn into_mins(self, rows: usize) -> Vec<f32> {
+        let mut mins = vec![-1f32; rows];
+        for cell in &self.cells {
+            for (&i, &m) in cell.points.iter().zip(&cell.mins) {
+                mins[i as usize] = m;
+            }
+        }
+        mins
     }
 
     /// Adds the pick at `center` with its cell.
