@@ -25,7 +25,7 @@
 //!
 //! How the paths get there differs. The reference and the GPU measure every point at every step. The
 //! multithreaded CPU path (`cpu/coreset_cells.rs`) prunes by the triangle inequality: each point stays in
-//! the cell of the pick that set its minimum, and a new pick skips every cell, and every point, that it
+//! the cell of the pick that set its minimum, and a new pick skips every cell, and every block of 8 points, it
 //! provably cannot bring nearer (the test runs in f64 with a margin above the f32 sums' rounding, so it
 //! never skips a point whose minimum would change); the points it measures are summed in the order above,
 //! and the arg-max follows the same (value, then lower index) order, so its picks are the same bits. As
