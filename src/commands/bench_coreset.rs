@@ -30,16 +30,55 @@ pub struct CoresetArgs {
     /// Timed runs per path; the median is printed.
     #[arg(long, default_value_t = 3, value_parser = count_in(1, 100))]
     repeats: usize,
-    /// Stop the multithreaded CPU and GPU runs after this many picks (every pick costs the same, so the
-    /// rate holds for the whole coreset); default: the whole coreset.
+    /// Stop the multithreaded CPU and GPU runs after this many picks; default: the whole coreset. A GPU
+    /// pick costs the same throughout, but the CPU path prunes more as the coreset grows: its rate over
+    /// the first picks is below its rate over the whole coreset.
     #[arg(long, value_parser = count_in(2, 100_000_000))]
     max_picks: Option<usize>,
     /// Picks the single-threaded reference runs (it is slow; its rate is per pick like the others').
     #[arg(long, default_value_t = 20, value_parser = count_in(2, 100_000_000))]
     reference_picks: usize,
+    /// The points: `uniform` noise in [−1, 1) (no structure: the worst case for the CPU path's pruning),
+    /// or `clusters`, shaped like patch features (see `clustered`).
+    #[arg(long, value_enum, default_value = "uniform")]
+    data: CoresetData,
     /// Print a JSON array (one object per case) instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum CoresetData {
+    Uniform,
+    Clusters,
+}
+
+/// Clusters of `clustered`: patches of one category's images fall into a few kinds (background, rim,
+/// label, …), each spread along a few directions.
+const CLUSTERS: usize = 64;
+/// Directions each cluster spreads along.
+const CLUSTER_RANK: usize = 8;
+
+/// `n × d` points like a backbone's patch features: `CLUSTERS` centres uniform in [−1, 1)ᵈ, cluster sizes
+/// skewed (cluster ⌊K·u²⌋ for uniform u: a few large kinds, many rare ones), each point its centre plus
+/// a uniform mix of its cluster's `CLUSTER_RANK` directions (each spanning about a quarter of the
+/// centres' spacing) plus uniform noise of 0.05.
+fn clustered(n: usize, d: usize, seed: u64) -> Vec<f32> {
+    let centres = random(CLUSTERS * d, seed);
+    let directions: Vec<f32> = random(CLUSTERS * CLUSTER_RANK * d, seed + 1).iter().map(|x| x * 0.3).collect();
+    let picks = random(n, seed + 2);
+    let mixes = random(n * CLUSTER_RANK, seed + 3);
+    let mut points: Vec<f32> = random(n * d, seed + 4).iter().map(|x| x * 0.05).collect();
+    for (i, point) in points.chunks_exact_mut(d).enumerate() {
+        let u = (picks[i] + 1.0) / 2.0;
+        let cluster = ((u * u * CLUSTERS as f32) as usize).min(CLUSTERS - 1);
+        point.iter_mut().zip(&centres[cluster * d..(cluster + 1) * d]).for_each(|(x, c)| *x += c);
+        for (r, &mix) in mixes[i * CLUSTER_RANK..(i + 1) * CLUSTER_RANK].iter().enumerate() {
+            let direction = &directions[(cluster * CLUSTER_RANK + r) * d..(cluster * CLUSTER_RANK + r + 1) * d];
+            point.iter_mut().zip(direction).for_each(|(x, v)| *x += mix * v);
+        }
+    }
+    points
 }
 
 fn unit_ratio(text: &str) -> Result<f64, String> {
@@ -63,6 +102,8 @@ struct Row {
     reference_picks_s: f64,
     cpu_picks_s: f64,
     wgpu_picks_s: Option<f64>,
+    /// Share of a plain scan's distances the multithreaded CPU path computed (what its pruning left).
+    cpu_updated_share: f64,
     /// Multithreaded CPU over the reference (>1: faster).
     cpu_over_reference: f64,
     /// GPU over the multithreaded CPU (>1: faster).
@@ -82,12 +123,20 @@ pub fn run(args: CoresetArgs) -> Result<()> {
         None => format!("cpu: {threads} threads"),
     };
     if !args.json {
-        note!("device {device}; wall time, medians of {} runs; the projection is timed apart from the picks", args.repeats);
+        note!(
+            "device {device}; {:?} data; wall time, medians of {} runs; the projection is timed apart from the picks",
+            args.data,
+            args.repeats
+        );
     }
     let mut rows = Vec::new();
     for &d in &args.dims {
         for &n in &args.patches {
-            let features = random(n * d, 1 + n as u64 + d as u64);
+            let seed = 1 + n as u64 + d as u64;
+            let features = match args.data {
+                CoresetData::Uniform => random(n * d, seed),
+                CoresetData::Clusters => clustered(n, d, seed),
+            };
             for &ratio in &args.ratio {
                 let settings = CoresetSettings { ratio, projection: args.projection, seed: 0 };
                 let mut projection_ms = Vec::new();
@@ -109,8 +158,8 @@ pub fn run(args: CoresetArgs) -> Result<()> {
                 let mut reference_run = Vec::new();
                 let reference_s = median_s(args.repeats, || reference_run = reference::greedy(&space));
                 space.set_picks(picks_timed);
-                let mut cpu_run = Vec::new();
-                let cpu_s = median_s(args.repeats, || cpu_run = fast::select(&space));
+                let (mut cpu_run, mut cpu_updated_share) = (Vec::new(), 1.0);
+                let cpu_s = median_s(args.repeats, || (cpu_run, cpu_updated_share) = fast::select_with_updates(&space));
                 let mut wgpu_s = None;
                 let mut agree = cpu_run.starts_with(&reference_run) || reference_run.starts_with(&cpu_run);
                 if let Some(gpu) = &gpu {
@@ -133,13 +182,14 @@ pub fn run(args: CoresetArgs) -> Result<()> {
                     reference_picks_s,
                     cpu_picks_s,
                     wgpu_picks_s,
+                    cpu_updated_share,
                     cpu_over_reference: cpu_picks_s / reference_picks_s,
                     wgpu_over_cpu: wgpu_picks_s.map(|g| g / cpu_picks_s),
                     picks_agree: agree,
                 };
                 if !args.json {
                     outln!(
-                        "n {:>9} d {:>5}→{:<4} ratio {:<6} picks {:>7}/{:<7} projection {:>9.1} ms  reference {:>9.1}  cpu {:>9.1}  wgpu {:>9} picks/s  cpu/ref {:>6.1}  wgpu/cpu {:>6}  agree {}",
+                        "n {:>9} d {:>5}→{:<4} ratio {:<6} picks {:>7}/{:<7} projection {:>9.1} ms  reference {:>9.1}  cpu {:>9.1}  wgpu {:>9} picks/s  cpu updated {:>5.1}%  cpu/ref {:>6.1}  wgpu/cpu {:>6}  agree {}",
                         row.patches,
                         row.dims,
                         row.projected_dims,
@@ -150,6 +200,7 @@ pub fn run(args: CoresetArgs) -> Result<()> {
                         row.reference_picks_s,
                         row.cpu_picks_s,
                         row.wgpu_picks_s.map_or("-".into(), |r| format!("{r:.1}")),
+                        row.cpu_updated_share * 100.0,
                         row.cpu_over_reference,
                         row.wgpu_over_cpu.map_or("-".into(), |r| format!("{r:.2}")),
                         if row.picks_agree { "yes" } else { "NO" },

@@ -343,6 +343,45 @@ fn coreset_picks_are_equal_on_every_path() {
     }
 }
 
+/// Points in tight clusters far apart, as patch features are: the CPU path prunes most of its work,
+/// and must still pick exactly the reference's points, ties included (rows in pairs of equal copies,
+/// offsets from a few integers).
+#[test]
+fn pruned_coreset_picks_equal_the_reference_on_clustered_points() {
+    let (n, d, clusters) = (6000, 16, 24);
+    let mut rng = Rng::new(41);
+    let centres = rng.normals(clusters * d, 0.0, 100.0);
+    let mut features = vec![0f32; n * d];
+    for row in features.chunks_exact_mut(d) {
+        let cluster = (rng.next_u64() % clusters as u64) as usize;
+        for (x, &c) in row.iter_mut().zip(&centres[cluster * d..(cluster + 1) * d]) {
+            *x = c + (rng.next_u64() % 3) as f32;
+        }
+    }
+    for row in (1..n).step_by(2) {
+        features.copy_within((row - 1) * d..row * d, row * d);
+    }
+    for (ratio, projection) in [(0.3, 0), (0.05, 8)] {
+        let settings = CoresetSettings { ratio, projection, seed: 3 };
+        let space = CoresetSpace::new(&features, n, d, &settings).unwrap();
+        let (picks, updated) = fast::select_with_updates(&space);
+        assert_eq!(picks, reference::greedy(&space), "ratio {ratio}, projection {projection}");
+        assert!(updated < 0.2, "ratio {ratio}, projection {projection}: {updated} of a plain scan's distances summed");
+    }
+}
+
+/// Structureless points in 64 dimensions: the pruning measures nearly every point, so the CPU path
+/// finishes as a plain scan from its running minima, and must still pick exactly the reference's points.
+#[test]
+fn unprunable_coreset_picks_equal_the_reference() {
+    let (n, d) = (3000, 64);
+    let features = Rng::new(43).normals(n * d, 0.0, 1.0);
+    let space = CoresetSpace::new(&features, n, d, &CoresetSettings { ratio: 0.2, projection: 0, seed: 5 }).unwrap();
+    let (picks, updated) = fast::select_with_updates(&space);
+    assert_eq!(picks, reference::greedy(&space));
+    assert!(updated > 0.9, "{updated} of a plain scan's distances summed");
+}
+
 #[test]
 fn coreset_seeds_change_the_picks_and_repeat_them() {
     let case = &CORESET_CASES[0];

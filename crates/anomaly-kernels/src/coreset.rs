@@ -22,6 +22,16 @@
 //!
 //! The matrix uses libm's `ln`, `cos` and `sin` in f64, so it may differ in the last bit between
 //! platforms; on one machine every path selects from the same bits.
+//!
+//! How the paths get there differs. The reference and the GPU measure every point at every step. The
+//! multithreaded CPU path (`cpu/coreset_cells.rs`) prunes by the triangle inequality: each point stays in
+//! the cell of the pick that set its minimum, and a new pick skips every cell, and every block of 8 points, it
+//! provably cannot bring nearer (the test runs in f64 with a margin above the f32 sums' rounding, so it
+//! never skips a point whose minimum would change); the points it measures are summed in the order above,
+//! and the arg-max follows the same (value, then lower index) order, so its picks are the same bits. As
+//! the coreset grows the minima shrink and a step measures a small share of the points (about 2% over a
+//! whole coreset of 10% of 164k clustered points). Where it measures most points anyway, as on
+//! structureless noise, it finishes as a plain scan of every point from the minima it has.
 
 use burn::tensor::wgpu::wgpu;
 use bytemuck::{Pod, Zeroable};

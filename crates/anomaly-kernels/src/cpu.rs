@@ -4,6 +4,8 @@
 
 use rayon::prelude::*;
 
+mod coreset_cells;
+
 use crate::coreset::{self, CoresetSettings, CoresetSpace};
 use crate::{ColumnStats, KernelError, Neighbours};
 
@@ -131,6 +133,7 @@ pub mod fast {
     //! Multithreaded CPU paths for users without a GPU.
 
     use super::*;
+    use coreset_cells::CoresetCells;
 
     /// Bank rows per distance block: the block's distances stay in cache-friendly sizes.
     const BANK_BLOCK: usize = 2048;
@@ -290,23 +293,73 @@ pub mod fast {
         }
     }
 
-    /// Points per block of the coreset's layout: a block stores its points' coordinates dimension by
-    /// dimension, so one point's distance is summed in order while 32 points are summed side by side.
-    /// (Kept as f32: i16 would halve the memory traffic, but converting back cost more than it saved on
-    /// the baseline x86-64 target.)
-    const CORESET_LANES: usize = 32;
-    /// Blocks per task of the coreset's parallel update.
-    const CORESET_TASK_BLOCKS: usize = 128;
-
     /// PatchCore's coreset on all cores: the parallel projection of `CoresetSpace::new`, then `select`.
     pub fn coreset(features: &[f32], rows: usize, dims: usize, settings: &CoresetSettings) -> Result<Vec<u32>, KernelError> {
         Ok(select(&CoresetSpace::new(features, rows, dims, settings)?))
     }
 
-    /// The greedy selection on all cores: chunks of points update their running minima and find their
+    /// The greedy selection on all cores, pruned by the triangle inequality (`coreset_cells`): the picks
+    /// equal `reference::greedy`'s.
+    pub fn select(space: &CoresetSpace) -> Vec<u32> {
+        select_with_updates(space).0
+    }
+
+    /// `select`, with the share of the distances to points a plain scan sums that the pruned steps summed
+    /// (1: nothing pruned; 0 without steps): how much the pruning saved on these points.
+    pub fn select_with_updates(space: &CoresetSpace) -> (Vec<u32>, f64) {
+        let n = space.rows();
+        let mut picked = vec![space.start() as u32];
+        if space.picks() < 2 {
+            return (picked, 0.0);
+        }
+        let mut cells = CoresetCells::new(space);
+        let mut measured = n - 1;
+        // Distances summed over the last `PLAIN_WINDOW` steps, to give up pruning where it does not pay.
+        let mut recent = std::collections::VecDeque::with_capacity(PLAIN_WINDOW);
+        loop {
+            let (pick, home) = cells.next();
+            picked.push(pick);
+            if picked.len() == space.picks() {
+                break;
+            }
+            if picked.len() >= PLAIN_AFTER && recent.iter().sum::<usize>() as f64 >= PLAIN_SHARE * (PLAIN_WINDOW * n) as f64 {
+                let mut mins = cells.into_mins(n);
+                measured += (space.picks() - picked.len()) * n;
+                plain_steps(space, &mut picked, &mut mins);
+                break;
+            }
+            let step = cells.step(pick, home);
+            measured += step;
+            if recent.len() == PLAIN_WINDOW {
+                recent.pop_front();
+            }
+            recent.push_back(step);
+        }
+        (picked, measured as f64 / ((space.picks() - 1) * n) as f64)
+    }
+
+    /// Picks made before the pruned selection may give up on itself.
+    const PLAIN_AFTER: usize = 256;
+    /// Steps over which the share of points measured is judged.
+    const PLAIN_WINDOW: usize = 64;
+    /// The share of points measured over the window above which the selection finishes as a plain scan:
+    /// a pruned step measuring most points costs more than a plain one (scattered cells, moves,
+    /// bookkeeping), as on structureless data; clustered data measures far fewer by then.
+    const PLAIN_SHARE: f64 = 0.75;
+
+    /// Points per block of the plain scan: a block stores its points' coordinates dimension by dimension,
+    /// so one point's distance is summed in order while 32 points are summed side by side. (Kept as f32:
+    /// i16 would halve the memory traffic, but converting back cost more than it saved on the baseline
+    /// x86-64 target.)
+    const CORESET_LANES: usize = 32;
+    /// Blocks per task of the plain scan.
+    const CORESET_TASK_BLOCKS: usize = 128;
+
+    /// The rest of the greedy selection from `picked` (the last not yet measured) and the running minima
+    /// `mins`, as a plain scan on all cores: chunks of points update their running minima and find their
     /// arg-max in parallel; the chunks' best are merged by (larger minimum, then lower index), a total
     /// order, so the picks equal `reference::greedy`'s whatever the split.
-    pub fn select(space: &CoresetSpace) -> Vec<u32> {
+    fn plain_steps(space: &CoresetSpace, picked: &mut Vec<u32>, mins: &mut Vec<f32>) {
         const LANES: usize = CORESET_LANES;
         let (n, p) = (space.rows(), space.dims());
         let blocks = n.div_ceil(LANES);
@@ -319,8 +372,7 @@ pub mod fast {
             }
         });
         // Padding lanes sit below every real minimum (picked points hold −1): never picked.
-        let mut mins: Vec<f32> = (0..blocks * LANES).map(|i| if i < n { f32::MAX } else { f32::NEG_INFINITY }).collect();
-        let mut picked = vec![space.start() as u32];
+        mins.resize(blocks * LANES, f32::NEG_INFINITY);
         let task = CORESET_TASK_BLOCKS * LANES;
         while picked.len() < space.picks() {
             let last = *picked.last().unwrap_or(&0) as usize;
@@ -334,7 +386,6 @@ pub mod fast {
                 .reduce(|| (f32::NEG_INFINITY, u32::MAX), |a, b| if b.0 > a.0 || (b.0 == a.0 && b.1 < a.1) { b } else { a });
             picked.push(best.1);
         }
-        picked
     }
 
     /// Lowers the running minima of one chunk of blocks by their distances to `center`; returns the
