@@ -101,6 +101,17 @@ impl Cell {
         }
         self.rows.truncate(last.div_ceil(GROUP) * dims * GROUP);
     }
+
+    /// Gives back the room of a cell that has lost most of its points: the first cells start with nearly
+    /// every point and soon hold few, and kept at their peak the cells' room grew to ten times the points'
+    /// (a 1 GB fit of bottle's 164k patches).
+    fn shrink_if_sparse(&mut self) {
+        if self.points.capacity() > 4 * self.points.len().max(GROUP) {
+            self.points.shrink_to_fit();
+            self.mins.shrink_to_fit();
+            self.rows.shrink_to_fit();
+        }
+    }
 }
 
 /// The greedy selection's state between steps.
@@ -252,6 +263,7 @@ fn lower(cell: &mut Cell, center: &[f32], reach: f64, dims: usize) -> (Cell, usi
             }
         }
     }
+    cell.shrink_if_sparse();
     (moved, measured)
 }
 
