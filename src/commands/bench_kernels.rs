@@ -1,11 +1,12 @@
 //! `anomaly bench kernels`: the memory-bank kernels over a sweep of bank sizes, widths and k, against
-//! the naive shader and a tuned CPU sgemm measured in the same run.
+//! the naive shader and a tuned CPU sgemm measured in the same run, and against the device's own peak:
+//! an FMA probe and a read-bandwidth probe, measured first on each device the rows run on.
 
 use std::time::Instant;
 
 use crate::output::{note, outln};
-use anomaly_kernels::cpu::fast;
-use anomaly_kernels::{DistanceKernel, GpuKernels};
+use anomaly_kernels::cpu::{fast, peak};
+use anomaly_kernels::{DistanceKernel, GpuKernels, Peak};
 use anomaly_method::count_in;
 use anyhow::Result;
 use serde::Serialize;
@@ -64,6 +65,12 @@ struct Row {
     gpu_over_cpu_fast: Option<f64>,
     /// Time of the GPU path over a tuned CPU sgemm of the same product.
     gpu_over_cpu_sgemm: Option<f64>,
+    /// The FMA probe of the row's device, on rows judged by GFLOP/s (compute-bound).
+    peak_gflops: Option<f64>,
+    /// The read-bandwidth probe of the row's device, on rows judged by GB/s alone (memory-bound).
+    peak_gbs: Option<f64>,
+    /// The row's GFLOP/s (or GB/s) as a percentage of that probe.
+    pct_of_peak: Option<f64>,
 }
 
 pub fn run(mut args: KernelArgs) -> Result<()> {
@@ -88,12 +95,23 @@ pub fn run(mut args: KernelArgs) -> Result<()> {
             }
         );
     }
+    // Probes first, on an otherwise idle device. The CPU one runs in wgpu runs too: its rows are there.
+    let free = available_memory().unwrap_or(u64::MAX);
+    let cpu_peak = Peak { gflops: peak::fma_gflops(), gbs: peak::read_gbs(peak::STREAM_BYTES.min((free / 4) as usize)) };
+    let gpu_peak = gpu.as_ref().map(GpuKernels::peak).transpose()?;
+    if !args.json {
+        for (name, probe) in [("cpu", Some(cpu_peak)), ("wgpu", gpu_peak)] {
+            if let Some(p) = probe {
+                outln!("peak {name:<5} fma {:>10.1} GFLOP/s  read {:>8.1} GB/s", p.gflops, p.gbs)?;
+            }
+        }
+    }
     let m = args.queries;
     let mut rows = Vec::new();
     let mut print = |row: Row| {
         if !args.json {
             outln!(
-                "{:<16} m {:>5} n {:>8} d {:>5} k {:>5}  {:>10.2} ms {:>9} GFLOP/s {:>8} GB/s{}",
+                "{:<18} m {:>5} n {:>8} d {:>5} k {:>5}  {:>10.2} ms {:>9} GFLOP/s {:>8} GB/s {:>6} of peak{}",
                 row.kernel,
                 row.m,
                 row.n,
@@ -102,6 +120,7 @@ pub fn run(mut args: KernelArgs) -> Result<()> {
                 row.ms,
                 row.gflops.map_or("-".into(), |g| format!("{g:.1}")),
                 row.gbs.map_or("-".into(), |g| format!("{g:.1}")),
+                row.pct_of_peak.map_or("-".into(), |p| format!("{p:.1}%")),
                 ratios(&row)
             )?;
         }
@@ -119,19 +138,33 @@ pub fn run(mut args: KernelArgs) -> Result<()> {
             let queries = random(m * d, 7 + d as u64);
             let flops = 2.0 * m as f64 * n as f64 * d as f64;
             let bank_bytes = (n * d * 4) as f64;
-            let row = |kernel, k, ms: f64, gflops: Option<f64>, gbs: Option<f64>| Row {
-                kernel,
-                device: device.clone(),
-                m,
-                n,
-                d,
-                k,
-                ms,
-                gflops,
-                gbs,
-                tiled_over_naive: None,
-                gpu_over_cpu_fast: None,
-                gpu_over_cpu_sgemm: None,
+            // Rows with GFLOP/s are judged by the FMA probe, rows with GB/s alone by the read probe; `cpu_`
+            // rows by the CPU's, the others by the GPU's.
+            let row = |kernel: &'static str, k, ms: f64, gflops: Option<f64>, gbs: Option<f64>| {
+                let probe = if kernel.starts_with("cpu_") { Some(cpu_peak) } else { gpu_peak };
+                let peak_gflops = gflops.and(probe.map(|p| p.gflops));
+                let peak_gbs = if gflops.is_some() { None } else { gbs.and(probe.map(|p| p.gbs)) };
+                let pct_of_peak = match (gflops, peak_gflops, gbs, peak_gbs) {
+                    (Some(value), Some(peak), ..) | (_, _, Some(value), Some(peak)) => Some(100.0 * value / peak),
+                    _ => None,
+                };
+                Row {
+                    kernel,
+                    device: device.clone(),
+                    m,
+                    n,
+                    d,
+                    k,
+                    ms,
+                    gflops,
+                    gbs,
+                    tiled_over_naive: None,
+                    gpu_over_cpu_fast: None,
+                    gpu_over_cpu_sgemm: None,
+                    peak_gflops,
+                    peak_gbs,
+                    pct_of_peak,
+                }
             };
 
             // Tuned CPU sgemm of the same product: the yardstick.

@@ -257,6 +257,16 @@ fn invalid_requests_are_refused() {
     assert!(matches!(error, KernelError::RowTooLarge { .. }) && error.to_string().contains("--device cpu"), "{error}");
 }
 
+#[test]
+fn the_peak_probes_run_on_the_test_adapter() {
+    // A lowered binding limit keeps the bandwidth probe's buffer small; rates are not asserted, only sane.
+    let kernels = kernels();
+    let small = GpuKernels::shared().unwrap().with_limits(small_limits(&kernels, 1 << 20));
+    let peak = small.peak().unwrap();
+    assert!(peak.gflops.is_finite() && peak.gflops > 0.0, "{peak:?}");
+    assert!(peak.gbs.is_finite() && peak.gbs > 0.0, "{peak:?}");
+}
+
 struct CoresetCase {
     name: &'static str,
     n: usize,

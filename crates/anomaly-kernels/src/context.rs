@@ -14,6 +14,7 @@ use crate::coreset::CoresetKernels;
 use crate::distance::{DistanceKernel, DistanceShaders};
 use crate::distance_broadcast::BroadcastShaders;
 use crate::gather_columns::GatherKernel;
+use crate::peak::PeakKernels;
 use crate::row_norms::RowNormsKernel;
 use crate::topk::TopKKernel;
 
@@ -109,6 +110,7 @@ pub struct GpuKernels {
     pub(crate) broadcast: BroadcastShaders,
     pub(crate) topk: TopKKernel,
     pub(crate) coreset: CoresetKernels,
+    pub(crate) peak: PeakKernels,
     pub(crate) distance_kernel: DistanceKernel,
 }
 
@@ -138,6 +140,7 @@ impl GpuKernels {
             broadcast: BroadcastShaders::new(&device),
             topk: TopKKernel::new(&device),
             coreset: CoresetKernels::new(&device),
+            peak: PeakKernels::new(&device),
             distance_kernel: DistanceKernel::Tiled,
             gpu: Gpu { limits: KernelLimits::of(&device), timestamps, device, queue },
         }

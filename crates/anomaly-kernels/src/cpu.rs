@@ -414,3 +414,151 @@ pub mod fast {
         best
     }
 }
+
+pub mod peak {
+    //! The CPU's own ceilings, which `bench kernels` judges the CPU paths by: independent FMA chains on
+    //! every thread, in the widest vectors the CPU has (picked at run time: the build targets baseline
+    //! x86-64, where `mul_add` would call the libm `fmaf`), and a streaming read on every thread.
+
+    use std::convert::Infallible;
+    use std::hint::black_box;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::peak::{best_ms, calibrate};
+
+    /// Independent accumulators per thread: FMA latency (4–5 cycles) × 2 FMA ports vectors in flight,
+    /// with room to spare, and few enough to stay in 16 vector registers.
+    const CHAINS: usize = 12;
+    /// Bytes the bandwidth probe should read: past the last-level caches (server L3s reach
+    /// hundreds of MiB), so that it measures memory.
+    pub const STREAM_BYTES: usize = 1 << 30;
+
+    /// Single-precision GFLOP/s of FMA chains on all threads (an FMA counts as 2 flops; the portable
+    /// fallback's multiply and add, too).
+    pub fn fma_gflops() -> f64 {
+        let threads = rayon::current_num_threads();
+        let (lanes, chains) = widest();
+        let run = |iterations: u32| {
+            let start = Instant::now();
+            let sum: f32 =
+                (0..threads).into_par_iter().map(|_| chains(black_box(iterations as usize), black_box(0.999_9), black_box(1e-4))).sum();
+            black_box(sum);
+            Ok::<_, Infallible>(start.elapsed().as_secs_f64() * 1e3)
+        };
+        let Ok(iterations) = calibrate(1 << 30, run);
+        let Ok(ms) = best_ms(|| run(iterations));
+        2.0 * (threads * CHAINS * lanes) as f64 * iterations as f64 / ms / 1e6
+    }
+
+    /// GB/s of summing a buffer of `bytes` on all threads.
+    pub fn read_gbs(bytes: usize) -> f64 {
+        // Written, so that its pages are mapped: a fresh zeroed allocation would read the shared zero page.
+        let values = vec![1f32; (bytes / 4).max(1)];
+        let Ok(ms) = best_ms(|| {
+            let start = Instant::now();
+            let sum: f32 = values.par_chunks(1 << 16).map(sum_lanes).sum();
+            black_box(sum);
+            Ok::<_, Infallible>(start.elapsed().as_secs_f64() * 1e3)
+        });
+        (values.len() * 4) as f64 / ms / 1e6
+    }
+
+    /// A sum in 16 lanes, which the compiler vectorises (one running sum would be a serial chain).
+    fn sum_lanes(values: &[f32]) -> f32 {
+        let mut lanes = [0f32; 16];
+        let (blocks, rest) = values.as_chunks::<16>();
+        for block in blocks {
+            for (lane, x) in lanes.iter_mut().zip(block) {
+                *lane += x;
+            }
+        }
+        lanes.iter().chain(rest).sum()
+    }
+
+    /// A loop of `CHAINS` independent chains `a = a·m + c`, `iterations` long; returns their sum.
+    type Chains = fn(usize, f32, f32) -> f32;
+
+    /// The widest FMA this CPU has: (f32 lanes per chain, its loop).
+    fn widest() -> (usize, Chains) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F, checked just above.
+                return (16, |n, m, c| unsafe { x86::avx512(n, m, c) });
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA, checked just above.
+                return (8, |n, m, c| unsafe { x86::avx2(n, m, c) });
+            }
+        }
+        (8, portable)
+    }
+
+    /// Plain multiply-adds on arrays of 8, which the compiler vectorises for the baseline target.
+    fn portable(iterations: usize, m: f32, c: f32) -> f32 {
+        let mut acc = [[0f32; 8]; CHAINS];
+        for (i, chain) in acc.iter_mut().enumerate() {
+            chain.iter_mut().enumerate().for_each(|(j, x)| *x = (i * 8 + j) as f32 * 1e-3);
+        }
+        for _ in 0..iterations {
+            for x in acc.iter_mut().flatten() {
+                *x = *x * m + c;
+            }
+        }
+        acc.iter().flatten().sum()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        use super::CHAINS;
+
+        #[target_feature(enable = "avx512f")]
+        pub fn avx512(iterations: usize, m: f32, c: f32) -> f32 {
+            let (m, c) = (_mm512_set1_ps(m), _mm512_set1_ps(c));
+            // Distinct starts, so that no two chains are the same computation.
+            let mut acc = [_mm512_setzero_ps(); CHAINS];
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_set1_ps(i as f32 * 1e-3);
+            }
+            for _ in 0..iterations {
+                for a in &mut acc {
+                    *a = _mm512_fmadd_ps(*a, m, c);
+                }
+            }
+            let sum = acc.into_iter().fold(_mm512_setzero_ps(), |s, a| _mm512_add_ps(s, a));
+            // SAFETY: a __m512 is 16 f32s.
+            unsafe { std::mem::transmute::<__m512, [f32; 16]>(sum) }.iter().sum()
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub fn avx2(iterations: usize, m: f32, c: f32) -> f32 {
+            let (m, c) = (_mm256_set1_ps(m), _mm256_set1_ps(c));
+            let mut acc = [_mm256_setzero_ps(); CHAINS];
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_set1_ps(i as f32 * 1e-3);
+            }
+            for _ in 0..iterations {
+                for a in &mut acc {
+                    *a = _mm256_fmadd_ps(*a, m, c);
+                }
+            }
+            let sum = acc.into_iter().fold(_mm256_setzero_ps(), |s, a| _mm256_add_ps(s, a));
+            // SAFETY: a __m256 is 8 f32s.
+            unsafe { std::mem::transmute::<__m256, [f32; 8]>(sum) }.iter().sum()
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn probes_return_positive_finite_rates() {
+            let gflops = super::fma_gflops();
+            let gbs = super::read_gbs(16 << 20);
+            assert!(gflops.is_finite() && gflops > 0.0, "{gflops} GFLOP/s");
+            assert!(gbs.is_finite() && gbs > 0.0, "{gbs} GB/s");
+        }
+    }
+}

@@ -19,6 +19,7 @@ mod gather_columns;
 mod knn;
 #[cfg(test)]
 mod layout;
+mod peak;
 mod row_norms;
 mod topk;
 
@@ -26,6 +27,7 @@ pub use context::{GpuKernels, GpuMatrix, KernelError, KernelLimits};
 pub use coreset::{CoresetChunking, CoresetSettings, CoresetSpace, GRID_MAX, STEPS_PER_SUBMISSION};
 pub use distance::DistanceKernel;
 pub use distance_broadcast::BROADCAST_MAX_D;
+pub use peak::Peak;
 
 /// Mean and standard deviation (population, ddof = 0, as numpy's `std`) of every column.
 #[derive(Clone, Debug, PartialEq)]
