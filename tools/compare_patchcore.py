@@ -53,7 +53,8 @@ def ours(args, env, folder):
 def theirs(args, env):
     wall, peak, out = timed([sys.executable, "tools/reference_patchcore.py", "--data", args.data,
                              "--weights", args.weights, "--threads", str(args.threads)], env)
-    result = json.loads(out)
+    # The weights package prints a line of its own before the JSON.
+    result = json.loads(out[out.index("{"):])
     t = result["timings"]
     return {"wall_s": wall, "peak_mb": peak, "coreset_s": t["coreset_s"], "leave_one_out_s": t["threshold_s"],
             "fit_s": t["train_features_s"] + t["coreset_s"] + t["threshold_s"], "score_s": t["test_s"],
