@@ -137,8 +137,12 @@ pub mod fast {
 
     /// Bank rows per distance block: the block's distances stay in cache-friendly sizes.
     const BANK_BLOCK: usize = 2048;
-    /// Queries per task.
-    const QUERY_BLOCK: usize = 32;
+    /// Most queries per task: taller blocks make the product more efficient (measured at 1000 queries on 2
+    /// threads, 100k × 1024: 2.03 s with 32, 1.77 s with 128, 1.49 s with 256), as long as every thread
+    /// still gets a block.
+    const QUERY_BLOCK: usize = 256;
+    /// Fewest queries per task.
+    const MIN_QUERY_BLOCK: usize = 32;
 
     /// Column mean and population std-dev, in parallel over column blocks, accumulated in f64.
     pub fn column_stats(matrix: &[f32], rows: usize, cols: usize) -> ColumnStats {
@@ -192,8 +196,10 @@ pub mod fast {
         }
         let n = bank.len() / d;
         let bank_norms = row_norms(bank, d);
+        let per_thread = (queries.len() / d).div_ceil(rayon::current_num_threads());
+        let query_block = per_thread.clamp(MIN_QUERY_BLOCK, QUERY_BLOCK);
         let rows: Vec<Vec<(f32, u32)>> = queries
-            .par_chunks(QUERY_BLOCK * d)
+            .par_chunks(query_block * d)
             .flat_map_iter(|block| {
                 let m = block.len() / d;
                 let query_norms = row_norms_serial(block, d);
