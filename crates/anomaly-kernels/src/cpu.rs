@@ -129,6 +129,20 @@ pub mod reference {
     }
 }
 
+/// The f32 squared distances to `center` of `L` points stored dimension by dimension (`block[j·L + l]`),
+/// side by side (SIMD lanes), each summed over j = 0, 1, … in order as the coreset's definition sums them.
+pub(crate) fn lane_distances<const L: usize>(block: &[f32], center: &[f32]) -> [f32; L] {
+    let mut sums = [0f32; L];
+    let (rows, _) = block.as_chunks::<L>();
+    for (row, &c) in rows.iter().zip(center) {
+        for l in 0..L {
+            let t = row[l] - c;
+            sums[l] += t * t;
+        }
+    }
+    sums
+}
+
 pub mod fast {
     //! Multithreaded CPU paths for users without a GPU.
 
@@ -401,14 +415,7 @@ pub mod fast {
         let p = center.len();
         let mut best = (f32::NEG_INFINITY, u32::MAX);
         for (b, (mins, block)) in mins.chunks_exact_mut(LANES).zip(data.chunks_exact(p * LANES)).enumerate() {
-            let mut sums = [0f32; LANES];
-            let (rows, _) = block.as_chunks::<LANES>();
-            for (row, &c) in rows.iter().zip(center) {
-                for l in 0..LANES {
-                    let t = row[l] - c;
-                    sums[l] += t * t;
-                }
-            }
+            let sums = lane_distances::<LANES>(block, center);
             for l in 0..LANES {
                 let m = mins[l].min(sums[l]);
                 mins[l] = m;

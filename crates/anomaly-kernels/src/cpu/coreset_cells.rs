@@ -286,13 +286,5 @@ fn distances(blocks: [&[f32]; BATCH], center: &[f32]) -> [[f32; GROUP]; BATCH] {
 
 /// The f32 squared distances of one block of picks to `center`, summed in order.
 fn pick_distances(block: &[f32], center: &[f32], out: &mut [f32]) {
-    let mut sums = [0f32; LANES];
-    let (rows, _) = block.as_chunks::<LANES>();
-    for (row, &c) in rows.iter().zip(center) {
-        for l in 0..LANES {
-            let t = row[l] - c;
-            sums[l] += t * t;
-        }
-    }
-    out.copy_from_slice(&sums);
+    out.copy_from_slice(&super::lane_distances::<LANES>(block, center));
 }
