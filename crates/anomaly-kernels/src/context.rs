@@ -110,7 +110,8 @@ pub struct GpuKernels {
     pub(crate) broadcast: BroadcastShaders,
     pub(crate) topk: TopKKernel,
     pub(crate) coreset: CoresetKernels,
-    pub(crate) peak: PeakKernels,
+    /// Built on first use: only `bench kernels` runs the probes, and compiling them costs every other run.
+    pub(crate) peak: std::sync::OnceLock<PeakKernels>,
     pub(crate) distance_kernel: DistanceKernel,
 }
 
@@ -140,7 +141,7 @@ impl GpuKernels {
             broadcast: BroadcastShaders::new(&device),
             topk: TopKKernel::new(&device),
             coreset: CoresetKernels::new(&device),
-            peak: PeakKernels::new(&device),
+            peak: std::sync::OnceLock::new(),
             distance_kernel: DistanceKernel::Tiled,
             gpu: Gpu { limits: KernelLimits::of(&device), timestamps, device, queue },
         }

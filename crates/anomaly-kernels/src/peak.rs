@@ -63,6 +63,7 @@ impl GpuKernels {
     /// timestamps where the device has them, else from submission to completion.
     pub fn peak(&self) -> Result<Peak, KernelError> {
         let gpu = &self.gpu;
+        let kernels = self.peak.get_or_init(|| PeakKernels::new(&gpu.device));
         let groups = gpu.groups_1d((GROUPS * WORKGROUP) as usize, WORKGROUP)?;
         let invocations = (groups.0 * WORKGROUP) as usize;
         let sink = gpu.storage(invocations * 16, "peak sink");
@@ -72,14 +73,14 @@ impl GpuKernels {
 
         let fma_ms = |iterations: u32| {
             let params = params(iterations);
-            gpu.time(|pass| gpu.dispatch(pass, &self.peak.fma, &[&params, &source, &sink], groups))
+            gpu.time(|pass| gpu.dispatch(pass, &kernels.fma, &[&params, &source, &sink], groups))
         };
         let iterations = calibrate(1 << 20, fma_ms)?;
         let flops = 2.0 * 4.0 * FMAS_PER_ITERATION * invocations as f64 * iterations as f64;
         let gflops = flops / best_ms(|| fma_ms(iterations))? / 1e6;
 
         let params = params(0);
-        let stream_ms = best_ms(|| gpu.time(|pass| gpu.dispatch(pass, &self.peak.stream, &[&params, &source, &sink], groups)))?;
+        let stream_ms = best_ms(|| gpu.time(|pass| gpu.dispatch(pass, &kernels.stream, &[&params, &source, &sink], groups)))?;
         Ok(Peak { gflops, gbs: bytes as f64 / stream_ms / 1e6 })
     }
 }
