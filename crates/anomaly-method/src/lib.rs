@@ -27,7 +27,7 @@ pub use extractor::{Extractor, HostMap, to_vec};
 pub use memory_bank::MemoryBankSettings;
 pub use patch_features::{PatchLayout, Patches};
 pub use patchcore::PatchCoreSettings;
-pub use progress::image_progress;
+pub use progress::{image_progress, stage_spinner};
 
 /// The detection methods, as `--method` names them and model files record them.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -250,6 +250,18 @@ pub fn fit(
         }
         MethodName::Autoencoder => Box::new(autoencoder::AutoencoderDetector::fit(&settings.autoencoder, train, dataset, runtime)?),
     })
+}
+
+/// The backbone a model file records, if this build knows it and the weights checksum beside it is one
+/// (64 hex digits); `path` names the model in errors.
+fn recorded_backbone(backbone: &str, weights_sha256: &str, path: &Path) -> Result<BackboneName> {
+    let name: BackboneName = backbone.parse().map_err(|e: String| anyhow::anyhow!("{}: {e}", path.display()))?;
+    anyhow::ensure!(
+        weights_sha256.len() == 64 && weights_sha256.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{}: not an anomaly model file (its weights sha256 is not 64 hex digits)",
+        path.display()
+    );
+    Ok(name)
 }
 
 /// The backbone a model file names, loaded, if its weights are the ones it was fitted with (`weights_file`,

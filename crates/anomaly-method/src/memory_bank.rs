@@ -71,7 +71,7 @@ impl MemoryBankDetector {
     /// ones it was fitted with.
     pub fn load(model: Model, path: &Path, runtime: &Runtime) -> Result<Self> {
         let info = &model.info;
-        let name: BackboneName = info.backbone.parse().map_err(|e: String| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let name = crate::recorded_backbone(&info.backbone, &info.weights_sha256, path)?;
         let extractor = crate::fitted_extractor(name, &info.weights_file, &info.weights_sha256, path, runtime)?;
         Ok(Self { model, extractor })
     }
@@ -164,18 +164,13 @@ impl Detector for MemoryBankDetector {
 pub(crate) fn check_model(bytes: &[u8], path: &Path) -> Result<Model> {
     let model = Model::from_bytes(bytes, path)?;
     let info = &model.info;
-    let name: BackboneName = info.backbone.parse().map_err(|e: String| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let name = crate::recorded_backbone(&info.backbone, &info.weights_sha256, path)?;
     anyhow::ensure!(
         info.input_dim == name.feature_dim(),
         "{}: not an anomaly model file (its features are {} wide, but {name}'s are {})",
         path.display(),
         info.input_dim,
         name.feature_dim()
-    );
-    anyhow::ensure!(
-        info.weights_sha256.len() == 64 && info.weights_sha256.bytes().all(|b| b.is_ascii_hexdigit()),
-        "{}: not an anomaly model file (its weights sha256 is not 64 hex digits)",
-        path.display()
     );
     Ok(model)
 }

@@ -12,7 +12,9 @@ use anomaly_patchcore::{BankScorer, PatchBank, PatchCoreConfig, PatchCoreModel, 
 use anyhow::Result;
 use serde_json::json;
 
-use crate::{Detector, Embedding, Extractor, ImageOutput, MethodName, PatchLayout, Runtime, Scorer, count_in, image_progress};
+use crate::{
+    Detector, Embedding, Extractor, ImageOutput, MethodName, PatchLayout, Runtime, Scorer, count_in, image_progress, stage_spinner,
+};
 
 /// PatchCore's settings on the command line (its backbone is [`crate::MethodSettings`]'s).
 #[derive(clap::Args, Clone, Copy, Debug)]
@@ -144,7 +146,7 @@ impl PatchCoreDetector {
 /// The patch layout a model file's header describes, if this build makes the same patches.
 fn model_layout(model: &PatchCoreModel, path: &Path) -> Result<PatchLayout> {
     let info = model.info();
-    let name: BackboneName = info.source.backbone.parse().map_err(|e: String| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let name = crate::recorded_backbone(&info.source.backbone, &info.source.weights_sha256, path)?;
     let layout = PatchLayout::new(name).with_patch_dim(info.geometry.patch_dim).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     anyhow::ensure!(
         layout.taps().map(str::to_string) == info.source.taps && layout.grid() == info.geometry.grid,
@@ -155,11 +157,6 @@ fn model_layout(model: &PatchCoreModel, path: &Path) -> Result<PatchLayout> {
         layout.taps(),
         layout.grid()
     );
-    anyhow::ensure!(
-        info.source.weights_sha256.len() == 64 && info.source.weights_sha256.bytes().all(|b| b.is_ascii_hexdigit()),
-        "{}: not an anomaly model file (its weights sha256 is not 64 hex digits)",
-        path.display()
-    );
     Ok(layout)
 }
 
@@ -168,13 +165,6 @@ pub(crate) fn check_model(bytes: &[u8], path: &Path) -> Result<PatchCoreModel> {
     let model = PatchCoreModel::from_bytes(bytes, path)?;
     model_layout(&model, path)?;
     Ok(model)
-}
-
-/// A spinner naming a stage that shows no count (drawn when stderr is a terminal).
-fn stage_spinner(message: String) -> indicatif::ProgressBar {
-    let spinner = indicatif::ProgressBar::new_spinner().with_message(message);
-    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
-    spinner
 }
 
 /// Each image's mean patch (`images × dim`): the vector the t-SNE map places it by.

@@ -1,5 +1,5 @@
-//! What a run shows on stderr: progress bars over images (drawn when stderr is a terminal, hidden
-//! otherwise) and one-line notes.
+//! What a run shows on stderr: progress bars over images and spinners over stages (drawn when stderr is
+//! a terminal, hidden otherwise), and one-line notes.
 
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -11,6 +11,13 @@ pub fn image_progress(total: usize, message: &str) -> ProgressBar {
     );
     bar.set_message(message.to_string());
     bar
+}
+
+/// A spinner naming a stage that shows no count (drawn when stderr is a terminal).
+pub fn stage_spinner(message: String) -> ProgressBar {
+    let spinner = ProgressBar::new_spinner().with_message(message);
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    spinner
 }
 
 /// Writes one line to standard error (progress, notes), dropped if standard error cannot take it: a closed
