@@ -61,7 +61,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
     note!("{} on {}: {} images, threshold {threshold:.4}", detector.title(), detector.device(), paths.len());
     let progress = image_progress(paths.len(), "predict");
     let mut printer = Printer::new(args.json, threshold);
-    let maps = MapOutputs { dir: args.maps.as_deref(), tiff: args.tiff, pixel_threshold: detector.pixel_threshold() };
+    let maps = MapOutputs {
+        wanted: args.json || args.maps.is_some(),
+        dir: args.maps.as_deref(),
+        tiff: args.tiff,
+        pixel_threshold: detector.pixel_threshold(),
+    };
     let limits = runtime.image_limits();
     let mut mapped = false;
     let scored = anomaly_method::score_paths(detector.as_ref(), paths.clone(), runtime.batch_size(), limits, |batch, outputs| {
@@ -121,13 +126,17 @@ struct MapDetail {
 
 /// Where and how `predict` writes maps.
 struct MapOutputs<'a> {
+    /// Whether anything reads the maps (`--json` or `--maps`): otherwise putting them back onto the
+    /// images is skipped.
+    wanted: bool,
     dir: Option<&'a Path>,
     tiff: bool,
     pixel_threshold: Option<f32>,
 }
 
 impl MapOutputs<'_> {
-    /// An image's map put back onto the image (its `size`), summarised, and written where asked.
+    /// An image's map put back onto the image (its `size`), summarised, and written where asked (`None`
+    /// without a map, or when nothing reads it).
     fn image(
         &self,
         path: &Path,
@@ -136,7 +145,7 @@ impl MapOutputs<'_> {
         preprocess: &anomaly_data::Preprocess,
         limits: &anomaly_data::ImageLimits,
     ) -> Result<Option<MapDetail>> {
-        let Some(map) = &output.map else { return Ok(None) };
+        let Some(map) = output.map.as_ref().filter(|_| self.wanted) else { return Ok(None) };
         let map = preprocess.map_to_original(map, size).with_context(|| format!("{}: its anomaly map", path.display()))?;
         let max = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let bbox = self.pixel_threshold.map(|t| anomaly_eval::bounding_box(&map, size.0, t));
