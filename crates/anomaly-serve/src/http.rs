@@ -186,7 +186,7 @@ pub(crate) async fn until_signal(state: Arc<State>, log: impl Fn(&str)) -> anyho
     loop {
         tokio::select! {
             _ = hangup.recv() => match reload(&state).await {
-                Ok((model, previous)) => log(&format!("SIGHUP: model {} swapped in for {previous}", short(&model.id))),
+                Ok((model, previous)) => log(&format!("SIGHUP: reloaded {}: model {} (was {previous})", model.path.display(), short(&model.id))),
                 Err(error) => log(&format!("SIGHUP: reload refused, model {} keeps serving: {}", previous_id(&state), error.message)),
             },
             _ = terminate.recv() => {
