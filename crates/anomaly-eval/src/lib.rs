@@ -190,12 +190,11 @@ pub fn evaluate(dataset: &Dataset, source: ModelSource, runtime: &Runtime, optio
     let mut method = detector.report_fields();
     let maps =
         maps::TestMaps { test: &test, outputs: &outputs, sizes: &sizes, preprocess: detector.preprocess(), limits: runtime.image_limits() };
-    let crop_pixel = figures::pixel_auroc_crop(&test, &outputs, detector.preprocess(), runtime.image_limits())?;
     let pixel = maps.pixel_metrics()?;
-    if let Some(value) = crop_pixel {
-        method["pixel_auroc_crop"] = serde_json::json!(value);
+    if let Some(results) = &pixel {
+        method["pixel_auroc_crop"] = serde_json::json!(results.crop_auroc);
     }
-    match &pixel {
+    match pixel.as_ref().map(|results| &results.at_original) {
         Some(Ok(metrics)) => {
             method["pixel_auroc"] = serde_json::json!(metrics.auroc);
             method["aupro"] = serde_json::json!(metrics.aupro);
@@ -246,7 +245,7 @@ pub fn evaluate(dataset: &Dataset, source: ModelSource, runtime: &Runtime, optio
         method,
     };
     let mut summary = build_report(&dataset.name, outcome, options, clock, &mut report)?;
-    if let Some(Ok(metrics)) = pixel {
+    if let Some(Ok(metrics)) = pixel.map(|results| results.at_original) {
         (summary.pixel_auroc, summary.aupro) = (Some(metrics.auroc), Some(metrics.aupro));
     }
     Ok(Evaluation { summary, report })
