@@ -5,6 +5,7 @@
 use rayon::prelude::*;
 
 mod coreset_cells;
+mod product;
 
 use crate::coreset::{self, CoresetSettings, CoresetSpace};
 use crate::{ColumnStats, KernelError, Neighbours};
@@ -202,7 +203,7 @@ pub mod fast {
         matrix.par_chunks_exact(d).map(|row| row.iter().map(|x| x * x).sum()).collect()
     }
 
-    /// The k nearest bank rows of every query: blocks of −2·Q·Bᵀ by sgemm plus the norms, and a running
+    /// The k nearest bank rows of every query: blocks of −2·Q·Bᵀ (AVX-512 or sgemm, `product`) plus the norms, and a running
     /// partial selection per query, so that memory stays at a block of distances per thread.
     pub fn knn(queries: &[f32], bank: &[f32], d: usize, k: usize) -> Neighbours {
         if k == 0 {
@@ -227,10 +228,11 @@ pub mod fast {
                 // rows fail this one comparison, so the selection costs little beside the product.
                 let mut bounds = vec![f32::INFINITY; m];
                 let mut products = vec![0f32; m * BANK_BLOCK];
+                let mut block_product = product::QueryBlock::new(block, m, d);
                 for start in (0..n).step_by(BANK_BLOCK) {
                     let width = BANK_BLOCK.min(n - start);
                     let chunk = &bank[start * d..(start + width) * d];
-                    multiply_transposed(block, chunk, m, width, d, &mut products[..m * width]);
+                    block_product.times_transposed(chunk, width, &mut products[..m * width]);
                     for (i, (candidates, bound)) in best.iter_mut().zip(&mut bounds).enumerate() {
                         let row = &products[i * width..(i + 1) * width];
                         let (query_norm, norms) = (query_norms[i], &bank_norms[start..start + width]);
