@@ -76,6 +76,11 @@ impl State {
         self.config.max_wait
     }
 
+    /// How long a shutdown waits for connections: the longest an accepted request may take, and a little.
+    pub(crate) fn drain_limit(&self) -> Duration {
+        self.config.request_timeout + Duration::from_secs(1)
+    }
+
     pub(crate) fn set_model(&self, summary: Arc<ModelSummary>) {
         *self.model.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(summary);
     }

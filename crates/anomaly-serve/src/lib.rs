@@ -147,8 +147,11 @@ impl RunningService {
     fn stop(&mut self) {
         self.state.begin_draining();
         if let (Some(runtime), Some(server)) = (self.runtime.as_ref(), self.server.take()) {
-            // An accept error ends the server early; there is nothing left to drain then.
-            let _ = runtime.block_on(server);
+            // Every accepted request ends within its timeout; a connection that never completes a request
+            // (a client stuck sending headers) must not hold the shutdown beyond that. An accept error ends
+            // the server early: there is nothing left to drain then.
+            let limit = self.state.drain_limit();
+            let _ = runtime.block_on(async move { tokio::time::timeout(limit, server).await });
         }
         self.state.stop_worker();
         if let Some(worker) = self.worker.take() {

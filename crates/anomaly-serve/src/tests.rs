@@ -515,3 +515,15 @@ fn the_page_is_served_without_a_token() {
     assert!(page.headers["content-type"].to_str().unwrap().starts_with("text/html"));
     assert_eq!(String::from_utf8(page.body).unwrap(), PAGE);
 }
+
+#[test]
+fn a_connection_stuck_in_its_headers_does_not_hold_the_shutdown() {
+    let mut fixture = Fixture::start(false, |c| c.request_timeout = Duration::from_millis(200));
+    let service = fixture.service.take().unwrap();
+    let mut stuck = std::net::TcpStream::connect(service.address()).unwrap();
+    std::io::Write::write_all(&mut stuck, b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Le").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let started = Instant::now();
+    service.shutdown();
+    assert!(started.elapsed() < Duration::from_secs(10), "the shutdown waited {:?}", started.elapsed());
+}
