@@ -1,6 +1,6 @@
 //! `anomaly bench serve`: a bounded load generator for `anomaly serve`, on loopback only. C client
 //! threads, each with its own keep-alive connection, post images held in memory until N requests or T
-//! seconds (whichever comes first); each row gives throughput, latency percentiles, 503s and errors by
+//! seconds (whichever comes first), waiting out each 503's Retry-After; each row gives throughput, latency percentiles, 503s and errors by
 //! kind, and the ratio to `predict`'s path over the same images.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -183,6 +183,8 @@ struct Row {
     /// Latencies of the answered (200) requests, sorted.
     latencies_ms: Vec<f64>,
     batch_sizes: usize,
+    /// What the first failed request (other than a 503) got, to say what went wrong.
+    first_error: Option<String>,
 }
 
 impl Row {
@@ -209,6 +211,7 @@ impl Row {
         self.other_statuses += other.other_statuses;
         self.latencies_ms.extend(other.latencies_ms);
         self.batch_sizes += other.batch_sizes;
+        self.first_error = self.first_error.take().or(other.first_error);
     }
 }
 
@@ -231,7 +234,9 @@ fn load_row(address: SocketAddr, bodies: &[Arc<[u8]>], clients: usize, requests:
                         if index >= requests || Instant::now() >= deadline {
                             return row;
                         }
-                        post(&agent, url, &bodies[index % bodies.len()], &mut row);
+                        if let Some(wait) = post(&agent, url, &bodies[index % bodies.len()], &mut row) {
+                            std::thread::sleep(wait.min(deadline.saturating_duration_since(Instant::now())));
+                        }
                     }
                 })
             })
@@ -248,8 +253,9 @@ fn load_row(address: SocketAddr, bodies: &[Arc<[u8]>], clients: usize, requests:
     row
 }
 
-/// Posts one image and counts its outcome in `row`.
-fn post(agent: &ureq::Agent, url: &str, body: &[u8], row: &mut Row) {
+/// Posts one image and counts its outcome in `row`; after a 503, returns how long its `Retry-After` asks
+/// the client to wait, which it does, as a well-behaved client would (rather than spin on refusals).
+fn post(agent: &ureq::Agent, url: &str, body: &[u8], row: &mut Row) -> Option<Duration> {
     row.requests += 1;
     let started = Instant::now();
     match agent.post(url).header("content-type", "application/octet-stream").send(body) {
@@ -262,13 +268,31 @@ fn post(agent: &ureq::Agent, url: &str, body: &[u8], row: &mut Row) {
                     row.latencies_ms.push(started.elapsed().as_secs_f64() * 1e3);
                     row.batch_sizes += answer["batch_size"].as_u64().unwrap_or(0) as usize;
                 }
-                (503, _) => row.rejected += 1,
-                _ => row.other_statuses += 1,
+                (503, _) => {
+                    row.rejected += 1;
+                    let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()?.trim().parse().ok());
+                    return Some(Duration::from_secs(retry_after.unwrap_or(1)));
+                }
+                (status, answer) => {
+                    row.other_statuses += 1;
+                    let body = answer.map_or_else(
+                        |e| format!("unreadable body: {e}"),
+                        |a| a.map_or_else(|e| format!("not JSON: {e}"), |a| a.to_string()),
+                    );
+                    row.first_error.get_or_insert_with(|| format!("status {status}: {body}"));
+                }
             }
         }
-        Err(ureq::Error::Timeout(_)) => row.timeouts += 1,
-        Err(_) => row.connection_errors += 1,
+        Err(ureq::Error::Timeout(timeout)) => {
+            row.timeouts += 1;
+            row.first_error.get_or_insert_with(|| format!("timeout: {timeout}"));
+        }
+        Err(error) => {
+            row.connection_errors += 1;
+            row.first_error.get_or_insert_with(|| format!("connection: {error}"));
+        }
     }
+    None
 }
 
 /// `predict`'s path over the same images: `score_paths` with the same runtime and batch size, after one
@@ -360,7 +384,7 @@ impl Report<'_> {
                             "max": row.latencies_ms.last(),
                         },
                         "mean_batch": row.mean_batch(), "vs_predict": ratio(row),
-                        "over_queue": self.in_process && row.clients > self.args.queue,
+                        "over_queue": self.in_process && row.clients > self.args.queue, "first_error": row.first_error,
                     })
                 })
                 .collect();
@@ -417,6 +441,11 @@ impl Report<'_> {
                 row.mean_batch().map_or_else(|| "-".to_string(), |b| format!("{b:.1}")),
                 ratio(row).map_or_else(|| "-".to_string(), |r| format!("{r:.2}x")),
             )?;
+        }
+        for row in &self.rows {
+            if let Some(error) = &row.first_error {
+                outln!("{} clients, first failure: {error}", row.clients)?;
+            }
         }
         match (&self.predict, predict_per_s) {
             (Some(p), Some(rate)) => {

@@ -46,6 +46,23 @@ fn bench_serve_reports_every_row_and_every_request_succeeds() {
     assert!(report["predict"]["img_s"].as_f64().unwrap() > 0.0, "{report}");
     assert!(report["peak_rss_mib"].as_f64().unwrap() > 0.0, "{report}");
     assert!(!report["rss_samples"].as_array().unwrap().is_empty(), "{report}");
+
+    // More clients than queue places: every request is answered, scored or refused with 503 (how many of
+    // each depends on timing), none fails.
+    let output = anomaly(
+        &[
+            &["bench", "serve", "--model", model_arg, "--data", test.to_str().unwrap(), "--concurrency", "4", "--requests", "8"][..],
+            &["--queue", "1", "--max-batch", "4", "--seconds", "30", "--json"],
+            &common,
+        ]
+        .concat(),
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let row = &report["rows"][0];
+    assert_eq!(row["over_queue"], true, "{row}");
+    assert_eq!(row["errors"], serde_json::json!({"timeout": 0, "connection": 0, "status": 0}), "{row}");
+    assert_eq!(row["ok"].as_u64().unwrap() + row["rejected_503"].as_u64().unwrap(), 8, "{row}");
 }
 
 #[test]
