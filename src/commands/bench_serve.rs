@@ -49,6 +49,10 @@ pub struct ServeBenchArgs {
     /// In-process service: how long the oldest waiting image waits for others to join its batch.
     #[arg(long, default_value_t = 5, value_parser = count_in(0, 60_000), value_name = "MS")]
     max_wait_ms: usize,
+    /// `predict`'s path is timed in whole passes over the images for at least this many seconds, so that
+    /// one pass over a small folder on a busy machine does not decide the ratio.
+    #[arg(long, default_value_t = 10, value_parser = count_in(1, 3600), value_name = "S")]
+    predict_seconds: usize,
     /// Where the in-process service and `predict`'s path run.
     #[arg(long, value_enum, ignore_case = true, default_value_t)]
     device: DeviceChoice,
@@ -110,7 +114,7 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
     }
 
     let predict = match &args.model {
-        Some(model) => Some(time_predict(model, paths.clone(), &run_args)?),
+        Some(model) => Some(time_predict(model, paths.clone(), &run_args, Duration::from_secs(args.predict_seconds as u64))?),
         None => None,
     };
     let rss_samples = rss.map(RssSampler::stop).unwrap_or_default();
@@ -296,23 +300,26 @@ fn post(agent: &ureq::Agent, url: &str, body: &[u8], row: &mut Row) -> Option<Du
 }
 
 /// `predict`'s path over the same images: `score_paths` with the same runtime and batch size, after one
-/// warm-up batch.
+/// warm-up batch, in whole passes for at least `min_time`.
 struct PredictRun {
     images: usize,
     batch_size: usize,
     seconds: f64,
 }
 
-fn time_predict(model: &std::path::Path, paths: Vec<PathBuf>, run: &RunArgs) -> Result<PredictRun> {
+fn time_predict(model: &std::path::Path, paths: Vec<PathBuf>, run: &RunArgs, min_time: Duration) -> Result<PredictRun> {
     let bytes = anomaly_fs::read_regular_file(model)?;
     let mut load = super::serve::start_loader(run.clone())()?;
     let detector = load(&bytes, model)?;
     let (limits, batch_size) = (run.images.limits(), run.batch_size);
     let warm_up = paths.iter().take(batch_size).cloned().collect();
     anomaly_method::score_paths(detector.as_ref(), warm_up, batch_size, limits, |_, _| Ok(()))?;
-    let started = Instant::now();
-    anomaly_method::score_paths(detector.as_ref(), paths.clone(), batch_size, limits, |_, _| Ok(()))?;
-    Ok(PredictRun { images: paths.len(), batch_size, seconds: started.elapsed().as_secs_f64() })
+    let (started, mut images) = (Instant::now(), 0);
+    while images == 0 || started.elapsed() < min_time {
+        anomaly_method::score_paths(detector.as_ref(), paths.clone(), batch_size, limits, |_, _| Ok(()))?;
+        images += paths.len();
+    }
+    Ok(PredictRun { images, batch_size, seconds: started.elapsed().as_secs_f64() })
 }
 
 /// Samples this process's resident memory (VmRSS) on a thread, noting each sample as it is taken.
@@ -449,7 +456,7 @@ impl Report<'_> {
         }
         match (&self.predict, predict_per_s) {
             (Some(p), Some(rate)) => {
-                outln!("predict's path (score_paths, batch {}): {} images in {:.2} s = {rate:.1} img/s", p.batch_size, p.images, p.seconds)?
+                outln!("predict's path (score_paths, batch {}): {} images in {:.1} s = {rate:.1} img/s", p.batch_size, p.images, p.seconds)?
             }
             _ => outln!("predict's path: not timed (no --model)")?,
         }

@@ -20,7 +20,7 @@ fn bench_serve_reports_every_row_and_every_request_succeeds() {
     let output = anomaly(
         &[
             &["bench", "serve", "--model", model_arg, "--data", test.to_str().unwrap(), "--concurrency", "1,4", "--requests", "12"][..],
-            &["--max-batch", "4", "--rss-every-s", "1", "--json"],
+            &["--max-batch", "4", "--rss-every-s", "1", "--predict-seconds", "1", "--json"],
             &common,
         ]
         .concat(),
@@ -52,7 +52,7 @@ fn bench_serve_reports_every_row_and_every_request_succeeds() {
     let output = anomaly(
         &[
             &["bench", "serve", "--model", model_arg, "--data", test.to_str().unwrap(), "--concurrency", "4", "--requests", "8"][..],
-            &["--queue", "1", "--max-batch", "4", "--seconds", "30", "--json"],
+            &["--queue", "1", "--max-batch", "4", "--seconds", "30", "--predict-seconds", "1", "--json"],
             &common,
         ]
         .concat(),
