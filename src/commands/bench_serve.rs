@@ -1,7 +1,7 @@
 //! `anomaly bench serve`: a bounded load generator for `anomaly serve`, on loopback only. C client
 //! threads, each with its own keep-alive connection, post images held in memory until N requests or T
-//! seconds (whichever comes first), waiting out each 503's Retry-After; each row gives throughput, latency percentiles, 503s and errors by
-//! kind, and the ratio to `predict`'s path over the same images.
+//! seconds (whichever comes first), waiting out each 503's Retry-After; each row gives throughput,
+//! latency percentiles, 503s and errors by kind, and the ratio to `predict`'s path over the same images.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -78,8 +78,7 @@ pub fn run(args: ServeBenchArgs) -> Result<()> {
     let found = anomaly_data::collect_images(&args.data)?;
     anomaly_eval::note_skipped(&found.skipped);
     let paths = found.files;
-    let bodies: Vec<Arc<[u8]>> =
-        paths.iter().map(|p| anomaly_fs::read_regular_file(p).map(Arc::from)).collect::<std::result::Result<_, _>>()?;
+    let bodies: Vec<Vec<u8>> = paths.iter().map(|p| anomaly_fs::read_regular_file(p)).collect::<std::result::Result<_, _>>()?;
     let held_mib = bodies.iter().map(|b| b.len()).sum::<usize>() as f64 / (1 << 20) as f64;
     let run_args = RunArgs { weights: args.weights.clone(), device: args.device, batch_size: args.max_batch, images: args.images.clone() };
     let rss = args.rss_every_s.map(|every| RssSampler::start(Duration::from_secs(every as u64)));
@@ -221,7 +220,7 @@ impl Row {
 
 /// Runs `clients` threads posting `bodies` in turn until `requests` have been sent in all or `limit` has
 /// passed.
-fn load_row(address: SocketAddr, bodies: &[Arc<[u8]>], clients: usize, requests: usize, limit: Duration) -> Row {
+fn load_row(address: SocketAddr, bodies: &[Vec<u8>], clients: usize, requests: usize, limit: Duration) -> Row {
     let url = format!("http://{address}/v1/predict");
     let sent = AtomicUsize::new(0);
     let started = Instant::now();
