@@ -21,6 +21,9 @@ pub enum Bench {
     Kernels(super::bench_kernels::KernelArgs),
     /// Picks per second of PatchCore's greedy coreset: CPU reference, multithreaded CPU and wgpu.
     Coreset(super::bench_coreset::CoresetArgs),
+    /// Load on `anomaly serve` (in-process, or one already running on loopback): throughput, latency
+    /// percentiles, 503s and errors at each concurrency, against `predict`'s path, and resident memory.
+    Serve(super::bench_serve::ServeBenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -46,6 +49,7 @@ pub fn run(bench: Bench) -> Result<()> {
         Bench::Backbone(args) => backbone(args),
         Bench::Kernels(args) => super::bench_kernels::run(args),
         Bench::Coreset(args) => super::bench_coreset::run(args),
+        Bench::Serve(args) => super::bench_serve::run(args),
     }
 }
 
@@ -93,7 +97,7 @@ fn backbone(args: BackboneBenchArgs) -> Result<()> {
     let decode_ips = images / decode_s;
     let forward_ips = n as f64 / forward_s;
     let end_to_end_ips = images / end_to_end_s;
-    let peak_rss_mib = peak_rss_kib().map(|kib| kib as f64 / 1024.0);
+    let peak_rss_mib = status_mib("VmHWM:");
     if args.json {
         outln!(
             "{}",
@@ -124,9 +128,11 @@ fn backbone(args: BackboneBenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The process's peak resident set size (Linux `VmHWM`), where the platform reports it.
-fn peak_rss_kib() -> Option<u64> {
+/// A memory figure of this process from `/proc/self/status` (`VmHWM:` its peak, `VmRSS:` now), in MiB,
+/// where the platform reports it.
+pub(super) fn status_mib(field: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib as f64 / 1024.0)
 }

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_coreset;
 pub mod bench_kernels;
+pub mod bench_serve;
 pub mod demo;
 pub mod devices;
 pub mod eda;

@@ -2,15 +2,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anomaly_backbone::BackboneName;
 use anomaly_device::DeviceChoice;
-use anomaly_method::{Runtime, count_in};
+use anomaly_method::count_in;
 use anomaly_serve::{LoadModel, RunningService, ServeConfig, StartLoader};
 use anyhow::Result;
 
-use crate::args::ImageArgs;
+use crate::args::{ImageArgs, RunArgs};
 use crate::output::note;
-use crate::weights::{WeightsArgs, weights_file};
+use crate::weights::WeightsArgs;
 
 /// `anomaly serve`.
 #[derive(clap::Args)]
@@ -69,18 +68,21 @@ pub fn run(args: Args) -> Result<()> {
         image_limits: args.images.limits(),
         token,
     };
-    let (device, weights, limits, max_batch) = (args.device, args.weights, args.images.limits(), args.max_batch);
-    let start: StartLoader = Box::new(move || {
-        let device = anomaly_device::resolve(device)?;
-        let weights_dir = weights.weights_dir.clone();
-        let resolver = Box::new(move |name: BackboneName| weights_file(name, &weights));
-        let runtime = Runtime::new(device, &weights_dir, resolver, max_batch, limits);
-        let load: LoadModel = Box::new(move |bytes: &[u8], path: &Path| anomaly_method::load(bytes, path, &runtime));
-        Ok(load)
-    });
-    let service = RunningService::start(config, start)?;
+    let run = RunArgs { weights: args.weights, device: args.device, batch_size: args.max_batch, images: args.images };
+    let service = RunningService::start(config, start_loader(run))?;
     note!("anomaly serve: http://{} ({}); loading the model", service.address(), args.model.display());
     service.serve_until_signal(|line| note!("{line}"))?;
     note!("stopped: every accepted request was answered");
     Ok(())
+}
+
+/// The service's model loader, run on its scoring thread (where the device and backbones then live);
+/// `anomaly bench serve` starts the service and times `predict`'s path with it too, so both measure the
+/// same runtime.
+pub(crate) fn start_loader(run: RunArgs) -> StartLoader {
+    Box::new(move || {
+        let runtime = run.runtime()?;
+        let load: LoadModel = Box::new(move |bytes: &[u8], path: &Path| anomaly_method::load(bytes, path, &runtime));
+        Ok(load)
+    })
 }

@@ -2,6 +2,7 @@
 
 mod autoencoder;
 mod backbone;
+mod bench_serve;
 mod cli;
 mod common;
 mod corrupt;

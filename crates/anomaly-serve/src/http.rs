@@ -466,6 +466,27 @@ async fn read_body(headers: &HeaderMap, body: Body, max: usize, deadline: tokio:
         .map_err(|_| ApiError::new(StatusCode::REQUEST_TIMEOUT, "the upload did not finish within the request timeout"))?
 }
 
+/// How long a request refused for a full queue may go on uploading before its refusal is sent.
+const REFUSED_UPLOAD_WAIT: Duration = Duration::from_secs(2);
+
+/// Reads and drops the rest of a refused request's body (at most `max` bytes, until `deadline`), holding
+/// no place in the queue: a connection closed with unread bytes in it is reset, and the reset can destroy
+/// the 503 before the client reads it, which then sees "peer disconnected" instead of Retry-After. Read
+/// whole, the connection even stays open for the client's retry.
+async fn discard_body(body: Body, max: usize, deadline: tokio::time::Instant) {
+    let drain = async {
+        let mut body = body;
+        let mut read = 0;
+        while let Some(Ok(frame)) = body.frame().await {
+            read += frame.data_ref().map_or(0, Bytes::len);
+            if read > max {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout_at(deadline, drain).await;
+}
+
 /// The images of a multipart body, named by their file names (or field names).
 async fn multipart_images(body: Bytes, boundary: String) -> Result<Vec<(String, Bytes)>, ApiError> {
     let bad = |e: multer::Error| ApiError::new(StatusCode::BAD_REQUEST, format!("malformed multipart/form-data: {e}"));
@@ -520,7 +541,11 @@ async fn predict(Shared(state): Shared<Arc<State>>, request: Request) -> Result<
     let model = state.model().ok_or_else(not_ready)?;
     let full =
         || ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("the queue is full ({} requests); retry later", state.config.queue));
-    let _place = Arc::clone(&state.admission).try_acquire_owned().map_err(|_| full())?;
+    let Ok(_place) = Arc::clone(&state.admission).try_acquire_owned() else {
+        let wait = deadline.min(tokio::time::Instant::now() + REFUSED_UPLOAD_WAIT);
+        discard_body(request.into_body(), state.config.max_body_bytes, wait).await;
+        return Err(full());
+    };
     let (parts, body) = request.into_parts();
     let overlay = wants_overlay(parts.uri.query())?;
     if overlay && !model.localises {

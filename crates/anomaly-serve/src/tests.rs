@@ -395,6 +395,27 @@ fn a_full_queue_answers_503_with_retry_after_and_the_admitted_request_is_answere
 }
 
 #[test]
+fn an_upload_refused_for_a_full_queue_gets_its_503_not_a_reset() {
+    let fixture = Arc::new(Fixture::start(false, |c| c.queue = 1));
+    fixture.control.hold();
+    let busy = {
+        let fixture = Arc::clone(&fixture);
+        std::thread::spawn(move || fixture.post("/v1/predict", "image/png", &png(8, 8, 9)))
+    };
+    fixture.control.wait_entered(2);
+    // Refused before it is read, a large body left unread would reset the connection under the 503.
+    let large = vec![7u8; 8 << 20];
+    for _ in 0..3 {
+        let sent = fixture.agent.post(&fixture.url("/v1/predict")).header("Content-Type", "application/octet-stream").send(&large[..]);
+        let refused = Reply::from(sent.unwrap_or_else(|e| panic!("the client got no answer: {e}")));
+        assert_eq!(refused.status, 503);
+        assert_eq!(refused.headers["retry-after"], "1");
+    }
+    fixture.control.release();
+    assert_eq!(busy.join().unwrap().status, 200);
+}
+
+#[test]
 fn a_request_not_scored_in_time_gets_503_and_its_image_is_dropped() {
     let fixture = Arc::new(Fixture::start(false, |c| c.request_timeout = Duration::from_millis(300)));
     fixture.control.hold();
