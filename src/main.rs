@@ -31,6 +31,8 @@ enum Command {
     Fit(commands::fit::Args),
     /// Score images with a fitted model: score and verdict per image.
     Predict(commands::predict::Args),
+    /// Serve a fitted model over HTTP (batched scoring, a web page at /, metrics, reload on SIGHUP).
+    Serve(commands::serve::Args),
     /// Fit (or load) a model, score an MVTec AD category's test images, and write metrics, scores and plots.
     Eval(commands::eval::Args),
     /// Download a backbone's published weights into the weights folder (sha256-checked).
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
         Command::Eda(args) => done(commands::eda::run(args)),
         Command::Fit(args) => done(commands::fit::run(args)),
         Command::Predict(args) => commands::predict::run(args),
+        Command::Serve(args) => done(commands::serve::run(args)),
         Command::Eval(args) => done(commands::eval::run(args)),
         Command::FetchWeights(args) => done(commands::fetch::run(args)),
         Command::Features(args) => done(commands::features::run(args)),

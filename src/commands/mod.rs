@@ -11,3 +11,4 @@ pub mod features;
 pub mod fetch;
 pub mod fit;
 pub mod predict;
+pub mod serve;

@@ -67,6 +67,16 @@ pub fn load_rgb8(path: &Path, limits: &ImageLimits) -> Result<RgbImage, DataErro
     decode_rgb8(&bytes, format, path, limits)
 }
 
+/// As [`load_rgb8`], for an image already in memory (an upload to the service); `name` stands for the file
+/// in errors. The same limits apply: a body larger than any image within them, or a header declaring too
+/// many pixels, is refused before decoding.
+pub fn decode_rgb8_bytes(bytes: &[u8], name: &Path, limits: &ImageLimits) -> Result<RgbImage, DataError> {
+    if bytes.len() as u64 > limits.max_file_bytes() {
+        return Err(DataError::FileTooLarge { path: name.into(), bytes: bytes.len() as u64, max_pixels: limits.max_pixels() });
+    }
+    decode_rgb8(bytes, image_format(bytes, name)?, name, limits)
+}
+
 /// As [`load_rgb8`], with the colour type the file stores (e.g. `Rgb8`, `L16`) from its header, for one
 /// read of the file.
 pub fn load_rgb8_and_color(path: &Path, limits: &ImageLimits) -> Result<(RgbImage, String), DataError> {
@@ -114,11 +124,16 @@ fn read_image_file(path: &Path, limits: &ImageLimits) -> Result<(Vec<u8>, ImageF
     if bytes.len() as u64 > limits.max_file_bytes() {
         return Err(DataError::FileTooLarge { path: path.into(), bytes: bytes.len() as u64, max_pixels: limits.max_pixels() });
     }
-    let format = image::guess_format(&bytes)
+    let format = image_format(&bytes, path)?;
+    Ok((bytes, format))
+}
+
+/// The format an image's first bytes say it is in, if it is one we decode.
+fn image_format(bytes: &[u8], path: &Path) -> Result<ImageFormat, DataError> {
+    image::guess_format(bytes)
         .ok()
         .filter(|f| matches!(f, ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::Bmp | ImageFormat::Tiff))
-        .ok_or_else(|| DataError::decode(path, "not a PNG, JPEG, BMP or TIFF file"))?;
-    Ok((bytes, format))
+        .ok_or_else(|| DataError::decode(path, "not a PNG, JPEG, BMP or TIFF file"))
 }
 
 /// The image crate's decoder: the header is read once, its dimensions checked against the limit, then

@@ -75,7 +75,7 @@ impl DataError {
     }
 
     /// The error, naming `path` where it was made without one (preprocessing a decoded image).
-    pub(crate) fn at(self, path: &std::path::Path) -> Self {
+    pub fn at(self, path: &std::path::Path) -> Self {
         match self {
             Self::Decode { reason, .. } => Self::Decode { path: path.into(), reason },
             Self::Elongated { width, height, resized, max_pixels, .. } => {

@@ -12,7 +12,7 @@ mod synthetic;
 mod walk;
 
 pub use dataset::{Dataset, Label, Sample, Split, collect_images, mvtec_parts};
-pub use decode::{ImageLimits, load_mask, load_rgb8, load_rgb8_and_color};
+pub use decode::{ImageLimits, decode_rgb8_bytes, load_mask, load_rgb8, load_rgb8_and_color};
 pub use error::DataError;
 pub use loader::{Batch, BatchLoader};
 pub use preprocess::{Preprocess, PreprocessedImage, mask_at_size};

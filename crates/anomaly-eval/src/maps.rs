@@ -271,11 +271,27 @@ pub fn write_float_tiff(path: &Path, width: u32, height: u32, values: &[f32]) ->
 
 /// Writes an RGB image as PNG.
 fn write_png(path: &Path, image: &RgbImage) -> Result<()> {
-    let mut png = Vec::new();
-    image
-        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .with_context(|| format!("{}: encoding PNG", path.display()))?;
+    let png = encode_png(image).with_context(|| format!("{}: encoding PNG", path.display()))?;
     Ok(anomaly_fs::write_atomic(path, &png)?)
+}
+
+/// `image` with `map` (at the image's size) over it in heat colours from 0 to `scale`, as
+/// [`write_map_overlay`] draws it, encoded as PNG in memory (the service's `?overlay=png`).
+pub fn map_overlay_png(image: &RgbImage, map: &[f32], scale: f32) -> Result<Vec<u8>> {
+    anyhow::ensure!(
+        image.width() as usize * image.height() as usize == map.len(),
+        "the anomaly map has {} values for a {}×{} image",
+        map.len(),
+        image.width(),
+        image.height()
+    );
+    Ok(encode_png(&overlay(image, map, None, scale))?)
+}
+
+fn encode_png(image: &RgbImage) -> image::ImageResult<Vec<u8>> {
+    let mut png = Vec::new();
+    image.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    Ok(png)
 }
 
 /// `image` with `map` (of its size) over it: a jet colour (blue → green → red as the value goes from 0

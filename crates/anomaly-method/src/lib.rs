@@ -357,12 +357,19 @@ pub fn score_paths(
     let mut scorer = detector.scorer()?;
     for batch in anomaly_data::BatchLoader::new(paths, detector.preprocess().clone(), limits, batch_size, 2) {
         let batch = batch?;
-        let outputs = scorer.score(&batch)?;
-        anyhow::ensure!(outputs.len() == batch.len(), "{} scored {} of {} images", detector.method(), outputs.len(), batch.len());
-        check_outputs(&batch.paths, &outputs)?;
+        let outputs = score_batch(scorer.as_mut(), detector.method(), &batch)?;
         sink(&batch, outputs)?;
     }
     Ok(())
+}
+
+/// Scores one batch with `scorer` (of a `method` model), checked as [`score_paths`] checks every batch: one
+/// output per image, and no NaN or ±Inf anywhere.
+pub fn score_batch(scorer: &mut dyn Scorer, method: MethodName, batch: &Batch) -> Result<Vec<ImageOutput>> {
+    let outputs = scorer.score(batch)?;
+    anyhow::ensure!(outputs.len() == batch.len(), "{method} scored {} of {} images", outputs.len(), batch.len());
+    check_outputs(&batch.paths, &outputs)?;
+    Ok(outputs)
 }
 
 /// Refuses a NaN or ±Inf anywhere in images' outputs, naming the image: such a score compares false
