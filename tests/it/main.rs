@@ -2,6 +2,7 @@
 
 mod autoencoder;
 mod backbone;
+mod browser;
 mod cli;
 mod common;
 mod corrupt;
