@@ -248,7 +248,8 @@ const DROP_CANVAS: &str = "(async () => {
 fn cpu_runtime() -> Runtime {
     let weights = lite0_weights();
     let device = anomaly_device::ResolvedDevice { device: burn::tensor::Device::flex(), adapter: None };
-    Runtime::new(device, &weights.parent().unwrap().to_path_buf(), Box::new(move |_| Ok(weights.clone())), 4, ImageLimits::default())
+    let folder = weights.parent().unwrap().to_path_buf();
+    Runtime::new(device, &folder, Box::new(move |_| Ok(weights.clone())), 4, ImageLimits::default())
 }
 
 /// A model of `method` fitted on a small synthetic fabric (in `dir`, with the fabric) and served in-process, with
