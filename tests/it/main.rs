@@ -3,6 +3,7 @@
 mod autoencoder;
 mod backbone;
 mod bench_serve;
+mod browser;
 mod cli;
 mod common;
 mod corrupt;
