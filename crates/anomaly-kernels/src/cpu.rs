@@ -152,10 +152,10 @@ pub mod fast {
 
     /// Bank rows per distance block: the block's distances stay in cache-friendly sizes.
     const BANK_BLOCK: usize = 2048;
-    /// Most queries per task: taller blocks make the product more efficient (measured at 1000 queries on 2
-    /// threads, 100k × 1024: 2.03 s with 32, 1.77 s with 128, 1.49 s with 256), as long as every thread
-    /// still gets a block.
-    const QUERY_BLOCK: usize = 256;
+    /// Most queries per task: each task packs every bank block once for its queries, so taller blocks
+    /// spread that packing over more work (measured at 1000 queries on 2 threads, 100k × 1024, k 1, AVX-512:
+    /// 785 ms with 256, 692 ms with 512), as long as every thread still gets a block.
+    const QUERY_BLOCK: usize = 512;
     /// Fewest queries per task.
     const MIN_QUERY_BLOCK: usize = 32;
 
@@ -203,8 +203,9 @@ pub mod fast {
         matrix.par_chunks_exact(d).map(|row| row.iter().map(|x| x * x).sum()).collect()
     }
 
-    /// The k nearest bank rows of every query: blocks of −2·Q·Bᵀ (AVX-512 or sgemm, `product`) plus the norms, and a running
-    /// partial selection per query, so that memory stays at a block of distances per thread.
+    /// The k nearest bank rows of every query: squared distances from the norms and −2·Q·Bᵀ, a query block
+    /// against a bank block at a time (`product`: fused with the selection in AVX-512 registers, or sgemm
+    /// and a scan), each offered to its query's running partial selection only below its k-th best so far.
     pub fn knn(queries: &[f32], bank: &[f32], d: usize, k: usize) -> Neighbours {
         if k == 0 {
             return Neighbours { k, distances: Vec::new(), indices: Vec::new() };
@@ -218,36 +219,14 @@ pub mod fast {
             .flat_map_iter(|block| {
                 let m = block.len() / d;
                 let query_norms = row_norms_serial(block, d);
-                // Each query holds at most 2k candidates, cut back to its k best whenever full: its
-                // memory stays small (a whole bank block's room per query, kept for PatchCore's 164k
-                // leave-one-out queries, fragmented the heap into gigabytes).
-                let room = 2 * k;
-                let mut best: Vec<Vec<(f32, u32)>> = (0..m).map(|_| Vec::with_capacity(room)).collect();
-                // The k-th best squared distance so far (infinite until k are held): a later bank row
-                // enters only below it, since an equal one has a higher index and loses the tie. Most
-                // rows fail this one comparison, so the selection costs little beside the product.
-                let mut bounds = vec![f32::INFINITY; m];
-                let mut products = vec![0f32; m * BANK_BLOCK];
-                let mut block_product = product::QueryBlock::new(block, m, d);
+                let mut nearest = NearestSoFar::new(m, k);
+                let mut block_scan = product::QueryBlock::new(block, m, d);
                 for start in (0..n).step_by(BANK_BLOCK) {
                     let width = BANK_BLOCK.min(n - start);
                     let chunk = &bank[start * d..(start + width) * d];
-                    block_product.times_transposed(chunk, width, &mut products[..m * width]);
-                    for (i, (candidates, bound)) in best.iter_mut().zip(&mut bounds).enumerate() {
-                        let row = &products[i * width..(i + 1) * width];
-                        let (query_norm, norms) = (query_norms[i], &bank_norms[start..start + width]);
-                        for (j, (&dot, &norm)) in row.iter().zip(norms).enumerate() {
-                            let squared = (query_norm + norm - 2.0 * dot).max(0.0);
-                            if squared < *bound {
-                                candidates.push((squared, (start + j) as u32));
-                                if candidates.len() == room {
-                                    keep_nearest(candidates, k, bound);
-                                }
-                            }
-                        }
-                    }
+                    block_scan.scan(chunk, width, start, &bank_norms[start..start + width], &query_norms, &mut nearest);
                 }
-                best.into_iter().map(|mut candidates| {
+                nearest.best.into_iter().map(|mut candidates| {
                     candidates.sort_unstable_by(nearer);
                     candidates.truncate(k);
                     candidates
@@ -263,6 +242,39 @@ pub mod fast {
             }
         }
         Neighbours { k, distances, indices }
+    }
+
+    /// Each query's nearest bank rows so far, as the scan offers them.
+    struct NearestSoFar {
+        k: usize,
+        /// Each query holds at most 2k candidates, cut back to its k best whenever full: its memory stays
+        /// small (a whole bank block's room per query, kept for PatchCore's 164k leave-one-out queries,
+        /// fragmented the heap into gigabytes).
+        best: Vec<Vec<(f32, u32)>>,
+        /// The k-th best squared distance so far (infinite until k are held): a later bank row enters only
+        /// below it, since an equal one has a higher index and loses the tie. Most rows fail this one
+        /// comparison, so the selection costs little beside the product.
+        bounds: Vec<f32>,
+    }
+
+    impl NearestSoFar {
+        fn new(queries: usize, k: usize) -> Self {
+            Self { k, best: (0..queries).map(|_| Vec::with_capacity(2 * k)).collect(), bounds: vec![f32::INFINITY; queries] }
+        }
+    }
+
+    impl product::Candidates for NearestSoFar {
+        fn bound(&self, query: usize) -> f32 {
+            self.bounds[query]
+        }
+
+        fn offer(&mut self, query: usize, squared: f32, index: u32) {
+            let candidates = &mut self.best[query];
+            candidates.push((squared, index));
+            if candidates.len() == 2 * self.k {
+                keep_nearest(candidates, self.k, &mut self.bounds[query]);
+            }
+        }
     }
 
     /// Cuts `candidates` back to their `k` nearest (by distance, then index: a total order, so the same

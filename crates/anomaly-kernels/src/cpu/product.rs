@@ -1,6 +1,8 @@
-//! The product of a block of kNN queries with bank blocks, `queries · bankᵀ`: on processors with
-//! AVX-512 a register-blocked micro-kernel of our own (the `gemm` crate reaches only AVX2 on stable
-//! Rust, half the FMA width FAISS's BLAS uses), elsewhere `gemm`'s sgemm.
+//! The kNN's inner loop: squared distances of a block of queries to a bank block, each offered to the
+//! query's running selection only when below its current bound. On processors with AVX-512 a
+//! register-blocked micro-kernel of our own computes the products and the distances and compares them
+//! in registers, so no product matrix is written (the `gemm` crate reaches only AVX2 on stable Rust, half
+//! the FMA width FAISS's BLAS uses); elsewhere `gemm`'s sgemm fills a product block that is then scanned.
 //!
 //! The queries are packed once per block, 8 rows interleaved value by value; each bank block is packed
 //! 32 rows at a time the same way. An 8 × 32 tile of products then lives in 16 registers while the
@@ -9,8 +11,19 @@
 /// Queries per tile (broadcast), bank rows per tile (two 16-lane vectors).
 const TILE_QUERIES: usize = 8;
 const TILE_ROWS: usize = 32;
+/// Dimensions per pass over a bank tile: its 32 rows of them (32 KiB) stay in the L1 cache while every
+/// query tile passes; wider rows (1024 for WRN50-2) are summed in passes, the partial sums kept per tile.
+const PASS_DIMS: usize = 256;
 
-/// A block of queries ready to be multiplied with bank blocks, holding its packing buffers.
+/// Where the scan offers what it finds: each query's current bound (the k-th best squared distance so
+/// far, infinite before k are held) and the candidates below it.
+pub trait Candidates {
+    fn bound(&self, query: usize) -> f32;
+    /// A bank row (global `index`) at `squared` distance of `query`, below its bound when it was read.
+    fn offer(&mut self, query: usize, squared: f32, index: u32);
+}
+
+/// A block of queries ready to be scanned against bank blocks, holding its packing buffers.
 pub struct QueryBlock<'a> {
     queries: &'a [f32],
     m: usize,
@@ -18,56 +31,88 @@ pub struct QueryBlock<'a> {
     /// The queries in tiles of [`TILE_QUERIES`] (zero-padded), `[tile][dimension][query]`; `None` where
     /// AVX-512 is missing.
     packed: Option<Vec<f32>>,
-    /// One bank block in tiles of [`TILE_ROWS`] (zero-padded), `[tile][dimension][row]`.
-    packed_bank: Vec<f32>,
+    /// One bank block in tiles of [`TILE_ROWS`] (zero-padded), `[tile][dimension][row]` (AVX-512), or the
+    /// block's products with the queries (sgemm).
+    scratch: Vec<f32>,
+    /// Each query tile's 8 × 32 partial sums between passes (AVX-512).
+    partial: Vec<f32>,
 }
 
 impl<'a> QueryBlock<'a> {
     /// `queries`: `m × d`, row-major.
     pub fn new(queries: &'a [f32], m: usize, d: usize) -> Self {
         assert!(queries.len() >= m * d, "{} values are fewer than {m} queries of {d}", queries.len());
-        let packed = avx512::available().then(|| pack(queries, m, d, TILE_QUERIES));
-        Self { queries, m, d, packed, packed_bank: Vec::new() }
+        let packed = avx512::available().then(|| {
+            let mut packed = Vec::new();
+            pack_into(&mut packed, queries, m, d, TILE_QUERIES);
+            packed
+        });
+        let partial = if d > PASS_DIMS { vec![0.0; m.div_ceil(TILE_QUERIES) * TILE_QUERIES * TILE_ROWS] } else { Vec::new() };
+        Self { queries, m, d, packed, scratch: Vec::new(), partial }
     }
 
-    /// `out = queries · bankᵀ` (`m × n`, row-major) for `bank`: `n × d`, row-major. Single-threaded:
-    /// callers parallelise over query blocks.
-    pub fn times_transposed(&mut self, bank: &[f32], n: usize, out: &mut [f32]) {
+    /// Offers `candidates` every bank row of `bank` (`n × d`, row-major; squared norms `bank_norms`; its
+    /// first row is bank row `first`) whose squared distance to a query (squared norms `query_norms`) is
+    /// below that query's bound, in ascending row order per query. Single-threaded: callers parallelise
+    /// over query blocks.
+    pub fn scan(
+        &mut self,
+        bank: &[f32],
+        n: usize,
+        first: usize,
+        bank_norms: &[f32],
+        query_norms: &[f32],
+        candidates: &mut impl Candidates,
+    ) {
         let (m, d) = (self.m, self.d);
-        assert!(bank.len() >= n * d && out.len() >= m * n, "a {m} × {n} product of {d}-dimensional rows does not fit");
+        assert!(
+            bank.len() >= n * d && bank_norms.len() >= n && query_norms.len() >= m && u32::try_from(first + n).is_ok(),
+            "a scan of {n} bank rows from row {first} for {m} queries of {d} values does not fit its inputs"
+        );
         match &self.packed {
             Some(queries) => {
-                pack_into(&mut self.packed_bank, bank, n, d, TILE_ROWS);
+                pack_into(&mut self.scratch, bank, n, d, TILE_ROWS);
                 // SAFETY: `packed` exists only where AVX-512F was detected; both packings hold whole tiles
-                // of `d` values and `out` holds `m × n` values (asserted above).
-                unsafe { avx512::product(queries, &self.packed_bank, m, n, d, out) }
+                // of `d` values, and the norms cover `m` and `n` rows (asserted above).
+                let tiles = avx512::Tiles { queries, bank: &self.scratch, m, n, d };
+                unsafe { avx512::scan(&tiles, first, bank_norms, query_norms, &mut self.partial, candidates) }
             }
-            None => super::fast::multiply_transposed(self.queries, bank, m, n, d, out),
+            None => {
+                self.scratch.resize(m * n, 0.0);
+                super::fast::multiply_transposed(self.queries, bank, m, n, d, &mut self.scratch);
+                for (i, row) in self.scratch.chunks_exact(n).enumerate() {
+                    for (j, (&dot, &norm)) in row.iter().zip(bank_norms).enumerate() {
+                        let squared = (query_norms[i] + norm - 2.0 * dot).max(0.0);
+                        if squared < candidates.bound(i) {
+                            candidates.offer(i, squared, (first + j) as u32);
+                        }
+                    }
+                }
+            }
         }
     }
 }
 
 /// `rows × d` values in tiles of `tile` rows, `[tile][dimension][row]`, the last tile zero-padded.
-fn pack(values: &[f32], rows: usize, d: usize, tile: usize) -> Vec<f32> {
-    let mut packed = Vec::new();
-    pack_into(&mut packed, values, rows, d, tile);
-    packed
-}
-
 fn pack_into(packed: &mut Vec<f32>, values: &[f32], rows: usize, d: usize, tile: usize) {
     packed.clear();
     packed.resize(rows.div_ceil(tile) * d * tile, 0.0);
     for (t, tile_values) in packed.chunks_exact_mut(d * tile).enumerate() {
-        for r in 0..tile.min(rows - t * tile) {
-            let row = &values[(t * tile + r) * d..][..d];
-            for (j, &x) in row.iter().enumerate() {
-                tile_values[j * tile + r] = x;
+        let rows_here = tile.min(rows - t * tile);
+        let source = &values[t * tile * d..][..rows_here * d];
+        // Written in order, read from the tile's rows side by side: each row's cache lines are read
+        // whole over consecutive dimensions (a row-by-row loop scattered every write across the tile).
+        for (j, out) in tile_values.chunks_exact_mut(tile).enumerate() {
+            for (r, slot) in out.iter_mut().enumerate().take(rows_here) {
+                *slot = source[r * d + j];
             }
         }
     }
 }
 
 mod avx512 {
+    use super::Candidates;
+
     /// Whether this processor runs the AVX-512 micro-kernel (detected once; the standard library caches it).
     pub fn available() -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -80,52 +125,161 @@ mod avx512 {
         }
     }
 
+    /// A packed query block and bank block: `queries` holds `ceil(m / 8) × d × 8` values, `bank`
+    /// `ceil(n / 32) × d × 32`.
+    pub struct Tiles<'a> {
+        pub queries: &'a [f32],
+        pub bank: &'a [f32],
+        pub m: usize,
+        pub n: usize,
+        pub d: usize,
+    }
+
     #[cfg(not(target_arch = "x86_64"))]
-    pub unsafe fn product(_: &[f32], _: &[f32], _: usize, _: usize, _: usize, _: &mut [f32]) {
+    pub unsafe fn scan(_: &Tiles, _: usize, _: &[f32], _: &[f32], _: &mut [f32], _: &mut impl Candidates) {
         unreachable!("AVX-512 is never detected off x86-64")
     }
 
-    /// `out = queries · bankᵀ` from packed tiles.
+    /// The scan of [`super::QueryBlock::scan`] from packed tiles: `max(|q|² + |b|² − 2 q·b, 0)` per pair,
+    /// compared with the query's bound in registers; only the pairs below it leave them. Rows wider than
+    /// [`super::PASS_DIMS`] are summed in passes, through `partial` (8 × 32 values per query tile).
     ///
     /// # Safety
-    /// AVX-512F must be available; `queries` must hold `ceil(m / 8) × d × 8` values, `bank`
-    /// `ceil(n / 32) × d × 32`, and `out` `m × n`.
+    /// AVX-512F must be available; `tiles` must hold what [`Tiles`] says, `bank_norms` `n` values,
+    /// `query_norms` `m`, and `partial` `ceil(m / 8) × 256` where `d` is above `PASS_DIMS`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn product(queries: &[f32], bank: &[f32], m: usize, n: usize, d: usize, out: &mut [f32]) {
+    pub unsafe fn scan(
+        tiles: &Tiles,
+        first: usize,
+        bank_norms: &[f32],
+        query_norms: &[f32],
+        partial: &mut [f32],
+        candidates: &mut impl Candidates,
+    ) {
         use std::arch::x86_64::*;
 
-        use super::{TILE_QUERIES as MR, TILE_ROWS as NR};
-        debug_assert!(queries.len() >= m.div_ceil(MR) * d * MR && bank.len() >= n.div_ceil(NR) * d * NR && out.len() >= m * n);
-        // Bank tiles outside: each (≤ 128 KiB at d = 1024) stays in cache while every query tile passes.
+        use super::{PASS_DIMS, TILE_QUERIES as MR, TILE_ROWS as NR};
+        let &Tiles { queries, bank, m, n, d } = tiles;
+        debug_assert!(queries.len() >= m.div_ceil(MR) * d * MR && bank.len() >= n.div_ceil(NR) * d * NR);
+        debug_assert!(bank_norms.len() >= n && query_norms.len() >= m);
+        debug_assert!(d <= PASS_DIMS || partial.len() >= m.div_ceil(MR) * MR * NR);
+        let (two, zero) = (_mm512_set1_ps(2.0), _mm512_setzero_ps());
+        let passes = d.div_ceil(PASS_DIMS);
         for (bank_tile, b) in bank.chunks_exact(d * NR).enumerate() {
             let first_column = bank_tile * NR;
             let columns = NR.min(n - first_column);
             let (low, high) = (lane_mask(columns), lane_mask(columns.saturating_sub(16)));
-            for (query_tile, a) in queries.chunks_exact(d * MR).enumerate() {
-                let mut sums = [[_mm512_setzero_ps(); 2]; MR];
-                let (mut a, mut b) = (a.as_ptr(), b.as_ptr());
-                for _ in 0..d {
-                    // SAFETY: `a` and `b` advance by one dimension of their tiles, `d` times.
-                    let (b0, b1) = unsafe { (_mm512_loadu_ps(b), _mm512_loadu_ps(b.add(16))) };
-                    for (r, sum) in sums.iter_mut().enumerate() {
-                        let x = _mm512_set1_ps(unsafe { *a.add(r) });
-                        sum[0] = _mm512_fmadd_ps(x, b0, sum[0]);
-                        sum[1] = _mm512_fmadd_ps(x, b1, sum[1]);
+            // SAFETY: the masks cover the tile's `columns` rows, all within `bank_norms`.
+            let (norms_low, norms_high) = unsafe {
+                let norms = bank_norms.as_ptr().add(first_column);
+                (_mm512_maskz_loadu_ps(low, norms), _mm512_maskz_loadu_ps(high, norms.wrapping_add(16)))
+            };
+            for pass in 0..passes {
+                let (from, to) = (pass * PASS_DIMS, d.min((pass + 1) * PASS_DIMS));
+                let last = pass + 1 == passes;
+                for (query_tile, a) in queries.chunks_exact(d * MR).enumerate() {
+                    let kept = partial.as_mut_ptr().wrapping_add(query_tile * MR * NR);
+                    // SAFETY: each query tile's 8 × 32 partial sums lie within `partial` (passes after the
+                    // first); the tiles hold `d` dimensions of 8 and 32 values, of which this pass reads
+                    // `from..to`.
+                    let sums = unsafe {
+                        let start = if pass > 0 { load_tile(kept) } else { [[zero; 2]; MR] };
+                        tile_sums(start, a.as_ptr().add(from * MR), b.as_ptr().add(from * NR), to - from)
+                    };
+                    if !last {
+                        unsafe { store_tile(kept, &sums) };
+                        continue;
                     }
-                    (a, b) = unsafe { (a.add(MR), b.add(NR)) };
-                }
-                let first_query = query_tile * MR;
-                for (r, sum) in sums.iter().enumerate().take(MR.min(m - first_query)) {
-                    let row = &mut out[(first_query + r) * n + first_column..][..columns];
-                    // SAFETY: the masks cover `columns` lanes, all within `row`.
-                    unsafe {
-                        _mm512_mask_storeu_ps(row.as_mut_ptr(), low, sum[0]);
-                        if columns > 16 {
-                            _mm512_mask_storeu_ps(row.as_mut_ptr().add(16), high, sum[1]);
+                    let first_query = query_tile * MR;
+                    for (r, sum) in sums.iter().enumerate().take(MR.min(m - first_query)) {
+                        let query = first_query + r;
+                        let query_norm = _mm512_set1_ps(query_norms[query]);
+                        let bound = _mm512_set1_ps(candidates.bound(query));
+                        let squared_low = _mm512_max_ps(_mm512_fnmadd_ps(two, sum[0], _mm512_add_ps(query_norm, norms_low)), zero);
+                        let squared_high = _mm512_max_ps(_mm512_fnmadd_ps(two, sum[1], _mm512_add_ps(query_norm, norms_high)), zero);
+                        let below = u32::from(_mm512_mask_cmp_ps_mask::<_CMP_LT_OQ>(low, squared_low, bound))
+                            | u32::from(_mm512_mask_cmp_ps_mask::<_CMP_LT_OQ>(high, squared_high, bound)) << 16;
+                        if below != 0 {
+                            offer_lanes(below, squared_low, squared_high, query, first + first_column, candidates);
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// A tile's 8 × 32 sums, less far in `dims` dimensions: 2 loads and 8 broadcasts feed 16 FMAs per
+    /// dimension, the sums held in registers.
+    ///
+    /// # Safety
+    /// `a` must hold `dims × 8` values and `b` `dims × 32`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile_sums(mut sums: Tile, mut a: *const f32, mut b: *const f32, dims: usize) -> Tile {
+        use std::arch::x86_64::*;
+        for _ in 0..dims {
+            let (b0, b1) = unsafe { (_mm512_loadu_ps(b), _mm512_loadu_ps(b.add(16))) };
+            for (r, sum) in sums.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(unsafe { *a.add(r) });
+                sum[0] = _mm512_fmadd_ps(x, b0, sum[0]);
+                sum[1] = _mm512_fmadd_ps(x, b1, sum[1]);
+            }
+            (a, b) = unsafe { (a.add(super::TILE_QUERIES), b.add(super::TILE_ROWS)) };
+        }
+        sums
+    }
+
+    /// 8 rows of 2 vectors: an 8 × 32 tile of sums.
+    #[cfg(target_arch = "x86_64")]
+    type Tile = [[std::arch::x86_64::__m512; 2]; super::TILE_QUERIES];
+
+    /// A tile's partial sums, kept between passes at `at` (8 × 32 values).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load_tile(at: *const f32) -> Tile {
+        use std::arch::x86_64::*;
+        std::array::from_fn(|r| unsafe { [_mm512_loadu_ps(at.add(r * 32)), _mm512_loadu_ps(at.add(r * 32 + 16))] })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_tile(at: *mut f32, sums: &Tile) {
+        use std::arch::x86_64::*;
+        for (r, sum) in sums.iter().enumerate() {
+            unsafe {
+                _mm512_storeu_ps(at.add(r * 32), sum[0]);
+                _mm512_storeu_ps(at.add(r * 32 + 16), sum[1]);
+            }
+        }
+    }
+
+    /// Offers the lanes set in `below` of a query's 32 squared distances (bank rows from `first_row`), in
+    /// lane order, each judged again against the bound, which an earlier lane's offer may have lowered.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn offer_lanes(
+        below: u32,
+        low: std::arch::x86_64::__m512,
+        high: std::arch::x86_64::__m512,
+        query: usize,
+        first_row: usize,
+        candidates: &mut impl Candidates,
+    ) {
+        use std::arch::x86_64::*;
+        let mut values = [0f32; 32];
+        // SAFETY: `values` holds the two vectors.
+        unsafe {
+            _mm512_storeu_ps(values.as_mut_ptr(), low);
+            _mm512_storeu_ps(values.as_mut_ptr().add(16), high);
+        }
+        let mut lanes = below;
+        while lanes != 0 {
+            let lane = lanes.trailing_zeros() as usize;
+            lanes &= lanes - 1;
+            if values[lane] < candidates.bound(query) {
+                candidates.offer(query, values[lane], (first_row + lane) as u32);
             }
         }
     }
@@ -141,26 +295,50 @@ mod avx512 {
 mod tests {
     use super::*;
 
-    /// Products of every tile edge case equal sgemm's to rounding.
+    /// Every pair's squared distance, as offered with no bound.
+    struct Everything {
+        pairs: Vec<Vec<(f32, u32)>>,
+    }
+
+    impl Candidates for Everything {
+        fn bound(&self, _: usize) -> f32 {
+            f32::INFINITY
+        }
+
+        fn offer(&mut self, query: usize, squared: f32, index: u32) {
+            self.pairs[query].push((squared, index));
+        }
+    }
+
+    /// At every tile edge the scan offers every pair once, in ascending row order, with its squared
+    /// distance to rounding.
     #[test]
-    fn products_equal_sgemms_at_every_tile_edge() {
+    fn scans_offer_every_pair_at_every_tile_edge() {
         let mut state = 0x1234_5678_u64;
         let mut next = || {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
-        for &(m, n, d) in &[(1, 1, 1), (7, 31, 3), (8, 32, 16), (9, 33, 17), (17, 70, 130), (256, 2048, 128), (3, 100, 1024)] {
+        for &(m, n, d) in &[(1, 1, 1), (7, 31, 3), (8, 32, 16), (9, 33, 17), (17, 70, 130), (3, 100, 1024), (9, 40, 600)] {
             let queries: Vec<f32> = (0..m * d).map(|_| next()).collect();
             let bank: Vec<f32> = (0..n * d).map(|_| next()).collect();
-            let mut expected = vec![0f32; m * n];
-            super::super::fast::multiply_transposed(&queries, &bank, m, n, d, &mut expected);
+            let norms = |rows: &[f32]| rows.chunks_exact(d).map(|r| r.iter().map(|x| x * x).sum()).collect::<Vec<f32>>();
+            let (query_norms, bank_norms) = (norms(&queries), norms(&bank));
             let mut block = QueryBlock::new(&queries, m, d);
             // Twice, as the kNN reuses a block over bank blocks: the bank packing must be redone whole.
-            for _ in 0..2 {
-                let mut out = vec![f32::NAN; m * n];
-                block.times_transposed(&bank, n, &mut out);
-                for (i, (&got, &want)) in out.iter().zip(&expected).enumerate() {
-                    assert!((got - want).abs() <= 1e-5 * (d as f32).sqrt(), "{m}×{n}×{d} at {i}: {got} vs {want}");
+            for first in [0, 1000] {
+                let mut found = Everything { pairs: vec![Vec::new(); m] };
+                block.scan(&bank, n, first, &bank_norms, &query_norms, &mut found);
+                for (i, pairs) in found.pairs.iter().enumerate() {
+                    assert_eq!(pairs.iter().map(|p| p.1 as usize).collect::<Vec<_>>(), (first..first + n).collect::<Vec<_>>());
+                    for &(squared, index) in pairs {
+                        let j = index as usize - first;
+                        let exact: f64 = (0..d).map(|c| (f64::from(queries[i * d + c]) - f64::from(bank[j * d + c])).powi(2)).sum();
+                        assert!(
+                            (f64::from(squared) - exact).abs() <= 1e-4 * (d as f64).sqrt(),
+                            "{m}×{n}×{d} ({i}, {j}): {squared} vs {exact}"
+                        );
+                    }
                 }
             }
         }
