@@ -16,4 +16,5 @@ mod outputs;
 mod patch_features;
 mod patchcore;
 mod report;
+mod serve_faults;
 mod weights;
