@@ -473,7 +473,7 @@ fn clients_that_leave_mid_upload_or_mid_answer_cost_only_their_own_request() {
     }
     assert_eq!(answer(address, &get("/healthz")).status, 200);
     let metrics = wait_idle(address);
-    assert!(!metrics.contains("status=\"5"), "{metrics}");
+    assert!(!metrics.contains("route=\"/v1/predict\",status=\"5"), "{metrics}");
 }
 
 /// A `multipart/form-data` body of `images` and its Content-Type.

@@ -537,6 +537,17 @@ async fn predict(Shared(state): Shared<Arc<State>>, request: Request) -> Result<
     if overlay && uploads.len() != 1 {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "?overlay=png takes exactly one image"));
     }
+    // More images than places could never be admitted: a 503 would have the client retry in vain.
+    if uploads.len() > state.config.queue {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{} images in one request, more than this service admits at once ({}, --queue); send fewer per request",
+                uploads.len(),
+                state.config.queue
+            ),
+        ));
+    }
     let _more_places = match uploads.len() - 1 {
         0 => None,
         more => Some(Arc::clone(&state.admission).try_acquire_many_owned(more as u32).map_err(|_| full())?),

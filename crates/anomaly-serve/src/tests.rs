@@ -395,6 +395,19 @@ fn a_full_queue_answers_503_with_retry_after_and_the_admitted_request_is_answere
 }
 
 #[test]
+fn a_multipart_upload_of_more_images_than_the_queue_admits_is_refused_for_good_not_told_to_retry() {
+    let fixture = Fixture::start(false, |c| c.queue = 2);
+    let image = png(8, 8, 9);
+    let (content_type, body) = multipart(&[("a.png", &image), ("b.png", &image), ("c.png", &image)]);
+    let refused = fixture.post("/v1/predict", &content_type, &body);
+    assert_eq!(refused.status, 413);
+    assert!(refused.headers.get("retry-after").is_none());
+    assert!(refused.error().contains("3 images in one request, more than this service admits at once (2, --queue)"), "{}", refused.error());
+    let (content_type, body) = multipart(&[("a.png", &image), ("b.png", &image)]);
+    assert_eq!(fixture.post("/v1/predict", &content_type, &body).status, 200);
+}
+
+#[test]
 fn a_request_not_scored_in_time_gets_503_and_its_image_is_dropped() {
     let fixture = Arc::new(Fixture::start(false, |c| c.request_timeout = Duration::from_millis(300)));
     fixture.control.hold();
