@@ -695,7 +695,8 @@ fn bad_framing(rng: &mut Rng, good: &[u8]) -> Vec<u8> {
 }
 
 /// A client that leaves mid-request (after part of the head or body, plain or chunked), or stalls
-/// mid-upload, or drips it slowly, until the service answers 408.
+/// mid-upload, or drips it slowly, until the service answers 408; or stalls mid-head, until the
+/// service cuts it off.
 fn cut_short(rng: &mut Rng, address: std::net::SocketAddr, good: &[u8], folder: &Path) -> Result<Sent, String> {
     use std::io::Write;
     let chunked = below(rng, 2) == 0;
@@ -706,9 +707,13 @@ fn cut_short(rng: &mut Rng, address: std::net::SocketAddr, good: &[u8], folder: 
         post("/v1/predict", Some("image/png"), good)
     };
     let head_end = request.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    let stall = below(rng, 6) == 0;
-    // A stalled upload has its whole head; one that leaves may go anywhere before the end.
-    let cut = if stall { head_end + below(rng, request.len() - head_end - 1) } else { below(rng, request.len() - 1) };
+    let (stall, stall_in_head) = (below(rng, 6) == 0, below(rng, 3) == 0);
+    // A stalled upload has its whole head (or stops in it); one that leaves may go anywhere before the end.
+    let cut = match (stall, stall_in_head) {
+        (true, false) => head_end + below(rng, request.len() - head_end - 1),
+        (true, true) => 1 + below(rng, head_end - 2),
+        (false, _) => below(rng, request.len() - 1),
+    };
     let request_length = request.len();
     request.truncate(cut);
     std::fs::write(folder.join("request.http"), &request).unwrap();
@@ -717,6 +722,19 @@ fn cut_short(rng: &mut Rng, address: std::net::SocketAddr, good: &[u8], folder: 
     let _ = stream.write_all(&request);
     if !stall {
         return Ok(Sent::Left);
+    }
+    if stall_in_head {
+        // Cut off within the request timeout: hyper's 408 with no body, or the connection closed.
+        let started = std::time::Instant::now();
+        let stalled = read_answer(&mut stream)?;
+        return match stalled {
+            _ if started.elapsed() > FUZZ_REQUEST_TIMEOUT + Duration::from_secs(2) => {
+                Err(format!("a head stalled for {:?} before it was cut off", started.elapsed()))
+            }
+            Exchange::Answered(reply) if reply.status == 408 && reply.body.is_empty() => Ok(Sent::Malformed(Exchange::Answered(reply))),
+            Exchange::Closed(_) => Ok(Sent::Malformed(stalled)),
+            other => Err(format!("a stalled head got {other:?}")),
+        };
     }
     let missing = request_length - cut;
     if !chunked && missing > 1 && below(rng, 2) == 0 {

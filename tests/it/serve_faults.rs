@@ -529,3 +529,17 @@ fn concurrent_requests_are_batched_and_give_the_scores_predict_gives() {
     assert!(largest_batch > 1, "12 concurrent requests within 200 ms were scored one at a time");
     wait_idle(served.address);
 }
+
+#[test]
+fn sigterm_is_not_held_up_by_a_client_stalled_mid_head() {
+    let mut served = Served::start(&bank().model, &["--request-timeout-s", "2"]);
+    let mut stalled = TcpStream::connect(served.address).unwrap();
+    stalled.write_all(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    served.signal(libc::SIGTERM);
+    let status = served.wait_exit();
+    assert!(status.success(), "{status}: {}", served.log());
+    assert!(started.elapsed() < Duration::from_secs(10), "the shutdown waited {:?} for a client that sends nothing", started.elapsed());
+    drop(stalled);
+}

@@ -487,6 +487,63 @@ fn shutdown_answers_the_accepted_request_and_refuses_new_ones() {
     stopping.join().unwrap();
 }
 
+/// A connection that has sent part of a request's head, and stops there.
+fn stalled_head(address: std::net::SocketAddr) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.write_all(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le").unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+}
+
+#[test]
+fn a_stalled_head_is_cut_off_and_neither_it_nor_an_unread_answer_holds_the_shutdown() {
+    use std::io::{Read, Write};
+    let mut fixture = Fixture::start(true, |c| c.request_timeout = Duration::from_millis(500));
+    let address = fixture.service.as_ref().unwrap().address();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    // The connection ends (with hyper's 408, or closed) once the request timeout has passed.
+    let _ = stalled_head(address).read_to_end(&mut answer);
+    assert!(started.elapsed() < Duration::from_secs(5), "a stalled head held its connection for {:?}", started.elapsed());
+    assert!(answer.is_empty() || answer.starts_with(b"HTTP/1.1 408"), "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(fixture.post("/v1/predict", "image/png", &png(8, 8, 9)).status, 200);
+
+    // A client that asks for a large overlay and never reads it, and another stalled mid-head.
+    let noisy = {
+        let mut rng = 0x2545_F491_u64;
+        let image = image::RgbImage::from_fn(1500, 1500, |_, _| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            image::Rgb([rng as u8, (rng >> 8) as u8, (rng >> 16) as u8])
+        });
+        let mut bytes = Vec::new();
+        image.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
+        bytes
+    };
+    let mut unread = std::net::TcpStream::connect(address).unwrap();
+    let head = format!(
+        "POST /v1/predict?overlay=png HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: {}\r\n\r\n",
+        noisy.len()
+    );
+    unread.write_all(&[head.as_bytes(), &noisy].concat()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8(fixture.get("/metrics").body).unwrap().contains("route=\"/v1/predict\",status=\"200\"} 2") {
+        assert!(Instant::now() < deadline, "the overlay was not answered");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _stalled = stalled_head(address);
+    let started = Instant::now();
+    fixture.service.take().unwrap().shutdown();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the shutdown waited {:?} for clients that send or read nothing",
+        started.elapsed()
+    );
+    drop(unread);
+}
+
 #[test]
 fn readiness_waits_for_the_model_and_a_bad_model_fails_the_start() {
     let dir = tempfile::tempdir().unwrap();
