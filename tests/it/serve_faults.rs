@@ -369,13 +369,13 @@ fn sigterm_under_load_answers_every_accepted_request_and_exits_cleanly() {
         }
     }
     assert!(scored > 4, "{scored} scored, {refused} refused");
-    // After SIGTERM: a 503 while draining, or no connection once the listener is closed.
+    // After SIGTERM: an answer (200 before the drain begins, 503 after), or no connection once the
+    // listener is closed.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match exchange(address, &request).unwrap() {
             Exchange::Answered(reply) => {
-                assert_eq!(reply.status, 503, "{reply:?}");
-                assert_eq!(reply.header("retry-after"), Some("1"));
+                assert!(reply.status == 200 || (reply.status == 503 && reply.header("retry-after") == Some("1")), "{reply:?}");
             }
             Exchange::Closed(how) if how.starts_with("connect:") => break,
             Exchange::Closed(how) => panic!("a request sent while draining was dropped unanswered: {how}"),

@@ -138,8 +138,8 @@ impl RunningService {
         outcome
     }
 
-    /// Stops taking requests (new ones get 503, the listener closes), lets every accepted request finish,
-    /// then stops the scoring thread.
+    /// Stops taking requests (new ones get 503, the listener closes), lets every accepted request finish
+    /// (each connection gets at most the request timeout more), then stops the scoring thread.
     pub fn shutdown(mut self) {
         self.stop();
     }
@@ -147,7 +147,7 @@ impl RunningService {
     fn stop(&mut self) {
         self.state.begin_draining();
         if let (Some(runtime), Some(server)) = (self.runtime.as_ref(), self.server.take()) {
-            // An accept error ends the server early; there is nothing left to drain then.
+            // Only a panic in the accept loop ends it early; there is nothing left to drain then.
             let _ = runtime.block_on(server);
         }
         self.state.stop_worker();
