@@ -354,6 +354,9 @@ fn sigterm_under_load_answers_every_accepted_request_and_exits_cleanly() {
             std::thread::sleep(Duration::from_millis(1));
         }
         served.signal(libc::SIGTERM);
+        let at_signal = answered.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(at_signal < 40, "every request was answered before SIGTERM: nothing was in flight");
+        eprintln!("SIGTERM under load: sent with {at_signal} of 40 requests answered");
         senders.into_iter().map(|sender| sender.join().unwrap()).collect()
     });
     let (mut scored, mut refused) = (0, 0);
