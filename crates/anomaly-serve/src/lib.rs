@@ -45,7 +45,8 @@ pub struct ServeConfig {
     pub queue: usize,
     /// The largest request body accepted (`413` above it).
     pub max_body_bytes: usize,
-    /// How long a request may take, from arrival to its answer (its upload included).
+    /// How long a request may take, from arrival to its answer (its upload included); also how long a
+    /// connection may take to send a request's head, and how long a shutdown waits for each connection.
     pub request_timeout: Duration,
     /// What one image may cost to decode (`422` above it, from the header, before decoding).
     pub image_limits: ImageLimits,
