@@ -41,7 +41,8 @@ pub struct Args {
     #[arg(long, default_value_t = 32, value_parser = count_in(1, 4096), value_name = "MIB")]
     max_body_mb: usize,
     /// A request not answered within this many seconds, its upload included, gets 503 (or 408 while
-    /// still uploading).
+    /// still uploading); a connection that sends no whole request head within it (idle, or stalled) is
+    /// closed, and a shutdown waits at most this long for each connection.
     #[arg(long, default_value_t = 30, value_parser = count_in(1, 3600), value_name = "SECONDS")]
     request_timeout_s: usize,
     /// A file holding a secret token: every route but / and /healthz then needs

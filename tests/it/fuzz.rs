@@ -13,6 +13,7 @@ use std::time::Duration;
 use anomaly_data::{Dataset, ImageLimits, collect_images, load_mask, load_rgb8, load_rgb8_and_color};
 
 use crate::common::{Rng, bank_model_bytes, fixture};
+use crate::serve_faults::{Exchange, RawReply, answer, exchange_then, multipart, post, read_answer, wait_idle};
 
 /// Cases per target and the seed, from the environment or the defaults.
 fn budget(default_cases: usize) -> (usize, u64) {
@@ -24,6 +25,20 @@ fn budget(default_cases: usize) -> (usize, u64) {
 enum Verdict {
     Accepted,
     Refused,
+    /// An HTTP case: the status answered, or `None` where the connection ended without an answer (a
+    /// request that was not well-formed HTTP, or a client that left).
+    Http(Option<u16>),
+}
+
+impl Verdict {
+    fn label(&self) -> String {
+        match self {
+            Self::Accepted => "accepted".into(),
+            Self::Refused => "refused with one line".into(),
+            Self::Http(Some(status)) => format!("HTTP {status}"),
+            Self::Http(None) => "no answer (malformed or abandoned request)".into(),
+        }
+    }
 }
 
 /// Runs `cases` cases of `target` on a worker thread, each within `deadline`. `case` gets the case's own
@@ -45,18 +60,14 @@ fn fuzz(target: &str, default_cases: usize, deadline: Duration, case: fn(&mut Rn
             }
         }
     });
-    let (mut accepted, mut refused) = (0, 0);
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
     for index in 0..cases {
         let folder = scratch.path().join(format!("case-{index}"));
         std::fs::create_dir(&folder).unwrap();
         to_worker.send((index, folder)).unwrap();
         let failure = match results.recv_timeout(deadline) {
-            Ok(Ok(Ok(Verdict::Accepted))) => {
-                accepted += 1;
-                continue;
-            }
-            Ok(Ok(Ok(Verdict::Refused))) => {
-                refused += 1;
+            Ok(Ok(Ok(verdict))) => {
+                *counts.entry(verdict.label()).or_default() += 1;
                 continue;
             }
             Ok(Ok(Err(broken))) => broken,
@@ -68,7 +79,8 @@ fn fuzz(target: &str, default_cases: usize, deadline: Duration, case: fn(&mut Rn
     }
     drop(to_worker);
     worker.join().unwrap();
-    eprintln!("fuzz {target}: {cases} cases (seed {seed}): {accepted} accepted, {refused} refused with one line, 0 panics, 0 hangs");
+    let counts: Vec<String> = counts.iter().map(|(label, count)| format!("{count} {label}")).collect();
+    eprintln!("fuzz {target}: {cases} cases (seed {seed}): {}, 0 panics, 0 hangs", counts.join(", "));
 }
 
 fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
@@ -352,4 +364,406 @@ fn model_case(rng: &mut Rng, folder: &Path) -> Result<Verdict, String> {
 #[test]
 fn fuzz_model_file_loading() {
     fuzz("model files", 1500, Duration::from_secs(20), model_case);
+}
+
+/// The body limit of the service the HTTP fuzzer drives: small, so that oversized bodies stay cheap.
+const FUZZ_BODY_LIMIT: usize = 256 << 10;
+
+/// How long that service waits for an upload (then 408): short, so that a stalled upload costs little.
+const FUZZ_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The service the HTTP fuzzer drives, over loopback: a memory bank fitted on the synthetic fabric with
+/// the real Lite0 weights, loaded on the CPU by the loader `anomaly serve` builds.
+struct Fuzzed {
+    service: anomaly_serve::RunningService,
+    agent: ureq::Agent,
+    /// A test image of the fabric, which must score (200) between cases.
+    good: Vec<u8>,
+}
+
+fn fuzzed() -> &'static Fuzzed {
+    use anomaly_serve::{LoadModel, RunningService, ServeConfig, StartLoader};
+    static SERVICE: std::sync::OnceLock<Fuzzed> = std::sync::OnceLock::new();
+    SERVICE.get_or_init(|| {
+        let fitted = crate::serve_faults::bank();
+        let mut config = ServeConfig::new(fitted.model.clone(), "127.0.0.1:0".parse().unwrap());
+        config.max_body_bytes = FUZZ_BODY_LIMIT;
+        config.request_timeout = FUZZ_REQUEST_TIMEOUT;
+        config.image_limits = ImageLimits::new(FUZZ_LIMITS);
+        let (limits, max_batch) = (config.image_limits, config.max_batch);
+        let weights = crate::common::lite0_weights();
+        let start: StartLoader = Box::new(move || {
+            let device = anomaly_device::resolve(anomaly_device::DeviceChoice::Cpu)?;
+            let dir = weights.parent().unwrap().to_path_buf();
+            let runtime = anomaly_method::Runtime::new(device, &dir, Box::new(move |_| Ok(weights.clone())), max_batch, limits);
+            let load: LoadModel = Box::new(move |bytes: &[u8], path: &Path| anomaly_method::load(bytes, path, &runtime));
+            Ok(load)
+        });
+        let service = RunningService::start(config, start).unwrap();
+        service.wait_ready(Duration::from_secs(120)).unwrap();
+        let agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(15))).build().into();
+        let good = std::fs::read(&fitted.test_images()[0]).unwrap();
+        Fuzzed { service, agent, good }
+    })
+}
+
+/// What an HTTP case sent, and what it may be answered.
+enum Sent {
+    /// A well-formed request: it must be answered with one of these statuses (or 503 with Retry-After),
+    /// and every status but 200 with a JSON one-line `error`.
+    WellFormed(Exchange, &'static [u16]),
+    /// Not well-formed HTTP: any 4xx, or no answer; never a 5xx.
+    Malformed(Exchange),
+    /// The client left without waiting for an answer.
+    Left,
+}
+
+fn http_case(rng: &mut Rng, folder: &Path) -> Result<Verdict, String> {
+    let fuzzed = fuzzed();
+    let address = fuzzed.service.address();
+    // Each case keeps what it sends in its folder, for the failure message.
+    let send = |request: &[u8], half_close: bool| {
+        std::fs::write(folder.join("request.http"), request).unwrap();
+        exchange_then(address, request, half_close)
+    };
+    let sent = match below(rng, 16) {
+        0..=4 => {
+            let (content_type, body) = mutated_image(rng, &fuzzed.good);
+            if below(rng, 2) == 0 {
+                Sent::WellFormed(send(&post("/v1/predict", content_type, &body), false)?, &[200, 400, 422])
+            } else {
+                std::fs::write(folder.join("body"), &body).unwrap();
+                let mut request = fuzzed.agent.post(format!("http://{address}/v1/predict"));
+                if let Some(content_type) = content_type {
+                    request = request.header("Content-Type", content_type);
+                }
+                let mut response = request.send(&body[..]).map_err(|e| format!("the client got no answer: {e}"))?;
+                let body = response.body_mut().read_to_vec().map_err(|e| format!("the answer broke off: {e}"))?;
+                let headers =
+                    response.headers().iter().map(|(n, v)| (n.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()));
+                let reply = RawReply { status: response.status().as_u16(), headers: headers.collect(), body };
+                Sent::WellFormed(Exchange::Answered(reply), &[200, 400, 422])
+            }
+        }
+        5 => Sent::WellFormed(send(&post("/v1/predict", Some("image/png"), &huge_dimensions(rng)), false)?, &[200, 422]),
+        6 => Sent::WellFormed(send(&empty_body(rng), false)?, &[400]),
+        7 => {
+            let (request, allowed) = oversized(rng, &fuzzed.good);
+            Sent::WellFormed(send(&request, false)?, allowed)
+        }
+        8 => {
+            let content_type = wrong_content_type(rng);
+            let mut request = post("/v1/predict", None, &fuzzed.good);
+            let at = request.windows(2).position(|w| w == b"\r\n").unwrap() + 2;
+            request.splice(at..at, [&b"Content-Type: "[..], &content_type, b"\r\n"].concat());
+            Sent::WellFormed(send(&request, false)?, &[400, 415])
+        }
+        9 | 10 => {
+            let (content_type, body) = bad_multipart(rng, &fuzzed.good);
+            Sent::WellFormed(send(&post("/v1/predict", Some(&content_type), &body), false)?, &[200, 400, 413, 422])
+        }
+        11 | 12 => Sent::Malformed(send(&malformed_head(rng, &fuzzed.good), true)?),
+        13 => Sent::Malformed(send(&bad_framing(rng, &fuzzed.good), true)?),
+        _ => cut_short(rng, address, &fuzzed.good, folder)?,
+    };
+    let verdict = judge(sent)?;
+    let healthz = fuzzed.agent.get(format!("http://{address}/healthz")).call().map_err(|e| format!("/healthz after the case: {e}"))?;
+    if healthz.status() != 200 {
+        return Err(format!("/healthz after the case: {}", healthz.status()));
+    }
+    if below(rng, 16) == 0 {
+        let reply = answer(address, &post("/v1/predict", Some("image/png"), &fuzzed.good));
+        if reply.status != 200 {
+            return Err(format!("a good image after the case: {} {}", reply.status, String::from_utf8_lossy(&reply.body)));
+        }
+    }
+    Ok(verdict)
+}
+
+/// Checks an HTTP case's answer against what its request deserves.
+fn judge(sent: Sent) -> Result<Verdict, String> {
+    let reply = match sent {
+        Sent::Left | Sent::Malformed(Exchange::Closed(_)) => return Ok(Verdict::Http(None)),
+        // A head mutated or padded into another valid request (a long header on /healthz) may succeed.
+        Sent::Malformed(Exchange::Answered(reply)) if reply.status < 300 => return Ok(Verdict::Http(Some(reply.status))),
+        Sent::Malformed(Exchange::Answered(reply)) if reply.status < 500 => reply,
+        Sent::Malformed(Exchange::Answered(reply)) => return Err(format!("a malformed request got {reply:?}")),
+        Sent::WellFormed(Exchange::Closed(how), _) => return Err(format!("a well-formed request got no answer: {how}")),
+        Sent::WellFormed(Exchange::Answered(reply), allowed) => {
+            if !allowed.contains(&reply.status) && reply.status != 503 {
+                return Err(format!("{} where {allowed:?} was due: {}", reply.status, String::from_utf8_lossy(&reply.body)));
+            }
+            reply
+        }
+    };
+    // One request at a time fills no queue: a 503 here is a scoring slower than the request timeout.
+    if reply.status == 503
+        && (reply.header("retry-after").is_none() || !reply.error_line()?.contains("not scored within the request timeout"))
+    {
+        return Err(format!("503 but for a slow scoring, or without Retry-After: {reply:?}"));
+    }
+    if reply.status == 200 {
+        let body: serde_json::Value = serde_json::from_slice(&reply.body).map_err(|e| format!("200 with no JSON ({e})"))?;
+        let scores = body.get("images").and_then(|i| i.as_array()).cloned().unwrap_or_else(|| vec![body.clone()]);
+        if !scores.iter().all(|image| image["score"].as_f64().is_some_and(f64::is_finite)) {
+            return Err(format!("200 without a finite score: {body}"));
+        }
+    } else if !reply.body.is_empty() || reply.header("content-type") == Some("application/json") {
+        // The service's own refusals are JSON with one line; hyper's (malformed HTTP) have no body.
+        reply.error_line()?;
+    }
+    Ok(Verdict::Http(Some(reply.status)))
+}
+
+/// A mutated image of any format we read (or the fabric's), and a Content-Type that says image or none.
+fn mutated_image(rng: &mut Rng, good: &[u8]) -> (Option<&'static str>, Vec<u8>) {
+    static SEEDS: std::sync::OnceLock<Vec<(&'static str, Vec<u8>)>> = std::sync::OnceLock::new();
+    let seeds = SEEDS.get_or_init(image_seeds);
+    let seed = if below(rng, 4) == 0 { good } else { &seeds[below(rng, seeds.len())].1 };
+    let donor = &seeds[below(rng, seeds.len())].1;
+    let body = mutate(rng, seed, donor);
+    let content_type = [Some("image/png"), Some("image/jpeg"), Some("application/octet-stream"), Some("IMAGE/TIFF; q=1"), None];
+    (content_type[below(rng, content_type.len())], body)
+}
+
+/// A small PNG, BMP or JPEG whose header declares huge (or zero, or negative) dimensions.
+fn huge_dimensions(rng: &mut Rng) -> Vec<u8> {
+    const SIDES: [u32; 8] = [0, 1, 65_535, 65_536, 100_000, 0x7FFF_FFFF, 0x8000_0000, 0xFFFF_FFFF];
+    let (width, height) = (SIDES[below(rng, SIDES.len())], SIDES[below(rng, SIDES.len())]);
+    let encode = |format| {
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        image::RgbImage::from_pixel(8, 8, image::Rgb([9, 99, 199])).write_to(&mut bytes, format).unwrap();
+        bytes.into_inner()
+    };
+    match below(rng, 3) {
+        0 => {
+            let mut png = encode(image::ImageFormat::Png);
+            png[16..20].copy_from_slice(&width.to_be_bytes());
+            png[20..24].copy_from_slice(&height.to_be_bytes());
+            let crc = crc32(&png[12..29]);
+            png[29..33].copy_from_slice(&crc.to_be_bytes());
+            png
+        }
+        1 => {
+            let mut bmp = encode(image::ImageFormat::Bmp);
+            bmp[18..22].copy_from_slice(&width.to_le_bytes());
+            bmp[22..26].copy_from_slice(&height.to_le_bytes());
+            bmp
+        }
+        _ => {
+            let mut jpeg = encode(image::ImageFormat::Jpeg);
+            let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+            jpeg[sof + 5..sof + 7].copy_from_slice(&(height as u16).to_be_bytes());
+            jpeg[sof + 7..sof + 9].copy_from_slice(&(width as u16).to_be_bytes());
+            jpeg
+        }
+    }
+}
+
+/// The CRC-32 PNG chunks carry, so that a PNG's edited header is read rather than refused for its CRC.
+fn crc32(bytes: &[u8]) -> u32 {
+    !bytes
+        .iter()
+        .fold(!0u32, |crc, &byte| (0..8).fold(crc ^ u32::from(byte), |c, _| if c & 1 == 1 { (c >> 1) ^ 0xEDB8_8320 } else { c >> 1 }))
+}
+
+/// A prediction with no body: Content-Length 0, an empty chunked body, or no length at all.
+fn empty_body(rng: &mut Rng) -> Vec<u8> {
+    let content_type = ["image/png", "multipart/form-data; boundary=x", "application/octet-stream"][below(rng, 3)];
+    let framing = ["Content-Length: 0\r\n", "Transfer-Encoding: chunked\r\n", ""][below(rng, 3)];
+    let body = if framing.starts_with("Transfer") { "0\r\n\r\n" } else { "" };
+    format!("POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: {content_type}\r\n{framing}\r\n{body}")
+        .into_bytes()
+}
+
+/// A body over the limit, announced by its Content-Length (and not sent) or sent chunked, and the
+/// statuses it may get: 413, or hyper's 431 for a length past what it represents (u64::MAX).
+fn oversized(rng: &mut Rng, good: &[u8]) -> (Vec<u8>, &'static [u16]) {
+    let head = "POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: image/png\r\n";
+    if below(rng, 2) == 0 {
+        const LENGTHS: [(u64, &[u16]); 3] = [(FUZZ_BODY_LIMIT as u64 + 1, &[413]), (1 << 32, &[413]), (u64::MAX, &[431])];
+        let (length, allowed) = LENGTHS[below(rng, 3)];
+        return (format!("{head}Content-Length: {length}\r\n\r\n").into_bytes(), allowed);
+    }
+    let mut request = format!("{head}Transfer-Encoding: chunked\r\n\r\n").into_bytes();
+    let mut sent = 0;
+    while sent <= FUZZ_BODY_LIMIT {
+        request.extend_from_slice(format!("{:x}\r\n", good.len()).as_bytes());
+        request.extend_from_slice(good);
+        request.extend_from_slice(b"\r\n");
+        sent += good.len();
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    (request, &[413])
+}
+
+/// A Content-Type that is not an image: another type, garbage text, or bytes that are not text.
+fn wrong_content_type(rng: &mut Rng) -> Vec<u8> {
+    const TYPES: [&str; 8] =
+        ["text/plain", "application/json", "image/gif", "video/mp4", "", "multipart/mixed; boundary=x", "multipart/form-data", "image/"];
+    match below(rng, 3) {
+        0 => (0..1 + below(rng, 40)).map(|_| 0x21 + below(rng, 94) as u8).collect(),
+        1 => (0..1 + below(rng, 8)).map(|_| 0x80 + below(rng, 128) as u8).collect(),
+        _ => TYPES[below(rng, TYPES.len())].as_bytes().to_vec(),
+    }
+}
+
+/// A multipart body of a few images, mutated, under a boundary that fits it or not; or one of more
+/// tiny parts than the queue admits (256).
+fn bad_multipart(rng: &mut Rng, good: &[u8]) -> (String, Vec<u8>) {
+    if below(rng, 8) == 0 {
+        let parts: Vec<&[u8]> = vec![b"x"; 1 + below(rng, 400)];
+        return multipart(&parts);
+    }
+    let parts: Vec<Vec<u8>> =
+        (0..1 + below(rng, 3)).map(|_| if below(rng, 2) == 0 { good.to_vec() } else { mutated_image(rng, good).1 }).collect();
+    let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    let (content_type, body) = multipart(&parts);
+    let content_type = match below(rng, 5) {
+        0 => "multipart/form-data; boundary=other".to_string(),
+        1 => format!("multipart/form-data; boundary=\"{}\"", "b".repeat(1 + below(rng, 300))),
+        2 => "multipart/form-data; boundary=".to_string(),
+        _ => content_type,
+    };
+    let body = if below(rng, 4) == 0 { body } else { mutate(rng, &body, good) };
+    (content_type, body)
+}
+
+/// A request whose head is mutated, or one of the classic malformed heads.
+fn malformed_head(rng: &mut Rng, good: &[u8]) -> Vec<u8> {
+    let classics: [&[u8]; 10] = [
+        b"GARBAGE\r\n\r\n",
+        b"POST /v1/predict HTTP/9.9\r\nContent-Length: 0\r\n\r\n",
+        b"POST /v1/predict\r\n\r\n",
+        b"\x00\x01\x02\x03\r\n\r\n",
+        b"POST  HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /v1/predict HTTP/1.1\r\nHost x\r\nNo colon here\r\n\r\n",
+        b"POST /v1/predict HTTP/1.1\r\nBad Name: 1\r\nContent-Length: 1\r\n\r\nx",
+        b"POST /v1/predict HTTP/1.1\r\n Folded: header\r\n\r\n",
+        b"POST /v1/predict HTTP/1.1\nHost: x\nContent-Length: 3\n\nabc",
+        b"\r\n\r\n\r\n",
+    ];
+    match below(rng, 4) {
+        0 => classics[below(rng, classics.len())].to_vec(),
+        1 => {
+            // Oversized heads: a long request line, one long header, or very many headers.
+            let filler = "a".repeat(1000 + below(rng, 200_000));
+            match below(rng, 3) {
+                0 => format!("GET /{filler} HTTP/1.1\r\nHost: x\r\n\r\n"),
+                1 => format!("GET /healthz HTTP/1.1\r\nX-Long: {filler}\r\n\r\n"),
+                _ => format!("GET /healthz HTTP/1.1\r\n{}\r\n", "X-Many: 1\r\n".repeat(50 + below(rng, 5000))),
+            }
+            .into_bytes()
+        }
+        _ => {
+            let request = post("/v1/predict", Some("image/png"), good);
+            let end = request.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            [
+                mutate(rng, &request[..end], b"\r\n: /?&%\x00\x7F\xFFHTTP/1.1 Content-Length Transfer-Encoding chunked"),
+                request[end..].to_vec(),
+            ]
+            .concat()
+        }
+    }
+}
+
+/// A body whose framing is wrong: a Content-Length that is not one, two that differ, one with
+/// Transfer-Encoding, a length longer or shorter than the body, broken chunks.
+fn bad_framing(rng: &mut Rng, good: &[u8]) -> Vec<u8> {
+    let head = "POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: image/png\r\n";
+    let length = good.len();
+    let framing = match below(rng, 12) {
+        0 => "Content-Length: abc\r\n".to_string(),
+        1 => "Content-Length: -1\r\n".to_string(),
+        2 => format!("Content-Length: {length}, {}\r\n", length + 1),
+        3 => format!("Content-Length: {length}\r\nContent-Length: {}\r\n", length - 1),
+        4 => "Content-Length: 99999999999999999999999\r\n".to_string(),
+        5 => format!("Content-Length: {length}\r\nTransfer-Encoding: chunked\r\n"),
+        6 => "Transfer-Encoding: gzip\r\n".to_string(),
+        7 => format!("Content-Length: {}\r\n", below(rng, length)),
+        8 => format!("Content-Length: {}\r\n", length + 1 + below(rng, 1000)),
+        9 => format!("Content-Length: +{length}\r\n"),
+        _ => "Transfer-Encoding: chunked\r\n".to_string(),
+    };
+    let body = if framing == "Transfer-Encoding: chunked\r\n" {
+        let sizes = ["zz", "ffffffffffffffffffff", "-1", "10;ext=\"unterminated", "1 0"];
+        format!("{}\r\n", sizes[below(rng, sizes.len())]).into_bytes()
+    } else {
+        good.to_vec()
+    };
+    [format!("{head}{framing}\r\n").as_bytes(), &body].concat()
+}
+
+/// A client that leaves mid-request (after part of the head or body, plain or chunked), or stalls
+/// mid-upload, or drips it slowly, until the service answers 408; or stalls mid-head, until the
+/// service cuts it off.
+fn cut_short(rng: &mut Rng, address: std::net::SocketAddr, good: &[u8], folder: &Path) -> Result<Sent, String> {
+    use std::io::Write;
+    let chunked = below(rng, 2) == 0;
+    let mut request = if chunked {
+        let head = "POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n";
+        [head.as_bytes(), format!("{:x}\r\n", good.len()).as_bytes(), good, b"\r\n0\r\n\r\n"].concat()
+    } else {
+        post("/v1/predict", Some("image/png"), good)
+    };
+    let head_end = request.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let (stall, stall_in_head) = (below(rng, 6) == 0, below(rng, 3) == 0);
+    // A stalled upload has its whole head (or stops in it); one that leaves may go anywhere before the end.
+    let cut = match (stall, stall_in_head) {
+        (true, false) => head_end + below(rng, request.len() - head_end - 1),
+        (true, true) => 1 + below(rng, head_end - 2),
+        (false, _) => below(rng, request.len() - 1),
+    };
+    let request_length = request.len();
+    request.truncate(cut);
+    std::fs::write(folder.join("request.http"), &request).unwrap();
+    let mut stream = std::net::TcpStream::connect(address).map_err(|e| format!("connect: {e}"))?;
+    stream.set_read_timeout(Some(FUZZ_REQUEST_TIMEOUT + Duration::from_secs(10))).unwrap();
+    let _ = stream.write_all(&request);
+    if !stall {
+        return Ok(Sent::Left);
+    }
+    if stall_in_head {
+        // Cut off within the request timeout: hyper's 408 with no body, or the connection closed.
+        let started = std::time::Instant::now();
+        let stalled = read_answer(&mut stream)?;
+        return match stalled {
+            _ if started.elapsed() > FUZZ_REQUEST_TIMEOUT + Duration::from_secs(2) => {
+                Err(format!("a head stalled for {:?} before it was cut off", started.elapsed()))
+            }
+            Exchange::Answered(reply) if reply.status == 408 && reply.body.is_empty() => Ok(Sent::Malformed(Exchange::Answered(reply))),
+            Exchange::Closed(_) => Ok(Sent::Malformed(stalled)),
+            other => Err(format!("a stalled head got {other:?}")),
+        };
+    }
+    let missing = request_length - cut;
+    if !chunked && missing > 1 && below(rng, 2) == 0 {
+        // Slowloris: a byte now and then, never the whole body.
+        let mut writer = stream.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for _ in 0..(missing - 1).min(40) {
+                std::thread::sleep(Duration::from_millis(100));
+                if writer.write_all(b"\x00").is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let stalled = read_answer(&mut stream)?;
+    match &stalled {
+        Exchange::Answered(reply) if reply.status == 408 => Ok(Sent::WellFormed(stalled, &[408])),
+        _ => Err(format!("a stalled upload got {stalled:?} instead of 408")),
+    }
+}
+
+#[test]
+fn fuzz_the_service_over_http_with_hostile_requests() {
+    let fuzzed = fuzzed();
+    fuzz("HTTP requests to anomaly serve", 300, Duration::from_secs(30), http_case);
+    let address = fuzzed.service.address();
+    let reply = answer(address, &post("/v1/predict", Some("image/png"), &fuzzed.good));
+    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+    let metrics = wait_idle(address);
+    let errors: Vec<&str> = metrics.lines().filter(|l| l.contains("status=\"5") && !l.contains("status=\"503\"")).collect();
+    assert!(errors.is_empty(), "server errors: {errors:?}");
 }

@@ -18,4 +18,5 @@ mod outputs;
 mod patch_features;
 mod patchcore;
 mod report;
+mod serve_faults;
 mod weights;

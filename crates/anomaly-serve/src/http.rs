@@ -76,11 +76,6 @@ impl State {
         self.config.max_wait
     }
 
-    /// How long a shutdown waits for connections: the longest an accepted request may take, and a little.
-    pub(crate) fn drain_limit(&self) -> Duration {
-        self.config.request_timeout + Duration::from_secs(1)
-    }
-
     pub(crate) fn set_model(&self, summary: Arc<ModelSummary>) {
         *self.model.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(summary);
     }
@@ -168,13 +163,54 @@ fn digest(text: &str) -> [u8; 32] {
 }
 
 /// Serves until the state starts draining, then until every accepted request is answered.
+///
+/// Each connection has `request_timeout` to send a request's head (hyper's header timeout, which
+/// axum::serve leaves without a timer), so a client that stalls mid-head (slowloris) or idles between
+/// requests neither holds its connection for ever nor delays a shutdown. Once draining, a connection gets
+/// `request_timeout` more to finish (every request it had admitted is answered within that), so that a
+/// client that never reads its answer cannot hold the shutdown either.
 pub(crate) async fn serve(listener: tokio::net::TcpListener, state: Arc<State>) -> std::io::Result<()> {
+    let service = hyper_util::service::TowerToHyperService::new(router(Arc::clone(&state)));
+    let grace = state.config.request_timeout;
     let mut draining = state.draining.subscribe();
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move {
-            let _ = draining.wait_for(|&d| d).await;
-        })
-        .await
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            () = draining_begins(&mut draining) => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // A connection reset before it was accepted is its client's business; running out of
+                // file descriptors passes once connections close.
+                Err(error) if matches!(error.kind(), std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset) => continue,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (service, mut draining) = (service.clone(), state.draining.subscribe());
+        connections.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(grace);
+            let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                () = draining_begins(&mut draining) => connection.as_mut().graceful_shutdown(),
+            }
+            let _ = tokio::time::timeout(grace, connection).await;
+        });
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Returns once the service drains (at once if it already does).
+async fn draining_begins(draining: &mut watch::Receiver<bool>) {
+    // An error means the state is gone, which drains everything too.
+    let _ = draining.wait_for(|&d| d).await;
 }
 
 /// Waits for a signal: `SIGHUP` reloads the model, `SIGTERM` or `SIGINT` return (the caller then drains).
@@ -566,6 +602,17 @@ async fn predict(Shared(state): Shared<Arc<State>>, request: Request) -> Result<
     };
     if overlay && uploads.len() != 1 {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "?overlay=png takes exactly one image"));
+    }
+    // More images than places could never be admitted: a 503 would have the client retry in vain.
+    if uploads.len() > state.config.queue {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{} images in one request, more than this service admits at once ({}, --queue); send fewer per request",
+                uploads.len(),
+                state.config.queue
+            ),
+        ));
     }
     let _more_places = match uploads.len() - 1 {
         0 => None,

@@ -45,7 +45,8 @@ pub struct ServeConfig {
     pub queue: usize,
     /// The largest request body accepted (`413` above it).
     pub max_body_bytes: usize,
-    /// How long a request may take, from arrival to its answer (its upload included).
+    /// How long a request may take, from arrival to its answer (its upload included); also how long a
+    /// connection may take to send a request's head, and how long a shutdown waits for each connection.
     pub request_timeout: Duration,
     /// What one image may cost to decode (`422` above it, from the header, before decoding).
     pub image_limits: ImageLimits,
@@ -138,8 +139,8 @@ impl RunningService {
         outcome
     }
 
-    /// Stops taking requests (new ones get 503, the listener closes), lets every accepted request finish,
-    /// then stops the scoring thread.
+    /// Stops taking requests (new ones get 503, the listener closes), lets every accepted request finish
+    /// (each connection gets at most the request timeout more), then stops the scoring thread.
     pub fn shutdown(mut self) {
         self.stop();
     }
@@ -147,11 +148,8 @@ impl RunningService {
     fn stop(&mut self) {
         self.state.begin_draining();
         if let (Some(runtime), Some(server)) = (self.runtime.as_ref(), self.server.take()) {
-            // Every accepted request ends within its timeout; a connection that never completes a request
-            // (a client stuck sending headers) must not hold the shutdown beyond that. An accept error ends
-            // the server early: there is nothing left to drain then.
-            let limit = self.state.drain_limit();
-            let _ = runtime.block_on(async move { tokio::time::timeout(limit, server).await });
+            // Only a panic in the accept loop ends it early; there is nothing left to drain then.
+            let _ = runtime.block_on(server);
         }
         self.state.stop_worker();
         if let Some(worker) = self.worker.take() {
