@@ -415,10 +415,10 @@ fn sighup_refuses_a_garbage_model_file_and_swaps_a_good_one_in() {
 
     std::fs::copy(&other_bank().model, &model).unwrap();
     served.signal(libc::SIGHUP);
-    let log = served.wait_log("swapped in");
+    let log = served.wait_log("SIGHUP: reloaded");
     let second = served.model_id();
     assert_ne!(second, first);
-    assert!(log.contains(&format!("SIGHUP: model {} swapped in for {}", &second[..12], &first[..12])), "{log}");
+    assert!(log.contains(&format!("SIGHUP: reloaded {}: model {} (was {})", model.display(), &second[..12], &first[..12])), "{log}");
     let reply = answer(served.address, &post("/v1/predict", Some("image/png"), &image));
     assert_eq!((reply.status, json(&reply)["model"].as_str().unwrap()), (200, second.as_str()));
     let metrics = wait_idle(served.address);

@@ -228,7 +228,7 @@ pub(crate) async fn until_signal(state: Arc<State>, log: impl Fn(&str)) -> anyho
         tokio::select! {
             _ = hangup.recv() => match reload(&state).await {
                 Ok((model, previous)) => log(&format!("SIGHUP: reloaded {}: model {} (was {previous})", model.path.display(), short(&model.id))),
-                Err(error) => log(&format!("SIGHUP: reload refused, model {} keeps serving: {}", previous_id(&state), error.message)),
+                Err(error) => log(&format!("SIGHUP: reload refused: {}", error.message)),
             },
             _ = terminate.recv() => {
                 log("SIGTERM: finishing the accepted requests, refusing new ones");
