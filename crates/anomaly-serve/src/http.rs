@@ -502,7 +502,8 @@ async fn read_body(headers: &HeaderMap, body: Body, max: usize, deadline: tokio:
         .map_err(|_| ApiError::new(StatusCode::REQUEST_TIMEOUT, "the upload did not finish within the request timeout"))?
 }
 
-/// How long a request refused for a full queue may go on uploading before its refusal is sent.
+/// How long a refused request (queue full, model loading, shutting down) may go on uploading before its
+/// refusal is sent.
 const REFUSED_UPLOAD_WAIT: Duration = Duration::from_secs(2);
 
 /// Reads and drops the rest of a refused request's body (at most `max` bytes, until `deadline`), holding
@@ -571,16 +572,22 @@ fn decode(name: String, bytes: &[u8], preprocess: &Preprocess, limits: &ImageLim
 async fn predict(Shared(state): Shared<Arc<State>>, request: Request) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let deadline = tokio::time::Instant::from_std(arrived + state.config.request_timeout);
-    if state.is_draining() {
-        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the service is shutting down; send the image to another replica"));
-    }
-    let model = state.model().ok_or_else(not_ready)?;
     let full =
         || ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("the queue is full ({} requests); retry later", state.config.queue));
-    let Ok(_place) = Arc::clone(&state.admission).try_acquire_owned() else {
-        let wait = deadline.min(tokio::time::Instant::now() + REFUSED_UPLOAD_WAIT);
-        discard_body(request.into_body(), state.config.max_body_bytes, wait).await;
-        return Err(full());
+    let admitted = match state.model() {
+        _ if state.is_draining() => {
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the service is shutting down; send the image to another replica"))
+        }
+        None => Err(not_ready()),
+        Some(model) => Arc::clone(&state.admission).try_acquire_owned().map(|place| (model, place)).map_err(|_| full()),
+    };
+    let (model, _place) = match admitted {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            let wait = deadline.min(tokio::time::Instant::now() + REFUSED_UPLOAD_WAIT);
+            discard_body(request.into_body(), state.config.max_body_bytes, wait).await;
+            return Err(refusal);
+        }
     };
     let (parts, body) = request.into_parts();
     let overlay = wants_overlay(parts.uri.query())?;

@@ -587,6 +587,15 @@ fn readiness_waits_for_the_model_and_a_bad_model_fails_the_start() {
     assert_eq!(loading.status, 503);
     assert!(loading.json()["reason"].as_str().unwrap().contains("loading"));
     assert_eq!(get("/v1/model").status, 503);
+    let early = Reply::from(
+        agent
+            .post(&format!("http://{}/v1/predict", service.address()))
+            .header("Content-Type", "image/png")
+            .send(&png(8, 8, 1)[..])
+            .unwrap(),
+    );
+    assert_eq!((early.status, early.headers["retry-after"].to_str().unwrap()), (503, "1"));
+    assert!(early.error().contains("still loading"), "{}", early.error());
     *gate.0.lock().unwrap() = true;
     gate.1.notify_all();
     let error = service.wait_ready(Duration::from_secs(10)).unwrap_err();
