@@ -150,8 +150,7 @@ impl MapOutputs<'_> {
         let max = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let bbox = self.pixel_threshold.map(|t| anomaly_eval::bounding_box(&map, size.0, t));
         if let Some(dir) = self.dir {
-            let scale = self.pixel_threshold.map_or(max, |t| 2.0 * t);
-            let scale = if scale > 0.0 { scale } else { f32::MIN_POSITIVE };
+            let scale = anomaly_eval::single_map_scale(max, self.pixel_threshold);
             anomaly_eval::write_map_overlay(&map_file(dir, path, "png"), path, &map, scale, limits)?;
             if self.tiff {
                 anomaly_eval::write_float_tiff(&map_file(dir, path, "tiff"), size.0, size.1, &map)?;

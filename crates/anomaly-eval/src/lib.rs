@@ -20,7 +20,7 @@ use serde::Serialize;
 
 pub use all::{AllSummary, CategoryResult, mvtec_categories};
 pub use eda::analyse_dataset;
-pub use maps::{BoundingBox, bounding_box, map_overlay_png, write_float_tiff, write_map_overlay};
+pub use maps::{BoundingBox, bounding_box, map_overlay_png, single_map_scale, write_float_tiff, write_map_overlay};
 pub use report::{Outcome, build_report, per_defect, scores_csv, tsne_groups};
 
 /// Tells the user, on stderr, what reading a dataset or a folder passed over (at most ten lines and a

@@ -263,6 +263,14 @@ pub struct BoundingBox {
     pub height: u32,
 }
 
+/// The top of the heat scale for one image's map (whose largest value is `map_max`) drawn alone, as
+/// `predict --maps` and the service's overlay draw it: twice the model's pixel threshold, so that the
+/// threshold shows half-way, or the map's own maximum for methods without one. Never 0.
+pub fn single_map_scale(map_max: f32, pixel_threshold: Option<f32>) -> f32 {
+    let scale = pixel_threshold.map_or(map_max, |t| 2.0 * t);
+    if scale > 0.0 { scale } else { f32::MIN_POSITIVE }
+}
+
 /// Writes the image at `image_path` (read within `limits`) with `map` (at the image's size) over it in heat
 /// colours from 0 to `scale`, as heatmaps.png and `eval --save-maps` draw them, as a PNG at `path`.
 pub fn write_map_overlay(path: &Path, image_path: &Path, map: &[f32], scale: f32, limits: &ImageLimits) -> Result<()> {

@@ -1,7 +1,7 @@
 //! The routes, the shared state they read, admission, authentication and graceful shutdown.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -47,7 +47,6 @@ pub(crate) struct State {
     draining: watch::Sender<bool>,
     queued: AtomicUsize,
     reloading: tokio::sync::Mutex<()>,
-    stopped: AtomicBool,
     pub metrics: Metrics,
 }
 
@@ -63,7 +62,6 @@ impl State {
             draining: watch::Sender::new(false),
             queued: AtomicUsize::new(0),
             reloading: tokio::sync::Mutex::new(()),
-            stopped: AtomicBool::new(false),
             metrics: Metrics::new(),
         }
     }
@@ -105,11 +103,9 @@ impl State {
         self.draining.send_replace(true);
     }
 
-    /// Tells the scoring thread to stop once it has scored what is queued.
+    /// Tells the scoring thread to stop once it has scored what is queued (once: the sender is taken).
     pub(crate) fn stop_worker(&self) {
-        if !self.stopped.swap(true, Ordering::SeqCst)
-            && let Some(jobs) = self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
-        {
+        if let Some(jobs) = self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
             let _ = jobs.send(Work::Stop);
         }
     }
@@ -703,9 +699,7 @@ fn answer(decoded: Vec<Decoded>, scored: Vec<Scored>, overlay: bool, multipart: 
                 return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the model gave no anomaly map"));
             };
             let max = map.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let scale = model.pixel_threshold.map_or(max, |t| 2.0 * t);
-            let scale = if scale > 0.0 { scale } else { f32::MIN_POSITIVE };
-            let png = anomaly_eval::map_overlay_png(&picture, &map, scale)
+            let png = anomaly_eval::map_overlay_png(&picture, &map, anomaly_eval::single_map_scale(max, model.pixel_threshold))
                 .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{}: drawing the overlay: {e:#}", image.name)))?;
             let headers = [
                 (header::CONTENT_TYPE, "image/png".to_string()),

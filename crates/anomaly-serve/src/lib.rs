@@ -131,10 +131,8 @@ impl RunningService {
     /// Serves until `SIGTERM` or `SIGINT` (then shuts down gracefully), reloading the model on `SIGHUP`;
     /// `log` hears of each event. Fails when the model cannot be loaded at start.
     pub fn serve_until_signal(mut self, log: impl Fn(&str) + Send + Sync + 'static) -> Result<()> {
-        let runtime = self.runtime.take().expect("the runtime is there until the service stops");
-        let state = Arc::clone(&self.state);
-        let outcome = runtime.block_on(http::until_signal(state, log));
-        self.runtime = Some(runtime);
+        let runtime = self.runtime.as_ref().expect("the runtime is there until the service stops");
+        let outcome = runtime.block_on(http::until_signal(Arc::clone(&self.state), log));
         self.stop();
         outcome
     }

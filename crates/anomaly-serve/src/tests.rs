@@ -375,8 +375,9 @@ fn a_token_guards_every_route_but_the_page_and_healthz() {
     assert_eq!(right.json()["method"], "memory-bank");
 }
 
-#[test]
-fn a_full_queue_answers_503_with_retry_after_and_the_admitted_request_is_answered() {
+/// A service with a queue of one place, taken by a request held in the scorer (release it with
+/// `control.release()`; the thread answers that request).
+fn queue_of_one_held_busy() -> (Arc<Fixture>, std::thread::JoinHandle<Reply>) {
     let fixture = Arc::new(Fixture::start(false, |c| c.queue = 1));
     fixture.control.hold();
     let busy = {
@@ -384,6 +385,12 @@ fn a_full_queue_answers_503_with_retry_after_and_the_admitted_request_is_answere
         std::thread::spawn(move || fixture.post("/v1/predict", "image/png", &png(8, 8, 9)))
     };
     fixture.control.wait_entered(2);
+    (fixture, busy)
+}
+
+#[test]
+fn a_full_queue_answers_503_with_retry_after_and_the_admitted_request_is_answered() {
+    let (fixture, busy) = queue_of_one_held_busy();
     let refused = fixture.post("/v1/predict", "image/png", &png(8, 8, 9));
     assert_eq!(refused.status, 503);
     assert_eq!(refused.headers["retry-after"], "1");
@@ -396,13 +403,7 @@ fn a_full_queue_answers_503_with_retry_after_and_the_admitted_request_is_answere
 
 #[test]
 fn an_upload_refused_for_a_full_queue_gets_its_503_not_a_reset() {
-    let fixture = Arc::new(Fixture::start(false, |c| c.queue = 1));
-    fixture.control.hold();
-    let busy = {
-        let fixture = Arc::clone(&fixture);
-        std::thread::spawn(move || fixture.post("/v1/predict", "image/png", &png(8, 8, 9)))
-    };
-    fixture.control.wait_entered(2);
+    let (fixture, busy) = queue_of_one_held_busy();
     // Refused before it is read, a large body left unread would reset the connection under the 503.
     let large = vec![7u8; 8 << 20];
     for _ in 0..3 {
