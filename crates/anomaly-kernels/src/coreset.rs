@@ -70,6 +70,18 @@ impl Default for CoresetSettings {
     }
 }
 
+impl CoresetSettings {
+    /// Points a coreset of `rows` points keeps (what memory plans size the bank by).
+    pub fn picks(&self, rows: usize) -> usize {
+        pick_count(self.ratio, rows)
+    }
+
+    /// Width of the space the selection runs in, for features `dims` wide.
+    pub fn space_dims(&self, dims: usize) -> usize {
+        if self.projection == 0 || self.projection >= dims { dims } else { self.projection }
+    }
+}
+
 /// SplitMix64 (Steele, Lea and Flood 2014): the generator of the start index and the projection.
 pub(crate) struct SplitMix64(u64);
 
@@ -110,20 +122,25 @@ pub(crate) struct Plan {
 
 impl Plan {
     pub fn new(features: &[f32], rows: usize, dims: usize, settings: &CoresetSettings) -> Result<Self, KernelError> {
-        if rows == 0 || dims == 0 || rows.checked_mul(dims) != Some(features.len()) {
-            return Err(KernelError::Shape(format!(
-                "a coreset needs at least one point of at least one dimension: {rows} × {dims} features with {} values",
-                features.len()
-            )));
+        check_len(features, rows, dims)?;
+        let plan = Self::for_shape(rows, dims, settings)?;
+        if let Some(position) = features.iter().position(|x| !x.is_finite()) {
+            return Err(KernelError::NonFinite { row: position / dims, column: position % dims });
+        }
+        Ok(plan)
+    }
+
+    /// The plan for `rows × dims` features not yet seen (they arrive in chunks): the shape and
+    /// settings checked, the features' values left to the caller.
+    pub fn for_shape(rows: usize, dims: usize, settings: &CoresetSettings) -> Result<Self, KernelError> {
+        if rows == 0 || dims == 0 {
+            return Err(KernelError::Shape(format!("a coreset needs at least one point of at least one dimension: {rows} × {dims}")));
         }
         if rows > u32::MAX as usize {
             return Err(KernelError::Shape(format!("{rows} points are more than a coreset indexes (at most {})", u32::MAX)));
         }
         if !(settings.ratio > 0.0 && settings.ratio <= 1.0) {
             return Err(KernelError::InvalidRatio(settings.ratio));
-        }
-        if let Some(position) = features.iter().position(|x| !x.is_finite()) {
-            return Err(KernelError::NonFinite { row: position / dims, column: position % dims });
         }
         let mut rng = SplitMix64::new(settings.seed);
         let start = ((rng.next_u64() as u128 * rows as u128) >> 64) as usize;
@@ -142,6 +159,17 @@ impl Plan {
         matrix.truncate(dims * projected);
         Ok(Self { start, picks, dims: projected, matrix: Some(matrix) })
     }
+}
+
+/// Whether `features` holds `rows × dims` values, of at least one point of at least one dimension.
+fn check_len(features: &[f32], rows: usize, dims: usize) -> Result<(), KernelError> {
+    if rows == 0 || dims == 0 || rows.checked_mul(dims) != Some(features.len()) {
+        return Err(KernelError::Shape(format!(
+            "a coreset needs at least one point of at least one dimension: {rows} × {dims} features with {} values",
+            features.len()
+        )));
+    }
+    Ok(())
 }
 
 /// `ceil(ratio × rows)`, at least 1, with a product within 1e-9 (relative) of a whole number taken as that
@@ -181,16 +209,46 @@ pub struct CoresetSpace {
 impl CoresetSpace {
     /// Projects (on all cores) and grids `rows × dims` row-major features.
     pub fn new(features: &[f32], rows: usize, dims: usize, settings: &CoresetSettings) -> Result<Self, KernelError> {
-        let plan = Plan::new(features, rows, dims, settings)?;
+        check_len(features, rows, dims)?;
+        Self::from_chunks(rows, dims, settings, std::iter::once(features))
+    }
+
+    /// [`Self::new`] on features handed over in consecutive chunks of whole rows (a spill file read a
+    /// chunk at a time): the same space, holding only the projection.
+    pub fn from_chunks<'a>(
+        rows: usize,
+        dims: usize,
+        settings: &CoresetSettings,
+        chunks: impl IntoIterator<Item = &'a [f32]>,
+    ) -> Result<Self, KernelError> {
+        Self::project(Plan::for_shape(rows, dims, settings)?, rows, dims, chunks)
+    }
+
+    fn project<'a>(plan: Plan, rows: usize, dims: usize, chunks: impl IntoIterator<Item = &'a [f32]>) -> Result<Self, KernelError> {
         let p = plan.dims;
-        let mut values = match &plan.matrix {
-            None => features.to_vec(),
-            Some(matrix) => {
-                let mut projected = vec![0f32; rows * p];
-                projected.par_chunks_mut(p).zip(features.par_chunks(dims)).for_each(|(out, row)| project_row(row, matrix, out));
-                projected
+        let mut values = Vec::with_capacity(rows * p);
+        for chunk in chunks {
+            let first = values.len() / p;
+            if !chunk.len().is_multiple_of(dims) || first + chunk.len() / dims > rows {
+                return Err(KernelError::Shape(format!(
+                    "a chunk of {} values after {first} rows is not rows of {rows} × {dims}",
+                    chunk.len()
+                )));
             }
-        };
+            if let Some(position) = chunk.par_iter().position_first(|x| !x.is_finite()) {
+                return Err(KernelError::NonFinite { row: first + position / dims, column: position % dims });
+            }
+            match &plan.matrix {
+                None => values.extend_from_slice(chunk),
+                Some(matrix) => {
+                    values.resize(values.len() + chunk.len() / dims * p, 0.0);
+                    values[first * p..].par_chunks_mut(p).zip(chunk.par_chunks(dims)).for_each(|(out, row)| project_row(row, matrix, out));
+                }
+            }
+        }
+        if values.len() != rows * p {
+            return Err(KernelError::Shape(format!("the chunks held {} of the {rows} rows", values.len() / p)));
+        }
         let max_abs = values.par_iter().map(|x| x.abs()).reduce(|| 0.0, f32::max);
         let scale = grid_scale(max_abs)?;
         values.par_iter_mut().for_each(|x| *x = to_grid(*x, scale));

@@ -12,21 +12,23 @@
 
 mod maps;
 mod model_file;
+mod train_patches;
 
 use anomaly_detector::{Compute, ScoreStats};
 use anomaly_kernels::cpu::fast;
-use anomaly_kernels::{CoresetSettings, GpuKernels, GpuMatrix, KernelError, Neighbours};
+use anomaly_kernels::{CoresetChunking, CoresetSettings, CoresetSpace, GpuKernels, GpuMatrix, KernelError, Neighbours};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 pub use maps::{BLUR_SIGMA, anomaly_map, blur, upsample_bilinear};
 pub use model_file::{PATCHCORE, PatchCoreInfo, PatchCoreModel, PatchSource};
+pub use train_patches::{Chunks, MemoryPlan, TrainPatches, TrainPatchesWriter};
 
 /// Bank rows (the nearest included) whose distances PatchCore's reweighting softmaxes, as anomalib.
 pub const REWEIGHT_NEIGHBOURS: usize = 9;
 
 /// Nearest bank rows fetched per training patch for its leave-one-out score.
-const LEAVE_ONE_OUT_K: usize = 8;
+pub(crate) const LEAVE_ONE_OUT_K: usize = 8;
 
 /// How a PatchCore bank is made and applied.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -50,7 +52,7 @@ impl Default for PatchCoreConfig {
 }
 
 impl PatchCoreConfig {
-    fn coreset(&self) -> CoresetSettings {
+    pub(crate) fn coreset(&self) -> CoresetSettings {
         CoresetSettings { ratio: self.coreset_ratio, projection: self.projection, seed: self.seed }
     }
 
@@ -99,6 +101,29 @@ pub enum PatchCoreError {
          raise --coreset-ratio"
     )]
     OneImageBank { rows: usize, image: usize },
+    #[error(
+        "a memory budget of {} is too small for this fit: the coreset of {patches} patches in {space_dims} dimensions, its bank and \
+         one image's patches need at least {}; raise --memory-budget to that, or lower --projection or --coreset-ratio",
+        bytes_text(*budget), bytes_text(*minimum)
+    )]
+    BudgetTooSmall { budget: u64, minimum: u64, patches: u64, space_dims: usize },
+    #[error("spilling the training patches to {}: {source}; free space there, or point --spill-dir at a disk with room", path.display())]
+    Spill { path: std::path::PathBuf, source: std::io::Error },
+}
+
+/// Bytes as people read them: `512 B`, `1.50 MiB`, `3.20 GiB`.
+pub fn bytes_text(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.2} {}", UNITS[unit])
 }
 
 /// One image's result: its score and its anomaly map over the input crop.
@@ -135,22 +160,29 @@ pub struct PatchBank {
 impl PatchBank {
     /// Fits a bank to the training images' patches (row-major `images × per_image × patch_dim`).
     pub fn fit(patches: &[f32], geometry: PatchGeometry, config: PatchCoreConfig, compute: &Compute) -> Result<Self, PatchCoreError> {
+        Self::fit_from(&TrainPatches::in_memory(patches, geometry)?, config, compute)
+    }
+
+    /// Fits a bank to training patches in memory or spilled to disk, reading them a chunk at a time: the
+    /// coreset selects on their projection, its rows are gathered in one pass, and each chunk's images
+    /// get their leave-one-out scores. Chunked or not, the bank and thresholds are the same.
+    pub fn fit_from(train: &TrainPatches, config: PatchCoreConfig, compute: &Compute) -> Result<Self, PatchCoreError> {
+        let geometry = train.geometry();
         let (per_image, dim) = (geometry.per_image(), geometry.patch_dim);
-        if per_image == 0 || dim == 0 || !patches.len().is_multiple_of(per_image * dim) {
-            return Err(PatchCoreError::Shape(format!("{} values are not images of {per_image} patches of {dim}", patches.len())));
-        }
-        let images = patches.len() / (per_image * dim);
+        let images = train.images();
         config.check(images)?;
-        let n = images * per_image;
+        let n = train.rows();
         let clock = std::time::Instant::now();
+        let space = CoresetSpace::from_chunks(n, dim, &config.coreset(), train.chunks().map(|(_, chunk)| chunk))?;
         let mut picks = match compute {
-            Compute::Gpu(kernels) => kernels.coreset(patches, n, dim, &config.coreset())?,
-            Compute::Cpu => fast::coreset(patches, n, dim, &config.coreset())?,
+            Compute::Gpu(kernels) => kernels.coreset_select(&space, CoresetChunking::default())?,
+            Compute::Cpu => fast::select(&space),
         };
+        drop(space);
         // Ascending order: bank rows then follow the images, and ties in the kNN go the same way on
         // every path.
         picks.sort_unstable();
-        let rows: Vec<f32> = picks.iter().flat_map(|&p| patches[p as usize * dim..][..dim].iter().copied()).collect();
+        let rows = train.gather(&picks);
         let sources: Vec<usize> = picks.iter().map(|&p| p as usize / per_image).collect();
         if let Some(&image) = sources.first().filter(|&&first| sources.iter().all(|&s| s == first)) {
             return Err(PatchCoreError::OneImageBank { rows: sources.len(), image });
@@ -159,18 +191,24 @@ impl PatchBank {
         let mut bank =
             Self { config, geometry, rows, train_patches: n, train_scores: Vec::new(), train_map_maxima: Vec::new(), fit_seconds: None };
         let k = LEAVE_ONE_OUT_K.min(sources.len());
-        let neighbours = match compute {
-            Compute::Gpu(kernels) => kernels.knn_host(&kernels.upload(&bank.rows, sources.len(), dim)?, patches, k)?,
-            Compute::Cpu => fast::knn(patches, &bank.rows, dim, k),
+        let uploaded = match compute {
+            Compute::Gpu(kernels) => Some((kernels, kernels.upload(&bank.rows, sources.len(), dim)?)),
+            Compute::Cpu => None,
         };
-        let scored: Vec<(f32, f32)> = (0..images)
-            .into_par_iter()
-            .map(|image| {
+        let mut scored: Vec<(f32, f32)> = Vec::with_capacity(images);
+        for (first_image, chunk) in train.chunks() {
+            let neighbours = match &uploaded {
+                Some((kernels, rows)) => kernels.knn_host(rows, chunk, k)?,
+                None => fast::knn(chunk, &bank.rows, dim, k),
+            };
+            let bank = &bank;
+            scored.par_extend((0..chunk.len() / (per_image * dim)).into_par_iter().map(|local| {
+                let image = first_image + local;
                 let others = |row: usize| sources[row] != image;
-                let own = &patches[image * per_image * dim..][..per_image * dim];
+                let own = &chunk[local * per_image * dim..][..per_image * dim];
                 let nearest: Vec<(f32, usize)> = (0..per_image)
                     .map(|p| {
-                        let q = image * per_image + p;
+                        let q = local * per_image + p;
                         let found = neighbours.row_indices(q).iter().zip(neighbours.row_distances(q)).find(|pair| others(*pair.0 as usize));
                         match found {
                             Some((&i, &d)) => (d, i as usize),
@@ -182,8 +220,9 @@ impl PatchBank {
                 let patch_scores: Vec<f32> = nearest.iter().map(|n| n.0).collect();
                 let map_max = anomaly_map(&patch_scores, geometry.grid, geometry.side, BLUR_SIGMA).into_iter().fold(0.0, f32::max);
                 (image_score, map_max)
-            })
-            .collect();
+            }));
+        }
+        drop(uploaded);
         (bank.train_scores, bank.train_map_maxima) = scored.into_iter().unzip();
         bank.fit_seconds = Some(FitSeconds { coreset: coreset_seconds, leave_one_out: clock.elapsed().as_secs_f64() - coreset_seconds });
         Ok(bank)

@@ -184,3 +184,81 @@ fn the_model_file_round_trips_and_refuses_corruption() {
     let error = PatchCoreModel::from_bytes(&PatchCoreModel { info, bank: model.bank().clone() }.to_bytes(), path).unwrap_err().to_string();
     assert!(error.contains("patch geometry"), "{error}");
 }
+
+/// Writes `patches` through a writer planned with `budget`, `images_per_push` images at a time.
+fn written(patches: &[f32], geometry: PatchGeometry, config: &PatchCoreConfig, budget: u64, dir: &Path) -> TrainPatches<'static> {
+    let images = patches.len() / (geometry.per_image() * geometry.patch_dim);
+    let plan = MemoryPlan::new(images, geometry, config, budget).unwrap();
+    let mut writer = TrainPatchesWriter::new(&plan, geometry, images, dir).unwrap();
+    for image in patches.chunks(3 * geometry.per_image() * geometry.patch_dim) {
+        writer.push(image).unwrap();
+    }
+    writer.finish().unwrap()
+}
+
+#[test]
+fn a_spilled_fit_read_in_chunks_gives_the_in_memory_bank_and_thresholds() {
+    let geometry = geometry();
+    let images = 11;
+    let patches = random(images * geometry.per_image() * geometry.patch_dim, 5);
+    let dir = tempfile::tempdir().unwrap();
+    for reweight in [false, true] {
+        let config = PatchCoreConfig { coreset_ratio: 0.3, projection: 4, reweight, ..PatchCoreConfig::default() };
+        let in_memory = PatchBank::fit(&patches, geometry, config, &Compute::Cpu).unwrap();
+        let whole = MemoryPlan::new(images, geometry, &config, u64::MAX).unwrap();
+        assert!(!whole.spills() && whole.chunk_images() == images);
+        // A budget that holds the coreset, the bank and two images' patches: read two at a time.
+        let image_bytes = (geometry.per_image() * (geometry.patch_dim * 4 + LEAVE_ONE_OUT_K * 8)) as u64;
+        let budget = whole.working_bytes() + 2 * image_bytes + image_bytes / 2;
+        let plan = MemoryPlan::new(images, geometry, &config, budget).unwrap();
+        assert!(plan.spills() && plan.chunk_images() == 2, "{plan:?}");
+        let train = written(&patches, geometry, &config, budget, dir.path());
+        assert!(train.spilled() && train.images() == images);
+        let spill: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(spill.len(), 1, "one spill file");
+        assert_eq!(std::fs::metadata(&spill[0]).unwrap().len(), (patches.len() * 4) as u64);
+        let chunks: Vec<(usize, usize)> = train.chunks().map(|(first, values)| (first, values.len())).collect();
+        let image_len = geometry.per_image() * geometry.patch_dim;
+        assert_eq!(chunks, [(0, 2), (2, 2), (4, 2), (6, 2), (8, 2), (10, 1)].map(|(f, n)| (f, n * image_len)));
+        let spilled = PatchBank::fit_from(&train, config, &Compute::Cpu).unwrap();
+        assert_eq!(spilled.rows(), in_memory.rows(), "the same coreset picks");
+        assert_eq!(spilled.train_scores(), in_memory.train_scores());
+        assert_eq!(spilled.train_map_maxima(), in_memory.train_map_maxima());
+        drop(train);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the spill file is removed with the patches");
+    }
+}
+
+#[test]
+fn a_budget_below_the_coreset_and_one_image_is_refused_with_the_minimum() {
+    let geometry = PatchGeometry { grid: (28, 28), patch_dim: 1024, side: 224 };
+    let config = PatchCoreConfig::default();
+    // 5,000 images of 784 patches: a 128-d projection of 3.92 M patches (twice), a 10% bank of 1024-d
+    // rows, and one image.
+    let patches = 5000 * 784u64;
+    let minimum = 2 * patches * 128 * 4 + patches.div_ceil(10) * 1024 * 4 + 784 * (1024 * 4 + LEAVE_ONE_OUT_K as u64 * 8);
+    match MemoryPlan::new(5000, geometry, &config, minimum - 1) {
+        Err(error @ PatchCoreError::BudgetTooSmall { .. }) => {
+            let text = error.to_string();
+            assert!(text.contains(&bytes_text(minimum)) && text.contains("--memory-budget"), "{text}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let plan = MemoryPlan::new(5000, geometry, &config, minimum).unwrap();
+    assert!(plan.spills() && plan.chunk_images() == 1);
+    assert_eq!(bytes_text(100 << 20), "100.00 MiB");
+    assert_eq!(bytes_text(1000), "1000 B");
+}
+
+#[test]
+fn a_spill_folder_that_cannot_be_written_is_named() {
+    let geometry = geometry();
+    let config = PatchCoreConfig::default();
+    let plan = MemoryPlan::new(100, geometry, &config, 100_000).unwrap();
+    assert!(plan.spills());
+    let missing = Path::new("/nonexistent/spill");
+    match TrainPatchesWriter::new(&plan, geometry, 100, missing) {
+        Err(error @ PatchCoreError::Spill { .. }) => assert!(error.to_string().contains("/nonexistent/spill"), "{error}"),
+        other => panic!("{:?}", other.err()),
+    }
+}
