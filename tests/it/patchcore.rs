@@ -168,3 +168,58 @@ fn a_patchcore_bank_is_the_same_on_wgpu_chunked_or_not_as_on_the_cpu() {
         }
     }
 }
+
+#[test]
+fn a_fit_over_its_memory_budget_spills_to_disk_and_writes_the_in_memory_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("fabric");
+    synthetic(&data, 33);
+    let weights = weights_dir();
+    let common = ["--device", "cpu", "--offline", "--weights-dir", weights.to_str().unwrap()];
+    let fit = |model: &Path, extra: &[&str]| {
+        let args =
+            [&["fit", "--method", "patchcore", "--data", data.to_str().unwrap(), "--model", model.to_str().unwrap()], &common[..], extra];
+        anomaly(&args.concat())
+    };
+    let in_memory = dir.path().join("in-memory.safetensors");
+    let output = fit(&in_memory, &[]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("the training patches stay in memory"), "{}", stderr(&output));
+
+    // 8 images of 784 patches: the coreset's 128-d projection (twice) and its 628-row bank of 152-d patches
+    // take 6.8 MB; each image's patches with their neighbours 0.53 MB. 8 MB leaves room for two at a time.
+    let spill = dir.path().join("spill");
+    std::fs::create_dir(&spill).unwrap();
+    let spilled = dir.path().join("spilled.safetensors");
+    let output = fit(&spilled, &["--memory-budget", "8MB", "--spill-dir", spill.to_str().unwrap()]);
+    let message = stderr(&output);
+    assert!(output.status.success(), "{message}");
+    assert!(message.contains("spill to") && message.contains("read back 2 images at a time"), "{message}");
+    assert_eq!(std::fs::read(&spilled).unwrap(), std::fs::read(&in_memory).unwrap(), "the same model file");
+    assert_eq!(std::fs::read_dir(&spill).unwrap().count(), 0, "the spill file is removed");
+
+    // Below the coreset, the bank and one image: refused before any image is read, naming the minimum.
+    let never = dir.path().join("never.safetensors");
+    let output = fit(&never, &["--memory-budget", "5MB"]);
+    let message = stderr(&output);
+    assert!(!output.status.success());
+    assert!(message.contains("a memory budget of 4.77 MiB is too small") && message.contains("at least 6.99 MiB"), "{message}");
+    assert!(!never.exists());
+
+    // A disk that fills while spilling (a file-size limit, with its signal ignored so the write fails as
+    // on a full disk): an error naming the spill file, which is removed, and no model.
+    let script = "trap '' XFSZ; ulimit -f 1024; exec \"$0\" \"$@\"";
+    let args = [
+        &["fit", "--method", "patchcore", "--data", data.to_str().unwrap(), "--model", never.to_str().unwrap()],
+        &common[..],
+        &["--memory-budget", "8MB", "--spill-dir", spill.to_str().unwrap()],
+    ]
+    .concat();
+    let output = std::process::Command::new("sh").arg("-c").arg(script).arg(env!("CARGO_BIN_EXE_anomaly")).args(&args).output().unwrap();
+    let message = stderr(&output);
+    assert!(!output.status.success());
+    assert!(message.contains(&format!("spilling the training patches to {}/.anomaly-patches-", spill.display())), "{message}");
+    assert!(message.contains("--spill-dir"), "{message}");
+    assert_eq!(std::fs::read_dir(&spill).unwrap().count(), 0, "the spill file is removed");
+    assert!(!never.exists());
+}

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use anomaly_backbone::BackboneName;
 use anomaly_data::{Batch, Preprocess};
 use anomaly_detector::ScoreStats;
-use anomaly_patchcore::{BankScorer, PatchBank, PatchCoreConfig, PatchCoreModel, PatchGeometry, PatchSource};
+use anomaly_patchcore::{
+    BankScorer, MemoryPlan, PatchBank, PatchCoreConfig, PatchCoreModel, PatchGeometry, PatchSource, TrainPatchesWriter, bytes_text,
+};
 use anyhow::Result;
 use serde_json::json;
 
@@ -17,7 +19,7 @@ use crate::{
 };
 
 /// PatchCore's settings on the command line (its backbone is [`crate::MethodSettings`]'s).
-#[derive(clap::Args, Clone, Copy, Debug)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct PatchCoreSettings {
     /// PatchCore: share of the training patches its greedy coreset keeps in the bank (1 keeps all).
     #[arg(long, default_value_t = 0.1, value_parser = coreset_ratio)]
@@ -36,6 +38,14 @@ pub struct PatchCoreSettings {
     /// reweighting.
     #[arg(long)]
     pub reweight: bool,
+    /// PatchCore: memory the fit may hold of training patches, coreset and bank, like 512MiB or 8GiB;
+    /// patches beyond it spill to a file in --spill-dir [default: half of this machine's memory].
+    #[arg(long, value_parser = byte_size)]
+    pub memory_budget: Option<u64>,
+    /// PatchCore: folder of the spill file when the training patches exceed --memory-budget (put it on a
+    /// disk, not a RAM-backed tmpfs) [default: the system's temporary folder, $TMPDIR].
+    #[arg(long)]
+    pub spill_dir: Option<PathBuf>,
 }
 
 impl Default for PatchCoreSettings {
@@ -48,7 +58,46 @@ impl Default for PatchCoreSettings {
             coreset_seed: config.seed,
             patch_dim: None,
             reweight: false,
+            memory_budget: None,
+            spill_dir: None,
         }
+    }
+}
+
+/// `--memory-budget`: bytes, with an optional unit (B, KB, MB, GB, TB in powers of 1000; K, KiB, M, MiB,
+/// G, GiB, T, TiB in powers of 1024).
+fn byte_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        _ => return Err(format!("unknown unit {unit:?}: expected a size like 512MiB, 8GiB or 2GB")),
+    };
+    match number.parse::<f64>() {
+        Ok(value) if value > 0.0 && (value * scale as f64) < u64::MAX as f64 => Ok((value * scale as f64) as u64),
+        _ => Err("expected a size above 0, like 512MiB, 8GiB or 2GB".into()),
+    }
+}
+
+/// The default memory budget: half of this machine's memory (`MemTotal` in /proc/meminfo), with how it
+/// was found, or 4 GiB where the machine does not say.
+fn default_memory_budget() -> (u64, String) {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|info| {
+        let line = info.lines().find(|line| line.starts_with("MemTotal:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+    });
+    match total {
+        Some(total) => (total / 2, format!("half of this machine's {}", anomaly_patchcore::bytes_text(total))),
+        None => (4 << 30, "this machine's memory is not known".into()),
     }
 }
 
@@ -75,8 +124,13 @@ impl PatchCoreSettings {
 
     /// Checks the settings against the backbone and the number of training images, before any image is read.
     pub fn check(&self, backbone: BackboneName, train_images: usize) -> Result<()> {
-        self.layout(backbone)?;
-        Ok(self.config().check(train_images)?)
+        let layout = self.layout(backbone)?;
+        self.config().check(train_images)?;
+        if let Some(budget) = self.memory_budget {
+            let geometry = PatchGeometry { grid: layout.grid(), patch_dim: layout.patch_dim(), side: backbone.preprocess().crop as usize };
+            MemoryPlan::new(train_images, geometry, &self.config(), budget)?;
+        }
+        Ok(())
     }
 }
 
@@ -97,23 +151,46 @@ impl PatchCoreDetector {
         let preprocess = extractor.preprocess();
         let (grid, dim) = (layout.grid(), layout.patch_dim());
         let per_image = grid.0 * grid.1;
-        let mut patches = Vec::with_capacity(train.len() * per_image * dim);
+        let geometry = PatchGeometry { grid, patch_dim: dim, side: preprocess.crop as usize };
+        let config = settings.config();
+        let (budget, budget_source) = match settings.memory_budget {
+            Some(budget) => (budget, "--memory-budget".to_string()),
+            None => default_memory_budget(),
+        };
+        let plan = MemoryPlan::new(train.len(), geometry, &config, budget)?;
+        let spill_dir = settings.spill_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let mut patches = TrainPatchesWriter::new(&plan, geometry, train.len(), &spill_dir)?;
+        let held = if let Some(path) = patches.spill_path() {
+            format!(
+                "its {} of training patches spill to {}, read back {} images at a time",
+                bytes_text(plan.features_bytes()),
+                path.display(),
+                plan.chunk_images()
+            )
+        } else {
+            "the training patches stay in memory".to_string()
+        };
+        crate::note!(
+            "PatchCore: memory budget {} ({budget_source}); the coreset and bank need {}, {held}",
+            bytes_text(plan.budget()),
+            bytes_text(plan.working_bytes())
+        );
         let mut embedding = Vec::with_capacity(train.len() * dim);
         let progress = image_progress(train.len(), "train patches");
         extractor.patches(&layout, train.to_vec(), runtime.batch_size(), runtime.image_limits(), &progress, |_, batch| {
             anyhow::ensure!(batch.grid == grid, "the backbone gave a {:?} patch grid, not the layout's {grid:?}", batch.grid);
             embedding.extend(mean_patches(&batch.values, per_image, dim));
-            patches.extend_from_slice(&batch.values);
+            patches.push(&batch.values)?;
             Ok(())
         })?;
         progress.finish_and_clear();
-        let geometry = PatchGeometry { grid, patch_dim: dim, side: preprocess.crop as usize };
+        let patches = patches.finish()?;
         let spinner = stage_spinner(format!(
             "PatchCore: coreset of {} patches and leave-one-out threshold on {}",
-            patches.len() / dim,
+            patches.rows(),
             if extractor.device().is_wgpu() { "wgpu" } else { "the CPU" }
         ));
-        let bank = PatchBank::fit(&patches, geometry, settings.config(), extractor.compute()?)?;
+        let bank = PatchBank::fit_from(&patches, config, extractor.compute()?)?;
         spinner.finish_and_clear();
         drop(patches);
         let source = PatchSource {
