@@ -21,6 +21,9 @@ pub enum Bench {
     Kernels(super::bench_kernels::KernelArgs),
     /// Picks per second of PatchCore's greedy coreset: CPU reference, multithreaded CPU and wgpu.
     Coreset(super::bench_coreset::CoresetArgs),
+    /// One image's patches against a bank larger than memory (1M × 1024 by default), memory-mapped from
+    /// disk and streamed through the CPU's or wgpu's kNN: time, rate and peak resident memory.
+    Bank(super::bench_bank::BankArgs),
     /// Load on `anomaly serve` (in-process, or one already running on loopback): throughput, latency
     /// percentiles, 503s and errors at each concurrency, against `predict`'s path, and resident memory.
     Serve(super::bench_serve::ServeBenchArgs),
@@ -50,6 +53,7 @@ pub fn run(bench: Bench) -> Result<()> {
         Bench::Kernels(args) => super::bench_kernels::run(args),
         Bench::Coreset(args) => super::bench_coreset::run(args),
         Bench::Serve(args) => super::bench_serve::run(args),
+        Bench::Bank(args) => super::bench_bank::run(args),
     }
 }
 

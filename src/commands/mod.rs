@@ -1,6 +1,7 @@
 //! One module per subcommand: argument parsing at the edge, the work in the library crates.
 
 pub mod bench;
+pub mod bench_bank;
 pub mod bench_coreset;
 pub mod bench_kernels;
 pub mod bench_serve;

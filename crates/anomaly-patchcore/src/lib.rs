@@ -10,6 +10,7 @@
 //! threshold is their mean + 3σ. The pixel threshold is the same rule on the maxima of the training
 //! images' leave-one-out maps.
 
+mod bank_chunks;
 mod maps;
 mod model_file;
 mod train_patches;
@@ -20,6 +21,7 @@ use anomaly_kernels::{CoresetChunking, CoresetSettings, CoresetSpace, GpuKernels
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+pub use bank_chunks::{BANK_CHUNK_BYTES, MappedRows, nearest_in_chunks};
 pub use maps::{BLUR_SIGMA, anomaly_map, blur, upsample_bilinear};
 pub use model_file::{PATCHCORE, PatchCoreInfo, PatchCoreModel, PatchSource};
 pub use train_patches::{Chunks, MemoryPlan, TrainPatches, TrainPatchesWriter};

@@ -262,3 +262,32 @@ fn a_spill_folder_that_cannot_be_written_is_named() {
         other => panic!("{:?}", other.err()),
     }
 }
+
+#[test]
+fn a_bank_scored_in_chunks_from_a_mapped_file_gives_the_whole_banks_nearest_rows() {
+    let dim = 37;
+    let bank = random(1000 * dim, 21);
+    // Queries near rows of the bank (so the nearest is plain), far from all, and a duplicate row's twin
+    // (ties go to the lower row).
+    let mut bank = bank;
+    bank.copy_within(10 * dim..11 * dim, 700 * dim);
+    let mut queries: Vec<f32> = bank[10 * dim..11 * dim].to_vec();
+    queries.extend(random(40 * dim, 22));
+    queries.extend(bank[999 * dim..1000 * dim].iter().map(|v| v + 0.001));
+    let whole = fast::knn(&queries, &bank, dim, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bank.f32");
+    std::fs::write(&path, bytemuck::cast_slice::<f32, u8>(&bank)).unwrap();
+    let mapped = MappedRows::open(&path, dim).unwrap();
+    assert_eq!(mapped.rows(), 1000);
+    for chunk_rows in [1000, 333, 64, 1] {
+        let chunked = nearest_in_chunks(&queries, dim, mapped.chunks(chunk_rows * dim * 4), &Compute::Cpu).unwrap();
+        assert_eq!(chunked.indices, whole.indices, "{chunk_rows} rows a chunk");
+        for (a, b) in chunked.distances.iter().zip(&whole.distances) {
+            assert!((a - b).abs() <= 1e-5 * b.max(1.0), "{chunk_rows} rows a chunk: {a} vs {b}");
+        }
+    }
+    assert_eq!(whole.indices[0], 10, "the duplicate's lower row");
+    std::fs::write(&path, [0u8; 10]).unwrap();
+    assert!(matches!(MappedRows::open(&path, dim), Err(PatchCoreError::Shape(_))));
+}

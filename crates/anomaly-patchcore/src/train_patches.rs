@@ -212,7 +212,7 @@ impl<'a> TrainPatches<'a> {
             Storage::Memory(_) => None,
         };
         let image_bytes = self.geometry.per_image() * self.geometry.patch_dim * 4;
-        Chunks { values, map, chunk_bytes: self.chunk_images * image_bytes, image_bytes, offset: 0, released: 0 }
+        Chunks::new(values, map, self.chunk_images * image_bytes, image_bytes)
     }
 
     /// The rows at `picks` (ascending), gathered in one pass.
@@ -237,19 +237,26 @@ impl<'a> TrainPatches<'a> {
     }
 }
 
-/// [`TrainPatches::chunks`].
+/// Consecutive chunks of whole units (images, or bank rows) of f32 values: `(first unit, values)`. Over
+/// a memory map, a chunk's pages are released when the next is read, and the last one's on drop.
 pub struct Chunks<'a> {
     values: &'a [u8],
     map: Option<&'a Mmap>,
     chunk_bytes: usize,
-    image_bytes: usize,
+    unit_bytes: usize,
     /// Bytes read so far.
     offset: usize,
     /// Bytes whose pages were released.
     released: usize,
 }
 
-impl Chunks<'_> {
+impl<'a> Chunks<'a> {
+    /// Chunks of `chunk_bytes` (whole units of `unit_bytes`) of `values`, which are all of `map` when given.
+    pub(crate) fn new(values: &'a [u8], map: Option<&'a Mmap>, chunk_bytes: usize, unit_bytes: usize) -> Self {
+        let chunk_bytes = (chunk_bytes / unit_bytes.max(1)).max(1) * unit_bytes;
+        Self { values, map, chunk_bytes, unit_bytes, offset: 0, released: 0 }
+    }
+
     /// Releases the mapped pages read since the last release (they are read from the file again if
     /// touched again).
     fn release(&mut self) {
@@ -275,9 +282,9 @@ impl<'a> Iterator for Chunks<'a> {
         }
         let end = (self.offset + self.chunk_bytes).min(self.values.len());
         let chunk = &self.values[self.offset..end];
-        let first_image = self.offset / self.image_bytes;
+        let first = self.offset / self.unit_bytes;
         self.offset = end;
-        Some((first_image, bytemuck::cast_slice(chunk)))
+        Some((first, bytemuck::cast_slice(chunk)))
     }
 }
 
