@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anomaly_device::DeviceChoice;
+use anomaly_fs::{FileBytes, MAP_FILES_ABOVE};
 use anomaly_method::count_in;
 use anomaly_serve::{RunningService, ServeConfig};
 use anyhow::{Context, Result};
@@ -307,7 +308,7 @@ struct PredictRun {
 }
 
 fn time_predict(model: &std::path::Path, paths: Vec<PathBuf>, run: &RunArgs, min_time: Duration) -> Result<PredictRun> {
-    let bytes = anomaly_fs::read_regular_file(model)?;
+    let bytes = FileBytes::open(model, MAP_FILES_ABOVE)?;
     let mut load = super::serve::start_loader(run.clone())()?;
     let detector = load(&bytes, model)?;
     let (limits, batch_size) = (run.images.limits(), run.batch_size);

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anomaly_data::Dataset;
 use anomaly_eval::{AllSummary, EvalSummary, Evaluation, ModelSource};
-use anomaly_fs::ReportWriter;
+use anomaly_fs::{FileBytes, MAP_FILES_ABOVE, ReportWriter};
 use anomaly_method::{MethodName, MethodSettings};
 use anyhow::{Context, Result};
 
@@ -72,7 +72,7 @@ pub fn run(args: Args) -> Result<()> {
     // Bad settings and bad model files are refused before the device starts.
     let model = match &args.model {
         Some(path) => {
-            let bytes = anomaly_fs::read_regular_file(path)?;
+            let bytes = FileBytes::open(path, MAP_FILES_ABOVE)?;
             anomaly_method::check_model_file(&bytes, path)?;
             Some((path, bytes))
         }

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anomaly_eval::BoundingBox;
+use anomaly_fs::{FileBytes, MAP_FILES_ABOVE};
 use anomaly_method::{ImageOutput, image_progress};
 use anyhow::{Context, Result};
 
@@ -41,7 +42,7 @@ pub struct Args {
 const ANOMALY_FOUND: u8 = 3;
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let bytes = anomaly_fs::read_regular_file(&args.model)?;
+    let bytes = FileBytes::open(&args.model, MAP_FILES_ABOVE)?;
     anomaly_method::check_model_file(&bytes, &args.model)?;
     if let Some(dir) = &args.maps {
         anomaly_fs::check_folder_output(dir, "--maps")?;

@@ -3,6 +3,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anomaly_device::DeviceChoice;
+use anomaly_fs::FileBytes;
 use anomaly_method::count_in;
 use anomaly_serve::{LoadModel, RunningService, ServeConfig, StartLoader};
 use anyhow::Result;
@@ -83,7 +84,7 @@ pub fn run(args: Args) -> Result<()> {
 pub(crate) fn start_loader(run: RunArgs) -> StartLoader {
     Box::new(move || {
         let runtime = run.runtime()?;
-        let load: LoadModel = Box::new(move |bytes: &[u8], path: &Path| anomaly_method::load(bytes, path, &runtime));
+        let load: LoadModel = Box::new(move |file: &FileBytes, path: &Path| anomaly_method::load(file, path, &runtime));
         Ok(load)
     })
 }

@@ -11,6 +11,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
 use anomaly_data::{ImageLimits, SyntheticConfig, write_synthetic_dataset};
+use anomaly_fs::FileBytes;
 use anomaly_method::{MethodName, MethodSettings, Runtime};
 use anomaly_serve::{LoadModel, RunningService, ServeConfig, StartLoader};
 use serde_json::{Value, json};
@@ -268,7 +269,7 @@ fn fitted_service(dir: &Path, method: MethodName, token: Option<&str>) -> Runnin
     config.token = token.map(str::to_string);
     let start: StartLoader = Box::new(|| {
         let runtime = cpu_runtime();
-        let load: LoadModel = Box::new(move |bytes: &[u8], path: &Path| anomaly_method::load(bytes, path, &runtime));
+        let load: LoadModel = Box::new(move |file: &FileBytes, path: &Path| anomaly_method::load(file, path, &runtime));
         Ok(load)
     });
     let service = RunningService::start(config, start).unwrap();

@@ -11,6 +11,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use anomaly_data::{Dataset, ImageLimits, collect_images, load_mask, load_rgb8, load_rgb8_and_color};
+use anomaly_fs::FileBytes;
 
 use crate::common::{Rng, bank_model_bytes, fixture};
 use crate::serve_faults::{Exchange, RawReply, answer, exchange_then, multipart, post, read_answer, wait_idle};
@@ -337,7 +338,7 @@ fn model_case(rng: &mut Rng, folder: &Path) -> Result<Verdict, String> {
     static SEEDS: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
     let seeds = SEEDS.get_or_init(model_seeds);
     let (seed, donor) = (&seeds[below(rng, seeds.len())], &seeds[below(rng, seeds.len())]);
-    let bytes = mutate_model(rng, seed, donor);
+    let bytes = anomaly_fs::FileBytes::from_vec(mutate_model(rng, seed, donor));
     let path = folder.join("model.safetensors");
     match anomaly_method::check_model_file(&bytes, &path) {
         Ok(_) => {}
@@ -396,7 +397,7 @@ fn fuzzed() -> &'static Fuzzed {
             let device = anomaly_device::resolve(anomaly_device::DeviceChoice::Cpu)?;
             let dir = weights.parent().unwrap().to_path_buf();
             let runtime = anomaly_method::Runtime::new(device, &dir, Box::new(move |_| Ok(weights.clone())), max_batch, limits);
-            let load: LoadModel = Box::new(move |bytes: &[u8], path: &Path| anomaly_method::load(bytes, path, &runtime));
+            let load: LoadModel = Box::new(move |file: &FileBytes, path: &Path| anomaly_method::load(file, path, &runtime));
             Ok(load)
         });
         let service = RunningService::start(config, start).unwrap();

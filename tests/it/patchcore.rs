@@ -167,6 +167,21 @@ fn a_patchcore_bank_is_the_same_on_wgpu_chunked_or_not_as_on_the_cpu() {
             assert!((g - c).abs() <= 1e-4 * c.max(1.0), "{name}: {g} vs {c}");
         }
     }
+    // A bank streamed through the GPU 10 rows at a time finds each patch's nearest row, as the CPU does.
+    let streamed = anomaly_patchcore::nearest_in_chunks(
+        &patches,
+        geometry.patch_dim,
+        cpu.row_chunks(10 * geometry.patch_dim * 4),
+        &Compute::Gpu(GpuKernels::shared().unwrap()),
+    )
+    .unwrap();
+    let expected = anomaly_kernels::cpu::fast::knn(&patches, cpu.rows(), geometry.patch_dim, 1);
+    assert_eq!(streamed.indices, expected.indices);
+    // (A patch that is itself a bank row is at 0, which the GPU's |q|² + |b|² - 2 q·b leaves at
+    // rounding's square root: the squares agree within f32 rounding of the norms, ~40 here.)
+    for (g, c) in streamed.distances.iter().zip(&expected.distances) {
+        assert!((g - c).abs() <= 1e-4 * c.max(1.0) || (g * g - c * c).abs() <= 1e-4, "streamed: {g} vs {c}");
+    }
 }
 
 #[test]

@@ -5,6 +5,7 @@
 //! only once it is whole, so that even a kill leaves no temporary file behind. Report folders are built the same way as a whole, by one run at a time
 //! ([`ReportWriter`]).
 
+mod file_bytes;
 mod lock;
 mod report;
 #[cfg(target_os = "linux")]
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use tempfile::{NamedTempFile, TempDir};
 
+pub use file_bytes::{FileBytes, MAP_FILES_ABOVE};
 pub use lock::OutputLock;
 pub use report::{OutputError, REPORT_MARKER, ReportContent, ReportWriter, check_file_output, check_folder_output};
 

@@ -20,6 +20,7 @@ use anomaly_backbone::BackboneName;
 use anomaly_data::{Batch, ImageLimits, Preprocess};
 use anomaly_detector::{ScoreStats, find_non_finite};
 use anomaly_device::ResolvedDevice;
+use anomaly_fs::FileBytes;
 use anyhow::Result;
 
 pub use autoencoder::AutoencoderSettings;
@@ -306,15 +307,16 @@ enum CheckedModel {
 /// in any tensor, and the header's numbers. Never panics, whatever the bytes (a fuzzer feeds it); sizes a
 /// file declares are checked against its length before anything is allocated by them. `path` names the
 /// file in errors; returns the model's method.
-pub fn check_model_file(bytes: &[u8], path: &Path) -> Result<MethodName> {
-    Ok(match checked_model(bytes, path)? {
+pub fn check_model_file(file: &FileBytes, path: &Path) -> Result<MethodName> {
+    Ok(match checked_model(file, path)? {
         CheckedModel::MemoryBank(_) => MethodName::MemoryBank,
         CheckedModel::Patchcore(_) => MethodName::Patchcore,
         CheckedModel::Autoencoder => MethodName::Autoencoder,
     })
 }
 
-fn checked_model(bytes: &[u8], path: &Path) -> Result<CheckedModel> {
+fn checked_model(file: &FileBytes, path: &Path) -> Result<CheckedModel> {
+    let bytes: &[u8] = file;
     let header = anomaly_detector::read_model_header(bytes, path)?;
     let method = MethodName::ALL.into_iter().find(|m| m.as_str() == header.method).ok_or_else(|| {
         anyhow::anyhow!(
@@ -326,7 +328,7 @@ fn checked_model(bytes: &[u8], path: &Path) -> Result<CheckedModel> {
     })?;
     Ok(match method {
         MethodName::MemoryBank => CheckedModel::MemoryBank(Box::new(memory_bank::check_model(bytes, path)?)),
-        MethodName::Patchcore => CheckedModel::Patchcore(Box::new(patchcore::check_model(bytes, path)?)),
+        MethodName::Patchcore => CheckedModel::Patchcore(Box::new(patchcore::check_model(file, path)?)),
         MethodName::Autoencoder => {
             anomaly_autoencoder::AutoencoderModel::check_bytes(bytes, path)?;
             CheckedModel::Autoencoder
@@ -336,11 +338,11 @@ fn checked_model(bytes: &[u8], path: &Path) -> Result<CheckedModel> {
 
 /// Reads a model file of any method (`path` names it in errors): [`check_model_file`]'s checks first,
 /// then its header's `method` picks the loader, which loads what the model runs on.
-pub fn load(bytes: &[u8], path: &Path, runtime: &Runtime) -> Result<Box<dyn Detector>> {
-    Ok(match checked_model(bytes, path)? {
+pub fn load(file: &FileBytes, path: &Path, runtime: &Runtime) -> Result<Box<dyn Detector>> {
+    Ok(match checked_model(file, path)? {
         CheckedModel::MemoryBank(model) => Box::new(memory_bank::MemoryBankDetector::load(*model, path, runtime)?),
         CheckedModel::Patchcore(model) => Box::new(patchcore::PatchCoreDetector::load(*model, path, runtime)?),
-        CheckedModel::Autoencoder => Box::new(autoencoder::AutoencoderDetector::load(bytes, path, runtime)?),
+        CheckedModel::Autoencoder => Box::new(autoencoder::AutoencoderDetector::load(file, path, runtime)?),
     })
 }
 

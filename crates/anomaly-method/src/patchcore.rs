@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anomaly_backbone::BackboneName;
 use anomaly_data::{Batch, Preprocess};
 use anomaly_detector::ScoreStats;
+use anomaly_fs::FileBytes;
 use anomaly_patchcore::{
     BankScorer, MemoryPlan, PatchBank, PatchCoreConfig, PatchCoreModel, PatchGeometry, PatchSource, TrainPatchesWriter, bytes_text,
 };
@@ -238,8 +239,8 @@ fn model_layout(model: &PatchCoreModel, path: &Path) -> Result<PatchLayout> {
 }
 
 /// Reads a PatchCore model file without a device: the file's own checks and a layout this build makes.
-pub(crate) fn check_model(bytes: &[u8], path: &Path) -> Result<PatchCoreModel> {
-    let model = PatchCoreModel::from_bytes(bytes, path)?;
+pub(crate) fn check_model(file: &FileBytes, path: &Path) -> Result<PatchCoreModel> {
+    let model = PatchCoreModel::from_file(file, path)?;
     model_layout(&model, path)?;
     Ok(model)
 }

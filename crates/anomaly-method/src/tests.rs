@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anomaly_autoencoder::{AutoencoderModel, ConvAutoencoderConfig, TrainConfig, Trained, seeded_network};
 use anomaly_detector::{Compute, DetectorConfig, FeatureSource, MemoryBank, Model};
+use anomaly_fs::FileBytes;
 use burn::tensor::Device;
 
 use super::*;
@@ -46,13 +47,13 @@ fn with_value(file: &[u8], tensor: &str, index: usize, value: f32) -> Vec<u8> {
 }
 
 fn error(bytes: &[u8]) -> String {
-    check_model_file(bytes, Path::new(PATH)).unwrap_err().to_string()
+    check_model_file(&FileBytes::from_vec(bytes.to_vec()), Path::new(PATH)).unwrap_err().to_string()
 }
 
 #[test]
 fn hostile_bytes_are_refused_without_panicking() {
     let valid = bank_file();
-    assert_eq!(check_model_file(&valid, Path::new(PATH)).unwrap(), MethodName::MemoryBank);
+    assert_eq!(check_model_file(&FileBytes::from_vec(valid.clone()), Path::new(PATH)).unwrap(), MethodName::MemoryBank);
     let mut past_the_end = valid.clone();
     past_the_end[..8].copy_from_slice(&(valid.len() as u64).to_le_bytes());
     // A tensor whose shape's product overflows, declared in an otherwise well-formed header.
@@ -77,7 +78,7 @@ fn hostile_bytes_are_refused_without_panicking() {
         assert!(message.starts_with("m.safetensors: "), "{name}: {message}");
     }
     let autoencoder = autoencoder_file();
-    assert_eq!(check_model_file(&autoencoder, Path::new(PATH)).unwrap(), MethodName::Autoencoder);
+    assert_eq!(check_model_file(&FileBytes::from_vec(autoencoder.clone()), Path::new(PATH)).unwrap(), MethodName::Autoencoder);
     assert!(error(&autoencoder[..autoencoder.len() - 3]).contains("not an anomaly model file"));
 }
 

@@ -16,6 +16,7 @@ mod model_file;
 mod train_patches;
 
 use anomaly_detector::{Compute, ScoreStats};
+use anomaly_fs::FileBytes;
 use anomaly_kernels::cpu::fast;
 use anomaly_kernels::{CoresetChunking, CoresetSettings, CoresetSpace, GpuKernels, GpuMatrix, KernelError, Neighbours};
 use rayon::prelude::*;
@@ -146,12 +147,48 @@ pub struct FitSeconds {
     pub leave_one_out: f64,
 }
 
+/// A bank's rows: in memory (fitted, or read from a file), or in place in a memory-mapped model file.
+#[derive(Clone)]
+pub(crate) enum BankRows {
+    Owned(Vec<f32>),
+    /// `len` f32 values at byte `offset` of the file, which is mapped.
+    Mapped {
+        file: FileBytes,
+        offset: usize,
+        len: usize,
+    },
+}
+
+impl BankRows {
+    fn values(&self) -> &[f32] {
+        match self {
+            Self::Owned(values) => values,
+            Self::Mapped { file, offset, len } => bytemuck::cast_slice(&file[*offset..][..len * 4]),
+        }
+    }
+}
+
+impl PartialEq for BankRows {
+    fn eq(&self, other: &Self) -> bool {
+        self.values() == other.values()
+    }
+}
+
+impl std::fmt::Debug for BankRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Owned(values) => write!(f, "{} values in memory", values.len()),
+            Self::Mapped { len, .. } => write!(f, "{len} values memory-mapped"),
+        }
+    }
+}
+
 /// A fitted PatchCore bank with its thresholds.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PatchBank {
     config: PatchCoreConfig,
     geometry: PatchGeometry,
-    rows: Vec<f32>,
+    rows: BankRows,
     train_patches: usize,
     train_scores: Vec<f32>,
     train_map_maxima: Vec<f32>,
@@ -184,7 +221,7 @@ impl PatchBank {
         // Ascending order: bank rows then follow the images, and ties in the kNN go the same way on
         // every path.
         picks.sort_unstable();
-        let rows = train.gather(&picks);
+        let rows = BankRows::Owned(train.gather(&picks));
         let sources: Vec<usize> = picks.iter().map(|&p| p as usize / per_image).collect();
         if let Some(&image) = sources.first().filter(|&&first| sources.iter().all(|&s| s == first)) {
             return Err(PatchCoreError::OneImageBank { rows: sources.len(), image });
@@ -194,14 +231,14 @@ impl PatchBank {
             Self { config, geometry, rows, train_patches: n, train_scores: Vec::new(), train_map_maxima: Vec::new(), fit_seconds: None };
         let k = LEAVE_ONE_OUT_K.min(sources.len());
         let uploaded = match compute {
-            Compute::Gpu(kernels) => Some((kernels, kernels.upload(&bank.rows, sources.len(), dim)?)),
+            Compute::Gpu(kernels) => Some((kernels, kernels.upload(bank.rows(), sources.len(), dim)?)),
             Compute::Cpu => None,
         };
         let mut scored: Vec<(f32, f32)> = Vec::with_capacity(images);
         for (first_image, chunk) in train.chunks() {
             let neighbours = match &uploaded {
                 Some((kernels, rows)) => kernels.knn_host(rows, chunk, k)?,
-                None => fast::knn(chunk, &bank.rows, dim, k),
+                None => fast::knn(chunk, bank.rows(), dim, k),
             };
             let bank = &bank;
             scored.par_extend((0..chunk.len() / (per_image * dim)).into_par_iter().map(|local| {
@@ -231,17 +268,18 @@ impl PatchBank {
     }
 
     /// A bank read back from its parts (a model file), checked for shape.
-    pub fn from_parts(
+    pub(crate) fn from_parts(
         config: PatchCoreConfig,
         geometry: PatchGeometry,
-        rows: Vec<f32>,
+        rows: BankRows,
         train_patches: usize,
         train_scores: Vec<f32>,
         train_map_maxima: Vec<f32>,
     ) -> Result<Self, PatchCoreError> {
         let dim = geometry.patch_dim;
-        if dim == 0 || rows.is_empty() || !rows.len().is_multiple_of(dim) || geometry.per_image() == 0 || geometry.side == 0 {
-            return Err(PatchCoreError::Shape(format!("a bank of {} values is not rows of {dim} patches", rows.len())));
+        let values = rows.values();
+        if dim == 0 || values.is_empty() || !values.len().is_multiple_of(dim) || geometry.per_image() == 0 || geometry.side == 0 {
+            return Err(PatchCoreError::Shape(format!("a bank of {} values is not rows of {dim} patches", values.len())));
         }
         if train_scores.len() != train_map_maxima.len() {
             return Err(PatchCoreError::Shape(format!(
@@ -253,10 +291,26 @@ impl PatchBank {
         Ok(Self { config, geometry, rows, train_patches, train_scores, train_map_maxima, fit_seconds: None })
     }
 
+    /// The bank's rows in chunks of about `chunk_bytes`: `(first row, values)`. Rows in a mapped file
+    /// have their pages released as the chunks go by.
+    pub fn row_chunks(&self, chunk_bytes: usize) -> Chunks<'_> {
+        let values: &[u8] = bytemuck::cast_slice(self.rows.values());
+        let map = match &self.rows {
+            BankRows::Mapped { file, .. } => file.map(),
+            BankRows::Owned(_) => None,
+        };
+        Chunks::new(values, map, chunk_bytes, self.geometry.patch_dim * 4)
+    }
+
+    /// Whether the rows are read in place from a memory-mapped model file (and streamed when scoring).
+    pub fn is_mapped(&self) -> bool {
+        matches!(&self.rows, BankRows::Mapped { file, .. } if file.map().is_some())
+    }
+
     /// The nearest bank row among those `allowed`, by a plain scan: `(distance, row)`.
     fn nearest_exact(&self, patch: &[f32], allowed: impl Fn(usize) -> bool) -> (f32, usize) {
         let (squared, row) = self
-            .rows
+            .rows()
             .chunks_exact(self.geometry.patch_dim)
             .enumerate()
             .filter(|&(row, _)| allowed(row))
@@ -278,9 +332,9 @@ impl PatchBank {
         let dim = self.geometry.patch_dim;
         let patch = &patches[worst * dim..][..dim];
         // m*'s neighbourhood in the bank (itself first), then the patch's distances to it, softmaxed.
-        let anchor = &self.rows[row * dim..][..dim];
+        let anchor = &self.rows()[row * dim..][..dim];
         let mut support: Vec<(f32, usize)> = self
-            .rows
+            .rows()
             .chunks_exact(dim)
             .enumerate()
             .filter(|&(r, _)| allowed(r))
@@ -291,35 +345,38 @@ impl PatchBank {
         support.truncate(take);
         support.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         let distances: Vec<f64> =
-            support.iter().map(|&(_, r)| (squared_distance(patch, &self.rows[r * dim..][..dim]) as f64).sqrt()).collect();
+            support.iter().map(|&(_, r)| (squared_distance(patch, &self.rows()[r * dim..][..dim]) as f64).sqrt()).collect();
         let peak = distances.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let total: f64 = distances.iter().map(|d| (d - peak).exp()).sum();
         let weight = 1.0 - (distances[0] - peak).exp() / total;
         (weight * score as f64) as f32
     }
 
-    /// A scorer keeping the bank where `compute` runs (uploaded once).
+    /// A scorer keeping the bank where `compute` runs (uploaded once), or, for a bank in a mapped file,
+    /// streaming it through `compute` a chunk at a time on every call.
     pub fn scorer<'a>(&'a self, compute: &'a Compute) -> Result<BankScorer<'a>, PatchCoreError> {
         let uploaded = match compute {
-            Compute::Gpu(kernels) => Some((kernels, kernels.upload(&self.rows, self.len(), self.geometry.patch_dim)?)),
-            Compute::Cpu => None,
+            Compute::Gpu(kernels) if !self.is_mapped() => {
+                Some((kernels, kernels.upload(self.rows(), self.len(), self.geometry.patch_dim)?))
+            }
+            _ => None,
         };
-        Ok(BankScorer { bank: self, uploaded })
+        Ok(BankScorer { bank: self, compute, uploaded })
     }
 
     /// Patches in the bank.
     pub fn len(&self) -> usize {
-        self.rows.len() / self.geometry.patch_dim
+        self.rows().len() / self.geometry.patch_dim
     }
 
     /// Whether the bank holds no patch (never, once fitted).
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.rows().is_empty()
     }
 
     /// The bank's patches, row-major.
     pub fn rows(&self) -> &[f32] {
-        &self.rows
+        self.rows.values()
     }
 
     /// How it was made.
@@ -366,6 +423,7 @@ impl PatchBank {
 /// Scores images' patches against a bank held where its compute runs.
 pub struct BankScorer<'a> {
     bank: &'a PatchBank,
+    compute: &'a Compute,
     uploaded: Option<(&'a GpuKernels, GpuMatrix)>,
 }
 
@@ -385,7 +443,8 @@ impl BankScorer<'_> {
         }
         let neighbours: Neighbours = match &self.uploaded {
             Some((kernels, bank)) => kernels.knn_host(bank, patches, 1)?,
-            None => fast::knn(patches, &self.bank.rows, dim, 1),
+            None if self.bank.is_mapped() => nearest_in_chunks(patches, dim, self.bank.row_chunks(BANK_CHUNK_BYTES), self.compute)?,
+            None => fast::knn(patches, self.bank.rows(), dim, 1),
         };
         Ok(patches
             .par_chunks(per_image * dim)

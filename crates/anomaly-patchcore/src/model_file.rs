@@ -8,11 +8,12 @@ use anomaly_data::Preprocess;
 use anomaly_detector::{
     MODEL_FORMAT, MODEL_VERSION, ModelError, ScoreStats, check_finite, check_header_numbers, f32_values, model_metadata, read_model_header,
 };
+use anomaly_fs::FileBytes;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
-use crate::{PatchBank, PatchCoreConfig, PatchGeometry};
+use crate::{BANK_CHUNK_BYTES, BankRows, PatchBank, PatchCoreConfig, PatchGeometry};
 
 /// The method name of PatchCore models.
 pub const PATCHCORE: &str = "patchcore";
@@ -120,6 +121,16 @@ impl PatchCoreModel {
     /// Parses a model file's bytes, checking everything that needs no device: header, tensors against
     /// the header, values. `path` names it in errors. Never panics, whatever the bytes.
     pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self, ModelError> {
+        Self::parse(bytes, None, path)
+    }
+
+    /// [`Self::from_bytes`] on a file's bytes; a memory-mapped file's bank stays in the file, read
+    /// by the pages scoring touches, so a bank larger than memory scores.
+    pub fn from_file(file: &FileBytes, path: &Path) -> Result<Self, ModelError> {
+        Self::parse(file, Some(file), path)
+    }
+
+    fn parse(bytes: &[u8], file: Option<&FileBytes>, path: &Path) -> Result<Self, ModelError> {
         let invalid = |reason: String| ModelError::Invalid { path: path.into(), reason };
         let header = read_model_header(bytes, path)?;
         if header.method != PATCHCORE {
@@ -154,7 +165,19 @@ impl PatchCoreModel {
             Ok(f32_values(view.data()).collect::<Vec<f32>>())
         };
         let images = info.train_scores.count;
-        let rows = tensor("bank", &[info.bank_rows, patch_dim])?;
+        let rows = match file.filter(|file| file.map().is_some()) {
+            Some(file) => {
+                let view = tensors.tensor("bank").map_err(|_| invalid("tensor `bank` is missing".into()))?;
+                let offset = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
+                let fits = view.dtype() == Dtype::F32 && view.shape() == [info.bank_rows, patch_dim];
+                if fits && offset.is_multiple_of(4) {
+                    BankRows::Mapped { file: file.clone(), offset, len: view.data().len() / 4 }
+                } else {
+                    BankRows::Owned(tensor("bank", &[info.bank_rows, patch_dim])?)
+                }
+            }
+            None => BankRows::Owned(tensor("bank", &[info.bank_rows, patch_dim])?),
+        };
         let train_scores = tensor("train_scores", &[images])?;
         let train_map_maxima = tensor("train_map_maxima", &[images])?;
         if info.train_map_maxima.count != images || images < 2 {
@@ -172,7 +195,8 @@ impl PatchCoreModel {
     pub fn check_values(&self) -> Result<(), String> {
         let bank = &self.bank;
         let images = bank.train_scores().len();
-        check_finite("bank", &[bank.len(), bank.geometry().patch_dim], bank.rows().iter().copied())?;
+        let values = bank.row_chunks(BANK_CHUNK_BYTES).flat_map(|(_, chunk)| chunk.iter().copied());
+        check_finite("bank", &[bank.len(), bank.geometry().patch_dim], values)?;
         check_finite("train_scores", &[images], bank.train_scores().iter().copied())?;
         check_finite("train_map_maxima", &[images], bank.train_map_maxima().iter().copied())?;
         check_header_numbers(self.info.threshold, &self.info.train_scores, &self.info.source.preprocess)?;

@@ -1,6 +1,7 @@
 use std::path::Path;
 
 use anomaly_data::Preprocess;
+use anomaly_fs::FileBytes;
 
 use super::*;
 
@@ -164,14 +165,20 @@ fn the_model_file_round_trips_and_refuses_corruption() {
     let corrupt = PatchBank::from_parts(
         *model.bank().config(),
         geometry,
-        rows,
+        BankRows::Owned(rows),
         model.bank().train_patches(),
         model.bank().train_scores().to_vec(),
         model.bank().train_map_maxima().to_vec(),
     )
     .unwrap();
-    let error =
-        PatchCoreModel::from_bytes(&PatchCoreModel { info: model.info().clone(), bank: corrupt }.to_bytes(), path).unwrap_err().to_string();
+    let corrupt = PatchCoreModel { info: model.info().clone(), bank: corrupt }.to_bytes();
+    let error = PatchCoreModel::from_bytes(&corrupt, path).unwrap_err().to_string();
+    assert!(error.contains("tensor \"bank\" holds NaN at row 2, column 3"), "{error}");
+    // The same when the file is memory-mapped and its bank read in place.
+    let dir = tempfile::tempdir().unwrap();
+    let mapped_path = dir.path().join("model.safetensors");
+    std::fs::write(&mapped_path, &corrupt).unwrap();
+    let error = PatchCoreModel::from_file(&FileBytes::open(&mapped_path, 0).unwrap(), &mapped_path).unwrap_err().to_string();
     assert!(error.contains("tensor \"bank\" holds NaN at row 2, column 3"), "{error}");
 
     // Every truncation is an error, never a panic.
@@ -183,6 +190,31 @@ fn the_model_file_round_trips_and_refuses_corruption() {
     info.geometry.grid = (0, 4);
     let error = PatchCoreModel::from_bytes(&PatchCoreModel { info, bank: model.bank().clone() }.to_bytes(), path).unwrap_err().to_string();
     assert!(error.contains("patch geometry"), "{error}");
+}
+
+#[test]
+fn a_mapped_model_file_scores_its_bank_in_place_as_one_read_into_memory() {
+    let geometry = geometry();
+    let patches = random(6 * geometry.per_image() * geometry.patch_dim, 13);
+    for reweight in [false, true] {
+        let config = PatchCoreConfig { coreset_ratio: 0.5, reweight, ..PatchCoreConfig::default() };
+        let model = PatchCoreModel::new(PatchBank::fit(&patches, geometry, config, &Compute::Cpu).unwrap(), source());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        std::fs::write(&path, model.to_bytes()).unwrap();
+        let read = PatchCoreModel::from_file(&FileBytes::open(&path, u64::MAX).unwrap(), &path).unwrap();
+        let mapped = PatchCoreModel::from_file(&FileBytes::open(&path, 0).unwrap(), &path).unwrap();
+        assert!(!read.bank().is_mapped() && mapped.bank().is_mapped());
+        assert_eq!(mapped.bank(), read.bank());
+        let queries = random(3 * geometry.per_image() * geometry.patch_dim, 14);
+        let expected = read.bank().scorer(&Compute::Cpu).unwrap().score(&queries).unwrap();
+        // Streamed a chunk of rows at a time (here the whole bank, as it is smaller than a chunk) and in
+        // chunks of one row.
+        assert_eq!(mapped.bank().scorer(&Compute::Cpu).unwrap().score(&queries).unwrap(), expected);
+        let one_row = nearest_in_chunks(&queries, geometry.patch_dim, mapped.bank().row_chunks(1), &Compute::Cpu).unwrap();
+        let whole = fast::knn(&queries, read.bank().rows(), geometry.patch_dim, 1);
+        assert_eq!(one_row.indices, whole.indices);
+    }
 }
 
 /// Writes `patches` through a writer planned with `budget`, `images_per_push` images at a time.

@@ -242,6 +242,8 @@ impl<'a> TrainPatches<'a> {
 pub struct Chunks<'a> {
     values: &'a [u8],
     map: Option<&'a Mmap>,
+    /// Where `values` start in `map`.
+    base: usize,
     chunk_bytes: usize,
     unit_bytes: usize,
     /// Bytes read so far.
@@ -251,10 +253,11 @@ pub struct Chunks<'a> {
 }
 
 impl<'a> Chunks<'a> {
-    /// Chunks of `chunk_bytes` (whole units of `unit_bytes`) of `values`, which are all of `map` when given.
+    /// Chunks of `chunk_bytes` (whole units of `unit_bytes`) of `values`, which lie within `map` when given.
     pub(crate) fn new(values: &'a [u8], map: Option<&'a Mmap>, chunk_bytes: usize, unit_bytes: usize) -> Self {
         let chunk_bytes = (chunk_bytes / unit_bytes.max(1)).max(1) * unit_bytes;
-        Self { values, map, chunk_bytes, unit_bytes, offset: 0, released: 0 }
+        let base = map.map_or(0, |map| values.as_ptr() as usize - map.as_ptr() as usize);
+        Self { values, map, base, chunk_bytes, unit_bytes, offset: 0, released: 0 }
     }
 
     /// Releases the mapped pages read since the last release (they are read from the file again if
@@ -266,7 +269,9 @@ impl<'a> Chunks<'a> {
         {
             // SAFETY: the map is a read-only shared mapping of a file; dropping its pages only makes
             // the next access read them from the file again, with the same bytes.
-            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.released, self.offset - self.released) };
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.base + self.released, self.offset - self.released)
+            };
         }
         self.released = self.offset;
     }

@@ -19,13 +19,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anomaly_data::ImageLimits;
+use anomaly_fs::FileBytes;
 use anomaly_method::Detector;
 use anyhow::{Context, Result};
 
 pub use http::PAGE;
 
 /// Loads a model file's bytes (`path` names it in errors) into a detector, on the scoring thread.
-pub type LoadModel = Box<dyn FnMut(&[u8], &Path) -> Result<Box<dyn Detector>>>;
+pub type LoadModel = Box<dyn FnMut(&FileBytes, &Path) -> Result<Box<dyn Detector>>>;
 
 /// Makes the [`LoadModel`] on the scoring thread (devices and backbones are set up there, and stay there).
 pub type StartLoader = Box<dyn FnOnce() -> Result<LoadModel> + Send>;

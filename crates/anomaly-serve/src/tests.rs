@@ -172,7 +172,7 @@ impl Fixture {
         let control = Arc::new(Control::default());
         let shared = Arc::clone(&control);
         let start: StartLoader = Box::new(move || {
-            let load: LoadModel = Box::new(move |bytes: &[u8], _: &Path| {
+            let load: LoadModel = Box::new(move |bytes: &FileBytes, _: &Path| {
                 anyhow::ensure!(!bytes.is_empty(), "empty model");
                 Ok(Box::new(StandIn {
                     preprocess: small_preprocess(),

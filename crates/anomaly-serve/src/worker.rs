@@ -10,6 +10,7 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant, SystemTime};
 
 use anomaly_data::{Batch, Preprocess};
+use anomaly_fs::{FileBytes, MAP_FILES_ABOVE};
 use anomaly_method::{Detector, ImageOutput, MethodName, Scorer};
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
@@ -20,7 +21,7 @@ use crate::{LoadModel, StartLoader};
 
 /// A model file read and checked without a device, with its id (the sha256 of its bytes).
 pub(crate) struct ModelFile {
-    bytes: Vec<u8>,
+    bytes: FileBytes,
     id: String,
     path: PathBuf,
 }
@@ -28,9 +29,9 @@ pub(crate) struct ModelFile {
 impl ModelFile {
     /// Reads `path` and runs every check that needs no device, so that a bad file is refused at once.
     pub(crate) fn read(path: &Path) -> Result<Self> {
-        let bytes = anomaly_fs::read_regular_file(path)?;
+        let bytes = FileBytes::open(path, MAP_FILES_ABOVE)?;
         anomaly_method::check_model_file(&bytes, path)?;
-        let id = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        let id = Sha256::digest(&bytes[..]).iter().map(|b| format!("{b:02x}")).collect();
         Ok(Self { bytes, id, path: path.to_path_buf() })
     }
 }
