@@ -9,7 +9,9 @@ mod train;
 use std::path::{Path, PathBuf};
 
 use anomaly_data::Preprocess;
-use anomaly_detector::{ModelError, ScoreStats, check_finite, check_header_numbers, f32_values, model_metadata, read_model_header};
+use anomaly_detector::{
+    ModelError, ScoreStats, canonical_header, check_finite, check_header_numbers, f32_values, model_metadata, read_model_header,
+};
 use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -93,7 +95,7 @@ impl AutoencoderModel {
     /// The model file's bytes: the network's tensors by their burn paths, and the shared header.
     pub fn to_bytes(&self) -> Result<Vec<u8>, AutoencoderError> {
         let info = serde_json::to_string(&self.info).expect("info serialises");
-        weights_to_bytes(&self.network, &model_metadata(info).into_iter().collect::<Vec<_>>())
+        weights_to_bytes(&self.network, &model_metadata(info).into_iter().collect::<Vec<_>>()).map(canonical_header)
     }
 
     /// Reads an autoencoder model file onto `device`.

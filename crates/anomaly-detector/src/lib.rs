@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 pub use model_file::{
     FeatureSource, MAX_IMAGE_SIDE, MEMORY_BANK, MODEL_FORMAT, MODEL_VERSION, Model, ModelError, ModelHeader, ModelInfo, ScoreStats,
-    check_finite, check_header_numbers, f32_values, find_non_finite, model_metadata, read_model_header,
+    canonical_header, check_finite, check_header_numbers, f32_values, find_non_finite, model_metadata, read_model_header,
 };
 
 /// The detector's settings.

@@ -61,6 +61,23 @@ pub fn model_metadata(info_json: String) -> HashMap<String, String> {
     ])
 }
 
+/// A safetensors file's bytes with its header's keys in sorted order, so that the same tensors and
+/// metadata always make the same file (and the same sha256, which `serve` names a model by): safetensors
+/// writes its metadata map in hash order, which changes from run to run. Bytes that are not a readable
+/// safetensors header come back as they are.
+pub fn canonical_header(mut bytes: Vec<u8>) -> Vec<u8> {
+    let Some(len) = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize) else { return bytes };
+    let Some(header) = bytes.get(8..).and_then(|rest| rest.get(..len)) else { return bytes };
+    let Ok(text) = std::str::from_utf8(header) else { return bytes };
+    let text = text.trim_end_matches(' ');
+    // serde_json's maps are sorted by key (its `preserve_order` feature is off, which a test checks).
+    let Ok(sorted) = serde_json::from_str::<serde_json::Value>(text).map(|value| value.to_string()) else { return bytes };
+    if sorted.len() == text.len() {
+        bytes[8..8 + sorted.len()].copy_from_slice(sorted.as_bytes());
+    }
+    bytes
+}
+
 /// Why a model file could not be written or read.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -248,7 +265,7 @@ impl Model {
             ("train_scores", view(Dtype::F32, vec![bank.len()], bytemuck::cast_slice(&bank.train_scores))),
         ];
         let metadata = model_metadata(serde_json::to_string(&self.info).expect("model info serialises"));
-        safetensors::serialize(tensors, Some(metadata)).expect("model tensors serialise")
+        canonical_header(safetensors::serialize(tensors, Some(metadata)).expect("model tensors serialise"))
     }
 
     /// Reads a model file, checking its format, version and that its tensors agree with its header.
@@ -328,6 +345,25 @@ impl Model {
 mod tests {
     use super::*;
     use crate::{Compute, DetectorConfig};
+
+    #[test]
+    fn a_header_is_written_with_sorted_keys_whatever_the_maps_order() {
+        // The same header with its metadata in two orders (as hash maps iterate), padded as safetensors pads.
+        let file = |header: &str| {
+            let padded = format!("{header:<width$}", width = header.len().next_multiple_of(8));
+            [&(padded.len() as u64).to_le_bytes()[..], padded.as_bytes(), &[1, 2, 3, 4]].concat()
+        };
+        let tensor = r#""t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}"#;
+        let a = file(&format!(r#"{{"__metadata__":{{"version":"1","info":"{{}}","format":"x"}},{tensor}}}"#));
+        let b = file(&format!(r#"{{"__metadata__":{{"format":"x","version":"1","info":"{{}}"}},{tensor}}}"#));
+        assert_ne!(a, b);
+        assert_eq!(canonical_header(a.clone()), canonical_header(b));
+        let canonical = canonical_header(a);
+        assert!(String::from_utf8_lossy(&canonical).contains(r#"{"format":"x","info":"{}","version":"1"}"#));
+        safetensors::SafeTensors::deserialize(&canonical).unwrap();
+        // Not a safetensors file: as it was.
+        assert_eq!(canonical_header(vec![9, 9]), vec![9, 9]);
+    }
 
     #[test]
     fn the_first_non_finite_value_is_named_with_its_position() {

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use anomaly_data::Preprocess;
 use anomaly_detector::{
-    MODEL_FORMAT, MODEL_VERSION, ModelError, ScoreStats, check_finite, check_header_numbers, f32_values, model_metadata, read_model_header,
+    MODEL_FORMAT, MODEL_VERSION, ModelError, ScoreStats, canonical_header, check_finite, check_header_numbers, f32_values, model_metadata,
+    read_model_header,
 };
 use anomaly_fs::FileBytes;
 use safetensors::tensor::TensorView;
@@ -115,7 +116,7 @@ impl PatchCoreModel {
             ("train_map_maxima", view(vec![images], bank.train_map_maxima())),
         ];
         let metadata = model_metadata(serde_json::to_string(&self.info).expect("model info serialises"));
-        safetensors::serialize(tensors, Some(metadata)).expect("model tensors serialise")
+        canonical_header(safetensors::serialize(tensors, Some(metadata)).expect("model tensors serialise"))
     }
 
     /// Parses a model file's bytes, checking everything that needs no device: header, tensors against

@@ -16,6 +16,12 @@ use crate::{LEAVE_ONE_OUT_K, PatchCoreConfig, PatchCoreError, PatchGeometry};
 /// leave the budget to the coreset.
 const MAX_CHUNK_BYTES: u64 = 256 << 20;
 
+/// The coreset's working set in copies of its projected points: the projection itself and the CPU
+/// selection's cells, which hold every point again and, as points move between cells, up to as much once
+/// more (measured: 5.9 GiB at the peak of a 3.92 M-point selection whose projection is 1.87 GiB, backbone
+/// included). The GPU path holds the projection and its device copy, within the same bound.
+const CORESET_SPACE_COPIES: u64 = 3;
+
 /// What a fit needs in memory, and whether its patches fit in the budget or spill to disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemoryPlan {
@@ -28,15 +34,15 @@ pub struct MemoryPlan {
 
 impl MemoryPlan {
     /// Plans a fit of `images` images' patches within `budget` bytes: in memory when the patches, the
-    /// coreset's working set (its projection and the selection's copy of it) and the bank fit, else
-    /// spilled and read back in chunks as large as what is left allows.
+    /// coreset's working set and the bank fit, else spilled and read back in chunks as large as what is
+    /// left allows.
     pub fn new(images: usize, geometry: PatchGeometry, config: &PatchCoreConfig, budget: u64) -> Result<Self, PatchCoreError> {
         let (per_image, dim) = (geometry.per_image() as u64, geometry.patch_dim as u64);
         let patches = images as u64 * per_image;
         let settings = config.coreset();
         let space = patches * settings.space_dims(dim as usize) as u64 * 4;
         let bank = settings.picks(patches.max(1) as usize) as u64 * dim * 4;
-        let working = 2 * space + bank;
+        let working = CORESET_SPACE_COPIES * space + bank;
         // An image's patches and their leave-one-out neighbours (a distance and an index each).
         let per_image_bytes = per_image * (dim * 4 + LEAVE_ONE_OUT_K as u64 * 8);
         let features = images as u64 * per_image_bytes;
