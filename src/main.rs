@@ -27,7 +27,7 @@ enum Command {
     Demo(commands::demo::Args),
     /// Explore a dataset: counts, sizes, colour modes, channel statistics, defect areas, histograms, samples.
     Eda(commands::eda::Args),
-    /// Fit a detector (memory bank, or autoencoder with --method autoencoder) to good images and save it.
+    /// Fit a detector (the memory bank, or --method patchcore or autoencoder) to good images and save it.
     Fit(commands::fit::Args),
     /// Score images with a fitted model: score and verdict per image.
     Predict(commands::predict::Args),

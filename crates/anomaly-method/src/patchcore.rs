@@ -41,11 +41,11 @@ pub struct PatchCoreSettings {
     pub reweight: bool,
     /// PatchCore: memory the fit may hold of training patches, coreset and bank, like 512MiB or 8GiB;
     /// patches beyond it spill to a file in --spill-dir [default: half of this machine's memory].
-    #[arg(long, value_parser = byte_size)]
+    #[arg(long, value_name = "SIZE", value_parser = byte_size)]
     pub memory_budget: Option<u64>,
     /// PatchCore: folder of the spill file when the training patches exceed --memory-budget (put it on a
     /// disk, not a RAM-backed tmpfs) [default: the system's temporary folder, $TMPDIR].
-    #[arg(long)]
+    #[arg(long, value_name = "DIR")]
     pub spill_dir: Option<PathBuf>,
 }
 
@@ -67,7 +67,7 @@ impl Default for PatchCoreSettings {
 
 /// `--memory-budget`: bytes, with an optional unit (B, KB, MB, GB, TB in powers of 1000; K, KiB, M, MiB,
 /// G, GiB, T, TiB in powers of 1024).
-fn byte_size(text: &str) -> Result<u64, String> {
+pub(crate) fn byte_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);

@@ -136,3 +136,17 @@ fn a_score_or_map_that_is_not_a_number_is_an_error_naming_the_image() {
     let message = check_outputs(&paths, &[map, good]).unwrap_err().to_string();
     assert_eq!(message, "a.png: its anomaly map holds +Inf at row 1, column 0; no verdict (is the model file corrupt?)");
 }
+
+#[test]
+fn memory_budgets_read_in_decimal_and_binary_units() {
+    let size = |text: &str| patchcore::byte_size(text);
+    assert_eq!(size("4096"), Ok(4096));
+    assert_eq!(size("100MiB"), Ok(100 << 20));
+    assert_eq!(size("8GiB"), Ok(8 << 30));
+    assert_eq!(size("8g"), Ok(8 << 30));
+    assert_eq!(size("1.5GB"), Ok(1_500_000_000));
+    assert_eq!(size(" 512 kb "), Ok(512_000));
+    for bad in ["", "0", "-1GB", "1.2.3MB", "12 apples", "GiB"] {
+        assert!(size(bad).is_err(), "{bad:?}");
+    }
+}

@@ -112,6 +112,8 @@ pub enum PatchCoreError {
     BudgetTooSmall { budget: u64, minimum: u64, patches: u64, space_dims: usize },
     #[error("spilling the training patches to {}: {source}; free space there, or point --spill-dir at a disk with room", path.display())]
     Spill { path: std::path::PathBuf, source: std::io::Error },
+    #[error("{}: {source}", path.display())]
+    Read { path: std::path::PathBuf, source: std::io::Error },
 }
 
 /// Bytes as people read them: `512 B`, `1.50 MiB`, `3.20 GiB`.
