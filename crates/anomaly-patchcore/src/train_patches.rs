@@ -16,11 +16,12 @@ use crate::{LEAVE_ONE_OUT_K, PatchCoreConfig, PatchCoreError, PatchGeometry};
 /// leave the budget to the coreset.
 const MAX_CHUNK_BYTES: u64 = 256 << 20;
 
-/// The coreset's working set in copies of its projected points: the projection itself and the CPU
-/// selection's cells, which hold every point again and, as points move between cells, up to as much once
-/// more (measured: 5.9 GiB at the peak of a 3.92 M-point selection whose projection is 1.87 GiB, backbone
-/// included). The GPU path holds the projection and its device copy, within the same bound.
-const CORESET_SPACE_COPIES: u64 = 3;
+/// The coreset's working set in halves of its projected points: the projection itself and the CPU
+/// selection's cells, which hold every point again with the room that points moving between cells leave
+/// behind. Measured at the peak: 3.2 copies in all on a fit's 3.92 M points (6.11 GiB with the backbone,
+/// for a 1.87 GiB projection) and 3.3 on `bench coreset`'s 1 M clustered points; the GPU path holds the
+/// projection and its device copy, within the same bound.
+const CORESET_SPACE_HALVES: u64 = 7;
 
 /// What a fit needs in memory, and whether its patches fit in the budget or spill to disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,7 +43,8 @@ impl MemoryPlan {
         let settings = config.coreset();
         let space = patches * settings.space_dims(dim as usize) as u64 * 4;
         let bank = settings.picks(patches.max(1) as usize) as u64 * dim * 4;
-        let working = CORESET_SPACE_COPIES * space + bank;
+        // The bank twice: the model file's bytes are built beside it when the fit is saved.
+        let working = CORESET_SPACE_HALVES * space / 2 + 2 * bank;
         // An image's patches and their leave-one-out neighbours (a distance and an index each).
         let per_image_bytes = per_image * (dim * 4 + LEAVE_ONE_OUT_K as u64 * 8);
         let features = images as u64 * per_image_bytes;
