@@ -265,10 +265,10 @@ fn a_spilled_fit_read_in_chunks_gives_the_in_memory_bank_and_thresholds() {
 fn a_budget_below_the_coreset_and_one_image_is_refused_with_the_minimum() {
     let geometry = PatchGeometry { grid: (28, 28), patch_dim: 1024, side: 224 };
     let config = PatchCoreConfig::default();
-    // 5,000 images of 784 patches: a 128-d projection of 3.92 M patches (three and a half copies), a 10%
-    // bank of 1024-d rows, and one image.
+    // 5,000 images of 784 patches: a 128-d projection of 3.92 M patches (two and a half copies), a 10%
+    // bank of 1024-d rows (twice), and one image.
     let patches = 5000 * 784u64;
-    let minimum = 7 * patches * 128 * 4 / 2 + 2 * patches.div_ceil(10) * 1024 * 4 + 784 * (1024 * 4 + LEAVE_ONE_OUT_K as u64 * 8);
+    let minimum = 5 * patches * 128 * 4 / 2 + 2 * patches.div_ceil(10) * 1024 * 4 + 784 * (1024 * 4 + LEAVE_ONE_OUT_K as u64 * 8);
     match MemoryPlan::new(5000, geometry, &config, minimum - 1) {
         Err(error @ PatchCoreError::BudgetTooSmall { .. }) => {
             let text = error.to_string();

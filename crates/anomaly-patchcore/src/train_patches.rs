@@ -17,11 +17,10 @@ use crate::{LEAVE_ONE_OUT_K, PatchCoreConfig, PatchCoreError, PatchGeometry};
 const MAX_CHUNK_BYTES: u64 = 256 << 20;
 
 /// The coreset's working set in halves of its projected points: the projection itself and the CPU
-/// selection's cells, which hold every point again with the room that points moving between cells leave
-/// behind. Measured at the peak: 3.2 copies in all on a fit's 3.92 M points (6.11 GiB with the backbone,
-/// for a 1.87 GiB projection) and 3.3 on `bench coreset`'s 1 M clustered points; the GPU path holds the
-/// projection and its device copy, within the same bound.
-const CORESET_SPACE_HALVES: u64 = 7;
+/// selection's cells, which hold every point again (as i16, half the size) with the room points leave
+/// behind as they move between cells. Measured at the peak: 2.1 copies in all on `bench coreset`'s 1 M
+/// clustered points (3.3 before the cells held i16); the GPU path holds the projection and its device copy.
+const CORESET_SPACE_HALVES: u64 = 5;
 
 /// What a fit needs in memory, and whether its patches fit in the budget or spill to disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -22,6 +22,11 @@
 //! themselves are summed as the reference sums them (over j = 0, 1, … in f32), so the minima are the
 //! same bits as on every other path.
 //!
+//! A cell keeps its points' coordinates as i16: the grid's values are integers of at most 2047 in
+//! magnitude, so they are exact, and the cells (which hold every point once more beside the projection)
+//! take half the memory of f32, and half the memory traffic per step (on 1 M clustered 128-d points: 1.64
+//! GB peak against 2.21, and 590 picks/s against 555).
+//!
 //! What it saves depends on the points. On clustered points, as patch features are, the minima soon
 //! shrink below the clusters' spacing and a step measures a small share of the points (5% over the
 //! coreset of 10% of 40k points, 1–2% of 164k: `bench coreset --data clusters`). On structureless noise
@@ -57,7 +62,8 @@ struct Cell {
     points: Vec<u32>,
     mins: Vec<f32>,
     /// `⌈points / GROUP⌉ × dims × GROUP`; lanes past the last point hold stale values, never read back.
-    rows: Vec<f32>,
+    /// The grid's integers (|x| ≤ 2047) as i16: exact, and half the memory of f32.
+    rows: Vec<i16>,
 }
 
 impl Cell {
@@ -75,10 +81,12 @@ impl Cell {
     fn push(&mut self, point: u32, min: f32, dims: usize, row: impl Fn(usize) -> f32) {
         let k = self.points.len();
         if k.is_multiple_of(GROUP) {
-            self.rows.resize(self.rows.len() + dims * GROUP, 0.0);
+            self.rows.resize(self.rows.len() + dims * GROUP, 0);
         }
         for j in 0..dims {
-            self.rows[Self::at(k, j, dims)] = row(j);
+            let x = row(j);
+            debug_assert!(x.fract() == 0.0 && x.abs() <= crate::GRID_MAX, "{x} is not on the grid");
+            self.rows[Self::at(k, j, dims)] = x as i16;
         }
         self.points.push(point);
         self.mins.push(min);
@@ -87,7 +95,7 @@ impl Cell {
     /// Adds the points of `other`.
     fn append(&mut self, other: &Cell, dims: usize) {
         for (k, (&point, &min)) in other.points.iter().zip(&other.mins).enumerate() {
-            self.push(point, min, dims, |j| other.rows[Self::at(k, j, dims)]);
+            self.push(point, min, dims, |j| other.rows[Self::at(k, j, dims)] as f32);
         }
     }
 
@@ -140,7 +148,7 @@ impl CoresetCells {
         let center = space.row(start);
         let mut sums = vec![0f32; cell.rows.len() / dims];
         sums.par_chunks_mut(GROUP * BATCH).zip(cell.rows.par_chunks(GROUP * BATCH * dims)).for_each(|(sums, blocks)| {
-            let blocks: Vec<&[f32]> = blocks.chunks_exact(GROUP * dims).collect();
+            let blocks: Vec<&[i16]> = blocks.chunks_exact(GROUP * dims).collect();
             let batch = distances(std::array::from_fn(|q| blocks[q.min(blocks.len() - 1)]), center);
             sums.iter_mut().zip(batch.as_flattened()).for_each(|(sum, &d)| *sum = d);
         });
@@ -169,7 +177,7 @@ impl CoresetCells {
         let dims = self.dims;
         let cell = &mut self.cells[home];
         let at = cell.points.iter().position(|&i| i == pick).expect("a cell holds its best");
-        let center: Vec<f32> = (0..dims).map(|j| cell.rows[Cell::at(at, j, dims)]).collect();
+        let center: Vec<f32> = (0..dims).map(|j| cell.rows[Cell::at(at, j, dims)] as f32).collect();
         cell.swap_remove(at, dims);
         self.bests[home] = cell.best();
 
@@ -242,7 +250,7 @@ fn lower(cell: &mut Cell, center: &[f32], reach: f64, dims: usize) -> (Cell, usi
         .collect();
     let mut sums = vec![[0f32; GROUP]; blocks.len()];
     for (blocks, sums) in blocks.chunks(BATCH).zip(sums.chunks_mut(BATCH)) {
-        let batch: [&[f32]; BATCH] = std::array::from_fn(|q| {
+        let batch: [&[i16]; BATCH] = std::array::from_fn(|q| {
             let b = blocks[q.min(blocks.len() - 1)];
             &cell.rows[b * dims * GROUP..(b + 1) * dims * GROUP]
         });
@@ -258,7 +266,7 @@ fn lower(cell: &mut Cell, center: &[f32], reach: f64, dims: usize) -> (Cell, usi
         for k in lanes.rev() {
             let d = sums[k % GROUP];
             if d < cell.mins[k] {
-                moved.push(cell.points[k], d, dims, |j| cell.rows[Cell::at(k, j, dims)]);
+                moved.push(cell.points[k], d, dims, |j| cell.rows[Cell::at(k, j, dims)] as f32);
                 cell.swap_remove(k, dims);
             }
         }
@@ -270,13 +278,13 @@ fn lower(cell: &mut Cell, center: &[f32], reach: f64, dims: usize) -> (Cell, usi
 /// The f32 squared distances of `BATCH` blocks of `GROUP` points (each dimension by dimension) to
 /// `center`, each summed over j = 0, 1, … as the reference sums it; the blocks side by side, so that
 /// enough independent sums are in flight to hide the additions' latency.
-fn distances(blocks: [&[f32]; BATCH], center: &[f32]) -> [[f32; GROUP]; BATCH] {
+fn distances(blocks: [&[i16]; BATCH], center: &[f32]) -> [[f32; GROUP]; BATCH] {
     let mut sums = [[0f32; GROUP]; BATCH];
     let [a, b, c, d] = blocks.map(|block| block.as_chunks::<GROUP>().0);
     for ((((&x, a), b), c), d) in center.iter().zip(a).zip(b).zip(c).zip(d) {
         for (sums, row) in sums.iter_mut().zip([a, b, c, d]) {
             for l in 0..GROUP {
-                let t = row[l] - x;
+                let t = row[l] as f32 - x;
                 sums[l] += t * t;
             }
         }
