@@ -8,7 +8,7 @@ use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d
 use burn::tensor::{Device, Tensor};
 
 use crate::fold::{fold_batch_norm, normalise};
-use crate::{Features, global_average_pool};
+use crate::{Features, distinct, global_average_pool};
 
 /// The Lite family's stage list (TensorFlow's `efficientnet_lite_builder`): repeats, kernel, stride,
 /// expand ratio, input and output channels, before width and depth scaling.
@@ -145,6 +145,28 @@ impl EfficientNetLite {
             maps.push(("head".to_string(), x.clone()));
         }
         Features { pooled: global_average_pool(x), maps }
+    }
+
+    /// The feature maps named in `taps` alone, running the network only as far as the last of them:
+    /// PatchCore's taps are mid-network, and the blocks after them and the head are a third of the work.
+    pub fn tap_maps(&self, input: Tensor<4>, taps: &[&str]) -> Vec<(String, Tensor<4>)> {
+        let wanted = distinct(taps);
+        let mut x = relu6(normalise(&self.bn0, self.conv_stem.forward(input)));
+        let mut maps = Vec::new();
+        for (index, block) in self.blocks.iter().enumerate() {
+            if maps.len() == wanted {
+                return maps;
+            }
+            x = block.forward(x);
+            let name = format!("block{index}");
+            if taps.contains(&name.as_str()) {
+                maps.push((name, x.clone()));
+            }
+        }
+        if maps.len() < wanted && taps.contains(&"head") {
+            maps.push(("head".to_string(), relu6(normalise(&self.bn1, self.conv_head.forward(x)))));
+        }
+        maps
     }
 
     /// Folds every BatchNorm into its convolution, for inference.

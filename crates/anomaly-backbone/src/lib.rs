@@ -79,6 +79,15 @@ impl Backbone {
         }
     }
 
+    /// The feature maps named in `taps` (in network order), the network run only as far as the last of
+    /// them and no pooled features: the same maps as [`Self::features`] gives, for less work.
+    pub fn tap_maps(&self, input: Tensor<4>, taps: &[&str]) -> Vec<(String, Tensor<4>)> {
+        match self {
+            Self::ResNet(model) => model.tap_maps(input, taps),
+            Self::EfficientNet(model) => model.tap_maps(input, taps),
+        }
+    }
+
     /// ImageNet logits of pooled features, for sanity checks of the weights.
     pub fn classify(&self, pooled: Tensor<2>) -> Tensor<2> {
         match self {
@@ -92,4 +101,36 @@ impl Backbone {
 pub(crate) fn global_average_pool(x: Tensor<4>) -> Tensor<2> {
     let [batch, channels, _, _] = x.dims();
     x.mean_dim(3).mean_dim(2).reshape([batch, channels])
+}
+
+/// How many different names `taps` holds (a tap asked for twice is computed once).
+pub(crate) fn distinct(taps: &[&str]) -> usize {
+    taps.iter().enumerate().filter(|(i, tap)| !taps[..*i].contains(tap)).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    #[test]
+    fn tap_maps_stop_early_with_the_maps_features_gives() {
+        let device = Device::flex();
+        for (name, taps) in [
+            (BackboneName::EfficientNetLite0, vec!["block4", "block10"]),
+            (BackboneName::EfficientNetLite0, vec!["block10", "block4", "block4"]),
+            (BackboneName::EfficientNetLite0, vec!["block2", "head"]),
+            (BackboneName::ResNet50, vec!["layer2", "layer3"]),
+        ] {
+            let backbone = Backbone::init(name, &device);
+            let input = Tensor::<4>::random([2, 3, 64, 64], Distribution::Normal(0.0, 1.0), &device);
+            let full = backbone.features(input.clone(), &taps).maps;
+            let early = backbone.tap_maps(input, &taps);
+            assert_eq!(early.len(), full.len(), "{name} {taps:?}");
+            for ((a_name, a), (b_name, b)) in early.into_iter().zip(full) {
+                assert_eq!(a_name, b_name);
+                assert_eq!(a.into_data(), b.into_data(), "{name}: {a_name}");
+            }
+        }
+    }
 }

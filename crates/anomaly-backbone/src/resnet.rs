@@ -113,6 +113,25 @@ impl ResNet {
         Features { pooled: global_average_pool(x), maps }
     }
 
+    /// The feature maps named in `taps` alone, running the network only as far as the last of them
+    /// (PatchCore's layer2 and layer3 leave layer4 out).
+    pub fn tap_maps(&self, input: Tensor<4>, taps: &[&str]) -> Vec<(String, Tensor<4>)> {
+        let wanted = crate::distinct(taps);
+        let x = relu(normalise(&self.bn1, self.conv1.forward(input)));
+        let mut x = self.maxpool.forward(x);
+        let mut maps = Vec::new();
+        for (name, layer) in RESNET_TAPS.iter().zip([&self.layer1, &self.layer2, &self.layer3, &self.layer4]) {
+            if maps.len() == wanted {
+                break;
+            }
+            x = layer.iter().fold(x, |x, block| block.forward(x));
+            if taps.contains(name) {
+                maps.push((name.to_string(), x.clone()));
+            }
+        }
+        maps
+    }
+
     /// Folds every BatchNorm into its convolution, for inference.
     pub(crate) fn fold_batch_norms(&mut self) {
         fold_batch_norm(&mut self.conv1, &mut self.bn1);

@@ -119,6 +119,30 @@ impl Extractor {
         progress: &ProgressBar,
         mut sink: impl FnMut(&Batch, Vec<f32>, Vec<HostMap>) -> Result<()>,
     ) -> Result<()> {
+        self.check_taps(taps)?;
+        let side = self.preprocess().crop as usize;
+        self.each_batch(paths, batch_size, limits, progress, |batch| {
+            let (pooled, maps) = self.forward(batch, side, taps)?;
+            sink(batch, pooled, maps)
+        })
+    }
+
+    /// [`Self::run`] for the maps alone: the backbone runs only as far as the last tap.
+    pub fn run_maps(
+        &self,
+        paths: Vec<PathBuf>,
+        taps: &[&str],
+        batch_size: usize,
+        limits: ImageLimits,
+        progress: &ProgressBar,
+        mut sink: impl FnMut(&Batch, Vec<HostMap>) -> Result<()>,
+    ) -> Result<()> {
+        self.check_taps(taps)?;
+        let side = self.preprocess().crop as usize;
+        self.each_batch(paths, batch_size, limits, progress, |batch| sink(batch, self.forward_maps(batch, side, taps)?))
+    }
+
+    fn check_taps(&self, taps: &[&str]) -> Result<()> {
         for tap in taps {
             anyhow::ensure!(
                 self.backbone.tap_names().iter().any(|t| t == tap),
@@ -127,31 +151,50 @@ impl Extractor {
                 self.backbone.tap_names().join(", ")
             );
         }
-        let preprocess = self.preprocess();
-        let side = preprocess.crop as usize;
-        for batch in BatchLoader::new(paths, preprocess, limits, batch_size, 2) {
+        Ok(())
+    }
+
+    /// Loads `paths` in batches (decoding in parallel with the work on the last batch) and hands each to `work`.
+    fn each_batch(
+        &self,
+        paths: Vec<PathBuf>,
+        batch_size: usize,
+        limits: ImageLimits,
+        progress: &ProgressBar,
+        mut work: impl FnMut(&Batch) -> Result<()>,
+    ) -> Result<()> {
+        for batch in BatchLoader::new(paths, self.preprocess(), limits, batch_size, 2) {
             let batch = batch?;
-            let (pooled, maps) = self.forward(&batch, side, taps)?;
+            work(&batch)?;
             progress.inc(batch.len() as u64);
-            sink(&batch, pooled, maps)?;
         }
         Ok(())
     }
 
-    pub(crate) fn forward(&self, batch: &Batch, side: usize, taps: &[&str]) -> Result<(Vec<f32>, Vec<HostMap>)> {
-        let input = Tensor::<4>::from_data(TensorData::new(batch.pixels.clone(), [batch.len(), 3, side, side]), &self.device.device);
-        let features = self.backbone.features(input, taps);
-        let pooled = to_vec(features.pooled.into_data()).context("reading features back from the device")?;
-        let maps = features
-            .maps
-            .into_iter()
-            .map(|(name, map)| {
-                let shape = map.dims();
-                Ok(HostMap { name, shape, values: to_vec(map.into_data())? })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((pooled, maps))
+    fn input(&self, batch: &Batch, side: usize) -> Tensor<4> {
+        Tensor::<4>::from_data(TensorData::new(batch.pixels.clone(), [batch.len(), 3, side, side]), &self.device.device)
     }
+
+    pub(crate) fn forward(&self, batch: &Batch, side: usize, taps: &[&str]) -> Result<(Vec<f32>, Vec<HostMap>)> {
+        let features = self.backbone.features(self.input(batch, side), taps);
+        let pooled = to_vec(features.pooled.into_data()).context("reading features back from the device")?;
+        Ok((pooled, host_maps(features.maps)?))
+    }
+
+    /// The maps named in `taps` of a batch, the backbone run only as far as the last of them.
+    pub(crate) fn forward_maps(&self, batch: &Batch, side: usize, taps: &[&str]) -> Result<Vec<HostMap>> {
+        host_maps(self.backbone.tap_maps(self.input(batch, side), taps))
+    }
+}
+
+/// Feature maps read back to the host.
+fn host_maps(maps: Vec<(String, Tensor<4>)>) -> Result<Vec<HostMap>> {
+    maps.into_iter()
+        .map(|(name, map)| {
+            let shape = map.dims();
+            Ok(HostMap { name, shape, values: to_vec(map.into_data()).context("reading feature maps back from the device")? })
+        })
+        .collect()
 }
 
 /// A tensor's values as f32.

@@ -376,7 +376,7 @@ impl Extractor {
         if layout.backbone() != self.name() {
             bail!("a patch layout for {} cannot run on {}", layout.backbone(), self.name());
         }
-        self.run(paths, &layout.taps(), batch_size, limits, progress, |batch, _, maps| sink(batch, layout.patches(&maps)?))
+        self.run_maps(paths, &layout.taps(), batch_size, limits, progress, |batch, maps| sink(batch, layout.patches(&maps)?))
     }
 
     /// The patches in `layout` of a batch of images already preprocessed (a model file records the
@@ -385,8 +385,7 @@ impl Extractor {
         if layout.backbone() != self.name() {
             bail!("a patch layout for {} cannot run on {}", layout.backbone(), self.name());
         }
-        let (_, maps) = self.forward(batch, side, &layout.taps())?;
-        layout.patches(&maps)
+        layout.patches(&self.forward_maps(batch, side, &layout.taps())?)
     }
 }
 
