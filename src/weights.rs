@@ -16,10 +16,18 @@ pub struct WeightsArgs {
     /// Fail instead of downloading weights that are missing.
     #[arg(long)]
     pub offline: bool,
+    /// A weights file to use instead of the published one: a fine-tuned (or any other) checkpoint in the
+    /// same layout. Its sha256 goes into a fitted model, whose predict and eval then need the same file.
+    #[arg(long, value_name = "FILE")]
+    pub weights: Option<PathBuf>,
 }
 
 /// The weights file of `backbone`, downloaded into `dir` if it is not there yet.
 pub fn weights_file(backbone: BackboneName, args: &WeightsArgs) -> Result<PathBuf> {
+    if let Some(file) = &args.weights {
+        anyhow::ensure!(file.is_file(), "{}: no such weights file (--weights)", file.display());
+        return Ok(file.clone());
+    }
     let spec = anomaly_weights::find(backbone.as_str()).expect("every backbone has a catalog entry");
     let path = args.weights_dir.join(spec.file_name);
     if args.offline && !path.is_file() {

@@ -742,3 +742,30 @@ fn bench_coreset_prints_rates_of_paths_that_agree() {
         assert!(!output.status.success() && stderr(&output).contains(bad[0]), "{bad:?}: {}", stderr(&output));
     }
 }
+
+#[test]
+fn weights_named_with_a_flag_are_used_recorded_and_needed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("fabric");
+    synthetic(&data, 41, 6);
+    let custom = dir.path().join("my-finetuned-lite0.pth");
+    std::fs::copy(lite0_weights(), &custom).unwrap();
+    let (model, empty) = (dir.path().join("m.safetensors"), dir.path().join("no-weights-here"));
+    let common = ["--device", "cpu", "--offline", "--weights-dir", empty.to_str().unwrap()];
+    let fit = [&["fit", "--data", data.to_str().unwrap(), "--model", model.to_str().unwrap(), "--k", "3", "--json"], &common[..]].concat();
+
+    let missing = dir.path().join("missing.pth");
+    let output = anomaly(&[&fit[..], &["--weights", missing.to_str().unwrap()]].concat());
+    assert!(!output.status.success() && stderr(&output).contains("missing.pth: no such weights file"), "{}", stderr(&output));
+
+    let output = anomaly(&[&fit[..], &["--weights", custom.to_str().unwrap()]].concat());
+    assert!(output.status.success(), "{}", stderr(&output));
+    let fitted: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(fitted["info"]["weights_file"], "my-finetuned-lite0.pth", "{fitted}");
+    // The model's predict finds no weights in the (empty) folder without the flag, and runs with it.
+    let image = data.join("test/good/000.png");
+    let predict = ["predict", "--model", model.to_str().unwrap(), image.to_str().unwrap()];
+    assert!(!anomaly(&[&predict[..], &common[..]].concat()).status.success());
+    let output = anomaly(&[&predict[..], &common[..], &["--weights", custom.to_str().unwrap()]].concat());
+    assert!(output.status.success(), "{}", stderr(&output));
+}

@@ -279,7 +279,7 @@ fn fitted_extractor(
     if sha != weights_sha256 {
         anyhow::bail!(
             "{}: the model was fitted with {name} weights {weights_file} (sha256 {}…), but {} has sha256 {}…; put the weights it \
-             was fitted with in {} or refit the model",
+             was fitted with in {} (or name them with --weights) or refit the model",
             path.display(),
             &weights_sha256[..weights_sha256.len().min(12)],
             extractor.weights().display(),
