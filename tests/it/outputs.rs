@@ -385,3 +385,40 @@ fn outputs_where_they_cannot_go_fail_before_any_work_and_touch_nothing() {
     one_error(autoencoder("fit", "2", &[Path::new("--data"), &data, Path::new("--model"), &under_file]), "notes.txt: creating the folder");
     assert_eq!(listing(dir.path()), ["fabric", "notes.txt", "photos"], "no lock or temporary file left");
 }
+
+/// A PatchCore fit killed while its training patches are spilled leaves neither a model nor its spill file
+/// (on Linux the spill file never has a name).
+#[cfg(target_os = "linux")]
+#[test]
+fn a_killed_fit_that_spills_leaves_no_spill_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("fabric");
+    synthetic(&data);
+    let (spill, model, weights) = (dir.path().join("spill"), dir.path().join("pc.safetensors"), crate::cli::weights_dir());
+    std::fs::create_dir(&spill).unwrap();
+    let args: Vec<String> = [
+        "fit",
+        "--method",
+        "patchcore",
+        "--data",
+        data.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--offline",
+        "--weights-dir",
+        weights.to_str().unwrap(),
+        "--memory-budget",
+        "10MB",
+        "--spill-dir",
+        spill.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut run = Run::start(&args);
+    run.wait_for_line("spill to");
+    assert!(run.kill(), "still fitting when killed");
+    assert!(listing(&spill).is_empty(), "{:?}", listing(&spill));
+    assert!(!model.exists());
+}

@@ -8,6 +8,7 @@
 mod file_bytes;
 mod lock;
 mod report;
+mod scratch;
 #[cfg(target_os = "linux")]
 mod unnamed;
 
@@ -20,6 +21,7 @@ use tempfile::{NamedTempFile, TempDir};
 pub use file_bytes::{FileBytes, MAP_FILES_ABOVE};
 pub use lock::OutputLock;
 pub use report::{OutputError, REPORT_MARKER, ReportContent, ReportWriter, check_file_output, check_folder_output};
+pub use scratch::ScratchFile;
 
 /// A file or folder that could not be written, named, with what was being done to it.
 #[derive(Debug, thiserror::Error)]

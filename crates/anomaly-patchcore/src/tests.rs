@@ -246,9 +246,8 @@ fn a_spilled_fit_read_in_chunks_gives_the_in_memory_bank_and_thresholds() {
         assert!(plan.spills() && plan.chunk_images() == 2, "{plan:?}");
         let train = written(&patches, geometry, &config, budget, dir.path());
         assert!(train.spilled() && train.images() == images);
-        let spill: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
-        assert_eq!(spill.len(), 1, "one spill file");
-        assert_eq!(std::fs::metadata(&spill[0]).unwrap().len(), (patches.len() * 4) as u64);
+        // Unnamed on Linux: the folder shows nothing even while the spill file is open.
+        assert!(std::fs::read_dir(dir.path()).unwrap().count() <= 1);
         let chunks: Vec<(usize, usize)> = train.chunks().map(|(first, values)| (first, values.len())).collect();
         let image_len = geometry.per_image() * geometry.patch_dim;
         assert_eq!(chunks, [(0, 2), (2, 2), (4, 2), (6, 2), (8, 2), (10, 1)].map(|(f, n)| (f, n * image_len)));
@@ -257,7 +256,7 @@ fn a_spilled_fit_read_in_chunks_gives_the_in_memory_bank_and_thresholds() {
         assert_eq!(spilled.train_scores(), in_memory.train_scores());
         assert_eq!(spilled.train_map_maxima(), in_memory.train_map_maxima());
         drop(train);
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the spill file is removed with the patches");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the spill file goes with the patches");
     }
 }
 

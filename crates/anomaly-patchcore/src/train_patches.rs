@@ -7,8 +7,8 @@ use std::borrow::Cow;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use anomaly_fs::ScratchFile;
 use memmap2::Mmap;
-use tempfile::NamedTempFile;
 
 use crate::{LEAVE_ONE_OUT_K, PatchCoreConfig, PatchCoreError, PatchGeometry};
 
@@ -96,20 +96,18 @@ pub struct TrainPatchesWriter {
 
 enum Sink {
     Memory(Vec<f32>),
-    Spill { file: BufWriter<NamedTempFile>, path: PathBuf },
+    Spill { file: BufWriter<ScratchFile>, path: PathBuf },
 }
 
 impl TrainPatchesWriter {
-    /// A writer for `images` images' patches; a spilling plan creates its file in `spill_dir` (removed
-    /// again when the patches are dropped, or when anything fails).
+    /// A writer for `images` images' patches; a spilling plan creates its file in `spill_dir`: unnamed on
+    /// Linux, so that nothing is left even if the run is killed; elsewhere removed when the patches are
+    /// dropped, or when anything fails.
     pub fn new(plan: &MemoryPlan, geometry: PatchGeometry, images: usize, spill_dir: &Path) -> Result<Self, PatchCoreError> {
         let sink = if plan.spills {
-            let file = tempfile::Builder::new()
-                .prefix(".anomaly-patches-")
-                .suffix(".f32")
-                .tempfile_in(spill_dir)
-                .map_err(|source| PatchCoreError::Spill { path: spill_dir.to_path_buf(), source })?;
-            let path = file.path().to_path_buf();
+            let file = ScratchFile::create_in(spill_dir, ".anomaly-patches-", ".f32")
+                .map_err(|error| PatchCoreError::Spill { path: spill_dir.to_path_buf(), source: error.source })?;
+            let path = file.shown().to_path_buf();
             Sink::Spill { file: BufWriter::with_capacity(1 << 20, file), path }
         } else {
             Sink::Memory(Vec::with_capacity(images * geometry.per_image() * geometry.patch_dim))
@@ -147,10 +145,9 @@ impl TrainPatchesWriter {
             Sink::Memory(rows) => Storage::Memory(Cow::Owned(rows)),
             Sink::Spill { file, path } => {
                 let file = file.into_inner().map_err(|e| PatchCoreError::Spill { path: path.clone(), source: e.into_error() })?;
-                file.as_file().sync_data().map_err(|source| PatchCoreError::Spill { path: path.clone(), source })?;
-                // SAFETY: the file is this process's own unnamed-by-others temporary file, written in
-                // full above and never written again while mapped.
-                let map = unsafe { Mmap::map(file.as_file()) }.map_err(|source| PatchCoreError::Spill { path, source })?;
+                // SAFETY: the file is this run's own scratch file, written in full above and never written
+                // again while mapped.
+                let map = unsafe { Mmap::map(file.file()) }.map_err(|source| PatchCoreError::Spill { path, source })?;
                 Storage::Spilled { map, _file: file }
             }
         };
@@ -169,10 +166,10 @@ pub struct TrainPatches<'a> {
 
 enum Storage<'a> {
     Memory(Cow<'a, [f32]>),
-    /// The file is removed when dropped.
+    /// The file goes away when dropped.
     Spilled {
         map: Mmap,
-        _file: NamedTempFile,
+        _file: ScratchFile,
     },
 }
 
