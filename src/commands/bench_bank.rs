@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anomaly_detector::Compute;
+use anomaly_fs::ScratchFile;
 use anomaly_kernels::GpuKernels;
 use anomaly_method::count_in;
 use anomaly_patchcore::{BANK_CHUNK_BYTES, MappedRows, bytes_text, nearest_in_chunks};
@@ -70,19 +71,18 @@ pub fn run(args: BankArgs) -> Result<()> {
     };
     let (rows, dim) = (args.rows, args.dim);
     let dir = args.dir.clone().unwrap_or_else(std::env::temp_dir);
-    let file = tempfile::Builder::new()
-        .prefix(".anomaly-bench-bank-")
-        .suffix(".f32")
-        .tempfile_in(&dir)
+    // A scratch file: unnamed on Linux, so that not even a killed bench leaves its gigabytes behind.
+    let mut file = ScratchFile::create_in(&dir, ".anomaly-bench-bank-", ".f32")
         .with_context(|| format!("creating the bench's bank file in {} (choose another folder with --dir)", dir.display()))?;
     let bytes = rows as u64 * dim as u64 * 4;
     if !args.json {
-        note!("writing a {rows} × {dim} bank ({}) to {}", bytes_text(bytes), file.path().display());
+        note!("writing a {rows} × {dim} bank ({}) to {}", bytes_text(bytes), file.shown().display());
     }
     // Written in blocks of rows generated on all cores; the file is the bank, nothing of it stays in memory.
     let start = Instant::now();
     let block_rows = (4 << 20) / (dim * 4) + 1;
-    let mut writer = BufWriter::with_capacity(1 << 20, file.as_file());
+    let shown = file.shown().to_path_buf();
+    let mut writer = BufWriter::with_capacity(1 << 20, &mut file);
     for first in (0..rows).step_by(block_rows * 16) {
         let blocks: Vec<Vec<f32>> = (first..(first + block_rows * 16).min(rows))
             .step_by(block_rows)
@@ -91,13 +91,13 @@ pub fn run(args: BankArgs) -> Result<()> {
             .map(|block| random_values(block as u64, (block_rows.min(rows - block)) * dim).collect())
             .collect();
         for block in blocks {
-            writer.write_all(bytemuck::cast_slice(&block)).with_context(|| format!("writing {}", file.path().display()))?;
+            writer.write_all(bytemuck::cast_slice(&block)).with_context(|| format!("writing {}", shown.display()))?;
         }
     }
-    writer.flush().with_context(|| format!("writing {}", file.path().display()))?;
+    writer.flush().with_context(|| format!("writing {}", shown.display()))?;
     drop(writer);
     let write_s = start.elapsed().as_secs_f64();
-    let bank = MappedRows::open(file.path(), dim)?;
+    let bank = MappedRows::map(file.file(), &shown, dim)?;
     let queries: Vec<f32> = random_values(u64::MAX - 1, args.queries * dim).collect();
 
     let start = Instant::now();

@@ -769,3 +769,19 @@ fn weights_named_with_a_flag_are_used_recorded_and_needed_again() {
     let output = anomaly(&[&predict[..], &common[..], &["--weights", custom.to_str().unwrap()]].concat());
     assert!(output.status.success(), "{}", stderr(&output));
 }
+
+#[test]
+fn bench_bank_scores_a_mapped_bank_in_chunks_on_each_device_and_leaves_no_file() {
+    // 8000 rows of 64 values are 1.95 MiB: two chunks at 1 MiB.
+    crate::common::wgpu_device();
+    let dir = tempfile::tempdir().unwrap();
+    for device in ["cpu", "wgpu"] {
+        let args = ["bench", "bank", "--device", device, "--rows", "8000", "--dim", "64", "--queries", "20", "--chunk-mib", "1"];
+        let output = anomaly(&[&args[..], &["--dir", dir.path().to_str().unwrap(), "--json"]].concat());
+        assert!(output.status.success(), "{device}: {}", stderr(&output));
+        let row: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!((row["rows"].as_u64(), row["dim"].as_u64(), row["checked_queries"].as_u64()), (Some(8000), Some(64), Some(4)), "{row}");
+        assert!(row["score_s"].as_f64().unwrap() > 0.0 && row["bank_bytes"].as_u64() == Some(8000 * 64 * 4), "{row}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{device}: the bank file is gone");
+    }
+}

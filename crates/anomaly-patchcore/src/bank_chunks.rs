@@ -61,8 +61,13 @@ impl MappedRows {
     /// Maps `path` as rows of `dim` values.
     pub fn open(path: &Path, dim: usize) -> Result<Self, PatchCoreError> {
         let file = std::fs::File::open(path).map_err(|source| PatchCoreError::Read { path: path.to_path_buf(), source })?;
+        Self::map(&file, path, dim)
+    }
+
+    /// Maps an open `file` (`path` names it in errors) as rows of `dim` values.
+    pub fn map(file: &std::fs::File, path: &Path, dim: usize) -> Result<Self, PatchCoreError> {
         // SAFETY: mapped read-only; the caller owns the file for the map's life and does not write it.
-        let map = unsafe { Mmap::map(&file) }.map_err(|source| PatchCoreError::Read { path: path.to_path_buf(), source })?;
+        let map = unsafe { Mmap::map(file) }.map_err(|source| PatchCoreError::Read { path: path.to_path_buf(), source })?;
         if dim == 0 || map.is_empty() || !map.len().is_multiple_of(dim * 4) {
             return Err(PatchCoreError::Shape(format!("{}: {} bytes are not rows of {dim} f32 values", path.display(), map.len())));
         }
