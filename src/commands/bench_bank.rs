@@ -9,13 +9,12 @@ use std::time::Instant;
 
 use anomaly_detector::Compute;
 use anomaly_fs::ScratchFile;
-use anomaly_kernels::GpuKernels;
 use anomaly_method::count_in;
 use anomaly_patchcore::{BANK_CHUNK_BYTES, MappedRows, bytes_text, nearest_in_chunks};
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 
-use super::bench_kernels::KernelDevice;
+use super::bench_kernels::{KernelDevice, random};
 use crate::output::{note, outln};
 
 /// Queries checked against a plain f64 scan of the whole bank.
@@ -45,26 +44,8 @@ pub struct BankArgs {
     json: bool,
 }
 
-/// Seeded values in [-1, 1): `count` of them from stream `stream`.
-fn random_values(stream: u64, count: usize) -> impl Iterator<Item = f32> {
-    let mut state = (stream + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..count).map(move |_| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    })
-}
-
 pub fn run(args: BankArgs) -> Result<()> {
-    let gpu = match args.device {
-        KernelDevice::Wgpu => Some(GpuKernels::shared()?),
-        KernelDevice::Cpu => None,
-    };
-    let device = match &gpu {
-        Some(_) => format!("wgpu: {}", anomaly_device::GpuContext::get()?.adapter),
-        None => format!("cpu: {} threads", rayon::current_num_threads()),
-    };
+    let (gpu, device) = args.device.resolve()?;
     let compute = match gpu {
         Some(kernels) => Compute::Gpu(kernels),
         None => Compute::Cpu,
@@ -88,7 +69,7 @@ pub fn run(args: BankArgs) -> Result<()> {
             .step_by(block_rows)
             .collect::<Vec<_>>()
             .into_par_iter()
-            .map(|block| random_values(block as u64, (block_rows.min(rows - block)) * dim).collect())
+            .map(|block| random(block_rows.min(rows - block) * dim, block as u64))
             .collect();
         for block in blocks {
             writer.write_all(bytemuck::cast_slice(&block)).with_context(|| format!("writing {}", shown.display()))?;
@@ -98,7 +79,7 @@ pub fn run(args: BankArgs) -> Result<()> {
     drop(writer);
     let write_s = start.elapsed().as_secs_f64();
     let bank = MappedRows::map(file.file(), &shown, dim)?;
-    let queries: Vec<f32> = random_values(u64::MAX - 1, args.queries * dim).collect();
+    let queries = random(args.queries * dim, u64::MAX);
 
     let start = Instant::now();
     let nearest = nearest_in_chunks(&queries, dim, bank.chunks(args.chunk_mib << 20), &compute)?;

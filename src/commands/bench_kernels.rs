@@ -20,6 +20,16 @@ pub enum KernelDevice {
     Cpu,
 }
 
+impl KernelDevice {
+    /// The GPU kernels on `wgpu` (none on the CPU), and the device's description for the report.
+    pub(crate) fn resolve(self) -> Result<(Option<GpuKernels>, String)> {
+        Ok(match self {
+            Self::Wgpu => (Some(GpuKernels::shared()?), format!("wgpu: {}", anomaly_device::GpuContext::get()?.adapter)),
+            Self::Cpu => (None, format!("cpu: {} threads", rayon::current_num_threads())),
+        })
+    }
+}
+
 #[derive(clap::Args)]
 pub struct KernelArgs {
     #[arg(long, value_enum, default_value = "wgpu")]
@@ -77,14 +87,7 @@ pub fn run(mut args: KernelArgs) -> Result<()> {
     if args.quick {
         (args.banks, args.dims, args.ks, args.queries) = (vec![20_000], vec![1024], vec![50], 1000);
     }
-    let gpu = match args.device {
-        KernelDevice::Wgpu => Some(GpuKernels::shared()?),
-        KernelDevice::Cpu => None,
-    };
-    let device = match &gpu {
-        Some(_) => format!("wgpu: {}", anomaly_device::GpuContext::get()?.adapter),
-        None => format!("cpu: {} threads", rayon::current_num_threads()),
-    };
+    let (gpu, device) = args.device.resolve()?;
     if !args.json {
         note!(
             "device {device}; timing from {}",
