@@ -1,8 +1,6 @@
 //! A regular file's bytes, read whole or, when large, memory-mapped: model files with banks larger than
 //! memory are read by the pages scoring touches, and those pages can be released again.
 
-use std::fs::File;
-use std::io;
 use std::ops::Deref;
 use std::path::Path;
 use std::sync::Arc;
@@ -28,20 +26,14 @@ impl FileBytes {
     /// or a device (`--model /dev/zero`) is refused instead of blocking or filling memory. A mapped file
     /// must not be rewritten in place while in use (our writers replace files by renaming).
     pub fn open(path: &Path, map_above: u64) -> Result<Self, FsError> {
-        let file = File::open(path).map_err(|e| FsError::new(path, "reading", e))?;
-        let metadata = file.metadata().map_err(|e| FsError::new(path, "reading", e))?;
-        if !metadata.is_file() {
-            return Err(FsError::new(path, "reading", io::Error::new(io::ErrorKind::InvalidInput, "not a regular file")));
-        }
-        if metadata.len() > map_above && metadata.len() > 0 {
+        let (file, len) = crate::open_regular_file(path)?;
+        if len > map_above {
             // SAFETY: mapped read-only and never written through; the file is replaced by renaming, which
             // leaves this mapping's inode whole.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| FsError::new(path, "memory-mapping", e))?;
             return Ok(Self(Arc::new(Storage::Mapped(map))));
         }
-        let mut bytes = Vec::with_capacity(metadata.len() as usize);
-        io::Read::read_to_end(&mut &file, &mut bytes).map_err(|e| FsError::new(path, "reading", e))?;
-        Ok(Self(Arc::new(Storage::Read(bytes))))
+        Ok(Self(Arc::new(Storage::Read(crate::read_whole(file, len, path)?))))
     }
 
     /// Bytes already in memory.

@@ -45,12 +45,23 @@ impl FsError {
 /// Reads a regular file whole: a folder, a FIFO or a device (`--model /dev/zero`) is refused instead of
 /// blocking or filling memory.
 pub fn read_regular_file(path: &Path) -> Result<Vec<u8>, FsError> {
-    let mut file = File::open(path).map_err(|e| FsError::new(path, "reading", e))?;
+    let (file, len) = open_regular_file(path)?;
+    read_whole(file, len, path)
+}
+
+/// `path` opened for reading, with its length, if it is a regular file.
+fn open_regular_file(path: &Path) -> Result<(File, u64), FsError> {
+    let file = File::open(path).map_err(|e| FsError::new(path, "reading", e))?;
     let metadata = file.metadata().map_err(|e| FsError::new(path, "reading", e))?;
     if !metadata.is_file() {
         return Err(FsError::new(path, "reading", io::Error::new(io::ErrorKind::InvalidInput, "not a regular file")));
     }
-    let mut bytes = Vec::with_capacity(metadata.len() as usize);
+    Ok((file, metadata.len()))
+}
+
+/// The rest of `file` (of `len` bytes), read into memory; `path` names it in errors.
+fn read_whole(mut file: File, len: u64, path: &Path) -> Result<Vec<u8>, FsError> {
+    let mut bytes = Vec::with_capacity(len as usize);
     io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| FsError::new(path, "reading", e))?;
     Ok(bytes)
 }
