@@ -158,26 +158,21 @@ impl PatchCoreModel {
         }
         let tensors =
             SafeTensors::deserialize(bytes).map_err(|e| invalid(format!("its tensors are unreadable, perhaps truncated: {e}")))?;
-        let tensor = |name: &str, shape: &[usize]| {
+        let view = |name: &str, shape: &[usize]| {
             let view = tensors.tensor(name).map_err(|_| invalid(format!("tensor `{name}` is missing")))?;
             if view.dtype() != Dtype::F32 || view.shape() != shape {
                 return Err(invalid(format!("tensor `{name}` is {:?} {:?}, expected F32 {shape:?}", view.dtype(), view.shape())));
             }
-            Ok(f32_values(view.data()).collect::<Vec<f32>>())
+            Ok(view)
         };
+        let tensor = |name: &str, shape: &[usize]| Ok::<_, ModelError>(f32_values(view(name, shape)?.data()).collect::<Vec<f32>>());
         let images = info.train_scores.count;
+        let bank = view("bank", &[info.bank_rows, patch_dim])?;
+        // In a mapped file the bank stays where it is, when its f32 values are aligned there.
+        let offset = bank.data().as_ptr() as usize - bytes.as_ptr() as usize;
         let rows = match file.filter(|file| file.map().is_some()) {
-            Some(file) => {
-                let view = tensors.tensor("bank").map_err(|_| invalid("tensor `bank` is missing".into()))?;
-                let offset = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
-                let fits = view.dtype() == Dtype::F32 && view.shape() == [info.bank_rows, patch_dim];
-                if fits && offset.is_multiple_of(4) {
-                    BankRows::Mapped { file: file.clone(), offset, len: view.data().len() / 4 }
-                } else {
-                    BankRows::Owned(tensor("bank", &[info.bank_rows, patch_dim])?)
-                }
-            }
-            None => BankRows::Owned(tensor("bank", &[info.bank_rows, patch_dim])?),
+            Some(file) if offset.is_multiple_of(4) => BankRows::Mapped { file: file.clone(), offset, len: bank.data().len() / 4 },
+            _ => BankRows::Owned(f32_values(bank.data()).collect()),
         };
         let train_scores = tensor("train_scores", &[images])?;
         let train_map_maxima = tensor("train_map_maxima", &[images])?;
