@@ -168,6 +168,14 @@ impl BankRows {
             Self::Mapped { file, offset, len } => bytemuck::cast_slice(&file[*offset..][..len * 4]),
         }
     }
+
+    /// The mapping the rows lie in, if they are read in place.
+    fn map(&self) -> Option<&memmap2::Mmap> {
+        match self {
+            Self::Owned(_) => None,
+            Self::Mapped { file, .. } => file.map(),
+        }
+    }
 }
 
 impl PartialEq for BankRows {
@@ -296,17 +304,12 @@ impl PatchBank {
     /// The bank's rows in chunks of about `chunk_bytes`: `(first row, values)`. Rows in a mapped file
     /// have their pages released as the chunks go by.
     pub fn row_chunks(&self, chunk_bytes: usize) -> Chunks<'_> {
-        let values: &[u8] = bytemuck::cast_slice(self.rows.values());
-        let map = match &self.rows {
-            BankRows::Mapped { file, .. } => file.map(),
-            BankRows::Owned(_) => None,
-        };
-        Chunks::new(values, map, chunk_bytes, self.geometry.patch_dim * 4)
+        Chunks::new(bytemuck::cast_slice(self.rows.values()), self.rows.map(), chunk_bytes, self.geometry.patch_dim * 4)
     }
 
     /// Whether the rows are read in place from a memory-mapped model file (and streamed when scoring).
     pub fn is_mapped(&self) -> bool {
-        matches!(&self.rows, BankRows::Mapped { file, .. } if file.map().is_some())
+        self.rows.map().is_some()
     }
 
     /// The nearest bank row among those `allowed`, by a plain scan: `(distance, row)`.

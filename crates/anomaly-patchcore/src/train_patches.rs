@@ -207,13 +207,9 @@ impl<'a> TrainPatches<'a> {
     /// The patches in consecutive chunks of whole images: `(first image, values)`. A spilled chunk's
     /// pages are released when the next is read, and the last one's when the iterator is dropped.
     pub fn chunks(&self) -> Chunks<'_> {
-        let values: &[u8] = match &self.storage {
-            Storage::Memory(rows) => bytemuck::cast_slice(rows),
-            Storage::Spilled { map, .. } => map,
-        };
-        let map = match &self.storage {
-            Storage::Spilled { map, .. } => Some(map),
-            Storage::Memory(_) => None,
+        let (values, map): (&[u8], _) = match &self.storage {
+            Storage::Memory(rows) => (bytemuck::cast_slice(rows), None),
+            Storage::Spilled { map, .. } => (map, Some(map)),
         };
         let image_bytes = self.geometry.per_image() * self.geometry.patch_dim * 4;
         Chunks::new(values, map, self.chunk_images * image_bytes, image_bytes)
