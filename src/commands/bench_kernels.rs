@@ -99,7 +99,7 @@ pub fn run(mut args: KernelArgs) -> Result<()> {
         );
     }
     // Probes first, on an otherwise idle device. The CPU one runs in wgpu runs too: its rows are there.
-    let free = available_memory().unwrap_or(u64::MAX);
+    let free = anomaly_device::host_memory("MemAvailable").unwrap_or(u64::MAX);
     let cpu_peak = Peak { gflops: peak::fma_gflops(), gbs: peak::read_gbs(peak::STREAM_BYTES.min((free / 4) as usize)) };
     let gpu_peak = gpu.as_ref().map(GpuKernels::peak).transpose()?;
     if !args.json {
@@ -133,7 +133,7 @@ pub fn run(mut args: KernelArgs) -> Result<()> {
     for &d in &args.dims {
         for &n in &args.banks {
             let needed = ((n + m) * d * 4) as u64 * if gpu.is_some() { 2 } else { 1 };
-            if available_memory().is_some_and(|free| needed > free) {
+            if anomaly_device::host_memory("MemAvailable").is_some_and(|free| needed > free) {
                 note!("skipping n {n} d {d}: needs ~{} MiB, more than is free", needed >> 20);
                 continue;
             }
@@ -282,11 +282,4 @@ pub(crate) fn random(count: usize, seed: u64) -> Vec<f32> {
             (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
         })
         .collect()
-}
-
-/// Free memory (Linux `MemAvailable`), to skip cases that cannot fit.
-fn available_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }

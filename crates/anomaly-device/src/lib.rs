@@ -99,6 +99,14 @@ impl fmt::Display for Adapter {
     }
 }
 
+/// A figure of the host's memory in bytes from Linux's `/proc/meminfo` (`"MemTotal"`, `"MemAvailable"`);
+/// `None` where the system does not say.
+pub fn host_memory(field: &str) -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|line| line.strip_prefix(field).is_some_and(|rest| rest.starts_with(':')))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
 /// Every adapter wgpu can see on this machine. Quiet: the drivers' complaints about a missing display
 /// (Mesa's Vulkan device-select layer prints `XDG_RUNTIME_DIR is invalid or not set` where there is no
 /// Wayland session) are not shown, since `--device auto` probes even for runs that end up on the CPU.

@@ -92,11 +92,7 @@ pub(crate) fn byte_size(text: &str) -> Result<u64, String> {
 /// The default memory budget: half of this machine's memory (`MemTotal` in /proc/meminfo), with how it
 /// was found, or 4 GiB where the machine does not say.
 fn default_memory_budget() -> (u64, String) {
-    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|info| {
-        let line = info.lines().find(|line| line.starts_with("MemTotal:"))?;
-        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
-    });
-    match total {
+    match anomaly_device::host_memory("MemTotal") {
         Some(total) => (total / 2, format!("half of this machine's {}", anomaly_patchcore::bytes_text(total))),
         None => (4 << 30, "this machine's memory is not known".into()),
     }
