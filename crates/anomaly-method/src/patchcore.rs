@@ -124,11 +124,15 @@ impl PatchCoreSettings {
         let layout = self.layout(backbone)?;
         self.config().check(train_images)?;
         if let Some(budget) = self.memory_budget {
-            let geometry = PatchGeometry { grid: layout.grid(), patch_dim: layout.patch_dim(), side: backbone.preprocess().crop as usize };
-            MemoryPlan::new(train_images, geometry, &self.config(), budget)?;
+            MemoryPlan::new(train_images, geometry(&layout, &backbone.preprocess()), &self.config(), budget)?;
         }
         Ok(())
     }
+}
+
+/// The patches a layout makes of images preprocessed by `preprocess`: the bank's geometry.
+fn geometry(layout: &PatchLayout, preprocess: &Preprocess) -> PatchGeometry {
+    PatchGeometry { grid: layout.grid(), patch_dim: layout.patch_dim(), side: preprocess.crop as usize }
 }
 
 /// A fitted PatchCore model and the backbone that makes its patches.
@@ -148,7 +152,7 @@ impl PatchCoreDetector {
         let preprocess = extractor.preprocess();
         let (grid, dim) = (layout.grid(), layout.patch_dim());
         let per_image = grid.0 * grid.1;
-        let geometry = PatchGeometry { grid, patch_dim: dim, side: preprocess.crop as usize };
+        let geometry = geometry(&layout, &preprocess);
         let config = settings.config();
         let (budget, budget_source) = match settings.memory_budget {
             Some(budget) => (budget, "--memory-budget".to_string()),
