@@ -2,7 +2,7 @@
 //! the GPU and dropped after) and each query keeps its nearest row so far. A bank larger than memory
 //! (a memory-mapped file of rows, [`MappedRows`]) or than the device then scores in bounded memory.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anomaly_detector::Compute;
 use anomaly_kernels::Neighbours;
@@ -52,18 +52,11 @@ pub fn nearest_in_chunks<'a>(
 /// A file of raw little-endian f32 bank rows, memory-mapped read-only: scored a chunk at a time, its pages
 /// released after each, so its size is bounded by the disk, not the memory.
 pub struct MappedRows {
-    path: PathBuf,
     map: Mmap,
     dim: usize,
 }
 
 impl MappedRows {
-    /// Maps `path` as rows of `dim` values.
-    pub fn open(path: &Path, dim: usize) -> Result<Self, PatchCoreError> {
-        let file = std::fs::File::open(path).map_err(|source| PatchCoreError::Read { path: path.to_path_buf(), source })?;
-        Self::map(&file, path, dim)
-    }
-
     /// Maps an open `file` (`path` names it in errors) as rows of `dim` values.
     pub fn map(file: &std::fs::File, path: &Path, dim: usize) -> Result<Self, PatchCoreError> {
         // SAFETY: mapped read-only; the caller owns the file for the map's life and does not write it.
@@ -71,22 +64,12 @@ impl MappedRows {
         if dim == 0 || map.is_empty() || !map.len().is_multiple_of(dim * 4) {
             return Err(PatchCoreError::Shape(format!("{}: {} bytes are not rows of {dim} f32 values", path.display(), map.len())));
         }
-        Ok(Self { path: path.to_path_buf(), map, dim })
-    }
-
-    /// The file.
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(Self { map, dim })
     }
 
     /// Rows in the file.
     pub fn rows(&self) -> usize {
         self.map.len() / (self.dim * 4)
-    }
-
-    /// Values per row.
-    pub fn dim(&self) -> usize {
-        self.dim
     }
 
     /// The rows in chunks of about `chunk_bytes`: `(first row, values)`.

@@ -309,7 +309,7 @@ fn a_bank_scored_in_chunks_from_a_mapped_file_gives_the_whole_banks_nearest_rows
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bank.f32");
     std::fs::write(&path, bytemuck::cast_slice::<f32, u8>(&bank)).unwrap();
-    let mapped = MappedRows::open(&path, dim).unwrap();
+    let mapped = MappedRows::map(&std::fs::File::open(&path).unwrap(), &path, dim).unwrap();
     assert_eq!(mapped.rows(), 1000);
     for chunk_rows in [1000, 333, 64, 1] {
         let chunked = nearest_in_chunks(&queries, dim, mapped.chunks(chunk_rows * dim * 4), &Compute::Cpu).unwrap();
@@ -320,5 +320,8 @@ fn a_bank_scored_in_chunks_from_a_mapped_file_gives_the_whole_banks_nearest_rows
     }
     assert_eq!(whole.indices[0], 10, "the duplicate's lower row");
     std::fs::write(&path, [0u8; 10]).unwrap();
-    assert!(matches!(MappedRows::open(&path, dim), Err(PatchCoreError::Shape(_))));
+    match MappedRows::map(&std::fs::File::open(&path).unwrap(), &path, dim) {
+        Err(error @ PatchCoreError::Shape(_)) => assert!(error.to_string().contains("bank.f32"), "{error}"),
+        other => panic!("{:?}", other.err()),
+    }
 }
