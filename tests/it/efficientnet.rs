@@ -49,6 +49,28 @@ fn lite0_matches_pytorch_on_cpu() {
     check_lite0(&Device::flex());
 }
 
+/// The network in our CPU kernels (what `--device cpu` runs for Lite) against the same PyTorch figures.
+#[test]
+fn lite0_in_our_cpu_kernels_matches_pytorch() {
+    let reference = read_safetensors(&fixture("efficientnet/lite0_reference.safetensors"));
+    let device = Device::flex();
+    let model = Backbone::load(BackboneName::EfficientNetLite0, &lite0_weights(), &device).unwrap();
+    let network = model.on_cpu().expect("Lite runs in our CPU kernels");
+    let pixels = photos(&device).into_data().try_into_vec_as::<f32>().unwrap();
+    let (pooled, maps) = network.features(&pixels, 2, 224, &["block4", "block10"], true);
+    let diff = max_abs_diff(&pooled, &reference["pooled"].values);
+    eprintln!("lite0 pooled, our CPU kernels: max abs diff {diff:.2e}");
+    assert!(diff <= 1e-3, "pooled features differ by {diff}");
+    for map in &maps {
+        let [batch, channels, height, width] = map.shape;
+        let means: Vec<f32> = map.values.chunks_exact(height * width).map(|plane| plane.iter().sum::<f32>() / plane.len() as f32).collect();
+        assert_eq!(means.len(), batch * channels);
+        let diff = max_abs_diff(&means, &reference[&format!("{}_mean", map.name)].values);
+        eprintln!("lite0 {} channel means, our CPU kernels: max abs diff {diff:.2e}", map.name);
+        assert!(diff <= 1e-3, "{} differs by {diff}", map.name);
+    }
+}
+
 #[test]
 fn lite0_matches_pytorch_on_wgpu() {
     check_lite0(&wgpu_device());

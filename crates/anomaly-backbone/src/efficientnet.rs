@@ -7,6 +7,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::{Device, Tensor};
 
+use crate::cpu::{ConvWeights, EfficientNetLiteCpu, LiteBlock};
 use crate::fold::{fold_batch_norm, normalise};
 use crate::{Features, distinct, global_average_pool};
 
@@ -180,6 +181,28 @@ impl EfficientNetLite {
             fold_batch_norm(&mut block.depthwise_conv, &mut block.bn1);
             fold_batch_norm(&mut block.project_conv, &mut block.bn2);
         }
+    }
+
+    /// The same network for our CPU kernels, once every BatchNorm is folded (`None` before).
+    pub(crate) fn on_cpu(&self) -> Option<EfficientNetLiteCpu> {
+        let folded =
+            self.bn0.is_none() && self.bn1.is_none() && self.blocks.iter().all(|b| b.bn0.is_none() && b.bn1.is_none() && b.bn2.is_none());
+        if !folded {
+            return None;
+        }
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| {
+                LiteBlock::new(
+                    b.expand_conv.as_ref().map(ConvWeights::read),
+                    ConvWeights::read(&b.depthwise_conv),
+                    ConvWeights::read(&b.project_conv),
+                    b.skip,
+                )
+            })
+            .collect();
+        Some(EfficientNetLiteCpu::new(ConvWeights::read(&self.conv_stem), blocks, ConvWeights::read(&self.conv_head)))
     }
 
     /// ImageNet logits from the classifier head (dropout is a no-op at inference).

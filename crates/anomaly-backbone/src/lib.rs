@@ -2,12 +2,14 @@
 //! PyTorch weights by their own key names and hand out pooled features and named intermediate maps.
 //! The models run on any burn device: wgpu or the CPU backend, picked at run time.
 
+mod cpu;
 mod efficientnet;
 mod fold;
 mod load;
 mod name;
 mod resnet;
 
+pub use cpu::EfficientNetLiteCpu;
 pub use efficientnet::{EfficientNetLite, EfficientNetLiteConfig};
 pub use load::{BackboneError, load_weights, torch_state_dict_keys};
 pub use name::BackboneName;
@@ -23,6 +25,15 @@ pub struct Features {
     pub pooled: Tensor<2>,
     /// The intermediate feature maps that were asked for, `[batch, channels, height, width]`, by tap name.
     pub maps: Vec<(String, Tensor<4>)>,
+}
+
+/// One feature map of a batch on the host.
+#[derive(Clone, Debug)]
+pub struct HostMap {
+    pub name: String,
+    /// `[batch, channels, height, width]`.
+    pub shape: [usize; 4],
+    pub values: Vec<f32>,
 }
 
 /// A loaded backbone, whichever architecture it is. Unboxed although the variants differ in size: a process
@@ -88,6 +99,15 @@ impl Backbone {
         }
     }
 
+    /// The network for our CPU kernels ([`EfficientNetLiteCpu`]), for EfficientNet-Lite once its
+    /// BatchNorms are folded (as [`Self::load`] leaves it); `None` for the ResNets, which run in burn.
+    pub fn on_cpu(&self) -> Option<EfficientNetLiteCpu> {
+        match self {
+            Self::ResNet(_) => None,
+            Self::EfficientNet(model) => model.on_cpu(),
+        }
+    }
+
     /// ImageNet logits of pooled features, for sanity checks of the weights.
     pub fn classify(&self, pooled: Tensor<2>) -> Tensor<2> {
         match self {
@@ -131,6 +151,40 @@ mod tests {
                 assert_eq!(a_name, b_name);
                 assert_eq!(a.into_data(), b.into_data(), "{name}: {a_name}");
             }
+        }
+    }
+
+    /// Our CPU kernels compute burn's Lite0 and Lite2: pooled features and every kind of tap (first
+    /// block, a strided one, a residual one, the head), on an odd size, at the last tap when not pooled.
+    #[test]
+    fn lite_on_cpu_equals_the_burn_network() {
+        let device = Device::flex();
+        for (name, side) in [(BackboneName::EfficientNetLite0, 67), (BackboneName::EfficientNetLite2, 48)] {
+            let mut backbone = Backbone::init(name, &device);
+            assert!(backbone.on_cpu().is_none(), "BatchNorms not folded yet");
+            backbone.fold_batch_norms();
+            let on_cpu = backbone.on_cpu().expect("a folded Lite");
+            let input = Tensor::<4>::random([3, 3, side, side], Distribution::Normal(0.0, 1.0), &device);
+            let pixels = input.clone().into_data().try_into_vec_as::<f32>().unwrap();
+            let taps = ["block0", "block2", "block5", "head"];
+            let burn = backbone.features(input, &taps);
+            let (pooled, maps) = on_cpu.features(&pixels, 3, side, &taps, true);
+            let close = |ours: &[f32], theirs: burn::tensor::TensorData, what: &str| {
+                let theirs = theirs.try_into_vec_as::<f32>().unwrap();
+                assert_eq!(ours.len(), theirs.len(), "{name} {what}");
+                let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let diff = ours.iter().zip(&theirs).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(diff <= 1e-4 * scale.max(1.0), "{name} {what}: differs by {diff} (values up to {scale})");
+            };
+            close(&pooled, burn.pooled.into_data(), "pooled");
+            assert_eq!(maps.len(), taps.len());
+            for (ours, (tap, theirs)) in maps.iter().zip(burn.maps) {
+                assert_eq!((ours.name.as_str(), ours.shape), (tap.as_str(), theirs.dims()));
+                close(&ours.values, theirs.into_data(), &tap);
+            }
+            let (none, early) = on_cpu.features(&pixels, 3, side, &["block2"], false);
+            assert!(none.is_empty());
+            assert_eq!(early[0].values, maps[1].values, "{name}: block2 alone");
         }
     }
 }

@@ -23,7 +23,7 @@ pub enum DeviceChoice {
     /// wgpu on whatever adapter it picks, software ones included.
     #[value(name = "wgpu", alias = "gpu")]
     Wgpu,
-    /// burn's pure-Rust CPU backend (burn-flex).
+    /// The CPU: our kernels for EfficientNet-Lite and the methods, burn's pure-Rust CPU backend (burn-flex) for the ResNets.
     #[value(name = "cpu")]
     Cpu,
 }
@@ -129,11 +129,11 @@ pub struct ResolvedDevice {
 }
 
 impl ResolvedDevice {
-    /// A short description such as `wgpu: llvmpipe (LLVM 15.0.6) (Vulkan, Cpu)` or `cpu: burn-flex`.
+    /// A short description such as `wgpu: llvmpipe (LLVM 15.0.6) (Vulkan, Cpu)` or `cpu: our kernels and burn-flex`.
     pub fn describe(&self) -> String {
         match &self.adapter {
             Some(adapter) => format!("wgpu: {adapter}"),
-            None => "cpu: burn-flex".into(),
+            None => "cpu: our kernels and burn-flex".into(),
         }
     }
 

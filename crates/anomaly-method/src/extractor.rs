@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use anomaly_backbone::{Backbone, BackboneName};
+use anomaly_backbone::{Backbone, BackboneName, EfficientNetLiteCpu, HostMap};
 use anomaly_data::{Batch, BatchLoader, ImageLimits, Preprocess};
 use anomaly_detector::Compute;
 use anomaly_device::ResolvedDevice;
@@ -18,26 +18,29 @@ use crate::progress::image_progress;
 pub struct Extractor {
     name: BackboneName,
     backbone: Backbone,
+    /// The same network in our CPU kernels, used instead of burn's CPU backend where there is one
+    /// (EfficientNet-Lite).
+    on_cpu: Option<EfficientNetLiteCpu>,
     device: ResolvedDevice,
     weights: PathBuf,
     weights_sha256: OnceLock<String>,
     compute: OnceLock<Compute>,
 }
 
-/// One feature map of a batch, brought back to the host.
-#[derive(Clone, Debug)]
-pub struct HostMap {
-    pub name: String,
-    /// `[batch, channels, height, width]`.
-    pub shape: [usize; 4],
-    pub values: Vec<f32>,
-}
-
 impl Extractor {
     /// Loads backbone `name` from its weights file onto `device`.
     pub fn load(name: BackboneName, weights: &Path, device: ResolvedDevice) -> Result<Self> {
         let backbone = Backbone::load(name, weights, &device.device)?;
-        Ok(Self { name, backbone, device, weights: weights.to_path_buf(), weights_sha256: OnceLock::new(), compute: OnceLock::new() })
+        let on_cpu = if device.is_wgpu() { None } else { backbone.on_cpu() };
+        Ok(Self {
+            name,
+            backbone,
+            on_cpu,
+            device,
+            weights: weights.to_path_buf(),
+            weights_sha256: OnceLock::new(),
+            compute: OnceLock::new(),
+        })
     }
 
     /// Which backbone this is.
@@ -175,7 +178,11 @@ impl Extractor {
         Tensor::<4>::from_data(TensorData::new(batch.pixels.clone(), [batch.len(), 3, side, side]), &self.device.device)
     }
 
-    pub(crate) fn forward(&self, batch: &Batch, side: usize, taps: &[&str]) -> Result<(Vec<f32>, Vec<HostMap>)> {
+    /// The pooled features and the maps named in `taps` of a batch.
+    pub fn forward(&self, batch: &Batch, side: usize, taps: &[&str]) -> Result<(Vec<f32>, Vec<HostMap>)> {
+        if let Some(network) = &self.on_cpu {
+            return Ok(network.features(&batch.pixels, batch.len(), side, taps, true));
+        }
         let features = self.backbone.features(self.input(batch, side), taps);
         let pooled = to_vec(features.pooled.into_data()).context("reading features back from the device")?;
         Ok((pooled, host_maps(features.maps)?))
@@ -183,6 +190,9 @@ impl Extractor {
 
     /// The maps named in `taps` of a batch, the backbone run only as far as the last of them.
     pub(crate) fn forward_maps(&self, batch: &Batch, side: usize, taps: &[&str]) -> Result<Vec<HostMap>> {
+        if let Some(network) = &self.on_cpu {
+            return Ok(network.features(&batch.pixels, batch.len(), side, taps, false).1);
+        }
         host_maps(self.backbone.tap_maps(self.input(batch, side), taps))
     }
 }

@@ -23,8 +23,9 @@ use anomaly_device::ResolvedDevice;
 use anomaly_fs::FileBytes;
 use anyhow::Result;
 
+pub use anomaly_backbone::HostMap;
 pub use autoencoder::AutoencoderSettings;
-pub use extractor::{Extractor, HostMap, to_vec};
+pub use extractor::{Extractor, to_vec};
 pub use memory_bank::MemoryBankSettings;
 pub use patch_features::{PatchLayout, Patches};
 pub use patchcore::PatchCoreSettings;

@@ -10,13 +10,13 @@
 
 use std::path::PathBuf;
 
-use anomaly_backbone::BackboneName;
+use anomaly_backbone::{BackboneName, HostMap};
 use anomaly_data::{Batch, ImageLimits};
 use anyhow::{Result, bail, ensure};
 use indicatif::ProgressBar;
 use rayon::prelude::*;
 
-use crate::extractor::{Extractor, HostMap};
+use crate::extractor::Extractor;
 
 /// The patch width PatchCore uses for the ResNets (layer2 + layer3 give 1536 channels).
 pub const RESNET_PATCH_DIM: usize = 1024;
