@@ -306,42 +306,6 @@ pub mod fast {
         matrix.chunks_exact(d).map(|row| row.iter().map(|x| x * x).sum()).collect()
     }
 
-    #[cfg(test)]
-    mod tests {
-        /// Few queries split a long bank between threads and merge their selections: the same neighbours
-        /// and distances, ties included, as one thread scanning the whole bank, and as the reference.
-        #[test]
-        fn a_bank_split_between_threads_gives_the_neighbours_of_one_scan() {
-            let (m, n, d, k) = (37, 40_000, 12, 25);
-            // Values on a coarse grid, so that many distances tie across the ranges.
-            let values = |len: usize, seed: u64| -> Vec<f32> {
-                let mut state = seed;
-                (0..len)
-                    .map(|_| {
-                        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                        ((state >> 60) as f32) - 8.0
-                    })
-                    .collect()
-            };
-            let (queries, bank) = (values(m * d, 1), values(n * d, 2));
-            let run = |threads: usize| {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                pool.install(|| super::knn(&queries, &bank, d, k))
-            };
-            let one = run(1);
-            for threads in [2, 3, 8] {
-                assert_eq!(run(threads), one, "{threads} threads");
-            }
-            let reference = super::super::reference::knn(&queries, &bank, d, k);
-            assert_eq!(one.distances.len(), reference.distances.len());
-            for (query, (ours, theirs)) in one.distances.chunks_exact(k).zip(reference.distances.chunks_exact(k)).enumerate() {
-                for (a, b) in ours.iter().zip(theirs) {
-                    assert!((a - b).abs() <= 1e-4 * b.max(1.0), "query {query}: {a} against {b}");
-                }
-            }
-        }
-    }
-
     /// `out = a · bᵀ` for row-major `a` (m × d) and `b` (n × d), single-threaded (callers parallelise).
     pub fn multiply_transposed(a: &[f32], b: &[f32], m: usize, n: usize, d: usize, out: &mut [f32]) {
         sgemm_transposed(a, b, m, n, d, out, gemm::Parallelism::None);
@@ -492,6 +456,42 @@ pub mod fast {
             }
         }
         best
+    }
+
+    #[cfg(test)]
+    mod tests {
+        /// Few queries split a long bank between threads and merge their selections: the same neighbours
+        /// and distances, ties included, as one thread scanning the whole bank, and as the reference.
+        #[test]
+        fn a_bank_split_between_threads_gives_the_neighbours_of_one_scan() {
+            let (m, n, d, k) = (37, 40_000, 12, 25);
+            // Values on a coarse grid, so that many distances tie across the ranges.
+            let values = |len: usize, seed: u64| -> Vec<f32> {
+                let mut state = seed;
+                (0..len)
+                    .map(|_| {
+                        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        ((state >> 60) as f32) - 8.0
+                    })
+                    .collect()
+            };
+            let (queries, bank) = (values(m * d, 1), values(n * d, 2));
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| super::knn(&queries, &bank, d, k))
+            };
+            let one = run(1);
+            for threads in [2, 3, 8] {
+                assert_eq!(run(threads), one, "{threads} threads");
+            }
+            let reference = super::super::reference::knn(&queries, &bank, d, k);
+            assert_eq!(one.distances.len(), reference.distances.len());
+            for (query, (ours, theirs)) in one.distances.chunks_exact(k).zip(reference.distances.chunks_exact(k)).enumerate() {
+                for (a, b) in ours.iter().zip(theirs) {
+                    assert!((a - b).abs() <= 1e-4 * b.max(1.0), "query {query}: {a} against {b}");
+                }
+            }
+        }
     }
 }
 
