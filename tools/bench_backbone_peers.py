@@ -13,7 +13,7 @@ The table shows each side's median over the rounds and ours/PyTorch as an img/s 
 
 Run from the repository root, with a Python that has torch, torchvision, pillow and efficientnet-lite-pytorch:
     python tools/bench_backbone_peers.py --binary target/release/anomaly --data ../shared/data/mvtec/bottle/train/good \
-        --weights-dir weights [--backbone efficientnet-lite0] [--batch-size 8] [--threads 2] [--rounds 5] [--json out.json]
+        --weights-dir weights [--weights FILE] [--backbone efficientnet-lite0] [--batch-size 8] [--threads 2] [--rounds 5] [--json out.json]
 """
 import argparse
 import glob
@@ -68,7 +68,8 @@ def ours(args):
     out = subprocess.run(
         [args.binary, "bench", "backbone", "--device", "cpu", "--json", "--offline", "--backbone", args.backbone,
          "--weights-dir", args.weights_dir, "--data", args.data, "--limit", str(args.batch_size),
-         "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)],
+         "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
+        + (["--weights", args.weights] if args.weights else []),
         env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out)["forward_img_s"]
 
@@ -78,6 +79,8 @@ def main():
     parser.add_argument("--binary", default="target/release/anomaly")
     parser.add_argument("--data", required=True, help="a folder of images (the first --batch-size are used)")
     parser.add_argument("--weights-dir", default="weights")
+    parser.add_argument("--weights", help="a weights file to use instead of the published one in --weights-dir "
+                        "(for both sides; e.g. random weights, for speed alone)")
     parser.add_argument("--backbone", default="efficientnet-lite0", choices=sorted(BACKBONES))
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
@@ -93,7 +96,7 @@ def main():
     preprocess = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(crop), transforms.ToTensor(),
                                      transforms.Normalize(mean, std)])
     x = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths])
-    forward = torch_forward(args.backbone, os.path.join(args.weights_dir, weights_file))
+    forward = torch_forward(args.backbone, args.weights or os.path.join(args.weights_dir, weights_file))
 
     rounds = []
     for round_ in range(args.rounds):
