@@ -52,6 +52,27 @@ fn tiny_resnet_matches_torchvision_on_cpu() {
     check_tiny_resnet(&Device::flex(), 1e-4);
 }
 
+/// The same network in our CPU kernels (what `--device cpu` runs) against the same torchvision figures.
+#[test]
+fn tiny_resnet_in_our_cpu_kernels_matches_torchvision() {
+    let io = read_safetensors(&fixture("resnet/tiny_resnet_io.safetensors"));
+    let mut model = tiny_resnet(&Device::flex());
+    model.fold_batch_norms();
+    let network = model.on_cpu().expect("a folded ResNet runs in our CPU kernels");
+    let input = &io["input"];
+    let [batch, _, side, _] = input.shape[..] else { panic!("an NCHW input") };
+    let (pooled, maps) = network.features(&input.values, batch, side, &["layer1", "layer2", "layer3", "layer4"], true);
+    for map in &maps {
+        assert_eq!(map.shape.to_vec(), io[map.name.as_str()].shape, "{} shape", map.name);
+        let diff = max_abs_diff(&map.values, &io[map.name.as_str()].values);
+        eprintln!("tiny resnet {}, our CPU kernels: max abs diff {diff:.2e}", map.name);
+        assert!(diff <= 1e-4, "{}: max abs diff {diff}", map.name);
+    }
+    let diff = max_abs_diff(&pooled, &io["pooled"].values);
+    eprintln!("tiny resnet pooled, our CPU kernels: max abs diff {diff:.2e}");
+    assert!(diff <= 1e-4, "pooled: max abs diff {diff}");
+}
+
 #[test]
 fn tiny_resnet_matches_torchvision_on_wgpu() {
     check_tiny_resnet(&wgpu_device(), 1e-3);

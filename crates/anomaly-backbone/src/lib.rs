@@ -9,7 +9,7 @@ mod load;
 mod name;
 mod resnet;
 
-pub use cpu::EfficientNetLiteCpu;
+pub use cpu::{CpuBackbone, EfficientNetLiteCpu, ResNetCpu};
 pub use efficientnet::{EfficientNetLite, EfficientNetLiteConfig};
 pub use load::{BackboneError, load_weights, torch_state_dict_keys};
 pub use name::BackboneName;
@@ -99,12 +99,12 @@ impl Backbone {
         }
     }
 
-    /// The network for our CPU kernels ([`EfficientNetLiteCpu`]), for EfficientNet-Lite once its
-    /// BatchNorms are folded (as [`Self::load`] leaves it); `None` for the ResNets, which run in burn.
-    pub fn on_cpu(&self) -> Option<EfficientNetLiteCpu> {
+    /// The same network in our CPU kernels, once its BatchNorms are folded (as [`Self::load`] leaves it;
+    /// `None` before).
+    pub fn on_cpu(&self) -> Option<CpuBackbone> {
         match self {
-            Self::ResNet(_) => None,
-            Self::EfficientNet(model) => model.on_cpu(),
+            Self::ResNet(model) => model.on_cpu().map(CpuBackbone::ResNet),
+            Self::EfficientNet(model) => model.on_cpu().map(CpuBackbone::EfficientNet),
         }
     }
 
@@ -154,19 +154,24 @@ mod tests {
         }
     }
 
-    /// Our CPU kernels compute burn's Lite0 and Lite2: pooled features and every kind of tap (first
-    /// block, a strided one, a residual one, the head), on an odd size, at the last tap when not pooled.
+    /// Our CPU kernels compute burn's networks: pooled features and every kind of tap (Lite: the first
+    /// block, a strided one, a residual one, the head; the ResNets' layers), on odd sizes, at the last tap
+    /// when not pooled.
     #[test]
-    fn lite_on_cpu_equals_the_burn_network() {
+    fn networks_on_cpu_equal_the_burn_networks() {
         let device = Device::flex();
-        for (name, side) in [(BackboneName::EfficientNetLite0, 67), (BackboneName::EfficientNetLite2, 48)] {
+        for (name, side, taps) in [
+            (BackboneName::EfficientNetLite0, 67, ["block0", "block2", "block5", "head"]),
+            (BackboneName::EfficientNetLite2, 48, ["block0", "block2", "block5", "head"]),
+            (BackboneName::ResNet50, 61, ["layer1", "layer2", "layer3", "layer4"]),
+            (BackboneName::WideResNet50_2, 32, ["layer1", "layer2", "layer3", "layer4"]),
+        ] {
             let mut backbone = Backbone::init(name, &device);
             assert!(backbone.on_cpu().is_none(), "BatchNorms not folded yet");
             backbone.fold_batch_norms();
             let on_cpu = backbone.on_cpu().expect("a folded Lite");
             let input = Tensor::<4>::random([3, 3, side, side], Distribution::Normal(0.0, 1.0), &device);
             let pixels = input.clone().into_data().try_into_vec_as::<f32>().unwrap();
-            let taps = ["block0", "block2", "block5", "head"];
             let burn = backbone.features(input, &taps);
             let (pooled, maps) = on_cpu.features(&pixels, 3, side, &taps, true);
             let close = |ours: &[f32], theirs: burn::tensor::TensorData, what: &str| {
@@ -182,9 +187,9 @@ mod tests {
                 assert_eq!((ours.name.as_str(), ours.shape), (tap.as_str(), theirs.dims()));
                 close(&ours.values, theirs.into_data(), &tap);
             }
-            let (none, early) = on_cpu.features(&pixels, 3, side, &["block2"], false);
+            let (none, early) = on_cpu.features(&pixels, 3, side, &[taps[1]], false);
             assert!(none.is_empty());
-            assert_eq!(early[0].values, maps[1].values, "{name}: block2 alone");
+            assert_eq!(early[0].values, maps[1].values, "{name}: {} alone", taps[1]);
         }
     }
 }

@@ -9,6 +9,7 @@ use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 
+use crate::cpu::{ConvWeights, ResNetBlock, ResNetCpu};
 use crate::fold::{fold_batch_norm, normalise};
 use crate::{Features, global_average_pool};
 
@@ -148,6 +149,33 @@ impl ResNet {
     /// ImageNet logits from the classifier head.
     pub fn classify(&self, pooled: Tensor<2>) -> Tensor<2> {
         self.fc.forward(pooled)
+    }
+
+    /// The same network for our CPU kernels, once every BatchNorm is folded (`None` before).
+    pub(crate) fn on_cpu(&self) -> Option<ResNetCpu> {
+        let layers = [&self.layer1, &self.layer2, &self.layer3, &self.layer4];
+        let folded = self.bn1.is_none()
+            && layers
+                .iter()
+                .flat_map(|layer| layer.iter())
+                .all(|b| b.bn1.is_none() && b.bn2.is_none() && b.bn3.is_none() && b.downsample.as_ref().is_none_or(|d| d.bn.is_none()));
+        if !folded {
+            return None;
+        }
+        let layer = |blocks: &Vec<Bottleneck>| {
+            blocks
+                .iter()
+                .map(|b| {
+                    ResNetBlock::new(
+                        ConvWeights::read(&b.conv1),
+                        ConvWeights::read(&b.conv2),
+                        ConvWeights::read(&b.conv3),
+                        b.downsample.as_ref().map(|d| ConvWeights::read(&d.conv)),
+                    )
+                })
+                .collect()
+        };
+        Some(ResNetCpu::new(ConvWeights::read(&self.conv1), layers.map(layer)))
     }
 }
 

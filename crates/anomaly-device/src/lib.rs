@@ -23,7 +23,7 @@ pub enum DeviceChoice {
     /// wgpu on whatever adapter it picks, software ones included.
     #[value(name = "wgpu", alias = "gpu")]
     Wgpu,
-    /// The CPU: our kernels for EfficientNet-Lite and the methods, burn's pure-Rust CPU backend (burn-flex) for the ResNets.
+    /// The CPU: the backbones and methods in our own kernels, the autoencoder in burn's pure-Rust CPU backend (burn-flex).
     #[value(name = "cpu")]
     Cpu,
 }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use anomaly_backbone::{Backbone, BackboneName, EfficientNetLiteCpu, HostMap};
+use anomaly_backbone::{Backbone, BackboneName, CpuBackbone, HostMap};
 use anomaly_data::{Batch, BatchLoader, ImageLimits, Preprocess};
 use anomaly_detector::Compute;
 use anomaly_device::ResolvedDevice;
@@ -18,9 +18,8 @@ use crate::progress::image_progress;
 pub struct Extractor {
     name: BackboneName,
     backbone: Backbone,
-    /// The same network in our CPU kernels, used instead of burn's CPU backend where there is one
-    /// (EfficientNet-Lite).
-    on_cpu: Option<EfficientNetLiteCpu>,
+    /// The same network in our CPU kernels, run instead of burn's CPU backend when the device is the CPU.
+    on_cpu: Option<CpuBackbone>,
     device: ResolvedDevice,
     weights: PathBuf,
     weights_sha256: OnceLock<String>,

@@ -1,11 +1,14 @@
-//! EfficientNet-Lite's forward pass on the CPU in kernels of our own, for when the backbone runs on the
-//! CPU: the same network as [`crate::EfficientNetLite`] (whose folded weights it copies), computed in NHWC
-//! with each convolution's bias, ReLU6 and residual add fused into it. burn's CPU backend runs each of
-//! those as a separate pass over the activation (single-threaded), which made its forward pass half as
-//! fast as PyTorch's on the same processor; the burn model stays the reference the tests hold this to.
+//! The backbones' forward pass on the CPU in kernels of our own, for when they run on the CPU: the same
+//! networks as the burn modules (whose folded weights they copy), computed in NHWC with each convolution's
+//! bias, residual add and activation fused into it. burn's CPU backend runs each of those as a separate
+//! pass over the activation (single-threaded), which made its forward pass about half as fast as
+//! PyTorch's on the same processor; the burn networks stay the reference the tests hold these to.
 
 mod depthwise;
+mod lite;
 mod pointwise;
+mod resnet;
+mod unfold;
 
 use std::sync::Mutex;
 
@@ -13,13 +16,31 @@ use burn::nn::conv::Conv2d;
 use rayon::prelude::*;
 
 use crate::HostMap;
-use depthwise::{Depthwise, Extent};
-use pointwise::Pointwise;
+pub use lite::EfficientNetLiteCpu;
+pub(crate) use lite::LiteBlock;
+use pointwise::{Activation, Pointwise};
+pub(crate) use resnet::ResNetBlock;
+pub use resnet::ResNetCpu;
 
-/// Input channels of the stem (RGB) and its kernel and stride.
-const STEM_INPUTS: usize = 3;
-const STEM_KERNEL: usize = 3;
-const STEM_STRIDE: usize = 2;
+/// A backbone in our CPU kernels.
+pub enum CpuBackbone {
+    EfficientNet(EfficientNetLiteCpu),
+    ResNet(ResNetCpu),
+}
+
+impl CpuBackbone {
+    /// The pooled features (`[batch, channels]` row-major, when `pooled`) and the maps named in `taps`
+    /// (NCHW, in network order) of `batch` preprocessed images (`pixels`: `[batch, 3, side, side]`). Without
+    /// `pooled` the network runs only as far as the last tap.
+    pub fn features(&self, pixels: &[f32], batch: usize, side: usize, taps: &[&str], pooled: bool) -> (Vec<f32>, Vec<HostMap>) {
+        assert_eq!(pixels.len(), batch * 3 * side * side, "{batch} images of 3 × {side} × {side}");
+        let input = Extent { batch, height: side, width: side };
+        match self {
+            Self::EfficientNet(network) => network.features(pixels, input, taps, pooled),
+            Self::ResNet(network) => network.features(pixels, input, taps, pooled),
+        }
+    }
+}
 
 /// One convolution's folded weights as burn holds them, read back to the host.
 pub(crate) struct ConvWeights {
@@ -44,120 +65,62 @@ impl ConvWeights {
         }
     }
 
-    fn pointwise(&self, relu6: bool) -> Pointwise {
+    fn kernel(&self) -> usize {
+        self.dims[2]
+    }
+
+    /// As a product over rows in the weight's own input order: a 1×1 convolution's, or a k×k one's over
+    /// patches unfolded from NCHW (`channel × k² + ky × k + kx`).
+    fn product(&self, activation: Activation) -> Pointwise {
         let [outputs, inputs, kh, kw] = self.dims;
-        Pointwise::new(&self.weight, &self.bias, inputs * kh * kw, outputs, relu6)
+        Pointwise::new(&self.weight, &self.bias, inputs * kh * kw, outputs, activation)
+    }
+
+    /// As a product over patches unfolded from NHWC (`(ky × k + kx) × channels + channel`).
+    fn product_nhwc(&self, activation: Activation) -> Pointwise {
+        let [outputs, inputs, kh, kw] = self.dims;
+        let taps = kh * kw;
+        let mut weight = vec![0.0; self.weight.len()];
+        for (o, filter) in self.weight.chunks_exact(inputs * taps).enumerate() {
+            for (at, &w) in filter.iter().enumerate() {
+                let (channel, tap) = (at / taps, at % taps);
+                weight[o * inputs * taps + tap * inputs + channel] = w;
+            }
+        }
+        Pointwise::new(&weight, &self.bias, inputs * taps, outputs, activation)
     }
 }
 
-/// A mobile inverted bottleneck: optional 1×1 expansion (ReLU6), depthwise k×k (ReLU6), 1×1 projection,
-/// identity shortcut when the shape is kept.
-pub(crate) struct LiteBlock {
-    expand: Option<Pointwise>,
-    depthwise: Depthwise,
-    project: Pointwise,
-    skip: bool,
+/// An NHWC activation's batch, height and width.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Extent {
+    pub batch: usize,
+    pub height: usize,
+    pub width: usize,
 }
 
-impl LiteBlock {
-    pub(crate) fn new(expand: Option<ConvWeights>, depthwise: ConvWeights, project: ConvWeights, skip: bool) -> Self {
-        let [channels, _, kernel, _] = depthwise.dims;
-        Self {
-            expand: expand.map(|conv| conv.pointwise(true)),
-            depthwise: Depthwise::new(&depthwise.weight, &depthwise.bias, channels, kernel, depthwise.stride),
-            project: project.pointwise(false),
-            skip,
-        }
+impl Extent {
+    pub(crate) fn pixels(self) -> usize {
+        self.batch * self.height * self.width
     }
 }
 
-/// EfficientNet-Lite (BatchNorms folded) for our CPU kernels; see the module's documentation.
-pub struct EfficientNetLiteCpu {
-    stem: Pointwise,
-    blocks: Vec<LiteBlock>,
-    head: Pointwise,
-    /// Activation buffers kept between calls (a batch's largest is tens of megabytes, which a fresh
-    /// allocation would fault in and zero every time); `None` while a call holds them.
-    scratch: Mutex<Option<Scratch>>,
-}
+/// `N` activation buffers kept between calls (a batch's largest is tens of megabytes, which a fresh
+/// allocation would fault in and zero every time); empty while a call holds them.
+struct Buffers<const N: usize>(Mutex<Option<[Vec<f32>; N]>>);
 
-#[derive(Default)]
-struct Scratch {
-    unfolded: Vec<f32>,
-    current: Vec<f32>,
-    next: Vec<f32>,
-    expanded: Vec<f32>,
-    filtered: Vec<f32>,
-}
-
-impl EfficientNetLiteCpu {
-    pub(crate) fn new(stem: ConvWeights, blocks: Vec<LiteBlock>, head: ConvWeights) -> Self {
-        assert_eq!(stem.dims[1..], [STEM_INPUTS, STEM_KERNEL, STEM_KERNEL], "the Lite stem");
-        assert_eq!(stem.stride, STEM_STRIDE, "the Lite stem");
-        Self { stem: stem.pointwise(true), blocks, head: head.pointwise(true), scratch: Mutex::new(None) }
+impl<const N: usize> Buffers<N> {
+    fn new() -> Self {
+        Self(Mutex::new(None))
     }
 
-    /// The pooled features (`[batch, 1280]` row-major, when `pooled`) and the maps named in `taps`
-    /// (`block0` … and `head`, NCHW) of `batch` preprocessed images (`pixels`: `[batch, 3, side, side]`).
-    /// Without `pooled` the network runs only as far as the last tap.
-    pub fn features(&self, pixels: &[f32], batch: usize, side: usize, taps: &[&str], pooled: bool) -> (Vec<f32>, Vec<HostMap>) {
-        assert_eq!(pixels.len(), batch * STEM_INPUTS * side * side, "{batch} images of 3 × {side} × {side}");
-        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
-        let wanted = crate::distinct(taps);
-        let mut maps = Vec::new();
-        let keep = |name: String, values: &[f32], extent: Extent, channels: usize, maps: &mut Vec<HostMap>| {
-            if taps.contains(&name.as_str()) {
-                maps.push(HostMap {
-                    shape: [extent.batch, channels, extent.height, extent.width],
-                    values: to_nchw(values, extent, channels),
-                    name,
-                });
-            }
-        };
+    /// The kept buffers, or new ones while another call holds them.
+    fn take(&self) -> [Vec<f32>; N] {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_else(|| std::array::from_fn(|_| Vec::new()))
+    }
 
-        let input = Extent { batch, height: side, width: side };
-        let mut extent = Extent { batch, height: side.div_ceil(STEM_STRIDE), width: side.div_ceil(STEM_STRIDE) };
-        let unfolded = room(&mut scratch.unfolded, extent.pixels() * STEM_INPUTS * STEM_KERNEL * STEM_KERNEL);
-        unfold_stem(pixels, input, extent, unfolded);
-        let mut channels = self.stem.outputs();
-        self.stem.forward(unfolded, extent.pixels(), None, room(&mut scratch.current, extent.pixels() * channels));
-
-        for (index, block) in self.blocks.iter().enumerate() {
-            if !pooled && maps.len() == wanted {
-                break;
-            }
-            let Scratch { current, next, expanded, filtered, .. } = &mut scratch;
-            let hidden = match &block.expand {
-                Some(expand) => {
-                    let out = room(expanded, extent.pixels() * expand.outputs());
-                    expand.forward(current, extent.pixels(), None, out);
-                    &*out
-                }
-                None => &current[..extent.pixels() * channels],
-            };
-            let hidden_channels = hidden.len() / extent.pixels();
-            let filtered_extent = block.depthwise.output(extent);
-            let filtered = room(filtered, filtered_extent.pixels() * hidden_channels);
-            block.depthwise.forward(hidden, extent, filtered);
-            let residual = block.skip.then_some(&current[..extent.pixels() * channels]);
-            let outputs = block.project.outputs();
-            block.project.forward(filtered, filtered_extent.pixels(), residual, room(next, filtered_extent.pixels() * outputs));
-            std::mem::swap(current, next);
-            (extent, channels) = (filtered_extent, outputs);
-            keep(format!("block{index}"), current, extent, channels, &mut maps);
-        }
-
-        let mut features = Vec::new();
-        if pooled || maps.len() < wanted {
-            let head = room(&mut scratch.next, extent.pixels() * self.head.outputs());
-            self.head.forward(&scratch.current, extent.pixels(), None, head);
-            keep("head".to_string(), head, extent, self.head.outputs(), &mut maps);
-            if pooled {
-                features = average_pool(head, extent, self.head.outputs());
-            }
-        }
-        *self.scratch.lock().unwrap_or_else(|e| e.into_inner()) = Some(scratch);
-        (features, maps)
+    fn keep(&self, buffers: [Vec<f32>; N]) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(buffers);
     }
 }
 
@@ -169,29 +132,34 @@ fn room(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut buffer[..len]
 }
 
-/// The stem's 3×3 patches of NCHW `pixels` at stride 2 with "SAME" padding (none before, the odd pixel
-/// after, for even sizes), one row of 27 values (`channel × 9 + ky × 3 + kx`, zeros outside the image)
-/// per output pixel, NHWC order: the stem is then a 1×1 convolution over them.
-fn unfold_stem(pixels: &[f32], input: Extent, output: Extent, out: &mut [f32]) {
-    const TAPS: usize = STEM_KERNEL * STEM_KERNEL;
-    let (height, width) = (input.height, input.width);
-    let pad = |size: usize, out: usize| ((out - 1) * STEM_STRIDE + STEM_KERNEL).saturating_sub(size) / 2;
-    let (pad_top, pad_left) = (pad(height, output.height), pad(width, output.width));
-    out.par_chunks_mut(output.width * STEM_INPUTS * TAPS).enumerate().for_each(|(row, out)| {
-        let (image, y) = (row / output.height, row % output.height);
-        let image = &pixels[image * STEM_INPUTS * height * width..][..STEM_INPUTS * height * width];
-        for (x, patch) in out.chunks_exact_mut(STEM_INPUTS * TAPS).enumerate() {
-            for (at, slot) in patch.iter_mut().enumerate() {
-                let (channel, ky, kx) = (at / TAPS, at % TAPS / STEM_KERNEL, at % STEM_KERNEL);
-                let iy = (y * STEM_STRIDE + ky).checked_sub(pad_top).filter(|&iy| iy < height);
-                let ix = (x * STEM_STRIDE + kx).checked_sub(pad_left).filter(|&ix| ix < width);
-                *slot = match (iy, ix) {
-                    (Some(iy), Some(ix)) => image[(channel * height + iy) * width + ix],
-                    _ => 0.0,
-                };
-            }
+/// The maps a caller asked for, gathered as the network passes them.
+struct Taps<'a> {
+    names: &'a [&'a str],
+    wanted: usize,
+    maps: Vec<HostMap>,
+}
+
+impl<'a> Taps<'a> {
+    fn new(names: &'a [&'a str]) -> Self {
+        Self { names, wanted: crate::distinct(names), maps: Vec::new() }
+    }
+
+    /// Keeps `values` (NHWC) as map `name`, in NCHW, if it was asked for.
+    fn offer(&mut self, name: &str, values: &[f32], extent: Extent, channels: usize) {
+        if self.names.contains(&name) {
+            let map = HostMap {
+                name: name.to_string(),
+                shape: [extent.batch, channels, extent.height, extent.width],
+                values: to_nchw(values, extent, channels),
+            };
+            self.maps.push(map);
         }
-    });
+    }
+
+    /// Whether every map asked for is kept.
+    fn all_kept(&self) -> bool {
+        self.maps.len() == self.wanted
+    }
 }
 
 /// NHWC activations as NCHW, the layout burn's maps have.

@@ -1,6 +1,8 @@
-//! 1×1 convolutions (and the stem, as one over its unfolded 3×3 patches): a product of the NHWC activations
-//! `[pixels, inputs]` by the weights `[inputs, outputs]`, with the bias, ReLU6 and the residual add applied
-//! while each tile is still in registers, so an activation is written once and never passed over again.
+//! 1×1 convolutions, and k×k ones over their unfolded patches: a product of the NHWC activations
+//! `[pixels, inputs]` by the weights `[inputs, outputs]`, with the bias, the residual add and the activation
+//! applied while each tile is still in registers, so an activation is written once and never passed over
+//! again. Unfolded patches are made a block of pixels at a time, by the thread that multiplies them, so
+//! they stay in its cache and never exist for the whole image.
 //!
 //! On processors with AVX-512 an 8 × 32 tile of outputs (8 pixels, 32 channels) lives in 16 registers: per
 //! input channel, 2 vector loads of the packed weights and 8 broadcasts of the pixels' values feed 16 FMAs.
@@ -12,7 +14,34 @@ use rayon::prelude::*;
 const TILE_PIXELS: usize = 8;
 const TILE_OUTPUTS: usize = 32;
 
-/// A 1×1 convolution with its BatchNorm folded in, ready for the CPU.
+/// What follows the sum (and the residual add).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Activation {
+    None,
+    Relu,
+    /// Clamped to `[0, 6]` (EfficientNet-Lite).
+    Relu6,
+}
+
+impl Activation {
+    fn apply(self, value: f32) -> f32 {
+        match self {
+            Self::None => value,
+            Self::Relu => value.max(0.0),
+            Self::Relu6 => value.clamp(0.0, 6.0),
+        }
+    }
+}
+
+/// Where a block of pixels' input rows come from.
+pub(crate) enum Rows<'a> {
+    /// `pixels × inputs` values, row-major.
+    Given(&'a [f32]),
+    /// Made on demand: `(first pixel, rows)` fills `rows × inputs` values (unfolded patches).
+    Unfolded(&'a (dyn Fn(usize, &mut [f32]) + Sync)),
+}
+
+/// A 1×1 convolution (or a k×k one over unfolded patches) with its BatchNorm folded in, ready for the CPU.
 #[derive(Debug)]
 pub(crate) struct Pointwise {
     inputs: usize,
@@ -22,13 +51,13 @@ pub(crate) struct Pointwise {
     packed: Vec<f32>,
     /// The bias, zero-padded to whole tiles.
     bias: Vec<f32>,
-    relu6: bool,
+    activation: Activation,
 }
 
 impl Pointwise {
-    /// `weight`: `[outputs, inputs]` row-major (a `[outputs, inputs, 1, 1]` convolution's, or the stem's
-    /// `[outputs, inputs × kh × kw]`); `relu6` clamps the outputs to `[0, 6]`.
-    pub(crate) fn new(weight: &[f32], bias: &[f32], inputs: usize, outputs: usize, relu6: bool) -> Self {
+    /// `weight`: `[outputs, inputs]` row-major (a `[outputs, inputs, 1, 1]` convolution's, or a k×k one's
+    /// with its inputs in the order its unfolded patches have them).
+    pub(crate) fn new(weight: &[f32], bias: &[f32], inputs: usize, outputs: usize, activation: Activation) -> Self {
         assert_eq!(weight.len(), inputs * outputs, "a {outputs} × {inputs} weight");
         assert_eq!(bias.len(), outputs, "a bias of {outputs}");
         let tiles = outputs.div_ceil(TILE_OUTPUTS);
@@ -41,25 +70,39 @@ impl Pointwise {
         }
         let mut padded_bias = vec![0.0; tiles * TILE_OUTPUTS];
         padded_bias[..outputs].copy_from_slice(bias);
-        Self { inputs, outputs, packed, bias: padded_bias, relu6 }
+        Self { inputs, outputs, packed, bias: padded_bias, activation }
+    }
+
+    pub(crate) fn inputs(&self) -> usize {
+        self.inputs
     }
 
     pub(crate) fn outputs(&self) -> usize {
         self.outputs
     }
 
-    /// `out[p] = act(input[p] · W + b) (+ residual[p])` for `pixels` rows, in parallel over blocks of
-    /// pixels. `input` holds `pixels × inputs` values, `residual` and `out` `pixels × outputs`.
-    pub(crate) fn forward(&self, input: &[f32], pixels: usize, residual: Option<&[f32]>, out: &mut [f32]) {
+    /// `out[p] = act(rows[p] · W + b + residual[p])` for `pixels` rows, in parallel over blocks of pixels.
+    /// `residual` and `out` hold `pixels × outputs` values.
+    pub(crate) fn forward(&self, rows: Rows, pixels: usize, residual: Option<&[f32]>, out: &mut [f32]) {
         let (inputs, outputs) = (self.inputs, self.outputs);
-        assert!(input.len() >= pixels * inputs && out.len() >= pixels * outputs, "{pixels} pixels of {inputs} → {outputs}");
+        assert!(out.len() >= pixels * outputs, "{pixels} pixels of {inputs} → {outputs}");
         assert!(residual.is_none_or(|r| r.len() >= pixels * outputs), "a residual of {pixels} × {outputs}");
+        if let Rows::Given(input) = rows {
+            assert!(input.len() >= pixels * inputs, "{pixels} pixels of {inputs} values");
+        }
         let block = pixels_per_block(pixels);
-        out[..pixels * outputs].par_chunks_mut(block * outputs).enumerate().for_each(|(b, out)| {
-            let (first, rows) = (b * block, out.len() / outputs);
-            let input = &input[first * inputs..][..rows * inputs];
-            let residual = residual.map(|r| &r[first * outputs..][..rows * outputs]);
-            self.rows(input, rows, residual, out);
+        out[..pixels * outputs].par_chunks_mut(block * outputs).enumerate().for_each_init(Vec::new, |unfolded, (b, out)| {
+            let (first, count) = (b * block, out.len() / outputs);
+            let input = match rows {
+                Rows::Given(input) => &input[first * inputs..][..count * inputs],
+                Rows::Unfolded(unfold) => {
+                    unfolded.resize(count * inputs, 0.0);
+                    unfold(first, &mut unfolded[..]);
+                    &unfolded[..]
+                }
+            };
+            let residual = residual.map(|r| &r[first * outputs..][..count * outputs]);
+            self.rows(input, count, residual, out);
         });
     }
 
@@ -90,8 +133,7 @@ impl Pointwise {
                 let columns = TILE_OUTPUTS.min(outputs - first);
                 let out = &mut out[p * outputs + first..][..columns];
                 for (j, (slot, &sum)) in out.iter_mut().zip(&sums).enumerate() {
-                    let value = if self.relu6 { sum.clamp(0.0, 6.0) } else { sum };
-                    *slot = value + residual.map_or(0.0, |r| r[p * outputs + first + j]);
+                    *slot = self.activation.apply(sum + residual.map_or(0.0, |r| r[p * outputs + first + j]));
                 }
             }
         }
@@ -146,7 +188,7 @@ mod avx512 {
                 inputs,
                 outputs,
                 masks: (lane_mask(columns), lane_mask(columns.saturating_sub(16))),
-                relu6: layer.relu6,
+                activation: layer.activation,
             };
             let mut p = 0;
             while p < rows {
@@ -181,12 +223,12 @@ mod avx512 {
         inputs: usize,
         outputs: usize,
         masks: (u16, u16),
-        relu6: bool,
+        activation: super::Activation,
     }
 
     #[cfg(target_arch = "x86_64")]
     impl Tile {
-        /// `P` pixels of this tile, from the bias up, then clamped and added to the residual in registers.
+        /// `P` pixels of this tile, from the bias up, then added to the residual and activated in registers.
         ///
         /// # Safety
         /// `x` must hold `P` pixels of `inputs` values; `out` (and `residual`) `P` pixels `outputs` apart
@@ -213,15 +255,22 @@ mod avx512 {
             let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
             for (p, sum) in sums.iter().enumerate() {
                 let mut halves = *sum;
-                if self.relu6 {
-                    halves[0] = _mm512_min_ps(_mm512_max_ps(halves[0], zero), six);
-                    halves[1] = _mm512_min_ps(_mm512_max_ps(halves[1], zero), six);
-                }
                 let at = p * self.outputs;
                 if let Some(residual) = residual {
                     unsafe {
                         halves[0] = _mm512_add_ps(halves[0], _mm512_maskz_loadu_ps(low, residual.add(at)));
                         halves[1] = _mm512_add_ps(halves[1], _mm512_maskz_loadu_ps(high, residual.add(at + 16)));
+                    }
+                }
+                match self.activation {
+                    super::Activation::None => {}
+                    super::Activation::Relu => {
+                        halves[0] = _mm512_max_ps(halves[0], zero);
+                        halves[1] = _mm512_max_ps(halves[1], zero);
+                    }
+                    super::Activation::Relu6 => {
+                        halves[0] = _mm512_min_ps(_mm512_max_ps(halves[0], zero), six);
+                        halves[1] = _mm512_min_ps(_mm512_max_ps(halves[1], zero), six);
                     }
                 }
                 unsafe {
@@ -244,15 +293,16 @@ mod tests {
     use super::*;
     use crate::cpu::tests::{random, reference_close};
 
-    /// Both paths equal a plain f64 sum at every tile edge, with and without ReLU6 and the residual.
+    /// Both paths equal a plain f64 sum at every tile edge, with each activation, with and without the
+    /// residual, from given rows and from rows made on demand.
     #[test]
     fn pointwise_equals_the_plain_sum_at_every_tile_edge() {
         for &(pixels, inputs, outputs) in &[(1, 1, 1), (7, 3, 16), (8, 16, 32), (9, 27, 33), (17, 40, 240), (130, 96, 24), (300, 1152, 320)]
         {
             let (weight, bias) = (random(inputs * outputs, 1), random(outputs, 2));
             let (input, residual) = (random(pixels * inputs, 3), random(pixels * outputs, 4));
-            for relu6 in [false, true] {
-                let layer = Pointwise::new(&weight, &bias, inputs, outputs, relu6);
+            for activation in [Activation::None, Activation::Relu, Activation::Relu6] {
+                let layer = Pointwise::new(&weight, &bias, inputs, outputs, activation);
                 for with_residual in [false, true] {
                     let residual = with_residual.then_some(residual.as_slice());
                     let expected: Vec<f64> = (0..pixels * outputs)
@@ -260,15 +310,23 @@ mod tests {
                             let (p, o) = (at / outputs, at % outputs);
                             let sum = f64::from(bias[o])
                                 + (0..inputs).map(|i| f64::from(input[p * inputs + i]) * f64::from(weight[o * inputs + i])).sum::<f64>();
-                            let sum = if relu6 { sum.clamp(0.0, 6.0) } else { sum };
-                            sum + residual.map_or(0.0, |r| f64::from(r[at]))
+                            let sum = sum + residual.map_or(0.0, |r| f64::from(r[at]));
+                            match activation {
+                                Activation::None => sum,
+                                Activation::Relu => sum.max(0.0),
+                                Activation::Relu6 => sum.clamp(0.0, 6.0),
+                            }
                         })
                         .collect();
                     let mut fast = vec![f32::NAN; pixels * outputs];
-                    layer.forward(&input, pixels, residual, &mut fast);
+                    layer.forward(Rows::Given(&input), pixels, residual, &mut fast);
+                    let mut made = vec![f32::NAN; pixels * outputs];
+                    let unfold = |first: usize, rows: &mut [f32]| rows.copy_from_slice(&input[first * inputs..][..rows.len()]);
+                    layer.forward(Rows::Unfolded(&unfold), pixels, residual, &mut made);
+                    assert_eq!(made, fast);
                     let mut portable = vec![f32::NAN; pixels * outputs];
                     layer.rows_portable(&input, pixels, residual, &mut portable);
-                    let what = format!("{pixels} × {inputs} → {outputs}, relu6 {relu6}, residual {with_residual}");
+                    let what = format!("{pixels} × {inputs} → {outputs}, {activation:?}, residual {with_residual}");
                     reference_close(&fast, &expected, inputs, &what);
                     reference_close(&portable, &expected, inputs, &what);
                 }
