@@ -169,7 +169,8 @@ mod tests {
             let mut backbone = Backbone::init(name, &device);
             assert!(backbone.on_cpu().is_none(), "BatchNorms not folded yet");
             backbone.fold_batch_norms();
-            let on_cpu = backbone.on_cpu().expect("a folded Lite");
+            let on_cpu = backbone.on_cpu().expect("a folded network");
+            assert_eq!(on_cpu.tap_names(), backbone.tap_names());
             let input = Tensor::<4>::random([3, 3, side, side], Distribution::Normal(0.0, 1.0), &device);
             let pixels = input.clone().into_data().try_into_vec_as::<f32>().unwrap();
             let burn = backbone.features(input, &taps);

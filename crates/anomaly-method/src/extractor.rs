@@ -17,39 +17,34 @@ use crate::progress::image_progress;
 /// A backbone loaded on a device, with the preprocessing its weights expect.
 pub struct Extractor {
     name: BackboneName,
-    backbone: Backbone,
-    /// The same network in our CPU kernels, run instead of burn's CPU backend when the device is the CPU.
-    on_cpu: Option<CpuBackbone>,
+    network: Network,
     device: ResolvedDevice,
     weights: PathBuf,
     weights_sha256: OnceLock<String>,
     compute: OnceLock<Compute>,
 }
 
+/// The network an extractor runs: burn's on wgpu; on the CPU the same network in our kernels, burn's copy
+/// of the weights dropped once they are copied (WRN50-2's are 276 MB).
+enum Network {
+    Burn(Box<Backbone>),
+    Cpu(Box<CpuBackbone>),
+}
+
 impl Extractor {
     /// Loads backbone `name` from its weights file onto `device`.
     pub fn load(name: BackboneName, weights: &Path, device: ResolvedDevice) -> Result<Self> {
         let backbone = Backbone::load(name, weights, &device.device)?;
-        let on_cpu = if device.is_wgpu() { None } else { backbone.on_cpu() };
-        Ok(Self {
-            name,
-            backbone,
-            on_cpu,
-            device,
-            weights: weights.to_path_buf(),
-            weights_sha256: OnceLock::new(),
-            compute: OnceLock::new(),
-        })
+        let network = match backbone.on_cpu() {
+            Some(network) if !device.is_wgpu() => Network::Cpu(Box::new(network)),
+            _ => Network::Burn(Box::new(backbone)),
+        };
+        Ok(Self { name, network, device, weights: weights.to_path_buf(), weights_sha256: OnceLock::new(), compute: OnceLock::new() })
     }
 
     /// Which backbone this is.
     pub fn name(&self) -> BackboneName {
         self.name
-    }
-
-    /// The loaded network, for callers that run it themselves (benchmarks).
-    pub fn backbone(&self) -> &Backbone {
-        &self.backbone
     }
 
     /// Where it runs.
@@ -145,13 +140,12 @@ impl Extractor {
     }
 
     fn check_taps(&self, taps: &[&str]) -> Result<()> {
+        let names = match &self.network {
+            Network::Burn(backbone) => backbone.tap_names(),
+            Network::Cpu(network) => network.tap_names(),
+        };
         for tap in taps {
-            anyhow::ensure!(
-                self.backbone.tap_names().iter().any(|t| t == tap),
-                "{} has no feature map '{tap}'; it has: {}",
-                self.name,
-                self.backbone.tap_names().join(", ")
-            );
+            anyhow::ensure!(names.iter().any(|t| t == tap), "{} has no feature map '{tap}'; it has: {}", self.name, names.join(", "));
         }
         Ok(())
     }
@@ -179,20 +173,22 @@ impl Extractor {
 
     /// The pooled features and the maps named in `taps` of a batch.
     pub fn forward(&self, batch: &Batch, side: usize, taps: &[&str]) -> Result<(Vec<f32>, Vec<HostMap>)> {
-        if let Some(network) = &self.on_cpu {
-            return Ok(network.features(&batch.pixels, batch.len(), side, taps, true));
+        match &self.network {
+            Network::Cpu(network) => Ok(network.features(&batch.pixels, batch.len(), side, taps, true)),
+            Network::Burn(backbone) => {
+                let features = backbone.features(self.input(batch, side), taps);
+                let pooled = to_vec(features.pooled.into_data()).context("reading features back from the device")?;
+                Ok((pooled, host_maps(features.maps)?))
+            }
         }
-        let features = self.backbone.features(self.input(batch, side), taps);
-        let pooled = to_vec(features.pooled.into_data()).context("reading features back from the device")?;
-        Ok((pooled, host_maps(features.maps)?))
     }
 
     /// The maps named in `taps` of a batch, the backbone run only as far as the last of them.
     pub(crate) fn forward_maps(&self, batch: &Batch, side: usize, taps: &[&str]) -> Result<Vec<HostMap>> {
-        if let Some(network) = &self.on_cpu {
-            return Ok(network.features(&batch.pixels, batch.len(), side, taps, false).1);
+        match &self.network {
+            Network::Cpu(network) => Ok(network.features(&batch.pixels, batch.len(), side, taps, false).1),
+            Network::Burn(backbone) => host_maps(backbone.tap_maps(self.input(batch, side), taps)),
         }
-        host_maps(self.backbone.tap_maps(self.input(batch, side), taps))
     }
 }
 

@@ -56,6 +56,11 @@ impl EfficientNetLiteCpu {
         }
     }
 
+    /// The output of every block, and the head.
+    pub(crate) fn tap_names(&self) -> Vec<String> {
+        (0..self.blocks.len()).map(|i| format!("block{i}")).chain(["head".to_string()]).collect()
+    }
+
     /// See [`super::CpuBackbone::features`]; the taps are `block0` … and `head`.
     pub(crate) fn features(&self, pixels: &[f32], input: Extent, taps: &[&str], pooled: bool) -> (Vec<f32>, Vec<HostMap>) {
         let [mut current, mut next, mut expanded, mut filtered] = self.buffers.take();

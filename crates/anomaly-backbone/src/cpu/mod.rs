@@ -29,6 +29,14 @@ pub enum CpuBackbone {
 }
 
 impl CpuBackbone {
+    /// Names of the feature maps [`Self::features`] can return: as [`crate::Backbone::tap_names`].
+    pub fn tap_names(&self) -> Vec<String> {
+        match self {
+            Self::EfficientNet(network) => network.tap_names(),
+            Self::ResNet(_) => crate::RESNET_TAPS.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
     /// The pooled features (`[batch, channels]` row-major, when `pooled`) and the maps named in `taps`
     /// (NCHW, in network order) of `batch` preprocessed images (`pixels`: `[batch, 3, side, side]`). Without
     /// `pooled` the network runs only as far as the last tap.
