@@ -99,6 +99,20 @@ impl fmt::Display for Adapter {
     }
 }
 
+/// Whether this processor has AVX-512F, which our CPU micro-kernels (the kNN's products, the backbones'
+/// convolutions) are written for; elsewhere they run portable code. Detected once (the standard library
+/// caches it).
+pub fn cpu_has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// A figure of the host's memory in bytes from Linux's `/proc/meminfo` (`"MemTotal"`, `"MemAvailable"`);
 /// `None` where the system does not say.
 pub fn host_memory(field: &str) -> Option<u64> {

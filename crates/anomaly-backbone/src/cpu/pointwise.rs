@@ -108,7 +108,7 @@ impl Pointwise {
 
     /// [`Self::forward`] of one block of pixels, on this thread.
     fn rows(&self, input: &[f32], rows: usize, residual: Option<&[f32]>, out: &mut [f32]) {
-        if avx512::available() {
+        if anomaly_device::cpu_has_avx512() {
             // SAFETY: AVX-512F was detected; the slices hold `rows` pixels of `inputs` and `outputs`
             // values (checked by `forward`), the weights and bias whole tiles.
             unsafe { avx512::rows(self, input, rows, residual, out) }
@@ -149,18 +149,6 @@ fn pixels_per_block(pixels: usize) -> usize {
 
 mod avx512 {
     use super::Pointwise;
-
-    /// Whether this processor runs the AVX-512 micro-kernel (detected once; the standard library caches it).
-    pub fn available() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx512f")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    }
 
     #[cfg(not(target_arch = "x86_64"))]
     pub unsafe fn rows(_: &Pointwise, _: &[f32], _: usize, _: Option<&[f32]>, _: &mut [f32]) {

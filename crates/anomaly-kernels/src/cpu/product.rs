@@ -42,7 +42,7 @@ impl<'a> QueryBlock<'a> {
     /// `queries`: `m × d`, row-major.
     pub fn new(queries: &'a [f32], m: usize, d: usize) -> Self {
         assert!(queries.len() >= m * d, "{} values are fewer than {m} queries of {d}", queries.len());
-        let packed = avx512::available().then(|| {
+        let packed = anomaly_device::cpu_has_avx512().then(|| {
             let mut packed = Vec::new();
             pack_into(&mut packed, queries, m, d, TILE_QUERIES);
             packed
@@ -112,18 +112,6 @@ fn pack_into(packed: &mut Vec<f32>, values: &[f32], rows: usize, d: usize, tile:
 
 mod avx512 {
     use super::Candidates;
-
-    /// Whether this processor runs the AVX-512 micro-kernel (detected once; the standard library caches it).
-    pub fn available() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx512f")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    }
 
     /// A packed query block and bank block: `queries` holds `ceil(m / 8) × d × 8` values, `bank`
     /// `ceil(n / 32) × d × 32`.
