@@ -59,6 +59,9 @@ impl Browser {
             .args(["--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe", "--window-size=1280,860", "--hide-scrollbars"])
             .args(["--no-first-run", "--no-default-browser-check", "--disable-extensions", "--mute-audio"])
             .arg(format!("--user-data-dir={}", profile.path().display()))
+            // Chromium makes a temporary folder of its own (`org.chromium.Chromium.*`) and leaves it behind:
+            // inside the profile, it goes with it.
+            .env("TMPDIR", profile.path())
             .arg("about:blank")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
