@@ -185,7 +185,7 @@ fn synthetic(root: &Path, seed: u64, train: usize) {
 pub(crate) fn demo() -> &'static Path {
     static DEMO: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DEMO.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap().keep();
+        let dir = crate::common::kept_dir();
         let weights = weights_dir();
         let output = anomaly(&[
             "demo",

@@ -81,6 +81,13 @@ pub fn lite0_weights() -> PathBuf {
     .clone()
 }
 
+/// A new folder that outlives the test using it, for fixtures shared by several tests (a static can
+/// hold it, but is never dropped): under cargo's scratch folder for integration tests (`target/tmp`), so
+/// that runs do not litter the system's temporary folder and `cargo clean` removes them.
+pub fn kept_dir() -> PathBuf {
+    tempfile::Builder::new().prefix("kept-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap().keep()
+}
+
 /// A small seeded generator (xorshift64*), so tests need no RNG crate and are reproducible.
 pub struct Rng(u64);
 

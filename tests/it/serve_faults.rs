@@ -30,7 +30,7 @@ impl Fitted {
 /// Fits `method` (with `options`) on a 64-pixel synthetic fabric written from `seed`, in a folder kept
 /// for the test run.
 fn fit(method: &str, seed: u64, options: &[&str]) -> Fitted {
-    let dir = tempfile::tempdir().unwrap().keep();
+    let dir = crate::common::kept_dir();
     let data = dir.join("fabric");
     let config = anomaly_data::SyntheticConfig { seed, size: 64, train: 6, test_good: 2, per_defect: 2 };
     anomaly_data::write_synthetic_dataset(&data, &config).unwrap();
