@@ -6,7 +6,9 @@
 //!
 //! On processors with AVX-512 an 8 × 32 tile of outputs (8 pixels, 32 channels) lives in 16 registers: per
 //! input channel, 2 vector loads of the packed weights and 8 broadcasts of the pixels' values feed 16 FMAs.
-//! Elsewhere a portable loop over the same packed weights computes the same sums.
+//! Elsewhere the `gemm` crate's sgemm (AVX2 and FMA, or NEON, picked at run time: what burn's CPU backend
+//! multiplies with) adds each block's product to its bias and residual, and one pass over the block, still
+//! in the cache, activates it.
 
 use rayon::prelude::*;
 
@@ -46,31 +48,55 @@ pub(crate) enum Rows<'a> {
 pub(crate) struct Pointwise {
     inputs: usize,
     outputs: usize,
-    /// The weights in tiles of [`TILE_OUTPUTS`] output channels, `[tile][input][32]`, the last tile
-    /// zero-padded.
-    packed: Vec<f32>,
+    weights: Weights,
     /// The bias, zero-padded to whole tiles.
     bias: Vec<f32>,
     activation: Activation,
+}
+
+/// The weights laid out for the kernel this processor runs.
+#[derive(Debug)]
+enum Weights {
+    /// In tiles of [`TILE_OUTPUTS`] output channels, `[tile][input][32]`, the last tile zero-padded: the
+    /// AVX-512 micro-kernel's.
+    Tiles(Vec<f32>),
+    /// `[input][output]` row-major: sgemm's.
+    Plain(Vec<f32>),
 }
 
 impl Pointwise {
     /// `weight`: `[outputs, inputs]` row-major (a `[outputs, inputs, 1, 1]` convolution's, or a k×k one's
     /// with its inputs in the order its unfolded patches have them).
     pub(crate) fn new(weight: &[f32], bias: &[f32], inputs: usize, outputs: usize, activation: Activation) -> Self {
+        Self::with_layout(weight, bias, inputs, outputs, activation, anomaly_device::cpu_has_avx512())
+    }
+
+    /// [`Self::new`] for the AVX-512 micro-kernel (`tiles`) or for sgemm.
+    fn with_layout(weight: &[f32], bias: &[f32], inputs: usize, outputs: usize, activation: Activation, tiles: bool) -> Self {
         assert_eq!(weight.len(), inputs * outputs, "a {outputs} × {inputs} weight");
         assert_eq!(bias.len(), outputs, "a bias of {outputs}");
-        let tiles = outputs.div_ceil(TILE_OUTPUTS);
-        let mut packed = vec![0.0; tiles * inputs * TILE_OUTPUTS];
-        for (o, row) in weight.chunks_exact(inputs).enumerate() {
-            let tile = &mut packed[o / TILE_OUTPUTS * inputs * TILE_OUTPUTS..][..inputs * TILE_OUTPUTS];
-            for (i, &w) in row.iter().enumerate() {
-                tile[i * TILE_OUTPUTS + o % TILE_OUTPUTS] = w;
+        let columns = outputs.div_ceil(TILE_OUTPUTS) * TILE_OUTPUTS;
+        let weights = if tiles {
+            let mut packed = vec![0.0; columns * inputs];
+            for (o, row) in weight.chunks_exact(inputs).enumerate() {
+                let tile = &mut packed[o / TILE_OUTPUTS * inputs * TILE_OUTPUTS..][..inputs * TILE_OUTPUTS];
+                for (i, &w) in row.iter().enumerate() {
+                    tile[i * TILE_OUTPUTS + o % TILE_OUTPUTS] = w;
+                }
             }
-        }
-        let mut padded_bias = vec![0.0; tiles * TILE_OUTPUTS];
+            Weights::Tiles(packed)
+        } else {
+            let mut plain = vec![0.0; inputs * outputs];
+            for (o, row) in weight.chunks_exact(inputs).enumerate() {
+                for (i, &w) in row.iter().enumerate() {
+                    plain[i * outputs + o] = w;
+                }
+            }
+            Weights::Plain(plain)
+        };
+        let mut padded_bias = vec![0.0; columns];
         padded_bias[..outputs].copy_from_slice(bias);
-        Self { inputs, outputs, packed, bias: padded_bias, activation }
+        Self { inputs, outputs, weights, bias: padded_bias, activation }
     }
 
     pub(crate) fn inputs(&self) -> usize {
@@ -108,33 +134,54 @@ impl Pointwise {
 
     /// [`Self::forward`] of one block of pixels, on this thread.
     fn rows(&self, input: &[f32], rows: usize, residual: Option<&[f32]>, out: &mut [f32]) {
-        if anomaly_device::cpu_has_avx512() {
-            // SAFETY: AVX-512F was detected; the slices hold `rows` pixels of `inputs` and `outputs`
-            // values (checked by `forward`), the weights and bias whole tiles.
-            unsafe { avx512::rows(self, input, rows, residual, out) }
-        } else {
-            self.rows_portable(input, rows, residual, out);
+        match &self.weights {
+            // SAFETY: tiles are laid out only where AVX-512F was detected; the slices hold `rows` pixels of
+            // `inputs` and `outputs` values (checked by `forward`), the weights and bias whole tiles.
+            Weights::Tiles(packed) => unsafe { avx512::rows(self, packed, input, rows, residual, out) },
+            Weights::Plain(plain) => self.rows_sgemm(plain, input, rows, residual, out),
         }
     }
 
-    /// The same sums in plain Rust, a pixel and a tile of outputs at a time.
-    fn rows_portable(&self, input: &[f32], rows: usize, residual: Option<&[f32]>, out: &mut [f32]) {
+    /// The block's bias and residual, plus its product by sgemm, then activated in one pass.
+    fn rows_sgemm(&self, plain: &[f32], input: &[f32], rows: usize, residual: Option<&[f32]>, out: &mut [f32]) {
         let (inputs, outputs) = (self.inputs, self.outputs);
-        for p in 0..rows {
-            let x = &input[p * inputs..][..inputs];
-            for (tile, weights) in self.packed.chunks_exact(inputs * TILE_OUTPUTS).enumerate() {
-                let first = tile * TILE_OUTPUTS;
-                let mut sums: [f32; TILE_OUTPUTS] = self.bias[first..][..TILE_OUTPUTS].try_into().expect("a whole tile");
-                for (&value, w) in x.iter().zip(weights.chunks_exact(TILE_OUTPUTS)) {
-                    for (sum, &w) in sums.iter_mut().zip(w) {
-                        *sum += value * w;
-                    }
+        assert!(input.len() >= rows * inputs && out.len() >= rows * outputs && plain.len() == inputs * outputs);
+        for (p, row) in out.chunks_exact_mut(outputs).take(rows).enumerate() {
+            row.copy_from_slice(&self.bias[..outputs]);
+            if let Some(residual) = residual {
+                for (value, &r) in row.iter_mut().zip(&residual[p * outputs..][..outputs]) {
+                    *value += r;
                 }
-                let columns = TILE_OUTPUTS.min(outputs - first);
-                let out = &mut out[p * outputs + first..][..columns];
-                for (j, (slot, &sum)) in out.iter_mut().zip(&sums).enumerate() {
-                    *slot = self.activation.apply(sum + residual.map_or(0.0, |r| r[p * outputs + first + j]));
-                }
+            }
+        }
+        // SAFETY: the assert above bounds every access the strides below describe: `out` rows × outputs,
+        // `input` rows × inputs and `plain` inputs × outputs, all row-major.
+        unsafe {
+            gemm::gemm(
+                rows,
+                outputs,
+                inputs,
+                out.as_mut_ptr(),
+                1,
+                outputs as isize,
+                true,
+                input.as_ptr(),
+                1,
+                inputs as isize,
+                plain.as_ptr(),
+                1,
+                outputs as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        if self.activation != Activation::None {
+            for value in &mut out[..rows * outputs] {
+                *value = self.activation.apply(*value);
             }
         }
     }
@@ -151,23 +198,23 @@ mod avx512 {
     use super::Pointwise;
 
     #[cfg(not(target_arch = "x86_64"))]
-    pub unsafe fn rows(_: &Pointwise, _: &[f32], _: usize, _: Option<&[f32]>, _: &mut [f32]) {
+    pub unsafe fn rows(_: &Pointwise, _: &[f32], _: &[f32], _: usize, _: Option<&[f32]>, _: &mut [f32]) {
         unreachable!("AVX-512 is never detected off x86-64")
     }
 
     /// [`Pointwise::rows`] in 8 × 32 register tiles (fewer pixels in the last tile of a block).
     ///
     /// # Safety
-    /// AVX-512F must be available; `input` must hold `rows × inputs` values, `residual` and `out`
-    /// `rows × outputs`.
+    /// AVX-512F must be available; `packed` must hold the layer's weights in tiles, `input` `rows × inputs`
+    /// values, `residual` and `out` `rows × outputs`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn rows(layer: &Pointwise, input: &[f32], rows: usize, residual: Option<&[f32]>, out: &mut [f32]) {
+    pub unsafe fn rows(layer: &Pointwise, packed: &[f32], input: &[f32], rows: usize, residual: Option<&[f32]>, out: &mut [f32]) {
         use super::{TILE_OUTPUTS, TILE_PIXELS};
         let (inputs, outputs) = (layer.inputs, layer.outputs);
         debug_assert!(input.len() >= rows * inputs && out.len() >= rows * outputs);
         debug_assert!(residual.is_none_or(|r| r.len() >= rows * outputs));
-        for (tile, weights) in layer.packed.chunks_exact(inputs * TILE_OUTPUTS).enumerate() {
+        for (tile, weights) in packed.chunks_exact(inputs * TILE_OUTPUTS).enumerate() {
             let first = tile * TILE_OUTPUTS;
             let columns = TILE_OUTPUTS.min(outputs - first);
             let tile = Tile {
@@ -281,7 +328,7 @@ mod tests {
     use super::*;
     use crate::cpu::tests::{random, reference_close};
 
-    /// Both paths equal a plain f64 sum at every tile edge, with each activation, with and without the
+    /// Both kernels (AVX-512 where the processor has it, and sgemm) equal a plain f64 sum at every tile edge, with each activation, with and without the
     /// residual, from given rows and from rows made on demand.
     #[test]
     fn pointwise_equals_the_plain_sum_at_every_tile_edge() {
@@ -291,6 +338,7 @@ mod tests {
             let (input, residual) = (random(pixels * inputs, 3), random(pixels * outputs, 4));
             for activation in [Activation::None, Activation::Relu, Activation::Relu6] {
                 let layer = Pointwise::new(&weight, &bias, inputs, outputs, activation);
+                let sgemm = Pointwise::with_layout(&weight, &bias, inputs, outputs, activation, false);
                 for with_residual in [false, true] {
                     let residual = with_residual.then_some(residual.as_slice());
                     let expected: Vec<f64> = (0..pixels * outputs)
@@ -313,7 +361,7 @@ mod tests {
                     layer.forward(Rows::Unfolded(&unfold), pixels, residual, &mut made);
                     assert_eq!(made, fast);
                     let mut portable = vec![f32::NAN; pixels * outputs];
-                    layer.rows_portable(&input, pixels, residual, &mut portable);
+                    sgemm.forward(Rows::Given(&input), pixels, residual, &mut portable);
                     let what = format!("{pixels} × {inputs} → {outputs}, {activation:?}, residual {with_residual}");
                     reference_close(&fast, &expected, inputs, &what);
                     reference_close(&portable, &expected, inputs, &what);
