@@ -33,7 +33,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     match auto {
         "wgpu" => outln!("--device auto picks wgpu (a hardware adapter is present)")?,
-        _ => outln!("--device auto picks cpu: no hardware GPU adapter; software Vulkan is slower than the CPU backend")?,
+        _ => outln!("--device auto picks cpu: no hardware GPU adapter; software Vulkan is slower than the CPU")?,
     }
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! Where the work runs: the choice between a GPU through wgpu and burn's CPU backend, and the one wgpu
+//! Where the work runs: the choice between a GPU through wgpu and the CPU, and the one wgpu
 //! context (instance, adapter, device, queue) that burn and our own kernels share.
 
 use std::fmt;
@@ -15,8 +15,8 @@ mod quiet;
 /// this one definition (the variant docs are the help lines).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeviceChoice {
-    /// A real GPU adapter when there is one, else the CPU backend: a software Vulkan adapter (llvmpipe)
-    /// runs convolutions ~30× slower than burn's CPU backend.
+    /// A real GPU adapter when there is one, else the CPU: a software Vulkan adapter (llvmpipe) runs
+    /// convolutions far slower than the CPU does (~30× slower than burn's CPU backend, which ours outrun).
     #[default]
     #[value(name = "auto")]
     Auto,
