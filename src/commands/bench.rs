@@ -82,14 +82,13 @@ fn backbone(args: BackboneBenchArgs) -> Result<()> {
     // CPU), up to pooled features on the host; the median of the timed passes after a warm-up pass.
     let n = first_batch.len();
     extractor.pooled_batch(&first_batch, side)?;
-    let mut times = (0..args.repeats.max(1))
+    let times = (0..args.repeats.max(1))
         .map(|_| {
             let start = Instant::now();
             extractor.pooled_batch(&first_batch, side).map(|_| start.elapsed().as_secs_f64())
         })
         .collect::<Result<Vec<f64>>>()?;
-    times.sort_by(f64::total_cmp);
-    let forward_s = times[times.len() / 2];
+    let forward_s = median(times);
 
     // End to end: decode overlapping the forward pass, features back on the host.
     let start = Instant::now();
@@ -129,6 +128,12 @@ fn backbone(args: BackboneBenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The median of `values` (NaN for none).
+pub(super) fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// A memory figure of this process from `/proc/self/status` (`VmHWM:` its peak, `VmRSS:` now), in MiB,

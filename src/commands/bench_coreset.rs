@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use crate::commands::bench::median;
 use crate::commands::bench_kernels::{KernelDevice, random};
 use crate::output::{note, outln};
 use anomaly_kernels::cpu::{fast, reference};
@@ -226,9 +227,4 @@ fn median_s(repeats: usize, mut work: impl FnMut()) -> f64 {
         })
         .collect();
     median(times)
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
