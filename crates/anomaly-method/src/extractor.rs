@@ -35,9 +35,10 @@ impl Extractor {
     /// Loads backbone `name` from its weights file onto `device`.
     pub fn load(name: BackboneName, weights: &Path, device: ResolvedDevice) -> Result<Self> {
         let backbone = Backbone::load(name, weights, &device.device)?;
-        let network = match backbone.on_cpu() {
-            Some(network) if !device.is_wgpu() => Network::Cpu(Box::new(network)),
-            _ => Network::Burn(Box::new(backbone)),
+        let on_cpu = if device.is_wgpu() { None } else { backbone.on_cpu() };
+        let network = match on_cpu {
+            Some(network) => Network::Cpu(Box::new(network)),
+            None => Network::Burn(Box::new(backbone)),
         };
         Ok(Self { name, network, device, weights: weights.to_path_buf(), weights_sha256: OnceLock::new(), compute: OnceLock::new() })
     }
@@ -172,7 +173,7 @@ impl Extractor {
     }
 
     /// The pooled features and the maps named in `taps` of a batch.
-    pub fn forward(&self, batch: &Batch, side: usize, taps: &[&str]) -> Result<(Vec<f32>, Vec<HostMap>)> {
+    pub(crate) fn forward(&self, batch: &Batch, side: usize, taps: &[&str]) -> Result<(Vec<f32>, Vec<HostMap>)> {
         match &self.network {
             Network::Cpu(network) => Ok(network.features(&batch.pixels, batch.len(), side, taps, true)),
             Network::Burn(backbone) => {
