@@ -55,7 +55,7 @@ impl Depthwise {
     fn row(&self, window: &Window, image: &[f32], y: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if anomaly_device::cpu_has_avx512() {
                 // SAFETY: AVX-512F was detected.
                 return unsafe { self.row_avx512(window, image, y, out) };
             }
