@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use crate::output::{note, outln};
 use anomaly_kernels::cpu::{fast, peak};
-use anomaly_kernels::{DistanceKernel, GpuKernels, Peak};
+use anomaly_kernels::{CoresetChunking, CoresetSettings, CoresetSpace, DistanceKernel, GpuKernels, Peak};
 use anomaly_method::count_in;
 use anyhow::Result;
 use serde::Serialize;
@@ -69,7 +69,7 @@ struct Row {
     gflops: Option<f64>,
     gbs: Option<f64>,
     /// Time of a blocked distance shader over the naive one (<1: faster): on a shader's own row, that
-    /// shader's; on knn rows, the one knn ran (tiled on GPUs, broadcast on CPU adapters).
+    /// shader's; on knn rows, the one knn ran (tiled on GPUs, subgroup on CPU adapters).
     tiled_over_naive: Option<f64>,
     /// Time of the GPU path over the fast CPU path (<1: the GPU is faster).
     gpu_over_cpu_fast: Option<f64>,
@@ -193,7 +193,29 @@ pub fn run(mut args: KernelArgs) -> Result<()> {
                 print(row("cpu_knn", Some(k), ms, Some(flops / ms / 1e6), None))?;
             }
 
+            // PatchCore's greedy coreset step on the bank as its points, projected as fitting projects
+            // them: each step reads every point and its distance so far, and writes the distance.
+            let mut space = CoresetSpace::new(&bank, n, d, &CoresetSettings { ratio: 1.0, projection: CORESET_PROJECTION, seed: 0 })?;
+            let steps = CORESET_STEPS.min(n - 1);
+            space.set_picks(steps + 1);
+            let step_bytes = (n * (space.dims() + 2) * 4) as f64;
+            let coreset_row = |kernel, ms: f64| Row {
+                m: steps,
+                d: space.dims(),
+                ..row(kernel, None, ms, None, Some(step_bytes * steps as f64 / ms / 1e6))
+            };
+            let cpu_coreset_ms = timed(|| {
+                fast::select_with_updates(&space);
+            });
+            if steps > 0 {
+                print(coreset_row("cpu_coreset_step", cpu_coreset_ms))?;
+            }
+
             let Some(gpu) = &gpu else { continue };
+            if steps > 0 {
+                let coreset_ms = timed_result(|| gpu.coreset_select(&space, CoresetChunking::default()).map(drop))?;
+                print(Row { gpu_over_cpu_fast: Some(coreset_ms / cpu_coreset_ms), ..coreset_row("coreset_step", coreset_ms) })?;
+            }
             let gpu_bank = gpu.upload(&bank, n, d)?;
             let stats_ms = timed_result(|| gpu.column_stats(&gpu_bank).map(drop))?;
             print(Row {
@@ -213,13 +235,13 @@ pub fn run(mut args: KernelArgs) -> Result<()> {
             };
             let naive_ms = shader_ms(DistanceKernel::Naive)?;
             let mut shaders = vec![("distance_tiled", DistanceKernel::Tiled)];
-            if d <= anomaly_kernels::BROADCAST_MAX_D {
-                shaders.push(("distance_broadcast", DistanceKernel::Broadcast));
+            if gpu.has_subgroup_kernel() {
+                shaders.push(("distance_subgroup", DistanceKernel::Subgroup));
             }
             let mut used_ms = naive_ms;
             for (name, kernel) in shaders {
                 let ms = shader_ms(kernel)?;
-                if kernel == gpu.distance_kernel() || (kernel == DistanceKernel::Tiled && d > anomaly_kernels::BROADCAST_MAX_D) {
+                if kernel == gpu.distance_kernel() {
                     used_ms = ms;
                 }
                 print(Row { n: naive_n, tiled_over_naive: Some(ms / naive_ms), ..row(name, None, ms, Some(sub_flops / ms / 1e6), None) })?;
@@ -255,6 +277,10 @@ fn ratios(row: &Row) -> String {
     }
     text
 }
+
+/// Greedy coreset steps the `coreset_step` rows time, and the projection their points get (PatchCore's).
+const CORESET_STEPS: usize = 100;
+const CORESET_PROJECTION: usize = 128;
 
 /// Milliseconds of one run after a warm-up run.
 fn timed(mut work: impl FnMut()) -> f64 {

@@ -92,25 +92,50 @@ fn data(case: &Case, seed: u64) -> (Vec<f32>, Vec<f32>) {
     (queries, bank)
 }
 
-const CASES: [Case; 7] = [
+const CASES: [Case; 8] = [
     Case { name: "odd shapes", m: 37, n: 1001, d: 70, k: 9, scale: 1.0, offset: 0.0, duplicates: false },
     Case { name: "d = 1", m: 20, n: 300, d: 1, k: 5, scale: 1.0, offset: 0.0, duplicates: false },
     Case { name: "k = 1", m: 65, n: 129, d: 33, k: 1, scale: 1.0, offset: 0.0, duplicates: false },
     Case { name: "k = n", m: 9, n: 200, d: 17, k: 200, scale: 1.0, offset: 0.0, duplicates: false },
     Case { name: "k = 1024", m: 5, n: 1500, d: 8, k: 1024, scale: 1.0, offset: 0.0, duplicates: false },
     Case { name: "duplicates", m: 40, n: 300, d: 24, k: 50, scale: 1.0, offset: 0.0, duplicates: true },
+    Case { name: "nearest of duplicates", m: 40, n: 300, d: 24, k: 1, scale: 1.0, offset: 0.0, duplicates: true },
     Case { name: "large magnitudes", m: 30, n: 500, d: 40, k: 20, scale: 1000.0, offset: 3000.0, duplicates: false },
 ];
 
 #[test]
 fn gpu_neighbours_match_the_reference_with_either_distance_shader() {
-    for kernel in [DistanceKernel::Tiled, DistanceKernel::Broadcast] {
+    for kernel in [DistanceKernel::Tiled, DistanceKernel::Subgroup] {
         let kernels = kernels().with_distance_kernel(kernel);
         for (seed, case) in CASES.iter().enumerate() {
             let (queries, bank) = data(case, seed as u64);
             let gpu_bank = kernels.upload(&bank, case.n, case.d).unwrap();
             let ours = kernels.knn_host(&gpu_bank, &queries, case.k).unwrap();
             check_neighbours(&format!("{kernel:?} {}", case.name), &ours, &queries, &bank, case.d);
+        }
+    }
+}
+
+#[test]
+fn nearest_rows_tie_to_the_lowest_index_within_and_across_invocations() {
+    // 256 distinct rows repeated four times: each copy 256 positions after the last, so the copies
+    // fall to one invocation of the k = 1 pass (which strides by 256), and with one extra row in front
+    // (as a chunk's merged best is) to neighbouring ones.
+    let d = 5;
+    let mut rng = Rng::new(41);
+    let queries = rng.normals(30 * d, 0.0, 1.0);
+    let distinct = rng.normals(256 * d, 0.0, 1.0);
+    for lead in [0, 1] {
+        let mut bank = rng.normals(lead * d, 0.0, 1.0);
+        (0..4).for_each(|_| bank.extend_from_slice(&distinct));
+        let n = bank.len() / d;
+        for kernel in [DistanceKernel::Tiled, DistanceKernel::Subgroup] {
+            let kernels = kernels().with_distance_kernel(kernel);
+            let ours = kernels.knn_host(&kernels.upload(&bank, n, d).unwrap(), &queries, 1).unwrap();
+            for (row, &index) in ours.indices.iter().enumerate() {
+                assert!((index as usize) < lead + 256, "{kernel:?}, lead {lead}: query {row} took copy {index}");
+            }
+            check_neighbours(&format!("{kernel:?} lead {lead}"), &ours, &queries, &bank, d);
         }
     }
 }
@@ -138,15 +163,23 @@ fn chunked_runs_equal_the_unchunked_run() {
     let chunked = small.knn_host(&chunked_bank, &queries, case.k).unwrap();
     assert_eq!(chunked, whole, "chunked and unchunked runs differ");
     check_neighbours(case.name, &chunked, &queries, &bank, case.d);
-    // The broadcast shader splits queries into uniform blocks of 16 rows; the result must not change.
-    let broadcast = small.with_distance_kernel(DistanceKernel::Broadcast);
-    let chunked_bank = broadcast.upload(&bank, case.n, case.d).unwrap();
-    let broadcast_whole = GpuKernels::shared().unwrap().with_distance_kernel(DistanceKernel::Broadcast);
-    let expected = broadcast_whole.knn_host(&broadcast_whole.upload(&bank, case.n, case.d).unwrap(), &queries, case.k).unwrap();
-    assert_eq!(broadcast.knn_host(&chunked_bank, &queries, case.k).unwrap(), expected, "broadcast: chunked and unchunked runs differ");
+    // k = 1 has its own top-k pass, which merges the chunks' nearest rows as well.
+    let nearest = small.knn_host(&chunked_bank, &queries, 1).unwrap();
+    assert_eq!(
+        nearest,
+        kernels.knn_host(&kernels.upload(&bank, case.n, case.d).unwrap(), &queries, 1).unwrap(),
+        "k = 1: chunked and unchunked runs differ"
+    );
+    check_neighbours("chunked, k = 1", &nearest, &queries, &bank, case.d);
+    // The subgroup shader, with query blocks of a few rows; the result must not change.
+    let subgroup = small.with_distance_kernel(DistanceKernel::Subgroup);
+    let chunked_bank = subgroup.upload(&bank, case.n, case.d).unwrap();
+    let subgroup_whole = GpuKernels::shared().unwrap().with_distance_kernel(DistanceKernel::Subgroup);
+    let expected = subgroup_whole.knn_host(&subgroup_whole.upload(&bank, case.n, case.d).unwrap(), &queries, case.k).unwrap();
+    assert_eq!(subgroup.knn_host(&chunked_bank, &queries, case.k).unwrap(), expected, "subgroup: chunked and unchunked runs differ");
 
     let exact = reference::column_stats(&bank, case.n, case.d);
-    let stats = broadcast.column_stats(&chunked_bank).unwrap();
+    let stats = subgroup.column_stats(&chunked_bank).unwrap();
     for (ours, theirs) in stats.std.iter().zip(&exact.std) {
         assert!(close(*ours as f64, *theirs as f64, 1e-6, 1e-4), "std {ours} vs {theirs}");
     }
@@ -155,13 +188,12 @@ fn chunked_runs_equal_the_unchunked_run() {
 #[test]
 fn device_queries_give_the_neighbours_host_queries_give() {
     let shared = kernels();
-    // A width of 13 and one of 12 (the broadcast shader's blocks are packed row by row, or a block at a
-    // time), with the device's limits and with 16 KiB bindings: queries in three chunks, blocks of a few
+    // A width of 13 and one of 12 (a partial last step of the subgroup shader, and none), with the device's limits and with 16 KiB bindings: queries in three chunks, blocks of a few
     // rows, a chunked bank.
     for (seed, d) in [(31, 13), (32, 12)] {
         let case = Case { name: "device queries", m: 700, n: 900, d, k: 7, scale: 1.0, offset: 0.0, duplicates: true };
         let (queries, bank) = data(&case, seed);
-        for kernel in [DistanceKernel::Tiled, DistanceKernel::Broadcast] {
+        for kernel in [DistanceKernel::Tiled, DistanceKernel::Subgroup] {
             let mut results = Vec::new();
             for limits in [shared.limits(), small_limits(&shared, 16 * 1024)] {
                 let kernels = GpuKernels::shared().unwrap().with_limits(limits).with_distance_kernel(kernel);
@@ -225,6 +257,18 @@ fn selected_columns_are_gathered_exactly() {
 }
 
 #[test]
+fn software_vulkan_adapters_run_the_subgroup_shader() {
+    let kernels = kernels();
+    let adapter = &anomaly_device::GpuContext::get().unwrap().adapter;
+    if adapter.is_hardware || adapter.backend != "Vulkan" {
+        eprintln!("skipping: {adapter} is not a software Vulkan adapter");
+        return;
+    }
+    assert!(kernels.has_subgroup_kernel(), "{adapter} has no fixed subgroup size the subgroup shader takes");
+    assert_eq!(kernels.distance_kernel(), DistanceKernel::Subgroup);
+}
+
+#[test]
 fn every_distance_shader_agrees_with_the_reference() {
     let kernels = kernels();
     let mut rng = Rng::new(3);
@@ -234,7 +278,14 @@ fn every_distance_shader_agrees_with_the_reference() {
     let exact = reference::squared_distances(&queries, &bank, d);
     let floor = floor_of(&queries, d);
     let (q, b) = (kernels.upload(&queries, m, d).unwrap(), kernels.upload(&bank, n, d).unwrap());
-    for kernel in [DistanceKernel::Tiled, DistanceKernel::Broadcast, DistanceKernel::Naive] {
+    let mut shaders = vec![DistanceKernel::Tiled, DistanceKernel::Naive];
+    if kernels.has_subgroup_kernel() {
+        shaders.push(DistanceKernel::Subgroup);
+    } else {
+        eprintln!("skipping the subgroup shader: this adapter has no fixed subgroup size of 4, 8 or 16");
+        assert!(kernels.distance_matrix(&q, &b, DistanceKernel::Subgroup).is_err());
+    }
+    for kernel in shaders {
         let (ours, _) = kernels.distance_matrix(&q, &b, kernel).unwrap();
         for (o, e) in ours.iter().zip(&exact) {
             assert!(close(*o as f64, *e, floor, 1e-4), "{kernel:?}: {o} vs {e}");

@@ -12,7 +12,7 @@ use wgpu::util::{BufferInitDescriptor, DeviceExt};
 use crate::column_stats::ColumnStatsKernel;
 use crate::coreset::CoresetKernels;
 use crate::distance::{DistanceKernel, DistanceShaders};
-use crate::distance_broadcast::BroadcastShaders;
+use crate::distance_subgroup::SubgroupShader;
 use crate::gather_columns::GatherKernel;
 use crate::peak::PeakKernels;
 use crate::row_norms::RowNormsKernel;
@@ -107,7 +107,8 @@ pub struct GpuKernels {
     pub(crate) gather: GatherKernel,
     pub(crate) norms: RowNormsKernel,
     pub(crate) distance: DistanceShaders,
-    pub(crate) broadcast: BroadcastShaders,
+    /// `None` where the device lacks subgroup operations of a size the shader is written for.
+    pub(crate) subgroup: Option<SubgroupShader>,
     pub(crate) topk: TopKKernel,
     pub(crate) coreset: CoresetKernels,
     /// Built on first use: only `bench kernels` runs the probes, and compiling them costs every other run.
@@ -120,8 +121,10 @@ impl GpuKernels {
     /// shader that suits its adapter.
     pub fn shared() -> Result<Self, KernelError> {
         let context = anomaly_device::GpuContext::get()?;
-        let kernel = if context.adapter.is_hardware { DistanceKernel::Tiled } else { DistanceKernel::Broadcast };
-        Ok(Self::new(context.setup.device.clone(), context.setup.queue.clone()).with_distance_kernel(kernel))
+        let kernels = Self::new(context.setup.device.clone(), context.setup.queue.clone());
+        let kernel =
+            if context.adapter.is_hardware || !kernels.has_subgroup_kernel() { DistanceKernel::Tiled } else { DistanceKernel::Subgroup };
+        Ok(kernels.with_distance_kernel(kernel))
     }
 
     /// Builds every pipeline on `device`; distances use the tiled shader unless told otherwise.
@@ -138,7 +141,7 @@ impl GpuKernels {
             gather: GatherKernel::new(&device),
             norms: RowNormsKernel::new(&device),
             distance: DistanceShaders::new(&device),
-            broadcast: BroadcastShaders::new(&device),
+            subgroup: SubgroupShader::new(&device),
             topk: TopKKernel::new(&device),
             coreset: CoresetKernels::new(&device),
             peak: std::sync::OnceLock::new(),
@@ -147,16 +150,25 @@ impl GpuKernels {
         }
     }
 
-    /// Uses `kernel` for the distances of `knn` (the broadcast shader falls back to the tiled one past
-    /// its width limit).
+    /// Uses `kernel` for the distances of `knn` (the subgroup shader falls back to the tiled one on a
+    /// device that cannot run it).
     pub fn with_distance_kernel(mut self, kernel: DistanceKernel) -> Self {
         self.distance_kernel = kernel;
         self
     }
 
-    /// The distance shader `knn` prefers.
+    /// The distance shader `knn` runs: the one asked for, unless that is the subgroup shader and the
+    /// device cannot run it.
     pub fn distance_kernel(&self) -> DistanceKernel {
-        self.distance_kernel
+        match self.distance_kernel {
+            DistanceKernel::Subgroup if self.subgroup.is_none() => DistanceKernel::Tiled,
+            kernel => kernel,
+        }
+    }
+
+    /// Whether the device can run `DistanceKernel::Subgroup`.
+    pub fn has_subgroup_kernel(&self) -> bool {
+        self.subgroup.is_some()
     }
 
     /// Splits work as if the device had these (smaller) limits.

@@ -1,12 +1,11 @@
 //! Host side of `shaders/distance.wgsl` (the tiled and naive pairwise-distance shaders), and the choice
-//! between them and the broadcast shader of `distance_broadcast`: a block of queries is laid out for
-//! the chosen shader, then its distances to one bank chunk are encoded.
+//! between them and the subgroup shader of `distance_subgroup`: a block of queries is copied out of its
+//! matrix, then its distances to one bank chunk are encoded with the chosen shader.
 
 use burn::tensor::wgpu::wgpu;
 use bytemuck::{Pod, Zeroable};
 
 use crate::context::{GpuKernels, GpuMatrix, Kernel, KernelError, MatrixChunk, Slot, shader_module};
-use crate::distance_broadcast::{self, BROADCAST_MAX_D, BroadcastBlocks};
 use crate::knn::MAX_QUERY_BLOCK;
 
 /// Invocations per workgroup side (the shader's `SIDE`) of both shaders.
@@ -16,14 +15,18 @@ const SIDE: u32 = 16;
 const TILE: u32 = 4 * SIDE;
 const _: () = assert!(SIDE.is_multiple_of(4), "each invocation of the tiled shader stages 4 features");
 
+/// Why the subgroup shader cannot run on a device.
+const NO_SUBGROUPS: &str = "the subgroup distance kernel needs subgroup operations of a fixed size of 4, 8 or 16, which this device lacks";
+
 /// Which pairwise-distance shader runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DistanceKernel {
     /// Shared-memory tiles, 4 × 4 outputs per invocation: for hardware GPUs.
     Tiled,
-    /// Query rows broadcast from a uniform buffer to one bank row per invocation: for adapters that
-    /// emulate a GPU on the CPU (llvmpipe), where storage reads are costly; up to 2048 features.
-    Broadcast,
+    /// 8 query rows × 3 bank rows per invocation, the query values shared through subgroup broadcasts:
+    /// for adapters that emulate a GPU on the CPU (llvmpipe), where storage reads are costly. Needs
+    /// subgroup operations of a fixed size of 4, 8 or 16 (`GpuKernels::has_subgroup_kernel`).
+    Subgroup,
     /// One invocation per pair: the baseline the others are measured against.
     Naive,
 }
@@ -56,34 +59,18 @@ impl DistanceShaders {
     }
 }
 
-/// A block of query rows laid out for one distance shader, with their squared norms.
+/// A block of query rows for one distance shader, with their squared norms.
 pub(crate) struct QueryBlock {
     rows: usize,
     d: usize,
     kernel: DistanceKernel,
     norms: wgpu::Buffer,
-    values: BlockValues,
-}
-
-enum BlockValues {
-    /// Plain rows, for the shaders that read queries from a storage buffer.
-    Rows(wgpu::Buffer),
-    /// Uniform blocks, for the broadcast shader.
-    Broadcast(BroadcastBlocks),
+    values: wgpu::Buffer,
 }
 
 impl GpuKernels {
-    /// The distance shader `knn` uses for `d` features: the preferred one, unless the broadcast shader's
-    /// uniform block cannot hold its fewest rows of that width.
-    pub(crate) fn distance_kernel_for(&self, d: usize) -> DistanceKernel {
-        match self.distance_kernel {
-            DistanceKernel::Broadcast if !distance_broadcast::fits(d) => DistanceKernel::Tiled,
-            kernel => kernel,
-        }
-    }
-
-    /// Encodes the copy of rows `first .. first + rows` of a query chunk (`d` wide) into a block laid
-    /// out for `kernel`. The copies run on the device: the queries never come back to the host.
+    /// Encodes the copy of rows `first .. first + rows` of a query chunk (`d` wide) into a block for
+    /// `kernel`. The copies run on the device: the queries never come back to the host.
     pub(crate) fn prepare_queries(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -95,14 +82,8 @@ impl GpuKernels {
     ) -> QueryBlock {
         let norms = self.gpu.storage(rows * 4, "query norms");
         encoder.copy_buffer_to_buffer(&chunk.norms, (first * 4) as u64, &norms, 0, (rows * 4) as u64);
-        let values = match kernel {
-            DistanceKernel::Broadcast => BlockValues::Broadcast(self.broadcast.pack(&self.gpu, encoder, &chunk.values, first, rows, d)),
-            DistanceKernel::Tiled | DistanceKernel::Naive => {
-                let values = self.gpu.storage(rows * d * 4, "queries");
-                encoder.copy_buffer_to_buffer(&chunk.values, (first * d * 4) as u64, &values, 0, (rows * d * 4) as u64);
-                BlockValues::Rows(values)
-            }
-        };
+        let values = self.gpu.storage(rows * d * 4, "queries");
+        encoder.copy_buffer_to_buffer(&chunk.values, (first * d * 4) as u64, &values, 0, (rows * d * 4) as u64);
         QueryBlock { rows, d, kernel, norms, values }
     }
 
@@ -115,17 +96,17 @@ impl GpuKernels {
         out: &wgpu::Buffer,
     ) -> Result<(), KernelError> {
         let gpu = &self.gpu;
-        let values = match &queries.values {
-            BlockValues::Broadcast(blocks) => return self.broadcast.encode(gpu, pass, blocks, &queries.norms, chunk, out),
-            BlockValues::Rows(values) => values,
-        };
         let (m, n) = (queries.rows, chunk.rows);
-        let params = gpu.uniform(&Params { m: m as u32, n: n as u32, d: queries.d as u32, _pad: 0 });
-        let buffers = [&params, values, &chunk.values, &queries.norms, &chunk.norms, out];
-        let (shader, outputs_per_group) = match queries.kernel {
-            DistanceKernel::Naive => (&self.distance.naive, SIDE),
-            _ => (&self.distance.tiled, TILE),
+        let (shader, outputs_per_group) = match (queries.kernel, &self.subgroup) {
+            (DistanceKernel::Subgroup, Some(subgroup)) => {
+                return subgroup.encode(gpu, pass, &queries.values, &queries.norms, m, queries.d, chunk, out);
+            }
+            (DistanceKernel::Subgroup, None) => return Err(KernelError::Shape(NO_SUBGROUPS.into())),
+            (DistanceKernel::Naive, _) => (&self.distance.naive, SIDE),
+            (DistanceKernel::Tiled, _) => (&self.distance.tiled, TILE),
         };
+        let params = gpu.uniform(&Params { m: m as u32, n: n as u32, d: queries.d as u32, _pad: 0 });
+        let buffers = [&params, &queries.values, &chunk.values, &queries.norms, &chunk.norms, out];
         let groups = (n.div_ceil(outputs_per_group as usize) as u32, m.div_ceil(outputs_per_group as usize) as u32);
         gpu.dispatch(pass, shader, &buffers, groups);
         Ok(())
@@ -147,8 +128,8 @@ impl GpuKernels {
         if (m * n * 4) as u64 > gpu.limits.max_binding_bytes {
             return Err(KernelError::Shape(format!("a {m} × {n} distance matrix exceeds one binding")));
         }
-        if kernel == DistanceKernel::Broadcast && !distance_broadcast::fits(d) {
-            return Err(KernelError::Shape(format!("the broadcast kernel takes at most {BROADCAST_MAX_D} features")));
+        if kernel == DistanceKernel::Subgroup && self.subgroup.is_none() {
+            return Err(KernelError::Shape(NO_SUBGROUPS.into()));
         }
         let out = gpu.storage(m * n * 4, "distance matrix");
         let mut encoder = gpu.device.create_command_encoder(&Default::default());

@@ -24,7 +24,7 @@ impl GpuKernels {
         let width = bank.chunks.iter().map(|c| c.rows).max().unwrap_or(1);
         let binding_rows = |row_bytes: usize| (gpu.limits.max_binding_bytes / row_bytes as u64) as usize;
         let block = queries.rows.min(MAX_QUERY_BLOCK).min(binding_rows(width * 4)).min(binding_rows(d * 4)).min(binding_rows(k * 4)).max(1);
-        let kernel = self.distance_kernel_for(d);
+        let kernel = self.distance_kernel();
         let distances = gpu.storage(block * width * 4, "distances");
         let mut best = RunningBest::new(gpu, block, k);
         let mut result = Neighbours { k, distances: Vec::with_capacity(queries.rows * k), indices: Vec::with_capacity(queries.rows * k) };

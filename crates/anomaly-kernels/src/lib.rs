@@ -14,7 +14,7 @@ mod context;
 mod coreset;
 pub mod cpu;
 mod distance;
-mod distance_broadcast;
+mod distance_subgroup;
 mod gather_columns;
 mod knn;
 #[cfg(test)]
@@ -26,7 +26,6 @@ mod topk;
 pub use context::{GpuKernels, GpuMatrix, KernelError, KernelLimits};
 pub use coreset::{CoresetChunking, CoresetSettings, CoresetSpace, GRID_MAX, STEPS_PER_SUBMISSION};
 pub use distance::DistanceKernel;
-pub use distance_broadcast::BROADCAST_MAX_D;
 pub use peak::Peak;
 
 /// Mean and standard deviation (population, ddof = 0, as numpy's `std`) of every column.

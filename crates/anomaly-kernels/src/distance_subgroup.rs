@@ -1,0 +1,98 @@
+//! Host side of `shaders/distance_subgroup.wgsl`, the distance shader for adapters that emulate a GPU
+//! on the CPU (llvmpipe), where storage reads are loops over SIMD lanes and subgroup broadcasts are
+//! register shuffles: each invocation keeps 8 query rows × 3 bank rows of sums, and the lanes of a
+//! subgroup share the query values they read.
+
+use burn::tensor::wgpu::wgpu;
+use bytemuck::{Pod, Zeroable};
+
+use crate::context::{Gpu, Kernel, KernelError, MatrixChunk, Slot, shader_module};
+
+/// Invocations per workgroup (the shader's `WG`): a multiple of every subgroup size the shader takes.
+const WORKGROUP: u32 = 64;
+/// Query rows per workgroup row of the grid and bank rows per invocation (the shader's `QUERIES` and
+/// `BANK_ROWS`).
+const QUERIES: usize = 8;
+const BANK_ROWS: u32 = 3;
+/// Subgroup sizes the shader is written for (its unrolled broadcasts): the SIMD widths of llvmpipe
+/// (128-, 256- and 512-bit vectors of f32).
+const SUBGROUP_SIZES: [u32; 3] = [4, 8, 16];
+
+/// The shader's `Params`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct Params {
+    m: u32,
+    n: u32,
+    d: u32,
+    _pad: u32,
+}
+
+/// The shader, built for the device's subgroup size.
+pub(crate) struct SubgroupShader(Kernel);
+
+impl SubgroupShader {
+    /// The shader, where the device has subgroup operations and a fixed subgroup size it is written
+    /// for; `None` elsewhere.
+    pub fn new(device: &wgpu::Device) -> Option<Self> {
+        let info = device.adapter_info();
+        let size = info.subgroup_min_size;
+        let usable =
+            device.features().contains(wgpu::Features::SUBGROUP) && size == info.subgroup_max_size && SUBGROUP_SIZES.contains(&size);
+        usable.then(|| {
+            let module = shader_module(device, "distance_subgroup", include_str!("../../../shaders/distance_subgroup.wgsl"));
+            let slots = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Read, Slot::Read, Slot::Write];
+            Self(Kernel::new(device, &module, "distance_subgroup", &slots, &[("SG", size as f64), ("WG", WORKGROUP as f64)]))
+        })
+    }
+
+    /// Encodes the squared distances of `m` query rows (`values`, row-major, `d` wide; squared norms in
+    /// `norms`) to one bank chunk into `out` (`m × chunk.rows`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode(
+        &self,
+        gpu: &Gpu,
+        pass: &mut wgpu::ComputePass,
+        values: &wgpu::Buffer,
+        norms: &wgpu::Buffer,
+        m: usize,
+        d: usize,
+        chunk: &MatrixChunk,
+        out: &wgpu::Buffer,
+    ) -> Result<(), KernelError> {
+        let n = chunk.rows;
+        let (x, _) = gpu.groups_1d(n.div_ceil(BANK_ROWS as usize), WORKGROUP)?;
+        let params = gpu.uniform(&Params { m: m as u32, n: n as u32, d: d as u32, _pad: 0 });
+        let buffers = [&params, values, &chunk.values, norms, &chunk.norms, out];
+        gpu.dispatch(pass, &self.0, &buffers, (x, m.div_ceil(QUERIES) as u32));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{assert_layout, parse};
+
+    const SOURCE: &str = include_str!("../../../shaders/distance_subgroup.wgsl");
+
+    #[test]
+    fn params_match_the_shader() {
+        assert_layout!(Params { m, n, d, _pad }, SOURCE, 16);
+    }
+
+    #[test]
+    fn the_grid_constants_are_the_shaders() {
+        let module = parse(SOURCE);
+        let constant = |name: &str| {
+            let (_, c) = module.constants.iter().find(|(_, c)| c.name.as_deref() == Some(name)).expect(name);
+            match module.global_expressions[c.init] {
+                burn::tensor::wgpu::wgpu::naga::Expression::Literal(burn::tensor::wgpu::wgpu::naga::Literal::U32(v)) => v,
+                ref other => panic!("{name} is {other:?}"),
+            }
+        };
+        assert_eq!(constant("QUERIES") as usize, QUERIES);
+        assert_eq!(constant("BANK_ROWS"), BANK_ROWS);
+        assert!(SUBGROUP_SIZES.iter().all(|size| WORKGROUP.is_multiple_of(*size)));
+    }
+}

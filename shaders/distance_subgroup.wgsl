@@ -1,0 +1,152 @@
+// Pairwise squared Euclidean distances for adapters that emulate a GPU on the CPU (llvmpipe). There
+// the invocations of a subgroup are the lanes of one SIMD register, arithmetic is cheap, and every
+// read of a storage buffer is a loop over the lanes (Mesa 22's llvmpipe; uniform-buffer reads at
+// offsets that vary in a loop take the same path): reads, not multiply-adds, bound a kernel.
+//
+// So each invocation keeps the sums of QUERIES query rows with BANK_ROWS bank rows (24 sums), and per
+// step of SG features reads SG features of each of its bank rows plus a single feature of each query
+// row (feature `step + lane`); subgroup broadcasts, register shuffles there, hand every lane the query
+// values its neighbours read. Each value read feeds 6 multiply-adds at SG = 8 (the tiled shader's
+// one value per 4 with the reads that cost the most here). Any width: past the last feature the query
+// values are zero, and the bank reads stay within the row.
+
+struct Params {
+    // Query rows, bank rows, features.
+    m: u32,
+    n: u32,
+    d: u32,
+    _pad: u32,
+}
+
+// Invocations per subgroup (4, 8 or 16) and per workgroup (a multiple of SG): set by the host
+// (distance_subgroup.rs), which picks this shader only where the subgroup size is fixed at SG.
+override SG: u32;
+override WG: u32;
+// Query rows per workgroup row of the grid, and bank rows per invocation: the host sizes the grid by them.
+const QUERIES: u32 = 8u;
+const BANK_ROWS: u32 = 3u;
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> queries: array<f32>;
+@group(0) @binding(2) var<storage, read> bank: array<f32>;
+@group(0) @binding(3) var<storage, read> query_norms: array<f32>;
+@group(0) @binding(4) var<storage, read> bank_norms: array<f32>;
+@group(0) @binding(5) var<storage, read_write> distances: array<f32>;
+
+// Dot products so far: sums_<bank row>_<query rows 0–3 or 4–7>, in registers (module-scope private
+// variables, as WGSL functions cannot take them by reference).
+var<private> sums_0_lo: vec4<f32>;
+var<private> sums_0_hi: vec4<f32>;
+var<private> sums_1_lo: vec4<f32>;
+var<private> sums_1_hi: vec4<f32>;
+var<private> sums_2_lo: vec4<f32>;
+var<private> sums_2_hi: vec4<f32>;
+
+// One feature: the 8 query rows' values `lo`, `hi` times the invocation's 3 bank rows' values `b`.
+fn add(lo: vec4<f32>, hi: vec4<f32>, b: vec3<f32>) {
+    sums_0_lo = fma(lo, vec4<f32>(b.x), sums_0_lo);
+    sums_0_hi = fma(hi, vec4<f32>(b.x), sums_0_hi);
+    sums_1_lo = fma(lo, vec4<f32>(b.y), sums_1_lo);
+    sums_1_hi = fma(hi, vec4<f32>(b.y), sums_1_hi);
+    sums_2_lo = fma(lo, vec4<f32>(b.z), sums_2_lo);
+    sums_2_hi = fma(hi, vec4<f32>(b.z), sums_2_hi);
+}
+
+// Features `feature` … `feature` + 3 of the invocation's 3 bank rows (starting at `rows`), one vec3
+// per feature. With `clamp` (the last, partial step) the last feature stands in past the row's end, so
+// that no read strays into the next row; its query values are zero.
+fn bank_features(rows: vec3<u32>, feature: u32, clamp: bool) -> array<vec3<f32>, 4> {
+    var values: array<vec3<f32>, 4>;
+    for (var i = 0u; i < 4u; i++) {
+        let f = select(feature + i, min(feature + i, params.d - 1u), clamp);
+        values[i] = vec3<f32>(bank[rows.x + f], bank[rows.y + f], bank[rows.z + f]);
+    }
+    return values;
+}
+
+// Features `step` … `step` + SG − 1: lane j read feature `step` + j of the 8 query rows (`lo`, `hi`);
+// subgroupBroadcast takes a constant lane, hence the unrolling.
+fn add_step(rows: vec3<u32>, step: u32, lo: vec4<f32>, hi: vec4<f32>, clamp: bool) {
+    var b = bank_features(rows, step, clamp);
+    add(subgroupBroadcast(lo, 0u), subgroupBroadcast(hi, 0u), b[0]);
+    add(subgroupBroadcast(lo, 1u), subgroupBroadcast(hi, 1u), b[1]);
+    add(subgroupBroadcast(lo, 2u), subgroupBroadcast(hi, 2u), b[2]);
+    add(subgroupBroadcast(lo, 3u), subgroupBroadcast(hi, 3u), b[3]);
+    if (SG > 4u) {
+        b = bank_features(rows, step + 4u, clamp);
+        add(subgroupBroadcast(lo, 4u), subgroupBroadcast(hi, 4u), b[0]);
+        add(subgroupBroadcast(lo, 5u), subgroupBroadcast(hi, 5u), b[1]);
+        add(subgroupBroadcast(lo, 6u), subgroupBroadcast(hi, 6u), b[2]);
+        add(subgroupBroadcast(lo, 7u), subgroupBroadcast(hi, 7u), b[3]);
+    }
+    if (SG > 8u) {
+        b = bank_features(rows, step + 8u, clamp);
+        add(subgroupBroadcast(lo, 8u), subgroupBroadcast(hi, 8u), b[0]);
+        add(subgroupBroadcast(lo, 9u), subgroupBroadcast(hi, 9u), b[1]);
+        add(subgroupBroadcast(lo, 10u), subgroupBroadcast(hi, 10u), b[2]);
+        add(subgroupBroadcast(lo, 11u), subgroupBroadcast(hi, 11u), b[3]);
+        b = bank_features(rows, step + 12u, clamp);
+        add(subgroupBroadcast(lo, 12u), subgroupBroadcast(hi, 12u), b[0]);
+        add(subgroupBroadcast(lo, 13u), subgroupBroadcast(hi, 13u), b[1]);
+        add(subgroupBroadcast(lo, 14u), subgroupBroadcast(hi, 14u), b[2]);
+        add(subgroupBroadcast(lo, 15u), subgroupBroadcast(hi, 15u), b[3]);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn distance_subgroup(
+    @builtin(workgroup_id) group: vec3<u32>,
+    @builtin(local_invocation_index) local: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let m = params.m;
+    let n = params.n;
+    let d = params.d;
+    // Rows past the end are read clamped (every lane takes part in the broadcasts) and not stored.
+    let col = (group.x * WG + local) * BANK_ROWS;
+    let rows = vec3<u32>(min(col, n - 1u), min(col + 1u, n - 1u), min(col + 2u, n - 1u)) * d;
+    let row0 = group.y * QUERIES;
+    let q_lo = vec4<u32>(min(row0, m - 1u), min(row0 + 1u, m - 1u), min(row0 + 2u, m - 1u), min(row0 + 3u, m - 1u)) * d + lane;
+    let q_hi = vec4<u32>(min(row0 + 4u, m - 1u), min(row0 + 5u, m - 1u), min(row0 + 6u, m - 1u), min(row0 + 7u, m - 1u)) * d + lane;
+    sums_0_lo = vec4<f32>(0.0);
+    sums_0_hi = vec4<f32>(0.0);
+    sums_1_lo = vec4<f32>(0.0);
+    sums_1_hi = vec4<f32>(0.0);
+    sums_2_lo = vec4<f32>(0.0);
+    sums_2_hi = vec4<f32>(0.0);
+    // Whole steps, then the partial one, whose query values past the last feature are zero.
+    var step = 0u;
+    for (; step + SG <= d; step += SG) {
+        let lo = vec4<f32>(queries[q_lo.x + step], queries[q_lo.y + step], queries[q_lo.z + step], queries[q_lo.w + step]);
+        let hi = vec4<f32>(queries[q_hi.x + step], queries[q_hi.y + step], queries[q_hi.z + step], queries[q_hi.w + step]);
+        add_step(rows, step, lo, hi, false);
+    }
+    if (step < d) {
+        // A lane past the last feature reads the next row (or, at the buffer's end, what the bounds
+        // checks clamp to) and drops it.
+        let inside = step + lane < d;
+        let lo = vec4<f32>(queries[q_lo.x + step], queries[q_lo.y + step], queries[q_lo.z + step], queries[q_lo.w + step]);
+        let hi = vec4<f32>(queries[q_hi.x + step], queries[q_hi.y + step], queries[q_hi.z + step], queries[q_hi.w + step]);
+        add_step(rows, step, select(vec4<f32>(0.0), lo, inside), select(vec4<f32>(0.0), hi, inside), true);
+    }
+    store(row0, col, sums_0_lo);
+    store(row0 + 4u, col, sums_0_hi);
+    store(row0, col + 1u, sums_1_lo);
+    store(row0 + 4u, col + 1u, sums_1_hi);
+    store(row0, col + 2u, sums_2_lo);
+    store(row0 + 4u, col + 2u, sums_2_hi);
+}
+
+// Distances of query rows `first` … `first` + 3 to bank row `col`, from their dot products.
+fn store(first: u32, col: u32, dots: vec4<f32>) {
+    if (col >= params.n) {
+        return;
+    }
+    for (var i = 0u; i < 4u; i++) {
+        let row = first + i;
+        if (row < params.m) {
+            let d2 = query_norms[row] + bank_norms[col] - 2.0 * dots[i];
+            distances[row * params.n + col] = max(d2, 0.0);
+        }
+    }
+}
