@@ -184,3 +184,42 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
         out_indices[row * params.k + i] = indices[i];
     }
 }
+
+// k = 1, what PatchCore scores by: the nearest entry of every row (ties to the lower index) in one pass
+// without atomics. Each invocation keeps the best of its strided share of the row, then a tree
+// reduction in workgroup memory picks the row's. (The radix select above reads the row five times and
+// counts every key with a workgroup atomic: on llvmpipe, where each is a loop over SIMD lanes, that is
+// most of a k = 1 search's time.)
+@compute @workgroup_size(256)
+fn nearest(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
+           @builtin(local_invocation_index) lane: u32) {
+    let row = group.x + group.y * groups.x;
+    if (row >= params.rows) {
+        return;
+    }
+    let total = params.prev + params.width;
+    var best_key = PAD_KEY;
+    var best_index = PAD_INDEX;
+    // An invocation's positions, and so its indices, only grow: a strictly smaller key is a better entry.
+    for (var position = lane; position < total; position += THREADS) {
+        let key = key_at(row, position);
+        if (key < best_key) {
+            best_key = key;
+            best_index = index_at(row, position);
+        }
+    }
+    keys[lane] = best_key;
+    indices[lane] = best_index;
+    workgroupBarrier();
+    for (var stride = THREADS / 2u; stride > 0u; stride >>= 1u) {
+        if (lane < stride && before(keys[lane + stride], indices[lane + stride], keys[lane], indices[lane])) {
+            keys[lane] = keys[lane + stride];
+            indices[lane] = indices[lane + stride];
+        }
+        workgroupBarrier();
+    }
+    if (lane == 0u) {
+        out_values[row] = bitcast<f32>(keys[0]);
+        out_indices[row] = indices[0];
+    }
+}

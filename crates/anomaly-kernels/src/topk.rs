@@ -25,13 +25,21 @@ struct Params {
     _pad1: u32,
 }
 
-pub(crate) struct TopKKernel(Kernel);
+/// The shader's two entry points: the radix select for any k, and a single pass for k = 1.
+pub(crate) struct TopKKernel {
+    select: Kernel,
+    nearest: Kernel,
+}
 
 impl TopKKernel {
     pub fn new(device: &wgpu::Device) -> Self {
         let module = shader_module(device, "topk", include_str!("../../../shaders/topk.wgsl"));
         let slots = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Read, Slot::Write, Slot::Write];
-        Self(Kernel::new(device, &module, "topk", &slots, &[("MAX_K", MAX_K as f64)]))
+        let constants = [("MAX_K", MAX_K as f64)];
+        Self {
+            select: Kernel::new(device, &module, "topk", &slots, &constants),
+            nearest: Kernel::new(device, &module, "nearest", &slots, &constants),
+        }
     }
 
     /// Encodes the merge of one bank chunk's distances (`rows × chunk.rows` in `distances`) into `best`.
@@ -55,7 +63,8 @@ impl TopKKernel {
             _pad1: 0,
         });
         let (src, dst) = (&best.lists[best.current], &best.lists[1 - best.current]);
-        gpu.dispatch(pass, &self.0, &[&params, distances, &src.0, &src.1, &dst.0, &dst.1], gpu.row_groups(rows));
+        let kernel = if best.k == 1 { &self.nearest } else { &self.select };
+        gpu.dispatch(pass, kernel, &[&params, distances, &src.0, &src.1, &dst.0, &dst.1], gpu.row_groups(rows));
         best.current = 1 - best.current;
         best.merged += 1;
     }
