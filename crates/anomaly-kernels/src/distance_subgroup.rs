@@ -72,7 +72,7 @@ impl SubgroupShader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::{assert_layout, parse};
+    use crate::layout::{assert_layout, u32_constant};
 
     const SOURCE: &str = include_str!("../../../shaders/distance_subgroup.wgsl");
 
@@ -83,16 +83,8 @@ mod tests {
 
     #[test]
     fn the_grid_constants_are_the_shaders() {
-        let module = parse(SOURCE);
-        let constant = |name: &str| {
-            let (_, c) = module.constants.iter().find(|(_, c)| c.name.as_deref() == Some(name)).expect(name);
-            match module.global_expressions[c.init] {
-                burn::tensor::wgpu::wgpu::naga::Expression::Literal(burn::tensor::wgpu::wgpu::naga::Literal::U32(v)) => v,
-                ref other => panic!("{name} is {other:?}"),
-            }
-        };
-        assert_eq!(constant("QUERIES") as usize, QUERIES);
-        assert_eq!(constant("BANK_ROWS"), BANK_ROWS);
+        assert_eq!(u32_constant(SOURCE, "QUERIES") as usize, QUERIES);
+        assert_eq!(u32_constant(SOURCE, "BANK_ROWS"), BANK_ROWS);
         assert!(SUBGROUP_SIZES.iter().all(|size| WORKGROUP.is_multiple_of(*size)));
     }
 }

@@ -1,5 +1,5 @@
-//! Test helper: checks a `#[repr(C)]` uniform struct against the `Params` struct of its WGSL file, as
-//! naga lays it out, so that the two cannot drift apart.
+//! Test helpers: check a `#[repr(C)]` uniform struct against the `Params` struct of its WGSL file, as
+//! naga lays it out, and host constants against the shader's, so that the two cannot drift apart.
 
 use burn::tensor::wgpu::wgpu::naga;
 
@@ -20,6 +20,16 @@ pub(crate) use assert_layout;
 /// The module of a WGSL source, parsed as wgpu would.
 pub(crate) fn parse(source: &str) -> naga::Module {
     naga::front::wgsl::parse_str(source).unwrap_or_else(|e| panic!("{}", e.emit_to_string(source)))
+}
+
+/// The value of the shader's `const NAME: u32`, for host constants that must equal it.
+pub(crate) fn u32_constant(source: &str, name: &str) -> u32 {
+    let module = parse(source);
+    let (_, constant) = module.constants.iter().find(|(_, c)| c.name.as_deref() == Some(name)).unwrap_or_else(|| panic!("no const {name}"));
+    match module.global_expressions[constant.init] {
+        naga::Expression::Literal(naga::Literal::U32(value)) => value,
+        ref other => panic!("{name} is {other:?}, not a u32 literal"),
+    }
 }
 
 pub(crate) fn check(fields: &[(&str, usize)], size: usize, source: &str, bytes: usize) {
