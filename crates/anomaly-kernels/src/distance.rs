@@ -31,14 +31,14 @@ pub enum DistanceKernel {
     Naive,
 }
 
-/// The shader's `Params`.
+/// The shader's `Params`, and the subgroup shader's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
-struct Params {
-    m: u32,
-    n: u32,
-    d: u32,
-    _pad: u32,
+pub(crate) struct Params {
+    pub m: u32,
+    pub n: u32,
+    pub d: u32,
+    pub _pad: u32,
 }
 
 /// The two entry points of `distance.wgsl`.

@@ -4,9 +4,10 @@
 //! subgroup share the query values they read.
 
 use burn::tensor::wgpu::wgpu;
-use bytemuck::{Pod, Zeroable};
 
 use crate::context::{Gpu, Kernel, KernelError, MatrixChunk, Slot, shader_module};
+// The shader's `Params` are the tiled shader's (a test checks both layouts).
+use crate::distance::Params;
 
 /// Invocations per workgroup (the shader's `WG`): a multiple of every subgroup size the shader takes.
 const WORKGROUP: u32 = 64;
@@ -17,16 +18,6 @@ const BANK_ROWS: u32 = 3;
 /// Subgroup sizes the shader is written for (its unrolled broadcasts): the SIMD widths of llvmpipe
 /// (128-, 256- and 512-bit vectors of f32).
 const SUBGROUP_SIZES: [u32; 3] = [4, 8, 16];
-
-/// The shader's `Params`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Pod, Zeroable)]
-struct Params {
-    m: u32,
-    n: u32,
-    d: u32,
-    _pad: u32,
-}
 
 /// The shader, built for the device's subgroup size.
 pub(crate) struct SubgroupShader(Kernel);
