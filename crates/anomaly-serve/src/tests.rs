@@ -489,8 +489,18 @@ fn shutdown_answers_the_accepted_request_and_refuses_new_ones() {
     fixture.control.wait_entered(2);
     let service = fixture.service.take().unwrap();
     let stopping = std::thread::spawn(move || service.shutdown());
-    // New connections are refused once the listener closes; until then new requests get 503.
+    // Until the shutdown has begun, a new prediction would be admitted and queue behind the held one, which
+    // is released only after this loop: so first wait for /readyz (answered without the scorer) to say so.
     let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match fixture.agent.get(&format!("http://{address}/readyz")).call().map(Reply::from) {
+            Ok(reply) if reply.status == 503 => break,
+            Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+            Err(_) => break,
+        }
+        assert!(Instant::now() < deadline, "the shutdown did not begin");
+    }
+    // New connections are refused once the listener closes; until then new requests get 503.
     loop {
         match fixture.agent.post(&format!("http://{address}/v1/predict")).send(&png(8, 8, 9)[..]) {
             Ok(response) => {
