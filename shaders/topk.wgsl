@@ -4,9 +4,12 @@
 // already sorted, lower indices than anything in this chunk) and this chunk's `width` distances, so
 // calling this once per chunk keeps the k nearest bank rows without ever holding all distances.
 //
-// One workgroup per row: a radix select on the float bits (non-negative floats order like their u32
-// bits) finds the k-th smallest key in four 8-bit passes; the entries below it, and the first entries
-// equal to it in row order, are collected; a bitonic sort orders them by (distance, index).
+// One workgroup per row. For k ≤ 256, the k-th smallest of the invocations' own minima bounds the row's
+// k-th smallest, and the entries at or below it (about k, on data without a pattern) are collected in a
+// second read. Otherwise, or when more than MAX_K are at or below the bound, a radix select on the float
+// bits (non-negative floats order like their u32 bits) finds the k-th smallest key in four 8-bit passes,
+// and the entries below it, and the first entries equal to it in row order, are collected. A bitonic sort
+// orders what was collected by (distance, index). (`nearest`, below, serves k = 1 in one pass.)
 
 struct Params {
     rows: u32,
@@ -42,6 +45,8 @@ var<workgroup> selected: atomic<u32>;
 var<workgroup> prefix: u32;
 var<workgroup> remaining: u32;
 var<workgroup> equal_seen: u32;
+// Entries equal to the k-th smallest key (counted by the last radix pass).
+var<workgroup> equal_total: u32;
 
 fn key_at(row: u32, position: u32) -> u32 {
     if (position < params.prev) {
@@ -63,6 +68,25 @@ fn before(key_a: u32, index_a: u32, key_b: u32, index_b: u32) -> bool {
     return key_a < key_b || (key_a == key_b && index_a < index_b);
 }
 
+// Sorts keys[0 .. THREADS] ascending (keys only: the bound needs no indices).
+fn bitonic_keys(lane: u32) {
+    for (var size = 2u; size <= THREADS; size <<= 1u) {
+        for (var stride = size >> 1u; stride > 0u; stride >>= 1u) {
+            if (lane < THREADS / 2u) {
+                let low = 2u * stride * (lane / stride) + (lane % stride);
+                let high = low + stride;
+                let ascending = (low & size) == 0u;
+                if ((keys[high] < keys[low]) == ascending) {
+                    let key = keys[low];
+                    keys[low] = keys[high];
+                    keys[high] = key;
+                }
+            }
+            workgroupBarrier();
+        }
+    }
+}
+
 @compute @workgroup_size(256)
 fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
         @builtin(local_invocation_index) lane: u32) {
@@ -72,12 +96,11 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
     }
     let total = params.prev + params.width;
 
-    // Radix select: after the four passes, `prefix` is the k-th smallest key and `remaining` the number
-    // of entries equal to it that belong to the k smallest. With k or fewer entries, all are taken.
     if (lane == 0u) {
         prefix = 0u;
         remaining = params.k;
         equal_seen = 0u;
+        equal_total = 0u;
         atomicStore(&selected, 0u);
         if (total <= params.k) {
             remaining = total;
@@ -85,7 +108,46 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
     }
     workgroupBarrier();
     let select_all = total <= params.k;
-    if (!select_all) {
+
+    // Bound (k ≤ THREADS): the k-th smallest of the invocations' own smallest keys is a key of the row
+    // with k keys at or below it, so every one of the k smallest is at or below it; and on data without a
+    // pattern only about k keys are. Two reads of the row without atomics collect them all, unless more
+    // than MAX_K are (then the radix select below starts over).
+    var bounded = false;
+    if (!select_all && params.k <= THREADS) {
+        var least = PAD_KEY;
+        for (var position = lane; position < total; position += THREADS) {
+            least = min(least, key_at(row, position));
+        }
+        keys[lane] = least;
+        workgroupBarrier();
+        bitonic_keys(lane);
+        let bound = workgroupUniformLoad(&keys[params.k - 1u]);
+        for (var position = lane; position < total; position += THREADS) {
+            let key = key_at(row, position);
+            if (key <= bound) {
+                let slot = atomicAdd(&selected, 1u);
+                if (slot < MAX_K) {
+                    keys[slot] = key;
+                    indices[slot] = index_at(row, position);
+                }
+            }
+        }
+        workgroupBarrier();
+        if (lane == 0u) {
+            equal_total = atomicLoad(&selected);
+        }
+        bounded = workgroupUniformLoad(&equal_total) <= MAX_K;
+        if (!bounded && lane == 0u) {
+            atomicStore(&selected, 0u);
+            equal_total = 0u;
+        }
+        workgroupBarrier();
+    }
+
+    // Radix select: after the four passes, `prefix` is the k-th smallest key and `remaining` the number
+    // of entries equal to it that belong to the k smallest. With k or fewer entries, all are taken.
+    if (!select_all && !bounded) {
         for (var pass_index = 0u; pass_index < 4u; pass_index++) {
             let shift = 24u - 8u * pass_index;
             let high_mask = select(0u, 0xffffffffu << (shift + 8u), pass_index > 0u);
@@ -112,16 +174,30 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
                 }
                 remaining -= below;
                 prefix = prefix | (digit << shift);
+                if (pass_index == 3u) {
+                    equal_total = atomicLoad(&histogram[digit]);
+                }
             }
             workgroupBarrier();
         }
     }
 
-    // Collect: every key below the threshold, and the first `remaining` keys equal to it in row order,
-    // found with a prefix sum over each block of 256 entries.
+    // Collect (unless bounded): every key below the threshold, and the first `remaining` keys equal to it
+    // in row order. When every equal key is taken (no tie straddles the k-th place), in any order, the
+    // sort orders them; otherwise their row order is found with a prefix sum over each block of 256
+    // entries (16 barriers a block).
     let threshold = workgroupUniformLoad(&prefix);
     let take_equal = workgroupUniformLoad(&remaining);
-    for (var base = 0u; base < total; base += THREADS) {
+    let take_all = select_all || workgroupUniformLoad(&equal_total) == take_equal;
+    for (var position = lane; !bounded && take_all && position < total; position += THREADS) {
+        let key = key_at(row, position);
+        if (key <= threshold || select_all) {
+            let slot = atomicAdd(&selected, 1u);
+            keys[slot] = key;
+            indices[slot] = index_at(row, position);
+        }
+    }
+    for (var base = 0u; !bounded && !take_all && base < total; base += THREADS) {
         let position = base + lane;
         var key = PAD_KEY;
         if (position < total) {
@@ -153,16 +229,22 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
         workgroupBarrier();
     }
 
-    // Pad to the sort's length, then bitonic sort by (key, index).
-    let count = atomicLoad(&selected);
-    for (var i = count + lane; i < params.capacity; i += THREADS) {
+    // Pad to the sort's length (a power of two ≥ k, and ≥ what the bound collected), then bitonic sort
+    // by (key, index).
+    workgroupBarrier();
+    if (lane == 0u) {
+        equal_total = atomicLoad(&selected);
+    }
+    let count = workgroupUniformLoad(&equal_total);
+    let length = max(params.capacity, select(1u, 1u << (32u - countLeadingZeros(count - 1u)), count > 1u));
+    for (var i = count + lane; i < length; i += THREADS) {
         keys[i] = PAD_KEY;
         indices[i] = PAD_INDEX;
     }
     workgroupBarrier();
-    for (var size = 2u; size <= params.capacity; size <<= 1u) {
+    for (var size = 2u; size <= length; size <<= 1u) {
         for (var stride = size >> 1u; stride > 0u; stride >>= 1u) {
-            for (var i = lane; i < params.capacity / 2u; i += THREADS) {
+            for (var i = lane; i < length / 2u; i += THREADS) {
                 let low = 2u * stride * (i / stride) + (i % stride);
                 let high = low + stride;
                 let ascending = (low & size) == 0u;

@@ -141,6 +141,25 @@ fn nearest_rows_tie_to_the_lowest_index_within_and_across_invocations() {
 }
 
 #[test]
+fn rows_of_equal_distances_give_the_lowest_indices() {
+    // Every bank row alike: every distance ties, so the top-k's bound collects more than it can hold and
+    // the radix select takes over, whose ties straddle the k-th place (the ordered collection).
+    let d = 4;
+    let bank = [0.25f32, -1.0, 2.0, 0.5].repeat(3000);
+    let queries = [1.0f32, 1.0, 1.0, 1.0, -2.0, 0.0, 3.0, 1.0].to_vec();
+    for kernel in [DistanceKernel::Tiled, DistanceKernel::Subgroup] {
+        let kernels = kernels().with_distance_kernel(kernel);
+        let gpu_bank = kernels.upload(&bank, 3000, d).unwrap();
+        for k in [1, 10, 300] {
+            let ours = kernels.knn_host(&gpu_bank, &queries, k).unwrap();
+            for row in 0..2 {
+                assert_eq!(ours.row_indices(row), (0..k as u32).collect::<Vec<_>>().as_slice(), "{kernel:?} k {k} query {row}");
+            }
+        }
+    }
+}
+
+#[test]
 fn fast_cpu_neighbours_match_the_reference() {
     for (seed, case) in CASES.iter().enumerate() {
         let (queries, bank) = data(case, seed as u64);
