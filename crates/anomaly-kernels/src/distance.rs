@@ -61,11 +61,12 @@ impl DistanceShaders {
 
 /// A block of query rows for one distance shader, with their squared norms.
 pub(crate) struct QueryBlock {
-    rows: usize,
-    d: usize,
-    kernel: DistanceKernel,
-    norms: wgpu::Buffer,
-    values: wgpu::Buffer,
+    pub rows: usize,
+    pub d: usize,
+    pub kernel: DistanceKernel,
+    pub norms: wgpu::Buffer,
+    /// `rows × d`, row-major.
+    pub values: wgpu::Buffer,
 }
 
 impl GpuKernels {
@@ -99,7 +100,7 @@ impl GpuKernels {
         let (m, n) = (queries.rows, chunk.rows);
         let (shader, outputs_per_group) = match (queries.kernel, &self.subgroup) {
             (DistanceKernel::Subgroup, Some(subgroup)) => {
-                return subgroup.encode(gpu, pass, &queries.values, &queries.norms, m, queries.d, chunk, out);
+                return subgroup.encode(gpu, pass, queries, chunk, out);
             }
             (DistanceKernel::Subgroup, None) => return Err(KernelError::Shape(NO_SUBGROUPS.into())),
             (DistanceKernel::Naive, _) => (&self.distance.naive, SIDE),

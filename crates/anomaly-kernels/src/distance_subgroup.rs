@@ -7,7 +7,7 @@ use burn::tensor::wgpu::wgpu;
 
 use crate::context::{Gpu, Kernel, KernelError, MatrixChunk, Slot, shader_module};
 // The shader's `Params` are the tiled shader's (a test checks both layouts).
-use crate::distance::Params;
+use crate::distance::{Params, QueryBlock};
 
 /// Invocations per workgroup (the shader's `WG`): a multiple of every subgroup size the shader takes.
 const WORKGROUP: u32 = 64;
@@ -37,24 +37,21 @@ impl SubgroupShader {
         })
     }
 
-    /// Encodes the squared distances of `m` query rows (`values`, row-major, `d` wide; squared norms in
-    /// `norms`) to one bank chunk into `out` (`m × chunk.rows`).
-    #[allow(clippy::too_many_arguments)]
+    /// Encodes the squared distances of a block of queries to one bank chunk into `out`
+    /// (`queries.rows × chunk.rows`).
     pub fn encode(
         &self,
         gpu: &Gpu,
         pass: &mut wgpu::ComputePass,
-        values: &wgpu::Buffer,
-        norms: &wgpu::Buffer,
-        m: usize,
-        d: usize,
+        queries: &QueryBlock,
         chunk: &MatrixChunk,
         out: &wgpu::Buffer,
     ) -> Result<(), KernelError> {
         let n = chunk.rows;
         let (x, _) = gpu.groups_1d(n.div_ceil(BANK_ROWS as usize), WORKGROUP)?;
+        let (m, d) = (queries.rows, queries.d);
         let params = gpu.uniform(&Params { m: m as u32, n: n as u32, d: d as u32, _pad: 0 });
-        let buffers = [&params, values, &chunk.values, norms, &chunk.norms, out];
+        let buffers = [&params, &queries.values, &chunk.values, &queries.norms, &chunk.norms, out];
         gpu.dispatch(pass, &self.0, &buffers, (x, m.div_ceil(QUERIES) as u32));
         Ok(())
     }
