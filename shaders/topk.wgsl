@@ -68,18 +68,22 @@ fn before(key_a: u32, index_a: u32, key_b: u32, index_b: u32) -> bool {
     return key_a < key_b || (key_a == key_b && index_a < index_b);
 }
 
-// Sorts keys[0 .. THREADS] ascending (keys only: the bound needs no indices).
-fn bitonic_keys(lane: u32) {
-    for (var size = 2u; size <= THREADS; size <<= 1u) {
+// Sorts (keys, indices)[0 .. length] by (key, index), bitonically; `length` is a power of two, uniform.
+fn bitonic_sort(lane: u32, length: u32) {
+    for (var size = 2u; size <= length; size <<= 1u) {
         for (var stride = size >> 1u; stride > 0u; stride >>= 1u) {
-            if (lane < THREADS / 2u) {
-                let low = 2u * stride * (lane / stride) + (lane % stride);
+            for (var i = lane; i < length / 2u; i += THREADS) {
+                let low = 2u * stride * (i / stride) + (i % stride);
                 let high = low + stride;
                 let ascending = (low & size) == 0u;
-                if ((keys[high] < keys[low]) == ascending) {
+                let swap = before(keys[high], indices[high], keys[low], indices[low]) == ascending;
+                if (swap) {
                     let key = keys[low];
                     keys[low] = keys[high];
                     keys[high] = key;
+                    let index = indices[low];
+                    indices[low] = indices[high];
+                    indices[high] = index;
                 }
             }
             workgroupBarrier();
@@ -120,8 +124,9 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
             least = min(least, key_at(row, position));
         }
         keys[lane] = least;
+        indices[lane] = lane;
         workgroupBarrier();
-        bitonic_keys(lane);
+        bitonic_sort(lane, THREADS);
         let bound = workgroupUniformLoad(&keys[params.k - 1u]);
         for (var position = lane; position < total; position += THREADS) {
             let key = key_at(row, position);
@@ -242,25 +247,7 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
         indices[i] = PAD_INDEX;
     }
     workgroupBarrier();
-    for (var size = 2u; size <= length; size <<= 1u) {
-        for (var stride = size >> 1u; stride > 0u; stride >>= 1u) {
-            for (var i = lane; i < length / 2u; i += THREADS) {
-                let low = 2u * stride * (i / stride) + (i % stride);
-                let high = low + stride;
-                let ascending = (low & size) == 0u;
-                let swap = before(keys[high], indices[high], keys[low], indices[low]) == ascending;
-                if (swap) {
-                    let key = keys[low];
-                    keys[low] = keys[high];
-                    keys[high] = key;
-                    let index = indices[low];
-                    indices[low] = indices[high];
-                    indices[high] = index;
-                }
-            }
-            workgroupBarrier();
-        }
-    }
+    bitonic_sort(lane, length);
     for (var i = lane; i < params.k; i += THREADS) {
         out_values[row * params.k + i] = bitcast<f32>(keys[i]);
         out_indices[row * params.k + i] = indices[i];
