@@ -99,9 +99,7 @@ impl GpuKernels {
         let gpu = &self.gpu;
         let (m, n) = (queries.rows, chunk.rows);
         let (shader, outputs_per_group) = match (queries.kernel, &self.subgroup) {
-            (DistanceKernel::Subgroup, Some(subgroup)) => {
-                return subgroup.encode(gpu, pass, queries, chunk, out);
-            }
+            (DistanceKernel::Subgroup, Some(subgroup)) => return subgroup.encode(gpu, pass, queries, chunk, out),
             (DistanceKernel::Subgroup, None) => return Err(KernelError::Shape(NO_SUBGROUPS.into())),
             (DistanceKernel::Naive, _) => (&self.distance.naive, SIDE),
             (DistanceKernel::Tiled, _) => (&self.distance.tiled, TILE),
@@ -128,9 +126,6 @@ impl GpuKernels {
         }
         if (m * n * 4) as u64 > gpu.limits.max_binding_bytes {
             return Err(KernelError::Shape(format!("a {m} × {n} distance matrix exceeds one binding")));
-        }
-        if kernel == DistanceKernel::Subgroup && self.subgroup.is_none() {
-            return Err(KernelError::Shape(NO_SUBGROUPS.into()));
         }
         let out = gpu.storage(m * n * 4, "distance matrix");
         let mut encoder = gpu.device.create_command_encoder(&Default::default());
