@@ -328,8 +328,9 @@ mod tests {
     use super::*;
     use crate::cpu::tests::{random, reference_close};
 
-    /// Both kernels (AVX-512 where the processor has it, and sgemm) equal a plain f64 sum at every tile edge, with each activation, with and without the
-    /// residual, from given rows and from rows made on demand.
+    /// Both kernels (AVX-512 where the processor has it, and sgemm) equal a plain f64 sum at every tile
+    /// edge, with each activation, with and without the residual, from given rows and from rows made on
+    /// demand.
     #[test]
     fn pointwise_equals_the_plain_sum_at_every_tile_edge() {
         for &(pixels, inputs, outputs) in &[(1, 1, 1), (7, 3, 16), (8, 16, 32), (9, 27, 33), (17, 40, 240), (130, 96, 24), (300, 1152, 320)]
@@ -360,11 +361,11 @@ mod tests {
                     let unfold = |first: usize, rows: &mut [f32]| rows.copy_from_slice(&input[first * inputs..][..rows.len()]);
                     layer.forward(Rows::Unfolded(&unfold), pixels, residual, &mut made);
                     assert_eq!(made, fast);
-                    let mut portable = vec![f32::NAN; pixels * outputs];
-                    sgemm.forward(Rows::Given(&input), pixels, residual, &mut portable);
+                    let mut by_sgemm = vec![f32::NAN; pixels * outputs];
+                    sgemm.forward(Rows::Given(&input), pixels, residual, &mut by_sgemm);
                     let what = format!("{pixels} × {inputs} → {outputs}, {activation:?}, residual {with_residual}");
                     reference_close(&fast, &expected, inputs, &what);
-                    reference_close(&portable, &expected, inputs, &what);
+                    reference_close(&by_sgemm, &expected, inputs, &what);
                 }
             }
         }

@@ -61,6 +61,11 @@ impl Window {
         x * self.stride + kx - self.pad.1
     }
 
+    /// The input column of output column `x` and kernel column `kx`, if it lies within the image.
+    fn input_column_within(&self, x: usize, kx: usize) -> Option<usize> {
+        (x * self.stride + kx).checked_sub(self.pad.1).filter(|&ix| ix < self.input.width)
+    }
+
     /// The output pixel `pixel` (counted over the batch) as (image, row, column).
     fn position(&self, pixel: usize) -> (usize, usize, usize) {
         let plane = self.output.height * self.output.width;
@@ -77,8 +82,7 @@ impl Window {
             let image = &pixels[image * channels * height * width..][..channels * height * width];
             for (at, slot) in row.iter_mut().enumerate() {
                 let (channel, ky, kx) = (at / (k * k), at % (k * k) / k, at % k);
-                let ix = (x * self.stride + kx).checked_sub(self.pad.1).filter(|&ix| ix < width);
-                *slot = match (self.input_row(y, ky), ix) {
+                *slot = match (self.input_row(y, ky), self.input_column_within(x, kx)) {
                     (Some(iy), Some(ix)) => image[(channel * height + iy) * width + ix],
                     _ => 0.0,
                 };
@@ -95,8 +99,7 @@ impl Window {
             let (image, y, x) = self.position(first + offset);
             for (tap, target) in row.chunks_exact_mut(channels).enumerate() {
                 let (ky, kx) = (tap / k, tap % k);
-                let ix = (x * self.stride + kx).checked_sub(self.pad.1).filter(|&ix| ix < width);
-                match (self.input_row(y, ky), ix) {
+                match (self.input_row(y, ky), self.input_column_within(x, kx)) {
                     (Some(iy), Some(ix)) => target.copy_from_slice(&values[((image * height + iy) * width + ix) * channels..][..channels]),
                     _ => target.fill(0.0),
                 }
