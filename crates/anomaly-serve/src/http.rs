@@ -283,11 +283,19 @@ fn router(state: Arc<State>) -> Router {
 pub(crate) struct ApiError {
     status: StatusCode,
     message: String,
+    /// The request's body was left unread, so its connection cannot carry another request: the response
+    /// says `Connection: close`, else a client could send its next request on a connection the server is
+    /// closing, and lose it.
+    body_unread: bool,
 }
 
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into() }
+        Self { status, message: message.into(), body_unread: false }
+    }
+
+    fn with_body_unread(self) -> Self {
+        Self { body_unread: true, ..self }
     }
 }
 
@@ -303,6 +311,9 @@ impl IntoResponse for ApiError {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             _ => {}
+        }
+        if self.body_unread {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }
@@ -474,6 +485,7 @@ fn wants_overlay(query: Option<&str>) -> Result<bool, ApiError> {
 async fn read_body(headers: &HeaderMap, body: Body, max: usize, deadline: tokio::time::Instant) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the body is larger than this service's limit of {max} bytes (--max-body-mb)"))
+            .with_body_unread()
     };
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|length| length > max as u64) {
@@ -483,7 +495,8 @@ async fn read_body(headers: &HeaderMap, body: Body, max: usize, deadline: tokio:
         let mut body = body;
         let mut bytes = Vec::with_capacity(declared.unwrap_or(0) as usize);
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("the upload broke off: {e}")))?;
+            let frame =
+                frame.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("the upload broke off: {e}")).with_body_unread())?;
             if let Ok(data) = frame.into_data() {
                 if bytes.len() + data.len() > max {
                     return Err(too_large());
@@ -493,31 +506,36 @@ async fn read_body(headers: &HeaderMap, body: Body, max: usize, deadline: tokio:
         }
         Ok(Bytes::from(bytes))
     };
-    tokio::time::timeout_at(deadline, collect)
-        .await
-        .map_err(|_| ApiError::new(StatusCode::REQUEST_TIMEOUT, "the upload did not finish within the request timeout"))?
+    tokio::time::timeout_at(deadline, collect).await.map_err(|_| {
+        ApiError::new(StatusCode::REQUEST_TIMEOUT, "the upload did not finish within the request timeout").with_body_unread()
+    })?
 }
 
-/// How long a refused request (queue full, model loading, shutting down) may go on uploading before its
-/// refusal is sent.
+/// How long a request refused or rejected before its body is read (queue full, model loading, shutting
+/// down, a bad query or type) may go on uploading before the answer is sent.
 const REFUSED_UPLOAD_WAIT: Duration = Duration::from_secs(2);
 
-/// Reads and drops the rest of a refused request's body (at most `max` bytes, until `deadline`), holding
-/// no place in the queue: a connection closed with unread bytes in it is reset, and the reset can destroy
-/// the 503 before the client reads it, which then sees "peer disconnected" instead of Retry-After. Read
-/// whole, the connection even stays open for the client's retry.
-async fn discard_body(body: Body, max: usize, deadline: tokio::time::Instant) {
+/// `error`, once the rest of the request's body is read and dropped (at most `max` bytes, until
+/// `deadline`), holding no place in the queue: a connection closed with unread bytes in it is reset, and
+/// the reset can destroy the answer before the client reads it, which then sees "peer disconnected"
+/// instead of, say, Retry-After. Read whole, the connection even stays open for the client's retry;
+/// otherwise the answer says the connection closes.
+async fn after_discarding_body(error: ApiError, body: Body, max: usize, deadline: tokio::time::Instant) -> ApiError {
     let drain = async {
         let mut body = body;
         let mut read = 0;
-        while let Some(Ok(frame)) = body.frame().await {
-            read += frame.data_ref().map_or(0, Bytes::len);
+        while let Some(frame) = body.frame().await {
+            read += frame.ok()?.data_ref().map_or(0, Bytes::len);
             if read > max {
-                return;
+                return None;
             }
         }
+        Some(())
     };
-    let _ = tokio::time::timeout_at(deadline, drain).await;
+    match tokio::time::timeout_at(deadline, drain).await {
+        Ok(Some(())) => error,
+        _ => error.with_body_unread(),
+    }
 }
 
 /// The images of a multipart body, named by their file names (or field names).
@@ -577,23 +595,25 @@ async fn predict(Shared(state): Shared<Arc<State>>, request: Request) -> Result<
         None => Err(not_ready()),
         Some(model) => Arc::clone(&state.admission).try_acquire_owned().map(|place| (model, place)).map_err(|_| full()),
     };
+    let discard_until = deadline.min(tokio::time::Instant::now() + REFUSED_UPLOAD_WAIT);
     let (model, _place) = match admitted {
         Ok(admitted) => admitted,
-        Err(refusal) => {
-            let wait = deadline.min(tokio::time::Instant::now() + REFUSED_UPLOAD_WAIT);
-            discard_body(request.into_body(), state.config.max_body_bytes, wait).await;
-            return Err(refusal);
-        }
+        Err(refusal) => return Err(after_discarding_body(refusal, request.into_body(), state.config.max_body_bytes, discard_until).await),
     };
     let (parts, body) = request.into_parts();
-    let overlay = wants_overlay(parts.uri.query())?;
-    if overlay && !model.localises {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("this model ({}) gives no anomaly map to overlay; drop ?overlay=png", model.method),
-        ));
-    }
-    let kind = upload_kind(&parts.headers)?;
+    let checked = wants_overlay(parts.uri.query()).and_then(|overlay| {
+        if overlay && !model.localises {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("this model ({}) gives no anomaly map to overlay; drop ?overlay=png", model.method),
+            ));
+        }
+        Ok((overlay, upload_kind(&parts.headers)?))
+    });
+    let (overlay, kind) = match checked {
+        Ok(checked) => checked,
+        Err(rejection) => return Err(after_discarding_body(rejection, body, state.config.max_body_bytes, discard_until).await),
+    };
     let body = read_body(&parts.headers, body, state.config.max_body_bytes, deadline).await?;
     if body.is_empty() {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "the body is empty: send the image's bytes (PNG, JPEG, BMP or TIFF)"));

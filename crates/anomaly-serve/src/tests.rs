@@ -626,3 +626,57 @@ fn the_page_is_served_without_a_token() {
     assert!(page.headers["content-type"].to_str().unwrap().starts_with("text/html"));
     assert_eq!(String::from_utf8(page.body).unwrap(), PAGE);
 }
+
+/// A request answered with an error (or a refusal) before its body was read whole: its connection either
+/// carries the client's next request or the answer says `Connection: close`, so that a client keeping
+/// connections alive never sends its next request on one the server is closing (where it was lost, now
+/// and then, under load: "peer disconnected").
+#[test]
+fn a_connection_answered_before_its_body_was_read_carries_the_next_request_or_says_it_closes() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let fixture = Fixture::start(false, |c| c.max_body_bytes = 65536);
+    let address = fixture.service.as_ref().unwrap().address();
+    let cases: [(&str, &str, usize, &str); 6] = [
+        ("/v1/predict", "image/png", 70_000, "413"),
+        ("/v1/predict", "image/png", 300_000, "413"),
+        ("/v1/predict?size=2", "image/png", 60_000, "400"),
+        ("/v1/predict", "text/plain", 60_000, "415"),
+        ("/v1/predict?overlay=png", "image/png", 60_000, "400"),
+        ("/v1/predict", "text/plain", 200_000, "415"),
+    ];
+    for (path, content_type, size, status) in cases {
+        let what = format!("{path} {content_type}, {size} bytes");
+        let stream = std::net::TcpStream::connect(address).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let sending = std::thread::spawn(move || {
+            let head = format!("POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\nContent-Length: {size}\r\n\r\n");
+            // The server may stop reading past its limit: then the rest fails to send, as it should.
+            let _ = writer.write_all(head.as_bytes()).and_then(|()| writer.write_all(&vec![0u8; size]));
+            writer
+        });
+        let mut reader = BufReader::new(stream);
+        let (mut status_line, mut closes, mut length) = (String::new(), false, 0);
+        reader.read_line(&mut status_line).unwrap();
+        assert_eq!(&status_line[9..12], status, "{what}: {status_line}");
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let line = line.trim_end().to_ascii_lowercase();
+            if line.is_empty() {
+                break;
+            }
+            closes |= line == "connection: close";
+            length = line.strip_prefix("content-length: ").map_or(length, |v| v.parse().unwrap());
+        }
+        reader.read_exact(&mut vec![0u8; length]).unwrap();
+        let mut writer = sending.join().unwrap();
+        if closes {
+            continue;
+        }
+        writer.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap_or_else(|e| panic!("{what}: {e}"));
+        let mut next = String::new();
+        reader.read_line(&mut next).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(next.starts_with("HTTP/1.1 200"), "{what}: the connection did not carry the next request ({next:?})");
+    }
+}
