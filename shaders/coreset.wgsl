@@ -6,7 +6,7 @@
 // workgroup: the global arg-max becomes the next pick, read by the next step's `fetch`). The host encodes
 // thousands of steps per submission and reads `picks` back once per submission.
 //
-// Points are integers on a 12-bit grid (|x| ≤ 2047, see coreset.rs), so every squared difference is exact in
+// Points are integers on an 8-bit grid (|x| ≤ 127, see coreset.rs), so every squared difference is exact in
 // f32 and a fused multiply-add rounds the sum exactly as a multiply then an add does: the distance depends
 // only on the order of the sum over dimensions, j = 0, 1, …, the order of the CPU paths.
 //

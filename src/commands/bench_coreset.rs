@@ -157,15 +157,20 @@ pub fn run(args: CoresetArgs) -> Result<()> {
                 let reference_picks = args.reference_picks.min(coreset);
                 space.set_picks(reference_picks);
                 let mut reference_run = Vec::new();
-                let reference_s = median_s(args.repeats, || reference_run = reference::greedy(&space));
+                let reference_s = median_s(
+                    args.repeats,
+                    || space.to_rows(),
+                    |rows| reference_run = reference::greedy_rows(&rows, n, space.dims(), space.start(), reference_picks),
+                );
                 space.set_picks(picks_timed);
                 let (mut cpu_run, mut cpu_updated_share) = (Vec::new(), 1.0);
-                let cpu_s = median_s(args.repeats, || (cpu_run, cpu_updated_share) = fast::select_with_updates(&space));
+                let cpu_s =
+                    median_s(args.repeats, || space.clone(), |space| (cpu_run, cpu_updated_share) = fast::select_with_updates(space));
                 let mut wgpu_s = None;
                 let mut agree = cpu_run.starts_with(&reference_run) || reference_run.starts_with(&cpu_run);
                 if let Some(gpu) = &gpu {
                     let mut gpu_run = Ok(Vec::new());
-                    wgpu_s = Some(median_s(args.repeats, || gpu_run = gpu.coreset_select(&space, CoresetChunking::default())));
+                    wgpu_s = Some(median_s(args.repeats, || (), |()| gpu_run = gpu.coreset_select(&space, CoresetChunking::default())));
                     agree &= gpu_run? == cpu_run;
                 }
                 // A run of p picks makes p − 1 greedy steps (the first pick is the seeded start).
@@ -217,12 +222,14 @@ pub fn run(args: CoresetArgs) -> Result<()> {
     Ok(())
 }
 
-/// Median wall time in seconds of `repeats` runs.
-fn median_s(repeats: usize, mut work: impl FnMut()) -> f64 {
+/// Median wall time in seconds of `repeats` runs of `work`, each on what `setup` made before its clock
+/// started.
+fn median_s<T>(repeats: usize, mut setup: impl FnMut() -> T, mut work: impl FnMut(T)) -> f64 {
     let times = (0..repeats)
         .map(|_| {
+            let input = setup();
             let start = Instant::now();
-            work();
+            work(input);
             start.elapsed().as_secs_f64()
         })
         .collect();

@@ -410,7 +410,7 @@ fn a_killed_fit_that_spills_leaves_no_spill_file() {
         "--weights-dir",
         weights.to_str().unwrap(),
         "--memory-budget",
-        "10MB",
+        "4400KB",
         "--spill-dir",
         spill.to_str().unwrap(),
     ]

@@ -201,13 +201,13 @@ fn a_fit_over_its_memory_budget_spills_to_disk_and_writes_the_in_memory_model() 
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(stderr(&output).contains("the training patches stay in memory"), "{}", stderr(&output));
 
-    // 8 images of 784 patches: the coreset's 128-d projection (two and a half copies) and its 628-row bank of
-    // 152-d patches (twice) take 8.8 MB; each image's patches with their neighbours 0.53 MB. 10 MB leaves
-    // room for two at a time.
+    // 8 images of 784 patches: the coreset's 128-d projection on the 8-bit grid with an index and a minimum
+    // each (5/4 of it), 2 KiB for each of its 628 picks, and its bank of 152-d patches (twice) take 3.1 MB;
+    // each image's patches with their neighbours 0.53 MB. 4.4 MB leaves room for two at a time.
     let spill = dir.path().join("spill");
     std::fs::create_dir(&spill).unwrap();
     let spilled = dir.path().join("spilled.safetensors");
-    let output = fit(&spilled, &["--memory-budget", "10MB", "--spill-dir", spill.to_str().unwrap()]);
+    let output = fit(&spilled, &["--memory-budget", "4400KB", "--spill-dir", spill.to_str().unwrap()]);
     let message = stderr(&output);
     assert!(output.status.success(), "{message}");
     assert!(message.contains("spill to") && message.contains("read back 2 images at a time"), "{message}");
@@ -216,10 +216,10 @@ fn a_fit_over_its_memory_budget_spills_to_disk_and_writes_the_in_memory_model() 
 
     // Below the coreset, the bank and one image: refused before any image is read, naming the minimum.
     let never = dir.path().join("never.safetensors");
-    let output = fit(&never, &["--memory-budget", "7MB"]);
+    let output = fit(&never, &["--memory-budget", "3MB"]);
     let message = stderr(&output);
     assert!(!output.status.success());
-    assert!(message.contains("a memory budget of 6.68 MiB is too small") && message.contains("at least 8.89 MiB"), "{message}");
+    assert!(message.contains("a memory budget of 2.86 MiB is too small") && message.contains("at least 3.47 MiB"), "{message}");
     assert!(!never.exists());
 
     // A disk that fills while spilling (a file-size limit, with its signal ignored so the write fails as
@@ -228,7 +228,7 @@ fn a_fit_over_its_memory_budget_spills_to_disk_and_writes_the_in_memory_model() 
     let args = [
         &["fit", "--method", "patchcore", "--data", data.to_str().unwrap(), "--model", never.to_str().unwrap()],
         &common[..],
-        &["--memory-budget", "10MB", "--spill-dir", spill.to_str().unwrap()],
+        &["--memory-budget", "4400KB", "--spill-dir", spill.to_str().unwrap()],
     ]
     .concat();
     let output = std::process::Command::new("sh").arg("-c").arg(script).arg(env!("CARGO_BIN_EXE_anomaly")).args(&args).output().unwrap();

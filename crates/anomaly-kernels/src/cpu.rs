@@ -96,16 +96,17 @@ pub mod reference {
         Ok(greedy_rows(&values, rows, p, plan.start, plan.picks))
     }
 
-    /// The reference's greedy selection on a prepared space (for benchmarks: the reference's own
-    /// projection is `coreset`'s).
+    /// The reference's greedy selection on a prepared space (for tests: the reference's own projection
+    /// is `coreset`'s).
     pub fn greedy(space: &CoresetSpace) -> Vec<u32> {
-        greedy_rows(space.values(), space.rows(), space.dims(), space.start(), space.picks())
+        greedy_rows(&space.to_rows(), space.rows(), space.dims(), space.start(), space.picks())
     }
 
     /// The greedy selection on `rows × dims` grid points from `start`, until `picks` points are picked:
     /// running minima of squared distances summed over j = 0, 1, …; the largest minimum is picked, the
-    /// first (lowest index) of equal ones.
-    fn greedy_rows(values: &[f32], rows: usize, dims: usize, start: usize, picks: usize) -> Vec<u32> {
+    /// first (lowest index) of equal ones. (Benchmarks time it on `CoresetSpace::to_rows`, made before
+    /// the clock starts.)
+    pub fn greedy_rows(values: &[f32], rows: usize, dims: usize, start: usize, picks: usize) -> Vec<u32> {
         let mut mins = vec![f32::MAX; rows];
         let mut picked = vec![start as u32];
         while picked.len() < picks {
@@ -128,20 +129,6 @@ pub mod reference {
         }
         picked
     }
-}
-
-/// The f32 squared distances to `center` of `L` points stored dimension by dimension (`block[j·L + l]`),
-/// side by side (SIMD lanes), each summed over j = 0, 1, … in order as the coreset's definition sums them.
-pub(crate) fn lane_distances<const L: usize>(block: &[f32], center: &[f32]) -> [f32; L] {
-    let mut sums = [0f32; L];
-    let (rows, _) = block.as_chunks::<L>();
-    for (row, &c) in rows.iter().zip(center) {
-        for l in 0..L {
-            let t = row[l] - c;
-            sums[l] += t * t;
-        }
-    }
-    sums
 }
 
 pub mod fast {
@@ -346,47 +333,69 @@ pub mod fast {
 
     /// PatchCore's coreset on all cores: the parallel projection of `CoresetSpace::new`, then `select`.
     pub fn coreset(features: &[f32], rows: usize, dims: usize, settings: &CoresetSettings) -> Result<Vec<u32>, KernelError> {
-        Ok(select(&CoresetSpace::new(features, rows, dims, settings)?))
+        Ok(select(CoresetSpace::new(features, rows, dims, settings)?))
     }
 
     /// The greedy selection on all cores, pruned by the triangle inequality (`coreset_cells`): the picks
-    /// equal `reference::greedy`'s.
-    pub fn select(space: &CoresetSpace) -> Vec<u32> {
+    /// equal `reference::greedy`'s. It takes the space over (its cells are the space's memory).
+    pub fn select(space: CoresetSpace) -> Vec<u32> {
         select_with_updates(space).0
     }
 
     /// `select`, with the share of the distances to points a plain scan sums that the pruned steps summed
     /// (1: nothing pruned; 0 without steps): how much the pruning saved on these points.
-    pub fn select_with_updates(space: &CoresetSpace) -> (Vec<u32>, f64) {
-        let n = space.rows();
+    pub fn select_with_updates(space: CoresetSpace) -> (Vec<u32>, f64) {
+        let (n, picks) = (space.rows(), space.picks());
         let mut picked = vec![space.start() as u32];
-        if space.picks() < 2 {
+        if picks < 2 {
             return (picked, 0.0);
         }
-        let mut cells = CoresetCells::new(space);
         let mut measured = n - 1;
-        // Distances summed over the last `PLAIN_WINDOW` steps, to give up pruning where it does not pay.
-        let mut recent = std::collections::VecDeque::with_capacity(PLAIN_WINDOW);
-        loop {
-            let (pick, home) = cells.next();
-            picked.push(pick);
-            if picked.len() == space.picks() {
-                break;
+        // The cells die at the end of this block, before their pages are handed back.
+        {
+            let mut cells = CoresetCells::new(space);
+            // Distances summed over the last `PLAIN_WINDOW` steps, to give up pruning where it does not pay.
+            let mut recent = std::collections::VecDeque::with_capacity(PLAIN_WINDOW);
+            loop {
+                let (pick, home) = cells.next();
+                picked.push(pick);
+                if picked.len() == picks {
+                    break;
+                }
+                if picked.len() >= PLAIN_AFTER && recent.iter().sum::<usize>() as f64 >= PLAIN_SHARE * (PLAIN_WINDOW * n) as f64 {
+                    measured += (picks - picked.len()) * n;
+                    cells.finish_plain(pick, &mut picked, picks);
+                    break;
+                }
+                let step = cells.step(pick, home);
+                if picked.len().is_multiple_of(RELEASE_EVERY) {
+                    release_free_memory();
+                }
+                measured += step;
+                if recent.len() == PLAIN_WINDOW {
+                    recent.pop_front();
+                }
+                recent.push_back(step);
             }
-            if picked.len() >= PLAIN_AFTER && recent.iter().sum::<usize>() as f64 >= PLAIN_SHARE * (PLAIN_WINDOW * n) as f64 {
-                let mut mins = cells.into_mins(n);
-                measured += (space.picks() - picked.len()) * n;
-                plain_steps(space, &mut picked, &mut mins);
-                break;
-            }
-            let step = cells.step(pick, home);
-            measured += step;
-            if recent.len() == PLAIN_WINDOW {
-                recent.pop_front();
-            }
-            recent.push_back(step);
         }
-        (picked, measured as f64 / ((space.picks() - 1) * n) as f64)
+        release_free_memory();
+        (picked, measured as f64 / ((picks - 1) * n) as f64)
+    }
+
+    /// Greedy steps between two hand-backs of the allocator's free pages.
+    const RELEASE_EVERY: usize = 1024;
+
+    /// Hands the allocator's free pages back to the system. The cells are tens of thousands of small
+    /// allocations that shrink and die as points move, and glibc keeps the pages freed among them
+    /// resident: on 1 M clustered 128-d points, trimming every 1024 picks held the process 35 MiB lower
+    /// over 20,000 picks. A memory budget is a promise about the resident set, so the selection trims now
+    /// and then (a walk of the free lists: about 8 ms a call there) and when it ends.
+    fn release_free_memory() {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only returns free memory to the system; it is safe to call at any time.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
 
     /// Picks made before the pruned selection may give up on itself.
@@ -397,66 +406,6 @@ pub mod fast {
     /// a pruned step measuring most points costs more than a plain one (scattered cells, moves,
     /// bookkeeping), as on structureless data; clustered data measures far fewer by then.
     const PLAIN_SHARE: f64 = 0.75;
-
-    /// Points per block of the plain scan: a block stores its points' coordinates dimension by dimension,
-    /// so one point's distance is summed in order while 32 points are summed side by side. (Kept as f32:
-    /// i16 would halve the memory traffic, but converting back cost more than it saved on the baseline
-    /// x86-64 target.)
-    const CORESET_LANES: usize = 32;
-    /// Blocks per task of the plain scan.
-    const CORESET_TASK_BLOCKS: usize = 128;
-
-    /// The rest of the greedy selection from `picked` (the last not yet measured) and the running minima
-    /// `mins`, as a plain scan on all cores: chunks of points update their running minima and find their
-    /// arg-max in parallel; the chunks' best are merged by (larger minimum, then lower index), a total
-    /// order, so the picks equal `reference::greedy`'s whatever the split.
-    fn plain_steps(space: &CoresetSpace, picked: &mut Vec<u32>, mins: &mut Vec<f32>) {
-        const LANES: usize = CORESET_LANES;
-        let (n, p) = (space.rows(), space.dims());
-        let blocks = n.div_ceil(LANES);
-        let mut blocked = vec![0f32; blocks * p * LANES];
-        blocked.par_chunks_mut(p * LANES).enumerate().for_each(|(b, block)| {
-            for l in 0..LANES.min(n - b * LANES) {
-                for (j, &x) in space.row(b * LANES + l).iter().enumerate() {
-                    block[j * LANES + l] = x;
-                }
-            }
-        });
-        // Padding lanes sit below every real minimum (picked points hold −1): never picked.
-        mins.resize(blocks * LANES, f32::NEG_INFINITY);
-        let task = CORESET_TASK_BLOCKS * LANES;
-        while picked.len() < space.picks() {
-            let last = *picked.last().unwrap_or(&0) as usize;
-            mins[last] = -1.0;
-            let center = space.row(last);
-            let best = mins
-                .par_chunks_mut(task)
-                .zip(blocked.par_chunks(task * p))
-                .enumerate()
-                .map(|(t, (mins, data))| update_chunk(mins, data, center, t * task))
-                .reduce(|| (f32::NEG_INFINITY, u32::MAX), |a, b| if b.0 > a.0 || (b.0 == a.0 && b.1 < a.1) { b } else { a });
-            picked.push(best.1);
-        }
-    }
-
-    /// Lowers the running minima of one chunk of blocks by their distances to `center`; returns the
-    /// chunk's (largest minimum, lowest index holding it).
-    fn update_chunk(mins: &mut [f32], data: &[f32], center: &[f32], first: usize) -> (f32, u32) {
-        const LANES: usize = CORESET_LANES;
-        let p = center.len();
-        let mut best = (f32::NEG_INFINITY, u32::MAX);
-        for (b, (mins, block)) in mins.chunks_exact_mut(LANES).zip(data.chunks_exact(p * LANES)).enumerate() {
-            let sums = lane_distances::<LANES>(block, center);
-            for l in 0..LANES {
-                let m = mins[l].min(sums[l]);
-                mins[l] = m;
-                if m > best.0 {
-                    best = (m, (first + b * LANES + l) as u32);
-                }
-            }
-        }
-        best
-    }
 
     #[cfg(test)]
     mod tests {

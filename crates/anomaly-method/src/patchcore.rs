@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anomaly_backbone::BackboneName;
 use anomaly_data::{Batch, Preprocess};
-use anomaly_detector::ScoreStats;
+use anomaly_detector::{Compute, ScoreStats};
 use anomaly_fs::FileBytes;
 use anomaly_patchcore::{
     BankScorer, MemoryPlan, PatchBank, PatchCoreConfig, PatchCoreModel, PatchGeometry, PatchSource, TrainPatchesWriter, bytes_text,
@@ -124,7 +124,8 @@ impl PatchCoreSettings {
         let layout = self.layout(backbone)?;
         self.config().check(train_images)?;
         if let Some(budget) = self.memory_budget {
-            MemoryPlan::new(train_images, geometry(&layout, &backbone.preprocess()), &self.config(), budget)?;
+            // Planned for the CPU's selection, the smaller need: the fit plans again for its device.
+            MemoryPlan::new(train_images, geometry(&layout, &backbone.preprocess()), &self.config(), &Compute::Cpu, budget)?;
         }
         Ok(())
     }
@@ -158,7 +159,7 @@ impl PatchCoreDetector {
             Some(budget) => (budget, "--memory-budget".to_string()),
             None => default_memory_budget(),
         };
-        let plan = MemoryPlan::new(train.len(), geometry, &config, budget)?;
+        let plan = MemoryPlan::new(train.len(), geometry, &config, extractor.compute()?, budget)?;
         let spill_dir = settings.spill_dir.clone().unwrap_or_else(std::env::temp_dir);
         let mut patches = TrainPatchesWriter::new(&plan, geometry, train.len(), &spill_dir)?;
         let held = if let Some(path) = patches.spill_path() {

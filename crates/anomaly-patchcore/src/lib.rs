@@ -222,12 +222,11 @@ impl PatchBank {
         config.check(images)?;
         let n = train.rows();
         let clock = std::time::Instant::now();
-        let space = CoresetSpace::from_chunks(n, dim, &config.coreset(), train.chunks().map(|(_, chunk)| chunk))?;
+        let space = CoresetSpace::from_chunks(n, dim, &config.coreset(), || train.chunks().map(|(_, chunk)| chunk))?;
         let mut picks = match compute {
             Compute::Gpu(kernels) => kernels.coreset_select(&space, CoresetChunking::default())?,
-            Compute::Cpu => fast::select(&space),
+            Compute::Cpu => fast::select(space),
         };
-        drop(space);
         // Ascending order: bank rows then follow the images, and ties in the kNN go the same way on
         // every path.
         picks.sort_unstable();

@@ -220,7 +220,7 @@ fn a_mapped_model_file_scores_its_bank_in_place_as_one_read_into_memory() {
 /// Writes `patches` through a writer planned with `budget`, `images_per_push` images at a time.
 fn written(patches: &[f32], geometry: PatchGeometry, config: &PatchCoreConfig, budget: u64, dir: &Path) -> TrainPatches<'static> {
     let images = patches.len() / (geometry.per_image() * geometry.patch_dim);
-    let plan = MemoryPlan::new(images, geometry, config, budget).unwrap();
+    let plan = MemoryPlan::new(images, geometry, config, &Compute::Cpu, budget).unwrap();
     let mut writer = TrainPatchesWriter::new(&plan, geometry, images, dir).unwrap();
     for image in patches.chunks(3 * geometry.per_image() * geometry.patch_dim) {
         writer.push(image).unwrap();
@@ -237,12 +237,12 @@ fn a_spilled_fit_read_in_chunks_gives_the_in_memory_bank_and_thresholds() {
     for reweight in [false, true] {
         let config = PatchCoreConfig { coreset_ratio: 0.3, projection: 4, reweight, ..PatchCoreConfig::default() };
         let in_memory = PatchBank::fit(&patches, geometry, config, &Compute::Cpu).unwrap();
-        let whole = MemoryPlan::new(images, geometry, &config, u64::MAX).unwrap();
+        let whole = MemoryPlan::new(images, geometry, &config, &Compute::Cpu, u64::MAX).unwrap();
         assert!(!whole.spills() && whole.chunk_images() == images);
         // A budget that holds the coreset, the bank and two images' patches: read two at a time.
         let image_bytes = (geometry.per_image() * (geometry.patch_dim * 4 + LEAVE_ONE_OUT_K * 8)) as u64;
         let budget = whole.working_bytes() + 2 * image_bytes + image_bytes / 2;
-        let plan = MemoryPlan::new(images, geometry, &config, budget).unwrap();
+        let plan = MemoryPlan::new(images, geometry, &config, &Compute::Cpu, budget).unwrap();
         assert!(plan.spills() && plan.chunk_images() == 2, "{plan:?}");
         let train = written(&patches, geometry, &config, budget, dir.path());
         assert!(train.spilled() && train.images() == images);
@@ -264,18 +264,21 @@ fn a_spilled_fit_read_in_chunks_gives_the_in_memory_bank_and_thresholds() {
 fn a_budget_below_the_coreset_and_one_image_is_refused_with_the_minimum() {
     let geometry = PatchGeometry { grid: (28, 28), patch_dim: 1024, side: 224 };
     let config = PatchCoreConfig::default();
-    // 5,000 images of 784 patches: a 128-d projection of 3.92 M patches (two and a half copies), a 10%
-    // bank of 1024-d rows (twice), and one image.
+    // 5,000 images of 784 patches: a 128-d projection of 3.92 M patches on the 8-bit grid with an index
+    // and a minimum each (5/4 of it: the cells' room), the picks' coordinates, a 10% bank of 1024-d rows
+    // (twice), and one image.
     let patches = 5000 * 784u64;
-    let minimum = 5 * patches * 128 * 4 / 2 + 2 * patches.div_ceil(10) * 1024 * 4 + 784 * (1024 * 4 + LEAVE_ONE_OUT_K as u64 * 8);
-    match MemoryPlan::new(5000, geometry, &config, minimum - 1) {
+    let picks = patches.div_ceil(10);
+    let image = 784 * (1024 * 4 + LEAVE_ONE_OUT_K as u64 * 8);
+    let minimum = 5 * patches * (128 + 8) / 4 + picks * (128 * 4 + 1536) + 2 * picks * 1024 * 4 + image;
+    match MemoryPlan::new(5000, geometry, &config, &Compute::Cpu, minimum - 1) {
         Err(error @ PatchCoreError::BudgetTooSmall { .. }) => {
             let text = error.to_string();
             assert!(text.contains(&bytes_text(minimum)) && text.contains("--memory-budget"), "{text}");
         }
         other => panic!("{other:?}"),
     }
-    let plan = MemoryPlan::new(5000, geometry, &config, minimum).unwrap();
+    let plan = MemoryPlan::new(5000, geometry, &config, &Compute::Cpu, minimum).unwrap();
     assert!(plan.spills() && plan.chunk_images() == 1);
     assert_eq!(bytes_text(100 << 20), "100.00 MiB");
     assert_eq!(bytes_text(1000), "1000 B");
@@ -285,7 +288,8 @@ fn a_budget_below_the_coreset_and_one_image_is_refused_with_the_minimum() {
 fn a_spill_folder_that_cannot_be_written_is_named() {
     let geometry = geometry();
     let config = PatchCoreConfig::default();
-    let plan = MemoryPlan::new(100, geometry, &config, 150_000).unwrap();
+    let whole = MemoryPlan::new(100, geometry, &config, &Compute::Cpu, u64::MAX).unwrap();
+    let plan = MemoryPlan::new(100, geometry, &config, &Compute::Cpu, whole.working_bytes() + whole.features_bytes() / 2).unwrap();
     assert!(plan.spills());
     let missing = Path::new("/nonexistent/spill");
     match TrainPatchesWriter::new(&plan, geometry, 100, missing) {

@@ -10,17 +10,25 @@ use std::path::{Path, PathBuf};
 use anomaly_fs::ScratchFile;
 use memmap2::Mmap;
 
+use anomaly_detector::Compute;
+
 use crate::{LEAVE_ONE_OUT_K, PatchCoreConfig, PatchCoreError, PatchGeometry};
 
 /// Largest chunk of spilled patches read back at once: big enough to keep the kNN busy, small enough to
 /// leave the budget to the coreset.
 const MAX_CHUNK_BYTES: u64 = 256 << 20;
 
-/// The coreset's working set in halves of its projected points: the projection itself and the CPU
-/// selection's cells, which hold every point again (as i16, half the size) with the room points leave
-/// behind as they move between cells. Measured at the peak: 2.1 copies in all on `bench coreset`'s 1 M
-/// clustered points (3.3 before the cells held i16); the GPU path holds the projection and its device copy.
-const CORESET_SPACE_HALVES: u64 = 5;
+/// The coreset's working set on the CPU, in quarters of its points' bytes (the 8-bit grid's coordinates,
+/// an index and a running minimum each): the selection's cells are the projection itself, and a cell
+/// gives its room back once a fifth of it is empty (`coreset_cells.rs`), so they never hold more than
+/// 5/4 of it.
+const CPU_CELL_QUARTERS: u64 = 5;
+
+/// Bytes per pick the CPU selection holds beside its cells' room, besides the pick's f32 coordinates
+/// (`4 × P`): the cell's bookkeeping and the allocator's partly used pages among tens of thousands of
+/// small cells. Measured: the resident set grew 2.7 KiB a pick over 15,000 picks of 1 M clustered
+/// 128-d points, 0.9 KiB of it the cells' own room (counted in `CPU_CELL_QUARTERS`).
+const CPU_PICK_BYTES: u64 = 1536;
 
 /// What a fit needs in memory, and whether its patches fit in the budget or spill to disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,17 +41,30 @@ pub struct MemoryPlan {
 }
 
 impl MemoryPlan {
-    /// Plans a fit of `images` images' patches within `budget` bytes: in memory when the patches, the
-    /// coreset's working set and the bank fit, else spilled and read back in chunks as large as what is
-    /// left allows.
-    pub fn new(images: usize, geometry: PatchGeometry, config: &PatchCoreConfig, budget: u64) -> Result<Self, PatchCoreError> {
+    /// Plans a fit of `images` images' patches within `budget` bytes, its coreset selected by `compute`:
+    /// in memory when the patches, the coreset's working set and the bank fit, else spilled and read back
+    /// in chunks as large as what is left allows.
+    pub fn new(
+        images: usize,
+        geometry: PatchGeometry,
+        config: &PatchCoreConfig,
+        compute: &Compute,
+        budget: u64,
+    ) -> Result<Self, PatchCoreError> {
         let (per_image, dim) = (geometry.per_image() as u64, geometry.patch_dim as u64);
         let patches = images as u64 * per_image;
         let settings = config.coreset();
-        let space = patches * settings.space_dims(dim as usize) as u64 * 4;
-        let bank = settings.picks(patches.max(1) as usize) as u64 * dim * 4;
+        let space_dims = settings.space_dims(dim as usize) as u64;
+        let picks = settings.picks(patches.max(1) as usize) as u64;
+        let coreset = match compute {
+            Compute::Cpu => CPU_CELL_QUARTERS * patches * (space_dims + 8) / 4 + picks * (space_dims * 4 + CPU_PICK_BYTES),
+            // The 8-bit space, and its f32 device copy with the running minima (host memory on a
+            // software adapter), counted twice for the copy each chunk is staged through on its way.
+            Compute::Gpu(_) => patches * space_dims + 2 * patches * (space_dims + 1) * 4,
+        };
+        let bank = picks * dim * 4;
         // The bank twice: the model file's bytes are built beside it when the fit is saved.
-        let working = CORESET_SPACE_HALVES * space / 2 + 2 * bank;
+        let working = coreset + 2 * bank;
         // An image's patches and their leave-one-out neighbours (a distance and an index each).
         let per_image_bytes = per_image * (dim * 4 + LEAVE_ONE_OUT_K as u64 * 8);
         let features = images as u64 * per_image_bytes;
@@ -52,7 +73,7 @@ impl MemoryPlan {
         }
         let minimum = working + per_image_bytes;
         if minimum > budget {
-            return Err(PatchCoreError::BudgetTooSmall { budget, minimum, patches, space_dims: settings.space_dims(dim as usize) });
+            return Err(PatchCoreError::BudgetTooSmall { budget, minimum, patches, space_dims: space_dims as usize });
         }
         let fit = (budget - working) / per_image_bytes;
         let chunk_images = fit.min((MAX_CHUNK_BYTES / per_image_bytes).max(1)).min(images as u64).max(1) as usize;

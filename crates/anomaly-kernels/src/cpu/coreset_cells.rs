@@ -22,54 +22,73 @@
 //! themselves are summed as the reference sums them (over j = 0, 1, … in f32), so the minima are the
 //! same bits as on every other path.
 //!
-//! A cell keeps its points' coordinates as i16: the grid's values are integers of at most 2047 in
-//! magnitude, so they are exact, and the cells (which hold every point once more beside the projection)
-//! take half the memory of f32, and half the memory traffic per step (on 1 M clustered 128-d points: 1.64
-//! GB peak against 2.21, and 590 picks/s against 555).
+//! The cells hold the space's own i8 blocks, not a copy: the first cell takes the space over, and each
+//! step moves the points a pick brings nearer to the end of their cell (swapping them with points that
+//! stay), then copies them into the new pick's cell, a piece at a time, truncating the old cell and
+//! handing back its room (in place: a shrinking `realloc`) as it goes. A cell never grows after it is
+//! made, and gives its room back once a fifth of it is empty, so the points' coordinates take at most
+//! 1.25 copies of the space (1.08–1.15 measured over 20,000 picks of 1 M clustered points) whatever the
+//! order of the moves: this is what lets a PatchCore fit of millions of patches stay within a small
+//! memory budget.
 //!
 //! What it saves depends on the points. On clustered points, as patch features are, the minima soon
 //! shrink below the clusters' spacing and a step measures a small share of the points (5% over the
 //! coreset of 10% of 40k points, 1–2% of 164k: `bench coreset --data clusters`). On structureless noise
 //! in 128 dimensions nothing is skipped, and a step costs two to three times a plain scan's (the cells'
 //! blocks lie apart in memory, and the moves and the bookkeeping add to the same sums): there
-//! `fast::select_with_updates` gives up after a few hundred picks and finishes as a plain scan from the
-//! cells' minima (`into_mins`).
+//! `fast::select_with_updates` gives up after a few hundred picks and finishes as a plain scan
+//! (`CoresetCells::finish_plain`): the cells merged into one, every point measured at every step.
 
 use rayon::prelude::*;
 
-use crate::coreset::CoresetSpace;
+use crate::coreset::{CoresetSpace, SPACE_GROUP as GROUP};
 
 /// Picks per block of the pick-to-pick distances: a block stores its picks' coordinates dimension by
 /// dimension, so 32 distances are summed side by side, each in order.
 const LANES: usize = 32;
 /// Blocks of picks per task of the pick-to-pick distances.
 const TASK_BLOCKS: usize = 16;
-/// Points per block of a cell (`Cell::rows`).
-const GROUP: usize = 8;
 /// Blocks of a cell measured side by side.
 const BATCH: usize = 4;
+/// Blocks per task of the plain scan.
+const SCAN_TASK_BLOCKS: usize = 512;
+/// Points copied into a new cell before the cell they leave is truncated (and its room maybe given back).
+const MOVE_PIECE: usize = 1 << 14;
 
 /// The larger (running minimum, then lower original index): the order every path's arg-max follows.
 fn higher(a: (f32, u32), b: (f32, u32)) -> (f32, u32) {
     if b.0 > a.0 || (b.0 == a.0 && b.1 < a.1) { b } else { a }
 }
 
-/// The points nearest to one pick, with their running minima (their f32 distances to it) and their
-/// coordinates: blocks of `GROUP` points, dimension by dimension, so that a step reads a cell's points
-/// from one stretch of memory and sums `GROUP` distances side by side (SIMD lanes), each in order.
-#[derive(Default)]
+/// Points with their running minima and their coordinates: blocks of `GROUP` points, dimension by
+/// dimension (the space's layout), so that a step reads a cell's points from one stretch of memory and
+/// sums `GROUP` distances side by side (SIMD lanes), each in order.
 struct Cell {
     points: Vec<u32>,
     mins: Vec<f32>,
-    /// `⌈points / GROUP⌉ × dims × GROUP`; lanes past the last point hold stale values, never read back.
-    /// The grid's integers (|x| ≤ 2047) as i16: exact, and half the memory of f32.
-    rows: Vec<i16>,
+    /// `⌈points / GROUP⌉ × dims × GROUP` grid integers; lanes past the last point hold stale values,
+    /// never read back.
+    rows: Vec<i8>,
 }
 
 impl Cell {
-    /// (largest minimum, lowest index holding it); (−∞, `u32::MAX`) when empty.
+    /// An empty cell with room for exactly `points` points.
+    fn with_capacity(points: usize, dims: usize) -> Self {
+        Self {
+            points: Vec::with_capacity(points),
+            mins: Vec::with_capacity(points),
+            rows: Vec::with_capacity(points.div_ceil(GROUP) * dims * GROUP),
+        }
+    }
+
+    /// (largest minimum, lowest index holding it) of the first `len` points; (−∞, `u32::MAX`) when none.
+    fn best_of(&self, len: usize) -> (f32, u32) {
+        self.points[..len].iter().zip(&self.mins).fold((f32::NEG_INFINITY, u32::MAX), |best, (&i, &m)| higher(best, (m, i)))
+    }
+
+    /// (largest minimum, lowest index holding it) of every point.
     fn best(&self) -> (f32, u32) {
-        self.points.iter().zip(&self.mins).fold((f32::NEG_INFINITY, u32::MAX), |best, (&i, &m)| higher(best, (m, i)))
+        self.best_of(self.points.len())
     }
 
     /// Coordinate `j` of point `k`'s row.
@@ -77,47 +96,70 @@ impl Cell {
         (k / GROUP * dims + j) * GROUP + k % GROUP
     }
 
-    /// Adds point `point` (running minimum `min`) whose coordinate `j` is `row(j)`.
-    fn push(&mut self, point: u32, min: f32, dims: usize, row: impl Fn(usize) -> f32) {
-        let k = self.points.len();
-        if k.is_multiple_of(GROUP) {
+    /// Point `k`'s coordinates.
+    fn row(&self, k: usize, dims: usize) -> Vec<f32> {
+        (0..dims).map(|j| self.rows[Self::at(k, j, dims)] as f32).collect()
+    }
+
+    /// Adds point `k` of `other`, with its running minimum.
+    fn push_from(&mut self, other: &Cell, k: usize, dims: usize) {
+        let to = self.points.len();
+        if to.is_multiple_of(GROUP) {
             self.rows.resize(self.rows.len() + dims * GROUP, 0);
         }
         for j in 0..dims {
-            let x = row(j);
-            debug_assert!(x.fract() == 0.0 && x.abs() <= crate::GRID_MAX, "{x} is not on the grid");
-            self.rows[Self::at(k, j, dims)] = x as i16;
+            self.rows[Self::at(to, j, dims)] = other.rows[Self::at(k, j, dims)];
         }
-        self.points.push(point);
-        self.mins.push(min);
+        self.points.push(other.points[k]);
+        self.mins.push(other.mins[k]);
     }
 
-    /// Adds the points of `other`.
-    fn append(&mut self, other: &Cell, dims: usize) {
-        for (k, (&point, &min)) in other.points.iter().zip(&other.mins).enumerate() {
-            self.push(point, min, dims, |j| other.rows[Self::at(k, j, dims)] as f32);
+    /// Exchanges points `a` and `b`.
+    fn swap(&mut self, a: usize, b: usize, dims: usize) {
+        self.points.swap(a, b);
+        self.mins.swap(a, b);
+        for j in 0..dims {
+            self.rows.swap(Self::at(a, j, dims), Self::at(b, j, dims));
         }
+    }
+
+    /// Keeps the first `len` points.
+    fn truncate(&mut self, len: usize, dims: usize) {
+        self.points.truncate(len);
+        self.mins.truncate(len);
+        self.rows.truncate(len.div_ceil(GROUP) * dims * GROUP);
     }
 
     /// Takes out point `k` (the last one takes its place).
     fn swap_remove(&mut self, k: usize, dims: usize) {
         let last = self.points.len() - 1;
-        self.points.swap_remove(k);
-        self.mins.swap_remove(k);
-        for j in 0..dims {
-            self.rows[Self::at(k, j, dims)] = self.rows[Self::at(last, j, dims)];
-        }
-        self.rows.truncate(last.div_ceil(GROUP) * dims * GROUP);
+        self.swap(k, last, dims);
+        self.truncate(last, dims);
     }
 
-    /// Gives back the room of a cell that has lost most of its points: the first cells start with nearly
-    /// every point and soon hold few, and kept at their peak the cells' room grew to ten times the points'
-    /// (a 1 GB fit of bottle's 164k patches).
+    /// Gives back the room of a cell once a fifth of it is empty. Cells only lose points after they are
+    /// made, and the first ones start with nearly every point, so without this their room would stay at
+    /// its peak (ten times the points on bottle's 164k patches). Shrinking reallocates in place.
     fn shrink_if_sparse(&mut self) {
-        if self.points.capacity() > 4 * self.points.len().max(GROUP) {
+        let len = self.points.len();
+        if self.points.capacity() > len + len / 4 + GROUP {
             self.points.shrink_to_fit();
             self.mins.shrink_to_fit();
             self.rows.shrink_to_fit();
+        }
+    }
+
+    /// Copies the points from `from` on into `into`, the last first, truncating this cell (and giving
+    /// back its room) a piece at a time, so that the moved points are never held twice for long.
+    fn move_tail_into(&mut self, from: usize, into: &mut Cell, dims: usize) {
+        while self.points.len() > from {
+            let end = self.points.len();
+            let piece = from.max(end.saturating_sub(MOVE_PIECE));
+            for k in piece..end {
+                into.push_from(self, k, dims);
+            }
+            self.truncate(piece, dims);
+            self.shrink_if_sparse();
         }
     }
 }
@@ -137,25 +179,31 @@ pub(super) struct CoresetCells {
 }
 
 impl CoresetCells {
-    /// The state after the first pick, `space.start()`: every other point in its cell.
-    pub fn new(space: &CoresetSpace) -> Self {
-        let (start, dims) = (space.start(), space.dims());
-        let mut cell = Cell::default();
-        for i in (0..space.rows()).filter(|&i| i != start) {
-            let row = space.row(i);
-            cell.push(i as u32, f32::MAX, dims, |j| row[j]);
-        }
+    /// The state after the first pick, `space.start()`: every other point in its cell, which takes the
+    /// space's blocks over.
+    pub fn new(space: CoresetSpace) -> Self {
+        let (rows, start, dims, space_picks) = (space.rows(), space.start(), space.dims(), space.picks());
         let center = space.row(start);
-        let mut sums = vec![0f32; cell.rows.len() / dims];
-        sums.par_chunks_mut(GROUP * BATCH).zip(cell.rows.par_chunks(GROUP * BATCH * dims)).for_each(|(sums, blocks)| {
-            let blocks: Vec<&[i16]> = blocks.chunks_exact(GROUP * dims).collect();
-            let batch = distances(std::array::from_fn(|q| blocks[q.min(blocks.len() - 1)]), center);
-            sums.iter_mut().zip(batch.as_flattened()).for_each(|(sum, &d)| *sum = d);
+        let blocks = space.into_blocks();
+        let mut mins = vec![0f32; rows.div_ceil(GROUP) * GROUP];
+        mins.par_chunks_mut(GROUP * BATCH).zip(blocks.par_chunks(GROUP * BATCH * dims)).for_each(|(mins, blocks)| {
+            let blocks: Vec<&[i8]> = blocks.chunks_exact(GROUP * dims).collect();
+            let batch = distances(std::array::from_fn(|q| blocks[q.min(blocks.len() - 1)]), &center);
+            mins.iter_mut().zip(batch.as_flattened()).for_each(|(min, &d)| *min = d);
         });
-        sums.truncate(cell.mins.len());
-        cell.mins = sums;
-        let mut state = Self { dims, cells: Vec::new(), bests: Vec::new(), picks: Vec::new(), margin: dims as f64 / (1u64 << 22) as f64 };
-        state.push(center, cell);
+        mins.truncate(rows);
+        let mut cell = Cell { points: (0..rows as u32).collect(), mins, rows: blocks };
+        cell.swap_remove(start, dims);
+        // Room for every pick at once: grown by doubling, these would hold up to twice what they need.
+        let picks = space_picks;
+        let mut state = Self {
+            dims,
+            cells: Vec::with_capacity(picks),
+            bests: Vec::with_capacity(picks),
+            picks: Vec::with_capacity(picks.div_ceil(LANES) * LANES * dims),
+            margin: dims as f64 / (1u64 << 22) as f64,
+        };
+        state.push(&center, cell);
         state
     }
 
@@ -175,55 +223,98 @@ impl CoresetCells {
     /// summed.
     pub fn step(&mut self, pick: u32, home: usize) -> usize {
         let dims = self.dims;
-        let cell = &mut self.cells[home];
-        let at = cell.points.iter().position(|&i| i == pick).expect("a cell holds its best");
-        let center: Vec<f32> = (0..dims).map(|j| cell.rows[Cell::at(at, j, dims)] as f32).collect();
-        cell.swap_remove(at, dims);
-        self.bests[home] = cell.best();
+        let center = self.take(pick, home);
 
         let mut between = vec![0f32; self.picks.len() / dims];
         between.par_chunks_mut(TASK_BLOCKS * LANES).zip(self.picks.par_chunks(TASK_BLOCKS * LANES * dims)).for_each(|(out, blocks)| {
             for (out, block) in out.chunks_exact_mut(LANES).zip(blocks.chunks_exact(LANES * dims)) {
-                pick_distances(block, &center, out);
+                out.copy_from_slice(&lane_distances::<LANES>(block, &center));
             }
         });
         let margin = self.margin;
         // A point passes when its minimum is at most `reach` of its cell.
         let reach = |between: f32| between as f64 * (1.0 - margin) / (4.0 * (1.0 + margin));
-        let tested: Vec<(&mut Cell, &mut (f32, u32), f64)> = self
+        let tested: Vec<(usize, &mut Cell, &mut (f32, u32), f64)> = self
             .cells
             .iter_mut()
             .zip(&mut self.bests)
             .zip(&between)
-            .filter(|((_, best), between)| best.0 as f64 > reach(**between))
-            .map(|((cell, best), &between)| (cell, best, reach(between)))
+            .enumerate()
+            .filter(|(_, ((_, best), between))| best.0 as f64 > reach(**between))
+            .map(|(a, ((cell, best), &between))| (a, cell, best, reach(between)))
             .collect();
-        let (cell, measured) = tested
+        // Each tested cell, on its own core, moves the points the pick brings nearer to its end.
+        let lowered: Vec<(usize, usize, usize)> = tested
             .into_par_iter()
-            .map(|(cell, best, reach)| {
-                let moved = lower(cell, &center, reach, dims);
-                *best = cell.best();
-                moved
+            .map(|(a, cell, best, reach)| {
+                let (moved, measured) = lower(cell, &center, reach, dims);
+                let keep = cell.points.len() - moved;
+                *best = cell.best_of(keep);
+                (a, keep, measured)
             })
-            .collect::<Vec<_>>()
-            .into_iter()
-            .fold((Cell::default(), 0), |(mut cell, measured), (moved, more)| {
-                cell.append(&moved, dims);
-                (cell, measured + more)
-            });
+            .collect();
+        let moved = lowered.iter().map(|&(a, keep, _)| self.cells[a].points.len() - keep).sum();
+        let mut cell = Cell::with_capacity(moved, dims);
+        for &(a, keep, _) in &lowered {
+            self.cells[a].move_tail_into(keep, &mut cell, dims);
+        }
         self.push(&center, cell);
-        measured
+        lowered.iter().map(|&(_, _, measured)| measured).sum()
     }
 
-    /// Every point's running minimum, by original index (picked points: −1, as the plain scan marks them).
-    pub fn into_mins(self, rows: usize) -> Vec<f32> {
-        let mut mins = vec![-1f32; rows];
-        for cell in &self.cells {
-            for (&i, &m) in cell.points.iter().zip(&cell.mins) {
-                mins[i as usize] = m;
-            }
+    /// Takes `pick` out of cell `home` and returns its coordinates.
+    fn take(&mut self, pick: u32, home: usize) -> Vec<f32> {
+        let dims = self.dims;
+        let cell = &mut self.cells[home];
+        let at = cell.points.iter().position(|&i| i == pick).expect("a cell holds its best");
+        let center = cell.row(at, dims);
+        cell.swap_remove(at, dims);
+        self.bests[home] = cell.best();
+        center
+    }
+
+    /// The rest of the selection after `pick` (the last of `picked`, not yet measured) as a plain scan on
+    /// all cores, until `picked` holds `picks` points: the cells merged into one (each given back once
+    /// copied), then at every step every point's minimum lowered, and the arg-max found in parallel
+    /// chunks merged by (larger minimum, then lower index), a total order, so the picks are the same
+    /// whatever the split.
+    pub fn finish_plain(mut self, pick: u32, picked: &mut Vec<u32>, picks: usize) {
+        let dims = self.dims;
+        let home = self.cells.iter().position(|cell| cell.points.contains(&pick)).expect("a cell holds the pick");
+        let mut center = self.take(pick, home);
+        let mut all = Cell::with_capacity(self.cells.iter().map(|cell| cell.points.len()).sum(), dims);
+        for mut cell in std::mem::take(&mut self.cells) {
+            cell.move_tail_into(0, &mut all, dims);
         }
-        mins
+        let task = SCAN_TASK_BLOCKS * GROUP;
+        while picked.len() < picks {
+            let best = all
+                .mins
+                .par_chunks_mut(task)
+                .zip(all.rows.par_chunks(task * dims))
+                .zip(all.points.par_chunks(task))
+                .enumerate()
+                .map(|(t, ((mins, rows), points))| {
+                    let mut best = ((f32::NEG_INFINITY, u32::MAX), 0);
+                    for (c, (mins, rows)) in mins.chunks_mut(GROUP * BATCH).zip(rows.chunks(GROUP * BATCH * dims)).enumerate() {
+                        let blocks: Vec<&[i8]> = rows.chunks_exact(GROUP * dims).collect();
+                        let sums = distances(std::array::from_fn(|q| blocks[q.min(blocks.len() - 1)]), &center);
+                        for (k, (min, &d)) in mins.iter_mut().zip(sums.as_flattened()).enumerate() {
+                            *min = min.min(d);
+                            let at = c * GROUP * BATCH + k;
+                            if higher(best.0, (*min, points[at])) != best.0 {
+                                best = ((*min, points[at]), t * task + at);
+                            }
+                        }
+                    }
+                    best
+                })
+                .reduce(|| ((f32::NEG_INFINITY, u32::MAX), 0), |a, b| if higher(a.0, b.0) == a.0 { a } else { b });
+            let ((_, next), at) = best;
+            picked.push(next);
+            center = all.row(at, dims);
+            all.swap_remove(at, dims);
+        }
     }
 
     /// Adds the pick at `center` with its cell.
@@ -242,43 +333,44 @@ impl CoresetCells {
     }
 }
 
-/// Measures the points of `cell` in the blocks holding a minimum above `reach`, and takes out those the
-/// pick at `center` brings nearer: returns them (with their new minima) and the number measured.
-fn lower(cell: &mut Cell, center: &[f32], reach: f64, dims: usize) -> (Cell, usize) {
-    let blocks: Vec<usize> = (0..cell.points.len().div_ceil(GROUP))
-        .filter(|&b| cell.mins[b * GROUP..cell.points.len().min((b + 1) * GROUP)].iter().any(|&m| m as f64 > reach))
-        .collect();
-    let mut sums = vec![[0f32; GROUP]; blocks.len()];
-    for (blocks, sums) in blocks.chunks(BATCH).zip(sums.chunks_mut(BATCH)) {
-        let batch: [&[i16]; BATCH] = std::array::from_fn(|q| {
-            let b = blocks[q.min(blocks.len() - 1)];
-            &cell.rows[b * dims * GROUP..(b + 1) * dims * GROUP]
-        });
-        sums.copy_from_slice(&distances(batch, center)[..sums.len()]);
-    }
-    let mut moved = Cell::default();
+/// Measures the points of `cell` in the blocks holding a minimum above `reach`, lowers the minima the
+/// pick at `center` lowers, and moves those points to the end of the cell: returns how many moved and
+/// how many were measured.
+fn lower(cell: &mut Cell, center: &[f32], reach: f64, dims: usize) -> (usize, usize) {
+    let len = cell.points.len();
+    let blocks: Vec<usize> =
+        (0..len.div_ceil(GROUP)).filter(|&b| cell.mins[b * GROUP..len.min((b + 1) * GROUP)].iter().any(|&m| m as f64 > reach)).collect();
+    let mut moved = Vec::new();
     let mut measured = 0;
-    // From the last block and lane, so that each removal (the last point takes its place) leaves the
-    // points still to visit in place: the sums, taken before any removal, still match them.
-    for (&b, sums) in blocks.iter().zip(&sums).rev() {
-        let lanes = b * GROUP..cell.points.len().min((b + 1) * GROUP);
-        measured += lanes.len();
-        for k in lanes.rev() {
-            let d = sums[k % GROUP];
-            if d < cell.mins[k] {
-                moved.push(cell.points[k], d, dims, |j| cell.rows[Cell::at(k, j, dims)] as f32);
-                cell.swap_remove(k, dims);
+    for batch in blocks.chunks(BATCH) {
+        let sums = distances(std::array::from_fn(|q| &cell.rows[batch[q.min(batch.len() - 1)] * dims * GROUP..][..dims * GROUP]), center);
+        for (&b, sums) in batch.iter().zip(&sums) {
+            let lanes = b * GROUP..len.min((b + 1) * GROUP);
+            measured += lanes.len();
+            for k in lanes {
+                let d = sums[k % GROUP];
+                if d < cell.mins[k] {
+                    cell.mins[k] = d;
+                    moved.push(k);
+                }
             }
         }
     }
-    cell.shrink_if_sparse();
-    (moved, measured)
+    // The moved points (ascending) in front of the tail swap places with the points that stay in it.
+    let keep = len - moved.len();
+    let split = moved.partition_point(|&k| k < keep);
+    let mut moved_in_tail = moved[split..].iter().peekable();
+    let staying_in_tail = (keep..len).filter(|&k| moved_in_tail.next_if_eq(&&k).is_none());
+    for (&a, b) in moved[..split].iter().zip(staying_in_tail) {
+        cell.swap(a, b, dims);
+    }
+    (moved.len(), measured)
 }
 
 /// The f32 squared distances of `BATCH` blocks of `GROUP` points (each dimension by dimension) to
 /// `center`, each summed over j = 0, 1, … as the reference sums it; the blocks side by side, so that
 /// enough independent sums are in flight to hide the additions' latency.
-fn distances(blocks: [&[i16]; BATCH], center: &[f32]) -> [[f32; GROUP]; BATCH] {
+fn distances(blocks: [&[i8]; BATCH], center: &[f32]) -> [[f32; GROUP]; BATCH] {
     let mut sums = [[0f32; GROUP]; BATCH];
     let [a, b, c, d] = blocks.map(|block| block.as_chunks::<GROUP>().0);
     for ((((&x, a), b), c), d) in center.iter().zip(a).zip(b).zip(c).zip(d) {
@@ -292,7 +384,16 @@ fn distances(blocks: [&[i16]; BATCH], center: &[f32]) -> [[f32; GROUP]; BATCH] {
     sums
 }
 
-/// The f32 squared distances of one block of picks to `center`, summed in order.
-fn pick_distances(block: &[f32], center: &[f32], out: &mut [f32]) {
-    out.copy_from_slice(&super::lane_distances::<LANES>(block, center));
+/// The f32 squared distances to `center` of `L` points stored dimension by dimension (`block[j·L + l]`),
+/// side by side (SIMD lanes), each summed over j = 0, 1, … in order as the coreset's definition sums them.
+fn lane_distances<const L: usize>(block: &[f32], center: &[f32]) -> [f32; L] {
+    let mut sums = [0f32; L];
+    let (rows, _) = block.as_chunks::<L>();
+    for (row, &c) in rows.iter().zip(center) {
+        for l in 0..L {
+            let t = row[l] - c;
+            sums[l] += t * t;
+        }
+    }
+    sums
 }
