@@ -100,35 +100,45 @@ fn fetch(@builtin(local_invocation_index) lane: u32) {
     }
 }
 
+// Lowers quad `q`'s running minima to `sum` where it is lower, and returns the quad's best.
+fn lower_quad(q: u32, sum: vec4<f32>) -> Best {
+    let m = min(mins[q], sum);
+    mins[q] = m;
+    // The quad's best, in index order: a later point wins only with a strictly larger minimum.
+    var best = Best(NONE, NO_INDEX);
+    for (var c = 0u; c < 4u; c++) {
+        if (4u * q + c < params.rows && m[c] > best.value) {
+            best = Best(m[c], params.start + 4u * q + c);
+        }
+    }
+    return best;
+}
+
+// Writes the workgroup's best of its invocations' `best` to its slot in `partials`.
+fn store_partial(lane: u32, group: u32, best: Best) {
+    best_value[lane] = best.value;
+    best_index[lane] = best.index;
+    reduce_workgroup(lane);
+    if (lane == 0u) {
+        partials[params.partial_offset + group] = Best(best_value[0], best_index[0]);
+    }
+}
+
 @compute @workgroup_size(WG)
 fn update(@builtin(global_invocation_id) id: vec3<u32>, @builtin(workgroup_id) group: vec3<u32>,
           @builtin(local_invocation_index) lane: u32) {
     let q = id.x;
     let quads = quads();
-    var value = NONE;
-    var index = NO_INDEX;
+    var best = Best(NONE, NO_INDEX);
     if (q < quads) {
         var sum = vec4<f32>(0.0);
         for (var j = 0u; j < params.dims; j++) {
             let t = data[j * quads + q] - vec4<f32>(center[j]);
             sum = sum + t * t;
         }
-        let m = min(mins[q], sum);
-        mins[q] = m;
-        // The quad's best, in index order: a later point wins only with a strictly larger minimum.
-        for (var c = 0u; c < 4u; c++) {
-            if (4u * q + c < params.rows && m[c] > value) {
-                value = m[c];
-                index = params.start + 4u * q + c;
-            }
-        }
+        best = lower_quad(q, sum);
     }
-    best_value[lane] = value;
-    best_index[lane] = index;
-    reduce_workgroup(lane);
-    if (lane == 0u) {
-        partials[params.partial_offset + group.x] = Best(best_value[0], best_index[0]);
-    }
+    store_partial(lane, group.x, best);
 }
 
 @compute @workgroup_size(WG)

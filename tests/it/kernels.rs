@@ -400,8 +400,10 @@ fn check_greedy(case: &str, picks: &[u32], space: &CoresetSpace, ratio: f64) {
 #[test]
 fn coreset_picks_are_equal_on_every_path() {
     let kernels = kernels();
-    // 16 KiB bindings: the points split across several chunks whatever their width.
-    let small = GpuKernels::shared().unwrap().with_limits(small_limits(&kernels, 16 * 1024));
+    // 16 KiB bindings: the points split across several chunks whatever their width. With the tiled
+    // distance shader, the steps run the plain `update`; `kernels` runs `update_subgroup` where the
+    // device has it (llvmpipe).
+    let small = GpuKernels::shared().unwrap().with_distance_kernel(DistanceKernel::Tiled).with_limits(small_limits(&kernels, 16 * 1024));
     for (seed, case) in CORESET_CASES.iter().enumerate() {
         let features = coreset_data(case, 100 + seed as u64);
         let settings = CoresetSettings { ratio: case.ratio, projection: case.projection, seed: seed as u64 * 7 + 1 };

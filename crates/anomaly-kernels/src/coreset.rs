@@ -43,6 +43,8 @@ use rayon::prelude::*;
 use wgpu::util::{BufferInitDescriptor, DeviceExt};
 
 use crate::context::{GpuKernels, Kernel, KernelError, Slot, shader_module};
+use crate::distance::DistanceKernel;
+use crate::distance_subgroup::fixed_subgroup_size;
 
 /// The largest grid coordinate: coordinates fit in i8, squared differences (up to 254²) are exact in f32.
 pub const GRID_MAX: f32 = 127.0;
@@ -388,22 +390,35 @@ struct Params {
     _pad1: u32,
 }
 
-/// The three entry points of `coreset.wgsl`, on one binding layout.
+/// The three entry points of `coreset.wgsl`, on one binding layout, and `coreset_subgroup.wgsl`'s
+/// `update` where the device can run it.
 pub(crate) struct CoresetKernels {
     fetch: Kernel,
     update: Kernel,
+    /// `None` where the device lacks subgroups of a fixed size the shader is written for.
+    update_subgroup: Option<Kernel>,
     reduce: Kernel,
 }
+
+/// The bindings every entry point shares.
+const SLOTS: [Slot; 7] = [Slot::Uniform, Slot::Read, Slot::Write, Slot::Write, Slot::Write, Slot::Write, Slot::Write];
 
 impl CoresetKernels {
     pub fn new(device: &wgpu::Device) -> Self {
         let module = shader_module(device, "coreset", include_str!("../../../shaders/coreset.wgsl"));
-        let slots = [Slot::Uniform, Slot::Read, Slot::Write, Slot::Write, Slot::Write, Slot::Write, Slot::Write];
         let constants = [("WG", WG as f64)];
+        let update_subgroup = fixed_subgroup_size(device).map(|size| {
+            // WGSL has no includes: the subgroup entry point is appended to the module it shares its
+            // bindings and helpers with, which only devices with subgroups compile.
+            let source = concat!(include_str!("../../../shaders/coreset.wgsl"), include_str!("../../../shaders/coreset_subgroup.wgsl"));
+            let module = shader_module(device, "coreset_subgroup", source);
+            Kernel::new(device, &module, "update_subgroup", &SLOTS, &[("WG", WG as f64), ("SG", size as f64)])
+        });
         Self {
-            fetch: Kernel::new(device, &module, "fetch", &slots, &constants),
-            update: Kernel::new(device, &module, "update", &slots, &constants),
-            reduce: Kernel::new(device, &module, "reduce", &slots, &constants),
+            fetch: Kernel::new(device, &module, "fetch", &SLOTS, &constants),
+            update: Kernel::new(device, &module, "update", &SLOTS, &constants),
+            update_subgroup,
+            reduce: Kernel::new(device, &module, "reduce", &SLOTS, &constants),
         }
     }
 }
@@ -425,9 +440,14 @@ impl GpuKernels {
     }
 
     /// The greedy selection on `space`: every step on the device, the picks read back once per
-    /// `chunking.steps_per_submission` steps.
+    /// `chunking.steps_per_submission` steps. Where the kNN runs the subgroup distance shader (software
+    /// adapters), the steps share the centre across subgroups too (`coreset_subgroup.wgsl`).
     pub fn coreset_select(&self, space: &CoresetSpace, chunking: CoresetChunking) -> Result<Vec<u32>, KernelError> {
         let gpu = &self.gpu;
+        let update = match (&self.coreset.update_subgroup, self.distance_kernel()) {
+            (Some(kernel), DistanceKernel::Subgroup) => kernel,
+            _ => &self.coreset.update,
+        };
         let (n, p) = (space.rows, space.dims);
         let mut picks = vec![space.start as u32];
         if space.picks == 1 {
@@ -500,7 +520,7 @@ impl GpuKernels {
             chunks.push(Chunk {
                 groups,
                 fetch: self.coreset.fetch.bind_group(&gpu.device, &buffers),
-                update: self.coreset.update.bind_group(&gpu.device, &buffers),
+                update: update.bind_group(&gpu.device, &buffers),
                 reduce: self.coreset.reduce.bind_group(&gpu.device, &buffers),
             });
         }
@@ -515,7 +535,7 @@ impl GpuKernels {
                         gpu.dispatch_bound(&mut pass, &self.coreset.fetch, &chunk.fetch, (1, 1));
                     }
                     for chunk in &chunks {
-                        gpu.dispatch_bound(&mut pass, &self.coreset.update, &chunk.update, (chunk.groups, 1));
+                        gpu.dispatch_bound(&mut pass, update, &chunk.update, (chunk.groups, 1));
                     }
                     gpu.dispatch_bound(&mut pass, &self.coreset.reduce, &chunks[0].reduce, (1, 1));
                 }

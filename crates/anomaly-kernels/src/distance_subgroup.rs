@@ -19,6 +19,15 @@ const BANK_ROWS: u32 = 3;
 /// (128-, 256- and 512-bit vectors of f32).
 const SUBGROUP_SIZES: [u32; 3] = [4, 8, 16];
 
+/// The device's subgroup size, where it has subgroup operations, the size is fixed, and it is one the
+/// subgroup shaders' unrolled broadcasts are written for (this one's and the coreset's `update_subgroup`).
+pub(crate) fn fixed_subgroup_size(device: &wgpu::Device) -> Option<u32> {
+    let info = device.adapter_info();
+    let size = info.subgroup_min_size;
+    (device.features().contains(wgpu::Features::SUBGROUP) && size == info.subgroup_max_size && SUBGROUP_SIZES.contains(&size))
+        .then_some(size)
+}
+
 /// The shader, built for the device's subgroup size.
 pub(crate) struct SubgroupShader(Kernel);
 
@@ -26,11 +35,7 @@ impl SubgroupShader {
     /// The shader, where the device has subgroup operations and a fixed subgroup size it is written
     /// for; `None` elsewhere.
     pub fn new(device: &wgpu::Device) -> Option<Self> {
-        let info = device.adapter_info();
-        let size = info.subgroup_min_size;
-        let usable =
-            device.features().contains(wgpu::Features::SUBGROUP) && size == info.subgroup_max_size && SUBGROUP_SIZES.contains(&size);
-        usable.then(|| {
+        fixed_subgroup_size(device).map(|size| {
             let module = shader_module(device, "distance_subgroup", include_str!("../../../shaders/distance_subgroup.wgsl"));
             let slots = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Read, Slot::Read, Slot::Write];
             Self(Kernel::new(device, &module, "distance_subgroup", &slots, &[("SG", size as f64), ("WG", WORKGROUP as f64)]))
