@@ -220,6 +220,12 @@ pub struct CoresetSpace {
 /// Points per block of a [`CoresetSpace`] (and of the CPU selection's cells).
 pub(crate) const SPACE_GROUP: usize = 8;
 
+/// Where coordinate `j` of point `i` lies in blocks of [`SPACE_GROUP`] points laid out dimension by
+/// dimension, `dims` wide: the layout of a [`CoresetSpace`] and of the CPU selection's cells.
+pub(crate) fn space_index(i: usize, j: usize, dims: usize) -> usize {
+    (i / SPACE_GROUP * dims + j) * SPACE_GROUP + i % SPACE_GROUP
+}
+
 impl CoresetSpace {
     /// Projects (on all cores) and grids `rows × dims` row-major features.
     pub fn new(features: &[f32], rows: usize, dims: usize, settings: &CoresetSettings) -> Result<Self, KernelError> {
@@ -292,7 +298,7 @@ impl CoresetSpace {
                     for i in base.max(first)..(base + group).min(first + count) {
                         project(&chunk[(i - first) * dims..][..dims], out);
                         for (j, &y) in out.iter().enumerate() {
-                            block[j * group + i - base] = to_grid(y, scale) as i8;
+                            block[space_index(i - base, j, p)] = to_grid(y, scale) as i8;
                         }
                     }
                 },
@@ -307,7 +313,7 @@ impl CoresetSpace {
 
     /// Coordinate `j` of point `i`, a grid integer.
     pub fn value(&self, i: usize, j: usize) -> f32 {
-        self.blocks[(i / SPACE_GROUP * self.dims + j) * SPACE_GROUP + i % SPACE_GROUP] as f32
+        self.blocks[space_index(i, j, self.dims)] as f32
     }
 
     /// Point `i` (`i` < `rows()`).

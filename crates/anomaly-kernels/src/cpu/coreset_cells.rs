@@ -41,7 +41,7 @@
 
 use rayon::prelude::*;
 
-use crate::coreset::{CoresetSpace, SPACE_GROUP as GROUP};
+use crate::coreset::{CoresetSpace, SPACE_GROUP as GROUP, space_index};
 
 /// Picks per block of the pick-to-pick distances: a block stores its picks' coordinates dimension by
 /// dimension, so 32 distances are summed side by side, each in order.
@@ -91,14 +91,9 @@ impl Cell {
         self.best_of(self.points.len())
     }
 
-    /// Coordinate `j` of point `k`'s row.
-    fn at(k: usize, j: usize, dims: usize) -> usize {
-        (k / GROUP * dims + j) * GROUP + k % GROUP
-    }
-
     /// Point `k`'s coordinates.
     fn row(&self, k: usize, dims: usize) -> Vec<f32> {
-        (0..dims).map(|j| self.rows[Self::at(k, j, dims)] as f32).collect()
+        (0..dims).map(|j| self.rows[space_index(k, j, dims)] as f32).collect()
     }
 
     /// Adds point `k` of `other`, with its running minimum.
@@ -108,7 +103,7 @@ impl Cell {
             self.rows.resize(self.rows.len() + dims * GROUP, 0);
         }
         for j in 0..dims {
-            self.rows[Self::at(to, j, dims)] = other.rows[Self::at(k, j, dims)];
+            self.rows[space_index(to, j, dims)] = other.rows[space_index(k, j, dims)];
         }
         self.points.push(other.points[k]);
         self.mins.push(other.mins[k]);
@@ -119,7 +114,7 @@ impl Cell {
         self.points.swap(a, b);
         self.mins.swap(a, b);
         for j in 0..dims {
-            self.rows.swap(Self::at(a, j, dims), Self::at(b, j, dims));
+            self.rows.swap(space_index(a, j, dims), space_index(b, j, dims));
         }
     }
 
@@ -187,8 +182,7 @@ impl CoresetCells {
         let blocks = space.into_blocks();
         let mut mins = vec![0f32; rows.div_ceil(GROUP) * GROUP];
         mins.par_chunks_mut(GROUP * BATCH).zip(blocks.par_chunks(GROUP * BATCH * dims)).for_each(|(mins, blocks)| {
-            let blocks: Vec<&[i8]> = blocks.chunks_exact(GROUP * dims).collect();
-            let batch = distances(std::array::from_fn(|q| blocks[q.min(blocks.len() - 1)]), &center);
+            let batch = consecutive_distances(blocks, &center);
             mins.iter_mut().zip(batch.as_flattened()).for_each(|(min, &d)| *min = d);
         });
         mins.truncate(rows);
@@ -297,8 +291,7 @@ impl CoresetCells {
                 .map(|(t, ((mins, rows), points))| {
                     let mut best = ((f32::NEG_INFINITY, u32::MAX), 0);
                     for (c, (mins, rows)) in mins.chunks_mut(GROUP * BATCH).zip(rows.chunks(GROUP * BATCH * dims)).enumerate() {
-                        let blocks: Vec<&[i8]> = rows.chunks_exact(GROUP * dims).collect();
-                        let sums = distances(std::array::from_fn(|q| blocks[q.min(blocks.len() - 1)]), &center);
+                        let sums = consecutive_distances(rows, &center);
                         for (k, (min, &d)) in mins.iter_mut().zip(sums.as_flattened()).enumerate() {
                             *min = min.min(d);
                             let at = c * GROUP * BATCH + k;
@@ -365,6 +358,14 @@ fn lower(cell: &mut Cell, center: &[f32], reach: f64, dims: usize) -> (usize, us
         cell.swap(a, b, dims);
     }
     (moved.len(), measured)
+}
+
+/// [`distances`] of up to `BATCH` consecutive blocks (`rows`, whole blocks); past the last block, its
+/// sums are repeated (lanes the caller does not read).
+fn consecutive_distances(rows: &[i8], center: &[f32]) -> [[f32; GROUP]; BATCH] {
+    let block = GROUP * center.len();
+    let last = rows.len() / block - 1;
+    distances(std::array::from_fn(|q| &rows[q.min(last) * block..][..block]), center)
 }
 
 /// The f32 squared distances of `BATCH` blocks of `GROUP` points (each dimension by dimension) to
