@@ -8,13 +8,13 @@
 // only where the subgroup size is fixed at SG.
 override SG: u32;
 
-// Adds dimension `j` of quad `q` to `sum`, unless `j` is past the last dimension (a condition the whole
-// subgroup shares).
-fn add_dimension(sum: vec4<f32>, q: u32, quads: u32, j: u32, c: f32) -> vec4<f32> {
+// Adds dimension `j` of the quad at `base` (`quad_base`) to `sum`, unless `j` is past the last dimension
+// (a condition the whole subgroup shares).
+fn add_dimension(sum: vec4<f32>, base: u32, j: u32, c: f32) -> vec4<f32> {
     if (j >= params.dims) {
         return sum;
     }
-    let t = data[j * quads + q] - vec4<f32>(c);
+    let t = quad_at(base + j * BLOCK) - vec4<f32>(c);
     return sum + t * t;
 }
 
@@ -24,29 +24,30 @@ fn update_subgroup(@builtin(global_invocation_id) id: vec3<u32>, @builtin(workgr
     let quads = quads();
     // A quad past the end is read clamped (every lane takes part in the broadcasts) and not stored.
     let q = min(id.x, quads - 1u);
+    let base = quad_base(q);
     var sum = vec4<f32>(0.0);
     for (var step = 0u; step < params.dims; step += SG) {
         // subgroupBroadcast takes a constant lane, hence the unrolling.
         let c = center[min(step + sg_lane, params.dims - 1u)];
-        sum = add_dimension(sum, q, quads, step, subgroupBroadcast(c, 0u));
-        sum = add_dimension(sum, q, quads, step + 1u, subgroupBroadcast(c, 1u));
-        sum = add_dimension(sum, q, quads, step + 2u, subgroupBroadcast(c, 2u));
-        sum = add_dimension(sum, q, quads, step + 3u, subgroupBroadcast(c, 3u));
+        sum = add_dimension(sum, base, step, subgroupBroadcast(c, 0u));
+        sum = add_dimension(sum, base, step + 1u, subgroupBroadcast(c, 1u));
+        sum = add_dimension(sum, base, step + 2u, subgroupBroadcast(c, 2u));
+        sum = add_dimension(sum, base, step + 3u, subgroupBroadcast(c, 3u));
         if (SG > 4u) {
-            sum = add_dimension(sum, q, quads, step + 4u, subgroupBroadcast(c, 4u));
-            sum = add_dimension(sum, q, quads, step + 5u, subgroupBroadcast(c, 5u));
-            sum = add_dimension(sum, q, quads, step + 6u, subgroupBroadcast(c, 6u));
-            sum = add_dimension(sum, q, quads, step + 7u, subgroupBroadcast(c, 7u));
+            sum = add_dimension(sum, base, step + 4u, subgroupBroadcast(c, 4u));
+            sum = add_dimension(sum, base, step + 5u, subgroupBroadcast(c, 5u));
+            sum = add_dimension(sum, base, step + 6u, subgroupBroadcast(c, 6u));
+            sum = add_dimension(sum, base, step + 7u, subgroupBroadcast(c, 7u));
         }
         if (SG > 8u) {
-            sum = add_dimension(sum, q, quads, step + 8u, subgroupBroadcast(c, 8u));
-            sum = add_dimension(sum, q, quads, step + 9u, subgroupBroadcast(c, 9u));
-            sum = add_dimension(sum, q, quads, step + 10u, subgroupBroadcast(c, 10u));
-            sum = add_dimension(sum, q, quads, step + 11u, subgroupBroadcast(c, 11u));
-            sum = add_dimension(sum, q, quads, step + 12u, subgroupBroadcast(c, 12u));
-            sum = add_dimension(sum, q, quads, step + 13u, subgroupBroadcast(c, 13u));
-            sum = add_dimension(sum, q, quads, step + 14u, subgroupBroadcast(c, 14u));
-            sum = add_dimension(sum, q, quads, step + 15u, subgroupBroadcast(c, 15u));
+            sum = add_dimension(sum, base, step + 8u, subgroupBroadcast(c, 8u));
+            sum = add_dimension(sum, base, step + 9u, subgroupBroadcast(c, 9u));
+            sum = add_dimension(sum, base, step + 10u, subgroupBroadcast(c, 10u));
+            sum = add_dimension(sum, base, step + 11u, subgroupBroadcast(c, 11u));
+            sum = add_dimension(sum, base, step + 12u, subgroupBroadcast(c, 12u));
+            sum = add_dimension(sum, base, step + 13u, subgroupBroadcast(c, 13u));
+            sum = add_dimension(sum, base, step + 14u, subgroupBroadcast(c, 14u));
+            sum = add_dimension(sum, base, step + 15u, subgroupBroadcast(c, 15u));
         }
     }
     var best = Best(NONE, NO_INDEX);

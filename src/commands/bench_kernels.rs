@@ -194,12 +194,12 @@ pub fn run(mut args: KernelArgs) -> Result<()> {
             }
 
             // PatchCore's greedy coreset step on the bank as its points, projected as fitting projects
-            // them: each step reads every point and its distance so far, and writes the distance. The
-            // GPU reads the points as f32; the CPU reads the grid's i8 and each point's index.
+            // them: each step reads every point and its distance so far, and writes the distance. Both
+            // read the grid's i8; the CPU reads each point's index too.
             let mut space = CoresetSpace::new(&bank, n, d, &CoresetSettings { ratio: 1.0, projection: CORESET_PROJECTION, seed: 0 })?;
             let steps = CORESET_STEPS.min(n - 1);
             space.set_picks(steps + 1);
-            let gpu_step_bytes = (n * (space.dims() + 2) * 4) as f64;
+            let gpu_step_bytes = (n * (space.dims() + 2 * 4)) as f64;
             let cpu_step_bytes = (n * (space.dims() + 3 * 4)) as f64;
             let coreset_row = |kernel, ms: f64, step_bytes: f64| Row {
                 m: steps,

@@ -58,9 +58,9 @@ impl MemoryPlan {
         let picks = settings.picks(patches.max(1) as usize) as u64;
         let coreset = match compute {
             Compute::Cpu => CPU_CELL_QUARTERS * patches * (space_dims + 8) / 4 + picks * (space_dims * 4 + CPU_PICK_BYTES),
-            // The 8-bit space, and its f32 device copy with the running minima (host memory on a
-            // software adapter), counted twice for the copy each chunk is staged through on its way.
-            Compute::Gpu(_) => patches * space_dims + 2 * patches * (space_dims + 1) * 4,
+            // The 8-bit space, and its device copy with the running minima (host memory on a software
+            // adapter), counted twice for the copy each chunk is staged through on its way.
+            Compute::Gpu(_) => patches * space_dims + 2 * patches * (space_dims + 4),
         };
         let bank = picks * dim * 4;
         // The bank twice: the model file's bytes are built beside it when the fit is saved.
