@@ -10,7 +10,7 @@
 // f32 and a fused multiply-add rounds the sum exactly as a multiply then an add does: the distance depends
 // only on the order of the sum over dimensions, j = 0, 1, …, the order of the CPU paths.
 //
-// A chunk stores them as the space does, a byte a coordinate, four points to a word (a quad): word
+// A chunk stores them a byte a coordinate, as the space does, four points to a word (a quad): word
 // `quad_base(q) + j * BLOCK` holds dimension j of points 4q … 4q + 3, in blocks of BLOCK quads laid out
 // dimension by dimension (the chunk is padded to whole blocks). Each invocation reads four adjacent words
 // at once, one vec4<u32> a dimension, and sums their 16 points side by side, each lane still summing

@@ -1,8 +1,8 @@
 // The coreset's `update` for adapters that emulate a GPU on the CPU (llvmpipe), appended to coreset.wgsl
 // (its bindings and helpers) when the device has subgroups of a fixed size SG. There every storage read
 // is a loop over the SIMD lanes, and `update` reads the centre's coordinate once per dimension beside
-// the quads' words. Here each lane of a subgroup reads one coordinate of SG, and subgroup broadcasts (register
-// shuffles there) hand it to the others: each point's sum still runs over j = 0, 1, … in order.
+// the quads' words. Here each lane of a subgroup reads one coordinate of SG, and subgroup broadcasts
+// (register shuffles there) hand it to the others: each point's sum still runs over j = 0, 1, … in order.
 
 // Invocations per subgroup (4, 8 or 16): set by the host (coreset.rs), which builds this entry point
 // only where the subgroup size is fixed at SG.

@@ -62,8 +62,8 @@ const BLOCK_QUADS: usize = 8;
 const BLOCK_POINTS: usize = 4 * BLOCK_QUADS;
 /// Points an invocation of the step sums: four words, read as one vec4<u32> a dimension. On llvmpipe,
 /// which reads storage in a loop over the SIMD lanes, one such loop per 16 points rather than per 4 cut
-/// the step at 1M × 128 from 7.2–8.3 s to 3.8–3.9 s (100 steps), against 15–18 s for f32 points read
-/// column by column.
+/// the step at 1M × 128 from 7.2–8.3 s to 3.7–4.6 s (100 steps), against 13.6–17.9 s for f32 points
+/// read column by column.
 const INVOCATION_POINTS: usize = 16;
 const _: () = assert!(BLOCK_POINTS.is_multiple_of(SPACE_GROUP), "a device block interleaves whole blocks of the space");
 const _: () = assert!(BLOCK_POINTS.is_multiple_of(INVOCATION_POINTS), "an invocation reads whole words of one block");
@@ -385,8 +385,8 @@ fn project_row(row: &[f32], matrix: &[f32], out: &mut [f32]) {
 /// How the GPU path splits its work; tests lower both to exercise chunking and several submissions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CoresetChunking {
-    /// Most points per chunk (one binding each), rounded down to whole blocks of the space (at least
-    /// one); `None`: as many as the device's binding limit allows.
+    /// Most points per chunk (one binding each), rounded down to whole device blocks of 32 points (at
+    /// least one); `None`: as many as the device's binding limit allows.
     pub chunk_rows: Option<usize>,
     /// Greedy steps per submission, after each of which the picks are read back.
     pub steps_per_submission: usize,
@@ -510,7 +510,11 @@ impl GpuKernels {
             chunk_rows = chunk_rows.min((rows / BLOCK_POINTS).max(1) * BLOCK_POINTS);
         }
         if chunk_rows == 0 {
-            return Err(KernelError::RowTooLarge { cols: p, bytes: block_bytes, limit: gpu.limits.max_binding_bytes });
+            return Err(KernelError::Shape(format!(
+                "a block of {BLOCK_POINTS} coreset points of {p} dimensions ({block_bytes} bytes) is larger than the GPU's storage \
+                 binding limit of {} bytes; use --device cpu",
+                gpu.limits.max_binding_bytes
+            )));
         }
         let steps = chunking.steps_per_submission.clamp(1, space.picks - 1);
 
