@@ -110,6 +110,11 @@ fn words_base(t: u32) -> u32 {
     return quad_base(4u * t) / 4u;
 }
 
+// Dimension j of invocation `t`'s four words, `base` being `words_base(t)`.
+fn words_at(base: u32, j: u32) -> vec4<u32> {
+    return data[base + j * (BLOCK / 4u)];
+}
+
 // Adds one dimension to `sums`: its four words and the centre's coordinate `c`. The words' bytes are grid
 // integers, exact as f32.
 fn add_words(sums: Sums, words: vec4<u32>, c: f32) -> Sums {
@@ -188,7 +193,7 @@ fn update(@builtin(global_invocation_id) id: vec3<u32>, @builtin(workgroup_id) g
         let zero = vec4<f32>(0.0);
         var sums = Sums(zero, zero, zero, zero);
         for (var j = 0u; j < params.dims; j++) {
-            sums = add_words(sums, data[base + j * (BLOCK / 4u)], center[j]);
+            sums = add_words(sums, words_at(base, j), center[j]);
         }
         best = lower_quads(t, sums);
     }

@@ -14,7 +14,7 @@ fn add_dimension(sums: Sums, base: u32, j: u32, c: f32) -> Sums {
     if (j >= params.dims) {
         return sums;
     }
-    return add_words(sums, data[base + j * (BLOCK / 4u)], c);
+    return add_words(sums, words_at(base, j), c);
 }
 
 @compute @workgroup_size(WG)
