@@ -515,6 +515,14 @@ fn invalid_coreset_requests_are_refused() {
         let expected: Vec<u32> = std::iter::once(start).chain((0..10).filter(|&i| i != start).take(4)).collect();
         assert_eq!(picks, expected, "{name}: equal points");
     }
+    // A device block (32 points of 600 unprojected dimensions, 19,200 bytes) over a 16 KiB binding.
+    let small = GpuKernels::shared().unwrap().with_limits(small_limits(&kernels, 16 * 1024));
+    let wide = CoresetSpace::new(&vec![1.0f32; 2 * 600], 2, 600, &CoresetSettings { ratio: 1.0, projection: 0, seed: 0 }).unwrap();
+    let error = small.coreset_select(&wide, CoresetChunking::default()).unwrap_err();
+    assert!(
+        matches!(error, KernelError::Shape(_)) && error.to_string().contains("19200 bytes") && error.to_string().contains("--device cpu"),
+        "{error}"
+    );
 }
 
 /// Not a check but a measurement, printed: what handing burn's backbone output to our kernels through
