@@ -41,8 +41,14 @@ pub struct QueryBlock<'a> {
 impl<'a> QueryBlock<'a> {
     /// `queries`: `m × d`, row-major.
     pub fn new(queries: &'a [f32], m: usize, d: usize) -> Self {
+        Self::with_tiles(queries, m, d, anomaly_device::cpu_has_avx512())
+    }
+
+    /// `new` with the AVX-512 tiles (`tiles`, where the CPU has them) or the sgemm path, so that tests
+    /// run both on a processor that has AVX-512.
+    fn with_tiles(queries: &'a [f32], m: usize, d: usize, tiles: bool) -> Self {
         assert!(queries.len() >= m * d, "{} values are fewer than {m} queries of {d}", queries.len());
-        let packed = anomaly_device::cpu_has_avx512().then(|| {
+        let packed = (tiles && anomaly_device::cpu_has_avx512()).then(|| {
             let mut packed = Vec::new();
             pack_into(&mut packed, queries, m, d, TILE_QUERIES);
             packed
@@ -81,16 +87,51 @@ impl<'a> QueryBlock<'a> {
                 self.scratch.resize(m * n, 0.0);
                 super::fast::multiply_transposed(self.queries, bank, m, n, d, &mut self.scratch);
                 for (i, row) in self.scratch.chunks_exact(n).enumerate() {
-                    for (j, (&dot, &norm)) in row.iter().zip(bank_norms).enumerate() {
-                        let squared = (query_norms[i] + norm - 2.0 * dot).max(0.0);
-                        if squared < candidates.bound(i) {
-                            candidates.offer(i, squared, (first + j) as u32);
+                    let query_norm = query_norms[i];
+                    let lanes = row.chunks(SKIP_LANES * SKIP_STRIDES).zip(bank_norms[..n].chunks(SKIP_LANES * SKIP_STRIDES));
+                    for (c, (dots, norms)) in lanes.enumerate() {
+                        // Once the bound is tight most pieces hold no candidate: their least distance,
+                        // taken in vector lanes, skips them whole.
+                        if least_squared(query_norm, dots, norms) >= candidates.bound(i) {
+                            continue;
+                        }
+                        let start = first + c * SKIP_LANES * SKIP_STRIDES;
+                        for (j, (&dot, &norm)) in dots.iter().zip(norms).enumerate() {
+                            let squared = (query_norm + norm - 2.0 * dot).max(0.0);
+                            if squared < candidates.bound(i) {
+                                candidates.offer(i, squared, (start + j) as u32);
+                            }
                         }
                     }
                 }
             }
         }
     }
+}
+
+/// Lanes and strides of the sgemm path's skipping: pieces of 64 products of a query row, compared with its
+/// bound as one.
+const SKIP_LANES: usize = 8;
+const SKIP_STRIDES: usize = 8;
+
+/// The least of the squared distances `(query_norm + norm − 2·dot).max(0)` over a piece of a product row,
+/// each computed as the scan computes it (so a piece is skipped only when no distance in it is below the
+/// bound; `max` turns a NaN into 0 in both), in `SKIP_LANES` independent lanes the compiler keeps in one
+/// vector.
+fn least_squared(query_norm: f32, dots: &[f32], norms: &[f32]) -> f32 {
+    let mut least = [f32::INFINITY; SKIP_LANES];
+    let (dot_lanes, dot_rest) = dots.as_chunks::<SKIP_LANES>();
+    let (norm_lanes, norm_rest) = norms.as_chunks::<SKIP_LANES>();
+    for (dots, norms) in dot_lanes.iter().zip(norm_lanes) {
+        for l in 0..SKIP_LANES {
+            let value = (query_norm + norms[l] - 2.0 * dots[l]).max(0.0);
+            least[l] = if value < least[l] { value } else { least[l] };
+        }
+    }
+    for (&dot, &norm) in dot_rest.iter().zip(norm_rest) {
+        least[0] = least[0].min((query_norm + norm - 2.0 * dot).max(0.0));
+    }
+    least.iter().fold(f32::INFINITY, |a, &b| a.min(b))
 }
 
 /// `rows × d` values in tiles of `tile` rows, `[tile][dimension][row]`, the last tile zero-padded.
@@ -337,6 +378,62 @@ mod tests {
 
         fn offer(&mut self, query: usize, squared: f32, index: u32) {
             self.pairs[query].push((squared, index));
+        }
+    }
+
+    /// Each query's nearest row, as the kNN's k = 1 selection keeps it: the bound tightens as rows arrive.
+    struct Nearest {
+        best: Vec<(f32, u32)>,
+    }
+
+    impl Candidates for Nearest {
+        fn bound(&self, query: usize) -> f32 {
+            self.best[query].0
+        }
+
+        fn offer(&mut self, query: usize, squared: f32, index: u32) {
+            self.best[query] = (squared, index);
+        }
+    }
+
+    /// With a bound that tightens, both paths (the AVX-512 tiles where the CPU has them, and the sgemm
+    /// path with its skipping of whole pieces) find every query's nearest row: a query near each row of a
+    /// bank whose rows lie far apart, at piece edges and past them, and queries far from all.
+    #[test]
+    fn scans_with_a_tightening_bound_find_the_nearest_row_on_both_paths() {
+        let mut state = 0x9e37_79b9_u64;
+        let mut next = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        for &(n, d) in &[(1, 3), (63, 5), (64, 16), (65, 17), (200, 40), (517, 130)] {
+            let bank: Vec<f32> = (0..n * d).map(|_| 8.0 * next()).collect();
+            // Row j's twin, nudged; then queries from the same spread, whose nearest may be anywhere.
+            let mut queries: Vec<f32> = bank.iter().map(|v| v + 0.01 * next()).collect();
+            queries.extend((0..20 * d).map(|_| 8.0 * next()));
+            let m = queries.len() / d;
+            let norms = |rows: &[f32]| rows.chunks_exact(d).map(|r| r.iter().map(|x| x * x).sum()).collect::<Vec<f32>>();
+            let (query_norms, bank_norms) = (norms(&queries), norms(&bank));
+            let exact =
+                |i: usize, j: usize| -> f64 { (0..d).map(|c| (f64::from(queries[i * d + c]) - f64::from(bank[j * d + c])).powi(2)).sum() };
+            for tiles in [false, true] {
+                let mut block = QueryBlock::with_tiles(&queries, m, d, tiles);
+                let mut found = Nearest { best: vec![(f32::INFINITY, u32::MAX); m] };
+                block.scan(&bank, n, 0, &bank_norms, &query_norms, &mut found);
+                for (i, &(squared, index)) in found.best.iter().enumerate() {
+                    let nearest = (0..n).min_by(|&a, &b| exact(i, a).total_cmp(&exact(i, b))).unwrap();
+                    let (want, got) = (exact(i, nearest), exact(i, index as usize));
+                    // Rows within rounding of the nearest may stand in for it.
+                    assert!(got - want <= 1e-3, "tiles {tiles}, {n} × {d}, query {i}: row {index} ({got}) against row {nearest} ({want})");
+                    assert!(
+                        (f64::from(squared) - got).abs() <= 1e-3 * (1.0 + got),
+                        "tiles {tiles}, {n} × {d}, query {i}: {squared} vs {got}"
+                    );
+                    if i < n {
+                        assert_eq!(index as usize, i, "tiles {tiles}, {n} × {d}: a row's twin finds the row");
+                    }
+                }
+            }
         }
     }
 
