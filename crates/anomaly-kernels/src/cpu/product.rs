@@ -381,6 +381,15 @@ mod tests {
         }
     }
 
+    /// A seeded stream of values in [-0.5, 0.5).
+    fn seeded_values(seed: u64) -> impl FnMut() -> f32 {
+        let mut state = seed;
+        move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        }
+    }
+
     /// Each query's nearest row, as the kNN's k = 1 selection keeps it: the bound tightens as rows arrive.
     struct Nearest {
         best: Vec<(f32, u32)>,
@@ -401,11 +410,7 @@ mod tests {
     /// bank whose rows lie far apart, at piece edges and past them, and queries far from all.
     #[test]
     fn scans_with_a_tightening_bound_find_the_nearest_row_on_both_paths() {
-        let mut state = 0x9e37_79b9_u64;
-        let mut next = || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
+        let mut next = seeded_values(0x9e37_79b9);
         for &(n, d) in &[(1, 3), (63, 5), (64, 16), (65, 17), (200, 40), (517, 130)] {
             let bank: Vec<f32> = (0..n * d).map(|_| 8.0 * next()).collect();
             // Row j's twin, nudged; then queries from the same spread, whose nearest may be anywhere.
@@ -458,11 +463,7 @@ mod tests {
     /// distance to rounding.
     #[test]
     fn scans_offer_every_pair_at_every_tile_edge() {
-        let mut state = 0x1234_5678_u64;
-        let mut next = || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
+        let mut next = seeded_values(0x1234_5678);
         for &(m, n, d) in &[(1, 1, 1), (7, 31, 3), (8, 32, 16), (9, 33, 17), (17, 70, 130), (3, 100, 1024), (9, 40, 600)] {
             let queries: Vec<f32> = (0..m * d).map(|_| next()).collect();
             let bank: Vec<f32> = (0..n * d).map(|_| next()).collect();
