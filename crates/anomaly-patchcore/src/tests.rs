@@ -318,13 +318,12 @@ fn a_bank_scored_in_chunks_from_a_mapped_file_gives_the_whole_banks_nearest_rows
     // The kNN expands |q − r|² into |q|² + |r|² − 2 q·r, summed in an order that depends on the tiling (and
     // on the CPU's vector width): a squared distance is exact to a few ulps of |q|² + |r|², not of itself.
     // A near-duplicate's distance (0.006 here) so differs by a few percent between chunkings.
-    let norm = |row: &[f32]| row.iter().map(|v| v * v).sum::<f32>();
+    let (query_norms, bank_norms) = (fast::row_norms(&queries, dim), fast::row_norms(&bank, dim));
     for chunk_rows in [1000, 333, 64, 1] {
         let chunked = nearest_in_chunks(&queries, dim, mapped.chunks(chunk_rows * dim * 4), &Compute::Cpu).unwrap();
         assert_eq!(chunked.indices, whole.indices, "{chunk_rows} rows a chunk");
         for (q, (a, b)) in chunked.distances.iter().zip(&whole.distances).enumerate() {
-            let row = whole.indices[q] as usize;
-            let scale = norm(&queries[q * dim..][..dim]) + norm(&bank[row * dim..][..dim]);
+            let scale = query_norms[q] + bank_norms[whole.indices[q] as usize];
             assert!((a * a - b * b).abs() <= 1e-6 * scale, "{chunk_rows} rows a chunk, query {q}: {a} vs {b}");
         }
     }

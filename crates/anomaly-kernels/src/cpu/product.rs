@@ -88,16 +88,16 @@ impl<'a> QueryBlock<'a> {
                 super::fast::multiply_transposed(self.queries, bank, m, n, d, &mut self.scratch);
                 for (i, row) in self.scratch.chunks_exact(n).enumerate() {
                     let query_norm = query_norms[i];
-                    let lanes = row.chunks(SKIP_LANES * SKIP_STRIDES).zip(bank_norms[..n].chunks(SKIP_LANES * SKIP_STRIDES));
-                    for (c, (dots, norms)) in lanes.enumerate() {
+                    let pieces = row.chunks(SKIP_PIECE).zip(bank_norms[..n].chunks(SKIP_PIECE));
+                    for (c, (dots, norms)) in pieces.enumerate() {
                         // Once the bound is tight most pieces hold no candidate: their least distance,
                         // taken in vector lanes, skips them whole.
                         if least_squared(query_norm, dots, norms) >= candidates.bound(i) {
                             continue;
                         }
-                        let start = first + c * SKIP_LANES * SKIP_STRIDES;
+                        let start = first + c * SKIP_PIECE;
                         for (j, (&dot, &norm)) in dots.iter().zip(norms).enumerate() {
-                            let squared = (query_norm + norm - 2.0 * dot).max(0.0);
+                            let squared = squared_distance(query_norm, norm, dot);
                             if squared < candidates.bound(i) {
                                 candidates.offer(i, squared, (start + j) as u32);
                             }
@@ -109,27 +109,32 @@ impl<'a> QueryBlock<'a> {
     }
 }
 
-/// Lanes and strides of the sgemm path's skipping: pieces of 64 products of a query row, compared with its
-/// bound as one.
+/// Products of a query row that the sgemm path's scan compares with the query's bound as one piece.
+const SKIP_PIECE: usize = 64;
+/// Lanes in which a piece's least distance is taken: one vector.
 const SKIP_LANES: usize = 8;
-const SKIP_STRIDES: usize = 8;
 
-/// The least of the squared distances `(query_norm + norm − 2·dot).max(0)` over a piece of a product row,
-/// each computed as the scan computes it (so a piece is skipped only when no distance in it is below the
-/// bound; `max` turns a NaN into 0 in both), in `SKIP_LANES` independent lanes the compiler keeps in one
-/// vector.
+/// A squared distance from the norms and the product, clamped at 0 against rounding (and a NaN made 0).
+#[inline]
+fn squared_distance(query_norm: f32, norm: f32, dot: f32) -> f32 {
+    (query_norm + norm - 2.0 * dot).max(0.0)
+}
+
+/// The least `squared_distance` over a piece of a product row, each computed as the scan computes it (so
+/// a piece is skipped only when no distance in it is below the bound), in `SKIP_LANES` independent lanes
+/// the compiler keeps in one vector.
 fn least_squared(query_norm: f32, dots: &[f32], norms: &[f32]) -> f32 {
     let mut least = [f32::INFINITY; SKIP_LANES];
     let (dot_lanes, dot_rest) = dots.as_chunks::<SKIP_LANES>();
     let (norm_lanes, norm_rest) = norms.as_chunks::<SKIP_LANES>();
     for (dots, norms) in dot_lanes.iter().zip(norm_lanes) {
         for l in 0..SKIP_LANES {
-            let value = (query_norm + norms[l] - 2.0 * dots[l]).max(0.0);
+            let value = squared_distance(query_norm, norms[l], dots[l]);
             least[l] = if value < least[l] { value } else { least[l] };
         }
     }
     for (&dot, &norm) in dot_rest.iter().zip(norm_rest) {
-        least[0] = least[0].min((query_norm + norm - 2.0 * dot).max(0.0));
+        least[0] = least[0].min(squared_distance(query_norm, norm, dot));
     }
     least.iter().fold(f32::INFINITY, |a, &b| a.min(b))
 }
@@ -365,6 +370,7 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::fast::row_norms;
 
     /// Every pair's squared distance, as offered with no bound.
     struct Everything {
@@ -417,8 +423,7 @@ mod tests {
             let mut queries: Vec<f32> = bank.iter().map(|v| v + 0.01 * next()).collect();
             queries.extend((0..20 * d).map(|_| 8.0 * next()));
             let m = queries.len() / d;
-            let norms = |rows: &[f32]| rows.chunks_exact(d).map(|r| r.iter().map(|x| x * x).sum()).collect::<Vec<f32>>();
-            let (query_norms, bank_norms) = (norms(&queries), norms(&bank));
+            let (query_norms, bank_norms) = (row_norms(&queries, d), row_norms(&bank, d));
             let exact =
                 |i: usize, j: usize| -> f64 { (0..d).map(|c| (f64::from(queries[i * d + c]) - f64::from(bank[j * d + c])).powi(2)).sum() };
             for tiles in [false, true] {
@@ -467,8 +472,7 @@ mod tests {
         for &(m, n, d) in &[(1, 1, 1), (7, 31, 3), (8, 32, 16), (9, 33, 17), (17, 70, 130), (3, 100, 1024), (9, 40, 600)] {
             let queries: Vec<f32> = (0..m * d).map(|_| next()).collect();
             let bank: Vec<f32> = (0..n * d).map(|_| next()).collect();
-            let norms = |rows: &[f32]| rows.chunks_exact(d).map(|r| r.iter().map(|x| x * x).sum()).collect::<Vec<f32>>();
-            let (query_norms, bank_norms) = (norms(&queries), norms(&bank));
+            let (query_norms, bank_norms) = (row_norms(&queries, d), row_norms(&bank, d));
             let mut block = QueryBlock::new(&queries, m, d);
             // Twice, as the kNN reuses a block over bank blocks: the bank packing must be redone whole.
             for first in [0, 1000] {
