@@ -196,8 +196,8 @@ pub mod fast {
     }
 
     /// The k nearest bank rows of every query: squared distances from the norms and −2·Q·Bᵀ, a query block
-    /// against a bank block at a time (`product`: fused with the selection in AVX-512 registers, or sgemm
-    /// and a scan), each offered to its query's running partial selection only below its k-th best so far.
+    /// against a bank block at a time (`product`: fused with the selection in AVX-512 or AVX2 registers, or
+    /// sgemm and a scan), each offered to its query's running partial selection only below its k-th best so far.
     /// Few queries (fewer blocks than threads) split the bank between tasks instead, so that each bank
     /// block is packed once, and each query's selections from the ranges are merged.
     pub fn knn(queries: &[f32], bank: &[f32], d: usize, k: usize) -> Neighbours {
