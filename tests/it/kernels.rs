@@ -13,8 +13,9 @@ fn kernels() -> GpuKernels {
     GpuKernels::shared().unwrap()
 }
 
+/// The device's limits with bindings and host uploads of `bytes`.
 fn small_limits(kernels: &GpuKernels, bytes: u64) -> KernelLimits {
-    KernelLimits { max_binding_bytes: bytes, ..kernels.limits() }
+    KernelLimits { max_binding_bytes: bytes, max_upload_bytes: bytes, ..kernels.limits() }
 }
 
 /// Relative error with a floor, so that values near zero are judged against the data's scale.
@@ -207,8 +208,9 @@ fn chunked_runs_equal_the_unchunked_run() {
 #[test]
 fn device_queries_give_the_neighbours_host_queries_give() {
     let shared = kernels();
-    // A width of 13 and one of 12 (a partial last step of the subgroup shader, and none), with the device's limits and with 16 KiB bindings: queries in three chunks, blocks of a few
-    // rows, a chunked bank.
+    // A width of 13 and one of 12 (a partial last step of the subgroup shader, and none), with the
+    // device's limits and with 16 KiB bindings and uploads: queries in three chunks (host queries in three
+    // uploads), blocks of a few rows, a chunked bank.
     for (seed, d) in [(31, 13), (32, 12)] {
         let case = Case { name: "device queries", m: 700, n: 900, d, k: 7, scale: 1.0, offset: 0.0, duplicates: true };
         let (queries, bank) = data(&case, seed);

@@ -157,9 +157,11 @@ fn a_patchcore_bank_is_the_same_on_wgpu_chunked_or_not_as_on_the_cpu() {
     let config = PatchCoreConfig { coreset_ratio: 0.25, projection: 16, ..PatchCoreConfig::default() };
     let cpu = PatchBank::fit(&patches, geometry, config, &Compute::Cpu).unwrap();
     let whole = GpuKernels::shared().unwrap();
-    // 4 KiB bindings split the bank (54 rows of 160 bytes) into 3 chunks, the 216 training patches into
-    // 9, and the coreset's projected points (64 bytes each) into 4.
-    let small = GpuKernels::shared().unwrap().with_limits(KernelLimits { max_binding_bytes: 4096, ..whole.limits() });
+    // 4 KiB bindings and uploads split the bank (54 rows of 160 bytes) into 3 chunks, the 216 training
+    // patches into 9 uploads for the leave-one-out, and the coreset's projected points (64 bytes each)
+    // into 4.
+    let limits = KernelLimits { max_binding_bytes: 4096, max_upload_bytes: 4096, ..whole.limits() };
+    let small = GpuKernels::shared().unwrap().with_limits(limits);
     for (name, kernels) in [("whole", whole), ("4 KiB bindings", small)] {
         let gpu = PatchBank::fit(&patches, geometry, config, &Compute::Gpu(kernels)).unwrap();
         assert_eq!(gpu.rows(), cpu.rows(), "{name}: the coreset picked other patches");

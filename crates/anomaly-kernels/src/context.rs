@@ -47,7 +47,15 @@ pub struct KernelLimits {
     pub max_binding_bytes: u64,
     /// Largest workgroup count along one dispatch dimension.
     pub max_workgroups: u32,
+    /// Most bytes of host rows one call uploads at once ([`GpuKernels::knn_host`]'s queries): their
+    /// device copy (host memory on a software adapter) and its staging stay this small however many rows
+    /// a caller passes.
+    pub max_upload_bytes: u64,
 }
+
+/// [`KernelLimits::max_upload_bytes`] on every device: large enough that the uploads' overhead vanishes
+/// beside the distances.
+const MAX_UPLOAD_BYTES: u64 = 64 << 20;
 
 impl KernelLimits {
     /// The limits of a wgpu device.
@@ -56,6 +64,7 @@ impl KernelLimits {
         Self {
             max_binding_bytes: limits.max_storage_buffer_binding_size.min(limits.max_buffer_size),
             max_workgroups: limits.max_compute_workgroups_per_dimension,
+            max_upload_bytes: MAX_UPLOAD_BYTES,
         }
     }
 }

@@ -51,12 +51,21 @@ impl GpuKernels {
         Ok(result)
     }
 
-    /// `knn` for queries on the host (row-major, `bank.cols` wide), uploaded first.
+    /// `knn` for queries on the host (row-major, `bank.cols` wide), uploaded
+    /// [`KernelLimits::max_upload_bytes`](crate::KernelLimits::max_upload_bytes) at a time.
     pub fn knn_host(&self, bank: &GpuMatrix, queries: &[f32], k: usize) -> Result<Neighbours, KernelError> {
         let d = bank.cols;
         if queries.is_empty() || !queries.len().is_multiple_of(d) {
             return Err(KernelError::Shape(format!("queries must be rows of {d} values, got {} values", queries.len())));
         }
-        self.knn(bank, &self.upload(queries, queries.len() / d, d)?, k)
+        let rows_per_upload = usize::try_from(self.gpu.limits.max_upload_bytes / (d as u64 * 4)).unwrap_or(usize::MAX).max(1);
+        let mut found =
+            Neighbours { k, distances: Vec::with_capacity(queries.len() / d * k), indices: Vec::with_capacity(queries.len() / d * k) };
+        for part in queries.chunks(rows_per_upload.saturating_mul(d)) {
+            let part_found = self.knn(bank, &self.upload(part, part.len() / d, d)?, k)?;
+            found.distances.extend(part_found.distances);
+            found.indices.extend(part_found.indices);
+        }
+        Ok(found)
     }
 }

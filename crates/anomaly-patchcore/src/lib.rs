@@ -33,11 +33,6 @@ pub const REWEIGHT_NEIGHBOURS: usize = 9;
 /// Nearest bank rows fetched per training patch for its leave-one-out score.
 pub(crate) const LEAVE_ONE_OUT_K: usize = 8;
 
-/// Most bytes of training patches the leave-one-out hands the GPU's kNN at once: their device copy (host
-/// memory on a software adapter) and its staging stay this small whatever the chunk read back holds, as
-/// the memory plan counts them.
-pub(crate) const LEAVE_ONE_OUT_UPLOAD_BYTES: usize = 64 << 20;
-
 /// How a PatchCore bank is made and applied.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PatchCoreConfig {
@@ -249,16 +244,8 @@ impl PatchBank {
             Compute::Cpu => None,
         };
         let mut scored: Vec<(f32, f32)> = Vec::with_capacity(images);
-        // The GPU takes the patches of a few images at a time (the CPU's kNN reads them in place).
-        let image_values = per_image * dim;
-        let part_images = match uploaded {
-            Some(_) => (LEAVE_ONE_OUT_UPLOAD_BYTES / (image_values * 4)).max(1),
-            None => images.max(1),
-        };
-        let parts = train.chunks().flat_map(|(first_image, chunk)| {
-            chunk.chunks(part_images * image_values).enumerate().map(move |(i, part)| (first_image + i * part_images, part))
-        });
-        for (first_image, chunk) in parts {
+        // The GPU's kNN uploads the patches a bounded part at a time; the CPU's reads them in place.
+        for (first_image, chunk) in train.chunks() {
             let neighbours = match &uploaded {
                 Some((kernels, rows)) => kernels.knn_host(rows, chunk, k)?,
                 None => fast::knn(chunk, bank.rows(), dim, k),

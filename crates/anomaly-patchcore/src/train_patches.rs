@@ -12,7 +12,7 @@ use memmap2::Mmap;
 
 use anomaly_detector::Compute;
 
-use crate::{LEAVE_ONE_OUT_K, LEAVE_ONE_OUT_UPLOAD_BYTES, PatchCoreConfig, PatchCoreError, PatchGeometry};
+use crate::{LEAVE_ONE_OUT_K, PatchCoreConfig, PatchCoreError, PatchGeometry};
 
 /// Largest chunk of spilled patches read back at once: big enough to keep the kNN busy, small enough to
 /// leave the budget to the coreset.
@@ -60,8 +60,8 @@ impl MemoryPlan {
             Compute::Cpu => CPU_CELL_QUARTERS * patches * (space_dims + 8) / 4 + picks * (space_dims * 4 + CPU_PICK_BYTES),
             // The 8-bit space, and its device copy with the running minima (host memory on a software
             // adapter), counted twice for the copy each chunk is staged through on its way; then the
-            // leave-one-out's patches on the device, staged the same way.
-            Compute::Gpu(_) => patches * space_dims + 2 * patches * (space_dims + 4) + 2 * LEAVE_ONE_OUT_UPLOAD_BYTES as u64,
+            // leave-one-out's patches on the device (uploaded a bounded part at a time), staged the same way.
+            Compute::Gpu(kernels) => patches * space_dims + 2 * patches * (space_dims + 4) + 2 * kernels.limits().max_upload_bytes,
         };
         let bank = picks * dim * 4;
         // The bank twice: the model file's bytes are built beside it when the fit is saved.
