@@ -1,8 +1,8 @@
 //! The kNN's inner loop: squared distances of a block of queries to a bank block, each offered to the
-//! query's running selection only when below its current bound. Where the processor has AVX-512 or AVX2
-//! with FMA, a register-blocked micro-kernel of our own ([`tiles`]) computes the products and the
-//! distances and compares them in registers, so no product matrix is written; elsewhere `gemm`'s sgemm
-//! fills a product block that is then scanned.
+//! query's running selection only when below its current bound. Where the processor has AVX-512 (or AVX2
+//! with FMA, for rows of at most [`PASS_DIMS`]), a register-blocked micro-kernel of our own ([`tiles`])
+//! computes the products and the distances and compares them in registers, so no product matrix is
+//! written; elsewhere `gemm`'s sgemm fills a product block that is then scanned.
 //!
 //! The queries are packed once per block, a tile's rows interleaved value by value; each bank block is
 //! packed a tile of rows at a time the same way, so that both stream in order through the micro-kernel.
@@ -41,9 +41,10 @@ pub struct QueryBlock<'a> {
 }
 
 impl<'a> QueryBlock<'a> {
-    /// `queries`: `m × d`, row-major. Scans with the fastest kernel this processor runs.
+    /// `queries`: `m × d`, row-major. Scans with the processor's fastest fused kernel where it suits rows
+    /// of `d`, else with sgemm.
     pub fn new(queries: &'a [f32], m: usize, d: usize) -> Self {
-        Self::with_kernel(queries, m, d, Fused::available().first().copied())
+        Self::with_kernel(queries, m, d, Fused::available().first().copied().filter(|kernel| kernel.suits(d)))
     }
 
     /// `new` with a chosen kernel (`None`: sgemm), so that tests run every one the processor has.
