@@ -315,78 +315,77 @@ mod x86 {
         unsafe { scan_tiles::<__m256, 6>(tiles, first, bank_norms, query_norms, partial, candidates) }
     }
 
-    impl Lanes for __m512 {
-        const WIDTH: usize = 16;
-        #[inline(always)]
-        unsafe fn zero() -> Self {
-            unsafe { _mm512_setzero_ps() }
-        }
-        #[inline(always)]
-        unsafe fn splat(value: f32) -> Self {
-            unsafe { _mm512_set1_ps(value) }
-        }
-        #[inline(always)]
-        unsafe fn load(at: *const f32) -> Self {
-            unsafe { _mm512_loadu_ps(at) }
-        }
-        #[inline(always)]
-        unsafe fn store(self, at: *mut f32) {
-            unsafe { _mm512_storeu_ps(at, self) }
-        }
-        #[inline(always)]
-        unsafe fn add(self, other: Self) -> Self {
-            unsafe { _mm512_add_ps(self, other) }
-        }
-        #[inline(always)]
-        unsafe fn mul_add(self, b: Self, c: Self) -> Self {
-            unsafe { _mm512_fmadd_ps(self, b, c) }
-        }
-        #[inline(always)]
-        unsafe fn squared(self, norms: Self) -> Self {
-            unsafe { _mm512_max_ps(_mm512_fnmadd_ps(_mm512_set1_ps(2.0), self, norms), _mm512_setzero_ps()) }
-        }
-        #[inline(always)]
-        unsafe fn below(self, bound: Self) -> u32 {
-            u32::from(unsafe { _mm512_cmp_ps_mask::<_CMP_LT_OQ>(self, bound) })
-        }
+    /// Implements [`Lanes`] for one vector type from its intrinsics: the two instruction sets differ only
+    /// in the names, and in how a comparison becomes bits.
+    macro_rules! lanes {
+        ($vector:ty, $width:literal, $zero:ident, $splat:ident, $load:ident, $store:ident, $add:ident, $fmadd:ident, $fnmadd:ident, $max:ident,
+         |$value:ident, $bound:ident| $below:expr) => {
+            impl Lanes for $vector {
+                const WIDTH: usize = $width;
+                #[inline(always)]
+                unsafe fn zero() -> Self {
+                    unsafe { $zero() }
+                }
+                #[inline(always)]
+                unsafe fn splat(value: f32) -> Self {
+                    unsafe { $splat(value) }
+                }
+                #[inline(always)]
+                unsafe fn load(at: *const f32) -> Self {
+                    unsafe { $load(at) }
+                }
+                #[inline(always)]
+                unsafe fn store(self, at: *mut f32) {
+                    unsafe { $store(at, self) }
+                }
+                #[inline(always)]
+                unsafe fn add(self, other: Self) -> Self {
+                    unsafe { $add(self, other) }
+                }
+                #[inline(always)]
+                unsafe fn mul_add(self, b: Self, c: Self) -> Self {
+                    unsafe { $fmadd(self, b, c) }
+                }
+                #[inline(always)]
+                unsafe fn squared(self, norms: Self) -> Self {
+                    // `max` returns its second operand where either is NaN: 0, as `f32::max` does.
+                    unsafe { $max($fnmadd($splat(2.0), self, norms), $zero()) }
+                }
+                #[inline(always)]
+                unsafe fn below(self, bound: Self) -> u32 {
+                    let ($value, $bound) = (self, bound);
+                    unsafe { $below }
+                }
+            }
+        };
     }
 
-    impl Lanes for __m256 {
-        const WIDTH: usize = 8;
-        #[inline(always)]
-        unsafe fn zero() -> Self {
-            unsafe { _mm256_setzero_ps() }
-        }
-        #[inline(always)]
-        unsafe fn splat(value: f32) -> Self {
-            unsafe { _mm256_set1_ps(value) }
-        }
-        #[inline(always)]
-        unsafe fn load(at: *const f32) -> Self {
-            unsafe { _mm256_loadu_ps(at) }
-        }
-        #[inline(always)]
-        unsafe fn store(self, at: *mut f32) {
-            unsafe { _mm256_storeu_ps(at, self) }
-        }
-        #[inline(always)]
-        unsafe fn add(self, other: Self) -> Self {
-            unsafe { _mm256_add_ps(self, other) }
-        }
-        #[inline(always)]
-        unsafe fn mul_add(self, b: Self, c: Self) -> Self {
-            unsafe { _mm256_fmadd_ps(self, b, c) }
-        }
-        #[inline(always)]
-        unsafe fn squared(self, norms: Self) -> Self {
-            // `max` returns its second operand where either is NaN: 0, as `f32::max` does.
-            unsafe { _mm256_max_ps(_mm256_fnmadd_ps(_mm256_set1_ps(2.0), self, norms), _mm256_setzero_ps()) }
-        }
-        #[inline(always)]
-        unsafe fn below(self, bound: Self) -> u32 {
-            unsafe { _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(self, bound)) as u32 }
-        }
-    }
+    lanes!(
+        __m512,
+        16,
+        _mm512_setzero_ps,
+        _mm512_set1_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_add_ps,
+        _mm512_fmadd_ps,
+        _mm512_fnmadd_ps,
+        _mm512_max_ps,
+        |value, bound| u32::from(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(value, bound))
+    );
+    lanes!(
+        __m256,
+        8,
+        _mm256_setzero_ps,
+        _mm256_set1_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_add_ps,
+        _mm256_fmadd_ps,
+        _mm256_fnmadd_ps,
+        _mm256_max_ps,
+        |value, bound| _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(value, bound)) as u32
+    );
 
     /// [`super::super::pack_into`] of a bank block in tiles of 32 rows, a dimension at a time in two
     /// masked gathers (16 rows `d` apart each) and two vector stores: the scalar packing's 32 loads and
