@@ -71,8 +71,9 @@ impl Fused {
 
     /// Whether this kernel beats sgemm and a scan on rows of `d` dimensions. AVX-512's does at every
     /// width measured (128–1024). AVX2's does while a row fits one pass (`bench kernels --device cpu`,
-    /// 20k × d, k 1, on a 2-core AMD EPYC: 12–15% faster at d = 128, 5–9% at 256), but not beyond: level at
-    /// 512 and 4–6% slower at 1024, where the product dominates and `gemm`'s cache blocking wins.
+    /// 20k × d, k 1, on a 2-core AMD EPYC, fastest run against fastest run: 13% faster at d = 128, 7% at
+    /// 256), but not beyond: level at 512 and 4% slower at 1024, where the product dominates and `gemm`'s
+    /// cache blocking wins.
     pub fn suits(self, d: usize) -> bool {
         match self.0 {
             #[cfg(target_arch = "x86_64")]
