@@ -4,6 +4,8 @@
 //! below it leave them and no product matrix is written. Written once over [`Lanes`] and instantiated
 //! for AVX-512 (8 × 32 tiles: 16 accumulators of 32) and AVX2 with FMA (6 × 16 tiles: 12 accumulators
 //! of 16), each inside a function compiled for its instruction set.
+// Only x86-64 instantiates the generic kernel so far; elsewhere `Fused::available` is empty.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
 use super::{Candidates, PASS_DIMS};
 
