@@ -79,10 +79,9 @@ impl<'a> QueryBlock<'a> {
         match self.fused {
             Some(kernel) => {
                 kernel.pack_bank(&mut self.scratch, bank, n, d);
-                let tiles = Tiles { queries: &self.packed, bank: &self.scratch, m, n, d };
-                // SAFETY: both packings hold whole tiles of `d` values for this kernel, and the norms
-                // cover `m` and `n` rows (asserted above).
-                unsafe { kernel.scan(&tiles, first, bank_norms, query_norms, &mut self.partial, candidates) }
+                let tiles = Tiles { queries: &self.packed, bank: &self.scratch, m, n, d, query_norms, bank_norms, first };
+                // SAFETY: both packings hold whole tiles of `d` values for this kernel.
+                unsafe { kernel.scan(&tiles, &mut self.partial, candidates) }
             }
             None => {
                 self.scratch.resize(m * n, 0.0);

@@ -22,15 +22,19 @@ enum Isa {
     Avx2,
 }
 
-/// A packed query block and bank block: `queries` holds `ceil(m / MR) × d × MR` values, `bank`
-/// `ceil(n / NR) × d × NR`, for the kernel's `MR` ([`Fused::tile_queries`]) and `NR`
-/// ([`Fused::tile_rows`]).
+/// What a scan reads: a packed query block and bank block, `queries` holding `ceil(m / MR) × d × MR`
+/// values and `bank` `ceil(n / NR) × d × NR` for the kernel's `MR` ([`Fused::tile_queries`]) and `NR`
+/// ([`Fused::tile_rows`]); the rows' squared norms (`m` and `n` values); and the number of the bank block's
+/// first row.
 pub struct Tiles<'a> {
     pub queries: &'a [f32],
     pub bank: &'a [f32],
     pub m: usize,
     pub n: usize,
     pub d: usize,
+    pub query_norms: &'a [f32],
+    pub bank_norms: &'a [f32],
+    pub first: usize,
 }
 
 impl Fused {
@@ -103,32 +107,24 @@ impl Fused {
     }
 
     /// Offers `candidates` every pair of `tiles` whose squared distance `max(|q|² + |r|² − 2 q·r, 0)` is
-    /// below its query's bound, in ascending row order per query (bank rows numbered from `first`). Rows
-    /// wider than [`PASS_DIMS`] are summed in passes, through `partial` ([`Self::partial_len`] values).
+    /// below its query's bound, in ascending row order per query (bank rows numbered from `tiles.first`).
+    /// Rows wider than [`PASS_DIMS`] are summed in passes, through `partial` ([`Self::partial_len`]
+    /// values).
     ///
     /// # Safety
-    /// `tiles` must hold what [`Tiles`] says for this kernel, `bank_norms` `n` values and `query_norms`
-    /// `m`.
-    pub unsafe fn scan(
-        self,
-        tiles: &Tiles,
-        first: usize,
-        bank_norms: &[f32],
-        query_norms: &[f32],
-        partial: &mut [f32],
-        candidates: &mut impl Candidates,
-    ) {
-        let Tiles { queries, bank, m, n, d } = *tiles;
+    /// `tiles` must hold the packings [`Tiles`] describes for this kernel.
+    pub unsafe fn scan(self, tiles: &Tiles, partial: &mut [f32], candidates: &mut impl Candidates) {
+        let Tiles { queries, bank, m, n, d, query_norms, bank_norms, .. } = *tiles;
         debug_assert!(queries.len() >= m.div_ceil(self.tile_queries()) * d * self.tile_queries());
         debug_assert!(bank.len() >= n.div_ceil(self.tile_rows()) * d * self.tile_rows());
         assert!(bank_norms.len() >= n && query_norms.len() >= m && partial.len() >= self.partial_len(m, d));
         match self.0 {
             // SAFETY: each kernel exists only where its instructions were detected; the caller vouches for
-            // the tiles, and the norms and partial sums were asserted above.
+            // the packings, and the norms and partial sums were asserted above.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { x86::scan_avx512(tiles, first, bank_norms, query_norms, partial, candidates) },
+            Isa::Avx512 => unsafe { x86::scan_avx512(tiles, partial, candidates) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { x86::scan_avx2(tiles, first, bank_norms, query_norms, partial, candidates) },
+            Isa::Avx2 => unsafe { x86::scan_avx2(tiles, partial, candidates) },
         }
     }
 }
@@ -165,15 +161,8 @@ type Tile<V, const MR: usize> = [[V; 2]; MR];
 /// # Safety
 /// As [`Fused::scan`], with `V`'s instruction set detected and `MR`, `2 · V::WIDTH` the tiles' shape.
 #[inline(always)]
-unsafe fn scan_tiles<V: Lanes, const MR: usize>(
-    tiles: &Tiles,
-    first: usize,
-    bank_norms: &[f32],
-    query_norms: &[f32],
-    partial: &mut [f32],
-    candidates: &mut impl Candidates,
-) {
-    let &Tiles { queries, bank, m, n, d } = tiles;
+unsafe fn scan_tiles<V: Lanes, const MR: usize>(tiles: &Tiles, partial: &mut [f32], candidates: &mut impl Candidates) {
+    let &Tiles { queries, bank, m, n, d, query_norms, bank_norms, first } = tiles;
     let (width, nr) = (V::WIDTH, 2 * V::WIDTH);
     let passes = d.div_ceil(PASS_DIMS);
     for (bank_tile, b) in bank.chunks_exact(d * nr).enumerate() {
@@ -291,15 +280,8 @@ mod x86 {
     /// # Safety
     /// AVX-512F must be available; otherwise as [`super::Fused::scan`].
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn scan_avx512(
-        tiles: &Tiles,
-        first: usize,
-        bank_norms: &[f32],
-        query_norms: &[f32],
-        partial: &mut [f32],
-        candidates: &mut impl Candidates,
-    ) {
-        unsafe { scan_tiles::<__m512, 8>(tiles, first, bank_norms, query_norms, partial, candidates) }
+    pub unsafe fn scan_avx512(tiles: &Tiles, partial: &mut [f32], candidates: &mut impl Candidates) {
+        unsafe { scan_tiles::<__m512, 8>(tiles, partial, candidates) }
     }
 
     /// [`super::scan_tiles`] in 6 × 16 tiles, compiled for AVX2 and FMA.
@@ -307,15 +289,8 @@ mod x86 {
     /// # Safety
     /// AVX2 and FMA must be available; otherwise as [`super::Fused::scan`].
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scan_avx2(
-        tiles: &Tiles,
-        first: usize,
-        bank_norms: &[f32],
-        query_norms: &[f32],
-        partial: &mut [f32],
-        candidates: &mut impl Candidates,
-    ) {
-        unsafe { scan_tiles::<__m256, 6>(tiles, first, bank_norms, query_norms, partial, candidates) }
+    pub unsafe fn scan_avx2(tiles: &Tiles, partial: &mut [f32], candidates: &mut impl Candidates) {
+        unsafe { scan_tiles::<__m256, 6>(tiles, partial, candidates) }
     }
 
     /// Implements [`Lanes`] for one vector type from its intrinsics: the two instruction sets differ only
