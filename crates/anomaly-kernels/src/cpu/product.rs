@@ -253,8 +253,8 @@ mod tests {
         }
     }
 
-    /// At every tile edge (AVX-512's 8 × 32 and AVX2's 6 × 16) and pass edge, every kernel offers every pair once, in ascending row order, with its squared
-    /// distance to rounding.
+    /// At every tile edge (AVX-512's 8 × 32 and AVX2's 6 × 16) and pass edge, every kernel offers every pair
+    /// once, in ascending row order, with its squared distance to rounding.
     #[test]
     fn scans_offer_every_pair_at_every_tile_edge() {
         let mut next = seeded_values(0x1234_5678);

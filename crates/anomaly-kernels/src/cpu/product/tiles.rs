@@ -296,8 +296,8 @@ mod x86 {
     /// Implements [`Lanes`] for one vector type from its intrinsics: the two instruction sets differ only
     /// in the names, and in how a comparison becomes bits.
     macro_rules! lanes {
-        ($vector:ty, $width:literal, $zero:ident, $splat:ident, $load:ident, $store:ident, $add:ident, $fmadd:ident, $fnmadd:ident, $max:ident,
-         |$value:ident, $bound:ident| $below:expr) => {
+        ($vector:ty, $width:literal, $zero:ident, $splat:ident, $load:ident, $store:ident, $add:ident,
+         $fmadd:ident, $fnmadd:ident, $max:ident, |$value:ident, $bound:ident| $below:expr) => {
             impl Lanes for $vector {
                 const WIDTH: usize = $width;
                 #[inline(always)]
