@@ -427,6 +427,29 @@ fn coreset_picks_are_equal_on_every_path() {
     }
 }
 
+/// Points at the grid's corners (every coordinate ±127: the largest squares, and many exact ties) at
+/// the widest the CPU sums in integers and one past it, and uniform points well past it, where the f32
+/// sums round: every pick the reference's, through the pruned steps and the plain scan they give up to.
+#[test]
+fn coreset_picks_at_the_grids_extremes_equal_the_reference() {
+    let n = 300;
+    for (d, corners) in [(258, true), (259, true), (1000, false)] {
+        let mut rng = Rng::new(d as u64);
+        let features: Vec<f32> = (0..n * d)
+            .map(|_| {
+                let bits = rng.next_u64();
+                if corners { if bits.is_multiple_of(2) { -1.0 } else { 1.0 } } else { (bits % 255) as f32 - 127.0 }
+            })
+            .collect();
+        let settings = CoresetSettings { ratio: 1.0, projection: 0, seed: 1 };
+        let space = CoresetSpace::new(&features, n, d, &settings).unwrap();
+        if corners {
+            assert!(space.to_rows().iter().all(|v| v.abs() == anomaly_kernels::GRID_MAX), "d {d}: the grid's corners");
+        }
+        assert_eq!(fast::select(space.clone()), reference::greedy(&space), "d {d}");
+    }
+}
+
 /// Points in tight clusters far apart, as patch features are: the CPU path prunes most of its work,
 /// and must still pick exactly the reference's points, ties included (rows in pairs of equal copies,
 /// offsets from a few integers).
