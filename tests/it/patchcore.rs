@@ -203,8 +203,8 @@ fn a_fit_over_its_memory_budget_spills_to_disk_and_writes_the_in_memory_model() 
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(stderr(&output).contains("the training patches stay in memory"), "{}", stderr(&output));
 
-    // 8 images of 784 patches: the coreset's 128-d projection on the 8-bit grid with an index and a minimum
-    // each (5/4 of it), 2 KiB for each of its 628 picks, and its bank of 152-d patches (twice) take 3.1 MB;
+    // 8 images of 784 patches: the coreset's 128-d projection on the 8-bit grid with an index, a minimum and
+    // its pick each (5/4 of it), 2 KiB for each of its 628 picks, and its bank of 152-d patches (twice) take 3.1 MB;
     // each image's patches with their neighbours 0.53 MB. 4.4 MB leaves room for two at a time.
     let spill = dir.path().join("spill");
     std::fs::create_dir(&spill).unwrap();
@@ -221,7 +221,7 @@ fn a_fit_over_its_memory_budget_spills_to_disk_and_writes_the_in_memory_model() 
     let output = fit(&never, &["--memory-budget", "3MB"]);
     let message = stderr(&output);
     assert!(!output.status.success());
-    assert!(message.contains("a memory budget of 2.86 MiB is too small") && message.contains("at least 3.47 MiB"), "{message}");
+    assert!(message.contains("a memory budget of 2.86 MiB is too small") && message.contains("at least 3.50 MiB"), "{message}");
     assert!(!never.exists());
 
     // A disk that fills while spilling (a file-size limit, with its signal ignored so the write fails as

@@ -135,7 +135,7 @@ pub mod fast {
     //! Multithreaded CPU paths for users without a GPU.
 
     use super::*;
-    use coreset_cells::CoresetCells;
+    use coreset_cells::{CoresetCells, PlainScan};
 
     /// Bank rows per distance block: the block's distances stay in cache-friendly sizes.
     const BANK_BLOCK: usize = 2048;
@@ -350,36 +350,73 @@ pub mod fast {
         if picks < 2 {
             return (picked, 0.0);
         }
-        let mut measured = n - 1;
-        // The cells die at the end of this block, before their pages are handed back.
+        // Distances to points summed, and those a plain scan sums.
+        let (mut measured, mut plain) = (n - 1, n - 1);
+        // The selection's state dies at the end of this block, before its pages are handed back.
         {
-            let mut cells = CoresetCells::new(space);
-            // Distances summed over the last `PLAIN_WINDOW` steps, to give up pruning where it does not pay.
-            let mut recent = std::collections::VecDeque::with_capacity(PLAIN_WINDOW);
+            let mut selection = Selection::Plain { scan: PlainScan::new(space), may_prune: true };
+            // Points measured (or, plain, that the cells would have measured) over the last `WINDOW`
+            // steps, with how many points there were: when to switch.
+            let mut recent = std::collections::VecDeque::with_capacity(WINDOW);
             loop {
-                let (pick, home) = cells.next();
+                let (pick, home) = match &selection {
+                    Selection::Plain { scan, .. } => (scan.next(), 0),
+                    Selection::Pruned(cells) => cells.next(),
+                };
                 picked.push(pick);
                 if picked.len() == picks {
                     break;
                 }
-                if picked.len() >= PLAIN_AFTER && recent.iter().sum::<usize>() as f64 >= PLAIN_SHARE * (PLAIN_WINDOW * n) as f64 {
-                    measured += (picks - picked.len()) * n;
-                    cells.finish_plain(pick, &mut picked, picks);
-                    break;
-                }
-                let step = cells.step(pick, home);
-                if picked.len().is_multiple_of(RELEASE_EVERY) {
-                    release_free_memory();
-                }
+                let (step, tested) = match &mut selection {
+                    Selection::Plain { scan, .. } => {
+                        let tested = scan.step();
+                        (scan.len(), tested)
+                    }
+                    Selection::Pruned(cells) => {
+                        let step = cells.step(pick, home);
+                        if picked.len().is_multiple_of(RELEASE_EVERY) {
+                            release_free_memory();
+                        }
+                        (step, step)
+                    }
+                };
                 measured += step;
-                if recent.len() == PLAIN_WINDOW {
+                plain += n - picked.len();
+                if recent.len() == WINDOW {
                     recent.pop_front();
                 }
-                recent.push_back(step);
+                recent.push_back((tested, n - picked.len()));
+                let (window_tested, window_points) = recent.iter().fold((0, 0), |(t, p), &(tested, points)| (t + tested, p + points));
+                let share = window_tested as f64 / window_points as f64;
+                selection = match selection {
+                    Selection::Plain { scan, may_prune: true } if recent.len() == WINDOW && cells_share(share) <= PRUNE_SHARE => {
+                        recent.clear();
+                        Selection::Pruned(scan.into_cells())
+                    }
+                    Selection::Pruned(cells) if recent.len() == WINDOW && share >= PLAIN_SHARE => {
+                        recent.clear();
+                        Selection::Plain { scan: cells.into_plain(), may_prune: false }
+                    }
+                    unchanged => unchanged,
+                };
             }
         }
         release_free_memory();
-        (picked, measured as f64 / ((picks - 1) * n) as f64)
+        (picked, measured as f64 / plain as f64)
+    }
+
+    /// The share of points the cells would measure where the skip test fails for `share` of them: the
+    /// cells measure whole blocks of 8 (`GROUP`) points, and a cell's points lie in its blocks in no
+    /// order of their minima, so a block is measured unless all 8 pass.
+    fn cells_share(share: f64) -> f64 {
+        1.0 - (1.0 - share).powi(coreset::SPACE_GROUP as i32)
+    }
+
+    /// The greedy selection's state: a plain scan (`may_prune`: until the pruning has been tried and
+    /// given up) or the pruned cells.
+    enum Selection {
+        Plain { scan: PlainScan, may_prune: bool },
+        Pruned(CoresetCells),
     }
 
     /// Greedy steps between two hand-backs of the allocator's free pages.
@@ -398,13 +435,15 @@ pub mod fast {
         }
     }
 
-    /// Picks made before the pruned selection may give up on itself.
-    const PLAIN_AFTER: usize = 256;
-    /// Steps over which the share of points measured is judged.
-    const PLAIN_WINDOW: usize = 64;
-    /// The share of points measured over the window above which the selection finishes as a plain scan:
-    /// a pruned step measuring most points costs more than a plain one (scattered cells, moves,
-    /// bookkeeping), as on structureless data; clustered data measures far fewer by then.
+    /// Steps over which the share of points measured is judged, to switch between the plain scan and
+    /// the pruned cells.
+    const WINDOW: usize = 16;
+    /// The share of the points the cells would measure, over the window, at or below which the plain
+    /// scan sorts its points into cells: a pruned step costs more per point it measures than a plain one
+    /// (scattered cells, moves, bookkeeping), so the pruning pays only once it skips most points.
+    const PRUNE_SHARE: f64 = 0.4;
+    /// The share measured over the window at or above which the pruned selection gives up for good and
+    /// finishes as a plain scan, as on structureless data.
     const PLAIN_SHARE: f64 = 0.75;
 
     #[cfg(test)]

@@ -264,13 +264,13 @@ fn a_spilled_fit_read_in_chunks_gives_the_in_memory_bank_and_thresholds() {
 fn a_budget_below_the_coreset_and_one_image_is_refused_with_the_minimum() {
     let geometry = PatchGeometry { grid: (28, 28), patch_dim: 1024, side: 224 };
     let config = PatchCoreConfig::default();
-    // 5,000 images of 784 patches: a 128-d projection of 3.92 M patches on the 8-bit grid with an index
-    // and a minimum each (5/4 of it: the cells' room), the picks' coordinates, a 10% bank of 1024-d rows
-    // (twice), and one image.
+    // 5,000 images of 784 patches: a 128-d projection of 3.92 M patches on the 8-bit grid with an index,
+    // a minimum and its pick each (5/4 of it: the cells' room), the picks' coordinates, a 10% bank of
+    // 1024-d rows (twice), and one image.
     let patches = 5000 * 784u64;
     let picks = patches.div_ceil(10);
     let image = 784 * (1024 * 4 + LEAVE_ONE_OUT_K as u64 * 8);
-    let minimum = 5 * patches * (128 + 8) / 4 + picks * (128 * 4 + 1536) + 2 * picks * 1024 * 4 + image;
+    let minimum = 5 * patches * (128 + 12) / 4 + picks * (128 * 4 + 1536) + 2 * picks * 1024 * 4 + image;
     match MemoryPlan::new(5000, geometry, &config, &Compute::Cpu, minimum - 1) {
         Err(error @ PatchCoreError::BudgetTooSmall { .. }) => {
             let text = error.to_string();

@@ -19,10 +19,15 @@ use crate::{LEAVE_ONE_OUT_K, PatchCoreConfig, PatchCoreError, PatchGeometry};
 const MAX_CHUNK_BYTES: u64 = 256 << 20;
 
 /// The coreset's working set on the CPU, in quarters of its points' bytes (the 8-bit grid's coordinates,
-/// an index and a running minimum each): the selection's cells are the projection itself, and a cell
-/// gives its room back once a fifth of it is empty (`coreset_cells.rs`), so they never hold more than
-/// 5/4 of it.
+/// an index, a running minimum and the pick that set it, [`CPU_POINT_BYTES`] besides the coordinates):
+/// the selection's plain scan and cells are the projection itself, and a cell, or the scan's points as
+/// they are sorted into cells, gives its room back once a fifth of it is empty (`coreset_cells.rs`), so
+/// they never hold more than 5/4 of it.
 const CPU_CELL_QUARTERS: u64 = 5;
+
+/// Bytes per point of the CPU selection besides its coordinates: an index, a running minimum and (while
+/// it is a plain scan) the pick that set it, 4 each.
+const CPU_POINT_BYTES: u64 = 12;
 
 /// Bytes per pick the CPU selection holds beside its cells' room, besides the pick's f32 coordinates
 /// (`4 × P`): the cell's bookkeeping and the allocator's partly used pages among tens of thousands of
@@ -57,7 +62,7 @@ impl MemoryPlan {
         let space_dims = settings.space_dims(dim as usize) as u64;
         let picks = settings.picks(patches.max(1) as usize) as u64;
         let coreset = match compute {
-            Compute::Cpu => CPU_CELL_QUARTERS * patches * (space_dims + 8) / 4 + picks * (space_dims * 4 + CPU_PICK_BYTES),
+            Compute::Cpu => CPU_CELL_QUARTERS * patches * (space_dims + CPU_POINT_BYTES) / 4 + picks * (space_dims * 4 + CPU_PICK_BYTES),
             // The 8-bit space, and its device copy with the running minima (host memory on a software
             // adapter), counted twice for the copy each chunk is staged through on its way; then the
             // leave-one-out's patches on the device (uploaded a bounded part at a time), staged the same way.

@@ -23,22 +23,28 @@
 //! up to [`EXACT_DIMS`] dimensions on AVX2, in exact integers where the f32 sums are exact too; so the
 //! minima are the same bits as on every other path.
 //!
-//! The cells hold the space's own i8 blocks, not a copy: the first cell takes the space over, and each
-//! step moves the points a pick brings nearer to the end of their cell (swapping them with points that
-//! stay), then copies them into the new pick's cell, a piece at a time, truncating the old cell and
-//! handing back its room (in place: a shrinking `realloc`) as it goes. A cell never grows after it is
-//! made, and gives its room back once a fifth of it is empty, so the points' coordinates take at most
-//! 1.25 copies of the space (1.08–1.15 measured over 20,000 picks of 1 M clustered points) whatever the
-//! order of the moves: this is what lets a PatchCore fit of millions of patches stay within a small
-//! memory budget.
+//! The cells hold the space's own i8 blocks, not a copy: the plain scan the selection starts as takes the
+//! space over, and its points are sorted into the cells from its end a piece at a time, its room handed
+//! back as it goes. Each step then moves the points a pick brings nearer to the end of their cell
+//! (swapping them with points that stay), then copies them into the new pick's cell, a piece at a time,
+//! truncating the old cell and handing back its room (in place: a shrinking `realloc`) as it goes. A
+//! cell never grows after it is made, and gives its room back once a fifth of it is empty, so the
+//! points' coordinates take at most 1.25 copies of the space (1.08–1.15 measured over 20,000 picks of
+//! 1 M clustered points) whatever the order of the moves: this is what lets a PatchCore fit of millions
+//! of patches stay within a small memory budget.
 //!
-//! What it saves depends on the points. On clustered points, as patch features are, the minima soon
-//! shrink below the clusters' spacing and a step measures a small share of the points (5% over the
-//! coreset of 10% of 40k points, 1–2% of 164k: `bench coreset --data clusters`). On structureless noise
-//! in 128 dimensions nothing is skipped, and a step costs two to three times a plain scan's (the cells'
-//! blocks lie apart in memory, and the moves and the bookkeeping add to the same sums): there
-//! `fast::select_with_updates` gives up after a few hundred picks and finishes as a plain scan
-//! (`CoresetCells::finish_plain`): the cells merged into one, every point measured at every step.
+//! What it saves depends on the points, and on the step. A pruned step costs two to three times a plain
+//! scan's for each point it measures (the cells' blocks lie apart in memory, and the moves and the
+//! bookkeeping add to the same sums), and over the first picks nearly every point must be measured. So
+//! the selection starts as a plain scan ([`PlainScan`]: every point measured at every step, in one
+//! pass that also finds the next pick), which keeps each point's owner, the pick that set its minimum,
+//! and counts the points the cells' test would still measure; once that share, over a window of steps
+//! and in whole blocks, is small, `fast::select_with_updates` sorts the points into cells
+//! ([`PlainScan::into_cells`]). On clustered points, as patch features are, the minima soon shrink
+//! below the clusters' spacing and a step measures a small share of the points (5% over the coreset of
+//! 10% of 40k points, 1–2% of 164k: `bench coreset --data clusters`); on structureless noise in 128
+//! dimensions the test skips nothing and the selection stays a plain scan. Where a pruned selection
+//! measures most points again it gives up for good ([`CoresetCells::into_plain`]).
 
 use rayon::prelude::*;
 
@@ -160,23 +166,82 @@ impl Cell {
     }
 }
 
-/// The greedy selection's state between steps.
-pub(super) struct CoresetCells {
+/// The picks' coordinates, `LANES` picks per block, dimension by dimension, for their distances to a
+/// new pick (the skip test's `D²`).
+struct Picks {
     dims: usize,
-    /// One cell per pick, in pick order (picked points belong to none).
-    cells: Vec<Cell>,
-    /// Each cell's (largest minimum, lowest index holding it), apart so that finding the next pick reads
-    /// little memory.
-    bests: Vec<(f32, u32)>,
-    /// The picks' coordinates, `LANES` picks per block, dimension by dimension.
-    picks: Vec<f32>,
-    /// The margin `s` of the skip test.
-    margin: f64,
+    len: usize,
+    coords: Vec<f32>,
 }
 
-impl CoresetCells {
-    /// The state after the first pick, `space.start()`: every other point in its cell, which takes the
-    /// space's blocks over.
+impl Picks {
+    /// Room for every pick at once: grown by doubling, the coordinates would hold up to twice what they need.
+    fn with_capacity(picks: usize, dims: usize) -> Self {
+        Self { dims, len: 0, coords: Vec::with_capacity(picks.div_ceil(LANES) * LANES * dims) }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push(&mut self, center: &[f32]) {
+        let (dims, lane) = (self.dims, self.len % LANES);
+        if lane == 0 {
+            self.coords.resize(self.coords.len() + LANES * dims, 0.0);
+        }
+        let block = self.coords.len() - LANES * dims;
+        for (j, &x) in center.iter().enumerate() {
+            self.coords[block + j * LANES + lane] = x;
+        }
+        self.len += 1;
+    }
+
+    /// The f32 squared distance of every pick to `center`, in pick order (then unused lanes).
+    fn distances_to(&self, center: &[f32]) -> Vec<f32> {
+        let dims = self.dims;
+        let mut between = vec![0f32; self.coords.len() / dims];
+        between.par_chunks_mut(TASK_BLOCKS * LANES).zip(self.coords.par_chunks(TASK_BLOCKS * LANES * dims)).for_each(|(out, blocks)| {
+            for (out, block) in out.chunks_exact_mut(LANES).zip(blocks.chunks_exact(LANES * dims)) {
+                out.copy_from_slice(&lane_distances::<LANES>(block, center));
+            }
+        });
+        between
+    }
+}
+
+/// Within this of a cell's pick (`between`: the f32 squared distance from that pick to the new one), no
+/// point's minimum can be lowered by the new pick: the skip test `D²(1 − s) ≥ 4·min·(1 + s)`.
+fn reach(between: f32, margin: f64) -> f64 {
+    between as f64 * (1.0 - margin) / (4.0 * (1.0 + margin))
+}
+
+/// Gives back the room of a vector once a fifth of it is empty (see [`Cell::shrink_if_sparse`]).
+fn shrink_if_sparse<T>(values: &mut Vec<T>) {
+    if values.capacity() > values.len() + values.len() / 4 + GROUP {
+        values.shrink_to_fit();
+    }
+}
+
+/// The selection as a plain scan: every point in one cell, each step measuring every point, on all cores,
+/// and finding the next pick in the same pass (parallel chunks merged by larger minimum, then lower
+/// index: a total order, so the picks are the same whatever the split). Each point's owner, the pick
+/// that set its minimum, is kept, so that each step can count the points the cells' skip test would
+/// still measure ([`PlainScan::step`]), and the points can be sorted into cells when that pays
+/// ([`PlainScan::into_cells`]).
+pub(super) struct PlainScan {
+    dims: usize,
+    all: Cell,
+    /// Each point's owner, by its place in pick order.
+    owners: Vec<u32>,
+    picks: Picks,
+    margin: f64,
+    /// The next pick: its index, and where it is in `all`.
+    next: (u32, usize),
+}
+
+impl PlainScan {
+    /// The state after the first pick, `space.start()`: every other point measured from it, in a cell
+    /// that takes the space's blocks over.
     pub fn new(space: CoresetSpace) -> Self {
         let (rows, start, dims, space_picks) = (space.rows(), space.start(), space.dims(), space.picks());
         let center = Center::new(space.row(start));
@@ -187,21 +252,128 @@ impl CoresetCells {
             mins.iter_mut().zip(batch.as_flattened()).for_each(|(min, &d)| *min = d);
         });
         mins.truncate(rows);
-        let mut cell = Cell { points: (0..rows as u32).collect(), mins, rows: blocks };
-        cell.swap_remove(start, dims);
-        // Room for every pick at once: grown by doubling, these would hold up to twice what they need.
-        let picks = space_picks;
-        let mut state = Self {
-            dims,
-            cells: Vec::with_capacity(picks),
-            bests: Vec::with_capacity(picks),
-            picks: Vec::with_capacity(picks.div_ceil(LANES) * LANES * dims),
-            margin: dims as f64 / (1u64 << 22) as f64,
-        };
-        state.push(center.coords(), cell);
-        state
+        let mut all = Cell { points: (0..rows as u32).collect(), mins, rows: blocks };
+        all.swap_remove(start, dims);
+        let mut picks = Picks::with_capacity(space_picks, dims);
+        picks.push(center.coords());
+        let owners = vec![0; all.points.len()];
+        Self::with_next(dims, all, owners, picks)
     }
 
+    fn with_next(dims: usize, all: Cell, owners: Vec<u32>, picks: Picks) -> Self {
+        let (_, next) =
+            all.points.iter().zip(&all.mins).enumerate().fold(((f32::NEG_INFINITY, u32::MAX), (u32::MAX, 0)), |best, (at, (&i, &m))| {
+                if higher(best.0, (m, i)) != best.0 { ((m, i), (i, at)) } else { best }
+            });
+        Self { dims, all, owners, picks, margin: dims as f64 / (1u64 << 22) as f64, next }
+    }
+
+    /// The next pick.
+    pub fn next(&self) -> u32 {
+        self.next.0
+    }
+
+    /// Points not picked yet.
+    pub fn len(&self) -> usize {
+        self.all.points.len()
+    }
+
+    /// Picks the next pick: takes it out, measures every point from it, lowering the minima it lowers,
+    /// and finds the pick after it. Returns how many of the points the cells' skip test would have
+    /// measured (each against its owner's reach; the cells measure whole blocks, so somewhat more).
+    pub fn step(&mut self) -> usize {
+        let dims = self.dims;
+        let at = self.next.1;
+        let center = Center::new(self.all.row(at, dims));
+        self.all.swap_remove(at, dims);
+        self.owners.swap_remove(at);
+        let margin = self.margin;
+        // In f32: only an estimate is made from them.
+        let reaches: Vec<f32> = self.picks.distances_to(center.coords()).into_iter().map(|between| reach(between, margin) as f32).collect();
+        let owner = self.picks.len() as u32;
+        self.picks.push(center.coords());
+        let task = SCAN_TASK_BLOCKS * GROUP;
+        let Cell { points, mins, rows } = &mut self.all;
+        let (best, tested) = mins
+            .par_chunks_mut(task)
+            .zip(rows.par_chunks(task * dims))
+            .zip(points.par_chunks(task))
+            .zip(self.owners.par_chunks_mut(task))
+            .enumerate()
+            .map(|(t, (((mins, rows), points), owners))| {
+                let mut tested = 0;
+                for ((mins, rows), owners) in
+                    mins.chunks_mut(GROUP * BATCH).zip(rows.chunks(GROUP * BATCH * dims)).zip(owners.chunks_mut(GROUP * BATCH))
+                {
+                    let sums = consecutive_distances(rows, &center);
+                    for ((min, &d), owned) in mins.iter_mut().zip(sums.as_flattened()).zip(owners) {
+                        tested += (*min > reaches[*owned as usize]) as usize;
+                        if d < *min {
+                            *min = d;
+                            *owned = owner;
+                        }
+                    }
+                }
+                // The task's largest minimum (never NaN: sums of squared integers), then the lowest index
+                // holding it: a second pass over what is still in cache.
+                let top = mins.iter().fold(f32::NEG_INFINITY, |top, &min| top.max(min));
+                let (point, at) = points
+                    .iter()
+                    .zip(mins.iter())
+                    .enumerate()
+                    .filter(|&(_, (_, &min))| min == top)
+                    .map(|(at, (&i, _))| (i, at))
+                    .min()
+                    .expect("a task has points");
+                (((top, point), (point, t * task + at)), tested)
+            })
+            .reduce(
+                || (((f32::NEG_INFINITY, u32::MAX), (u32::MAX, 0)), 0),
+                |(a, tested_a), (b, tested_b)| (if higher(a.0, b.0) == a.0 { a } else { b }, tested_a + tested_b),
+            );
+        self.next = best.1;
+        tested
+    }
+
+    /// The points sorted into one cell per pick, by owner: copied from the end a piece at a time, each
+    /// piece's room given back, so that they are never held twice for long.
+    pub fn into_cells(self) -> CoresetCells {
+        let Self { dims, mut all, mut owners, picks, margin, .. } = self;
+        let mut counts = vec![0; picks.len()];
+        for &owner in &owners {
+            counts[owner as usize] += 1;
+        }
+        let mut cells: Vec<Cell> = counts.iter().map(|&count| Cell::with_capacity(count, dims)).collect();
+        while !all.points.is_empty() {
+            let end = all.points.len();
+            let piece = end.saturating_sub(MOVE_PIECE);
+            for k in piece..end {
+                cells[owners[k] as usize].push_from(&all, k, dims);
+            }
+            all.truncate(piece, dims);
+            all.shrink_if_sparse();
+            owners.truncate(piece);
+            shrink_if_sparse(&mut owners);
+        }
+        let bests = cells.iter().map(Cell::best).collect();
+        CoresetCells { dims, cells, bests, picks, margin }
+    }
+}
+
+/// The greedy selection's state between steps when it is pruned.
+pub(super) struct CoresetCells {
+    dims: usize,
+    /// One cell per pick, in pick order (picked points belong to none).
+    cells: Vec<Cell>,
+    /// Each cell's (largest minimum, lowest index holding it), apart so that finding the next pick reads
+    /// little memory.
+    bests: Vec<(f32, u32)>,
+    picks: Picks,
+    /// The margin `s` of the skip test.
+    margin: f64,
+}
+
+impl CoresetCells {
     /// The next pick, the largest minimum over the cells (ties to the lower index), and its cell.
     pub fn next(&self) -> (u32, usize) {
         let (mut best, mut home) = ((f32::NEG_INFINITY, u32::MAX), 0);
@@ -219,24 +391,16 @@ impl CoresetCells {
     pub fn step(&mut self, pick: u32, home: usize) -> usize {
         let dims = self.dims;
         let center = Center::new(self.take(pick, home));
-
-        let mut between = vec![0f32; self.picks.len() / dims];
-        between.par_chunks_mut(TASK_BLOCKS * LANES).zip(self.picks.par_chunks(TASK_BLOCKS * LANES * dims)).for_each(|(out, blocks)| {
-            for (out, block) in out.chunks_exact_mut(LANES).zip(blocks.chunks_exact(LANES * dims)) {
-                out.copy_from_slice(&lane_distances::<LANES>(block, center.coords()));
-            }
-        });
+        let between = self.picks.distances_to(center.coords());
         let margin = self.margin;
-        // A point passes when its minimum is at most `reach` of its cell.
-        let reach = |between: f32| between as f64 * (1.0 - margin) / (4.0 * (1.0 + margin));
         let tested: Vec<(usize, &mut Cell, &mut (f32, u32), f64)> = self
             .cells
             .iter_mut()
             .zip(&mut self.bests)
             .zip(&between)
             .enumerate()
-            .filter(|(_, ((_, best), between))| best.0 as f64 > reach(**between))
-            .map(|(a, ((cell, best), &between))| (a, cell, best, reach(between)))
+            .map(|(a, ((cell, best), &between))| (a, cell, best, reach(between, margin)))
+            .filter(|(_, _, best, reach)| best.0 as f64 > *reach)
             .collect();
         // Each tested cell, on its own core, moves the points the pick brings nearer to its end.
         let lowered: Vec<(usize, usize, usize)> = tested
@@ -253,7 +417,9 @@ impl CoresetCells {
         for &(a, keep, _) in &lowered {
             self.cells[a].move_tail_into(keep, &mut cell, dims);
         }
-        self.push(center.coords(), cell);
+        self.picks.push(center.coords());
+        self.bests.push(cell.best());
+        self.cells.push(cell);
         lowered.iter().map(|&(_, _, measured)| measured).sum()
     }
 
@@ -268,62 +434,18 @@ impl CoresetCells {
         center
     }
 
-    /// The rest of the selection after `pick` (the last of `picked`, not yet measured) as a plain scan on
-    /// all cores, until `picked` holds `picks` points: the cells merged into one (each given back once
-    /// copied), then at every step every point's minimum lowered, and the arg-max found in parallel
-    /// chunks merged by (larger minimum, then lower index), a total order, so the picks are the same
-    /// whatever the split.
-    pub fn finish_plain(mut self, pick: u32, picked: &mut Vec<u32>, picks: usize) {
-        let dims = self.dims;
-        let home = self.cells.iter().position(|cell| cell.points.contains(&pick)).expect("a cell holds the pick");
-        let mut center = Center::new(self.take(pick, home));
-        let mut all = Cell::with_capacity(self.cells.iter().map(|cell| cell.points.len()).sum(), dims);
-        for mut cell in std::mem::take(&mut self.cells) {
+    /// The cells merged into one (each given back once copied), as a plain scan: where the pruning no
+    /// longer pays.
+    pub fn into_plain(self) -> PlainScan {
+        let Self { dims, cells, picks, .. } = self;
+        let total = cells.iter().map(|cell| cell.points.len()).sum();
+        let mut all = Cell::with_capacity(total, dims);
+        let mut owners = Vec::with_capacity(total);
+        for (a, mut cell) in cells.into_iter().enumerate() {
+            owners.resize(owners.len() + cell.points.len(), a as u32);
             cell.move_tail_into(0, &mut all, dims);
         }
-        let task = SCAN_TASK_BLOCKS * GROUP;
-        while picked.len() < picks {
-            let best = all
-                .mins
-                .par_chunks_mut(task)
-                .zip(all.rows.par_chunks(task * dims))
-                .zip(all.points.par_chunks(task))
-                .enumerate()
-                .map(|(t, ((mins, rows), points))| {
-                    let mut best = ((f32::NEG_INFINITY, u32::MAX), 0);
-                    for (c, (mins, rows)) in mins.chunks_mut(GROUP * BATCH).zip(rows.chunks(GROUP * BATCH * dims)).enumerate() {
-                        let sums = consecutive_distances(rows, &center);
-                        for (k, (min, &d)) in mins.iter_mut().zip(sums.as_flattened()).enumerate() {
-                            *min = min.min(d);
-                            let at = c * GROUP * BATCH + k;
-                            if higher(best.0, (*min, points[at])) != best.0 {
-                                best = ((*min, points[at]), t * task + at);
-                            }
-                        }
-                    }
-                    best
-                })
-                .reduce(|| ((f32::NEG_INFINITY, u32::MAX), 0), |a, b| if higher(a.0, b.0) == a.0 { a } else { b });
-            let ((_, next), at) = best;
-            picked.push(next);
-            center = Center::new(all.row(at, dims));
-            all.swap_remove(at, dims);
-        }
-    }
-
-    /// Adds the pick at `center` with its cell.
-    fn push(&mut self, center: &[f32], cell: Cell) {
-        let dims = self.dims;
-        let lane = self.cells.len() % LANES;
-        if lane == 0 {
-            self.picks.resize(self.picks.len() + LANES * dims, 0.0);
-        }
-        let block = self.picks.len() - LANES * dims;
-        for (j, &x) in center.iter().enumerate() {
-            self.picks[block + j * LANES + lane] = x;
-        }
-        self.bests.push(cell.best());
-        self.cells.push(cell);
+        PlainScan::with_next(dims, all, owners, picks)
     }
 }
 
@@ -531,6 +653,88 @@ fn lane_distances<const L: usize>(block: &[f32], center: &[f32]) -> [f32; L] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::coreset::CoresetSettings;
+
+    /// A seeded generator of integers.
+    fn integers(seed: u64) -> impl FnMut() -> u64 {
+        let mut state = seed;
+        move || {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            state >> 33
+        }
+    }
+
+    /// The greedy selection of `picks` points, handed from the plain scan to the cells and back each time
+    /// the picks made reach a number in `switches` (the first at the start, with 1); and the most points
+    /// a pruned step moved into its new cell.
+    fn select_switching(space: CoresetSpace, picks: usize, switches: &[usize]) -> (Vec<u32>, usize) {
+        let mut picked = vec![space.start() as u32];
+        let (mut plain, mut cells): (_, Option<CoresetCells>) = (Some(PlainScan::new(space)), None);
+        let mut most_moved = 0;
+        while picked.len() < picks {
+            if switches.contains(&picked.len()) {
+                (plain, cells) = match (plain, cells) {
+                    (Some(scan), None) => (None, Some(scan.into_cells())),
+                    (None, Some(state)) => (Some(state.into_plain()), None),
+                    _ => unreachable!("one state at a time"),
+                };
+            }
+            if let Some(scan) = &mut plain {
+                picked.push(scan.next());
+                if picked.len() < picks {
+                    scan.step();
+                }
+            } else if let Some(state) = &mut cells {
+                let (pick, home) = state.next();
+                picked.push(pick);
+                if picked.len() < picks {
+                    state.step(pick, home);
+                    most_moved = most_moved.max(state.cells.last().expect("a step adds a cell").points.len());
+                }
+            }
+        }
+        (picked, most_moved)
+    }
+
+    /// The plain scan and the cells handing the selection to each other at arbitrary steps, both ways,
+    /// pick the reference's points, ties included (clustered points in pairs of equal copies).
+    #[test]
+    fn switching_between_the_plain_scan_and_the_cells_keeps_the_picks() {
+        let (n, d, clusters) = (3000, 16, 12);
+        let mut next = integers(7);
+        let centres: Vec<f32> = (0..clusters * d).map(|_| (next() % 400) as f32).collect();
+        let mut features = vec![0f32; n * d];
+        for row in features.chunks_exact_mut(d) {
+            let cluster = next() as usize % clusters;
+            for (x, &c) in row.iter_mut().zip(&centres[cluster * d..]) {
+                *x = c + (next() % 5) as f32;
+            }
+        }
+        for row in (1..n).step_by(2) {
+            features.copy_within((row - 1) * d..row * d, row * d);
+        }
+        let space = CoresetSpace::new(&features, n, d, &CoresetSettings { ratio: 0.1, projection: 0, seed: 3 }).unwrap();
+        let expected = crate::cpu::reference::greedy(&space);
+        let (picked, _) = select_switching(space, expected.len(), &[2, 30, 31, 60, 200]);
+        assert_eq!(picked, expected);
+    }
+
+    /// Two large clusters, pruned from the first pick: the second pick moves tens of thousands of points
+    /// at once, more than one piece of a move (a cell hands its room back as its points leave), and the
+    /// picks stay the reference's.
+    #[test]
+    fn a_pick_moving_most_points_keeps_the_picks() {
+        let (n, d) = (50_000, 8);
+        let mut next = integers(47);
+        let centres: Vec<f32> = (0..2 * d).map(|_| (next() % 200) as f32).collect();
+        let features: Vec<f32> = (0..n * d).map(|i| centres[(i / d) % 2 * d + i % d] + (next() % 7) as f32).collect();
+        let space = CoresetSpace::new(&features, n, d, &CoresetSettings { ratio: 0.002, projection: 0, seed: 11 }).unwrap();
+        let expected = crate::cpu::reference::greedy(&space);
+        let (picked, most_moved) = select_switching(space, expected.len(), &[1]);
+        assert!(most_moved > MOVE_PIECE, "{most_moved} points moved at most");
+        assert_eq!(picked, expected);
+    }
 
     /// Every kernel `distances` may take gives the plain f32 sums' bits, at widths odd and even, at the
     /// widest the integers are exact and past it, with coordinates over the whole grid; and with the
