@@ -429,7 +429,7 @@ fn coreset_picks_are_equal_on_every_path() {
 
 /// Points at the grid's corners (every coordinate ±127: the largest squares, and many exact ties) at
 /// the widest the CPU sums in integers and one past it, and uniform points well past it, where the f32
-/// sums round: every pick the reference's, through the pruned steps and the plain scan they give up to.
+/// sums round: every pick the reference's, whether the selection stays a plain scan or prunes.
 #[test]
 fn coreset_picks_at_the_grids_extremes_equal_the_reference() {
     let n = 300;

@@ -88,9 +88,17 @@ impl Cell {
         }
     }
 
+    /// (largest minimum, lowest index holding it) of the first `len` points, and where that point is;
+    /// ((−∞, `u32::MAX`), 0) when none.
+    fn best_at(&self, len: usize) -> ((f32, u32), usize) {
+        self.points[..len].iter().zip(&self.mins).enumerate().fold(((f32::NEG_INFINITY, u32::MAX), 0), |best, (at, (&i, &m))| {
+            if higher(best.0, (m, i)) != best.0 { ((m, i), at) } else { best }
+        })
+    }
+
     /// (largest minimum, lowest index holding it) of the first `len` points; (−∞, `u32::MAX`) when none.
     fn best_of(&self, len: usize) -> (f32, u32) {
-        self.points[..len].iter().zip(&self.mins).fold((f32::NEG_INFINITY, u32::MAX), |best, (&i, &m)| higher(best, (m, i)))
+        self.best_at(len).0
     }
 
     /// (largest minimum, lowest index holding it) of every point.
@@ -143,8 +151,7 @@ impl Cell {
     /// made, and the first ones start with nearly every point, so without this their room would stay at
     /// its peak (ten times the points on bottle's 164k patches). Shrinking reallocates in place.
     fn shrink_if_sparse(&mut self) {
-        let len = self.points.len();
-        if self.points.capacity() > len + len / 4 + GROUP {
+        if is_sparse(&self.points) {
             self.points.shrink_to_fit();
             self.mins.shrink_to_fit();
             self.rows.shrink_to_fit();
@@ -215,11 +222,10 @@ fn reach(between: f32, margin: f64) -> f64 {
     between as f64 * (1.0 - margin) / (4.0 * (1.0 + margin))
 }
 
-/// Gives back the room of a vector once a fifth of it is empty (see [`Cell::shrink_if_sparse`]).
-fn shrink_if_sparse<T>(values: &mut Vec<T>) {
-    if values.capacity() > values.len() + values.len() / 4 + GROUP {
-        values.shrink_to_fit();
-    }
+/// Whether a fifth of a vector's room is empty (past a block's slack): when a cell, or the plain scan's
+/// owners as its points are sorted into cells, gives its room back.
+fn is_sparse<T>(values: &Vec<T>) -> bool {
+    values.capacity() > values.len() + values.len() / 4 + GROUP
 }
 
 /// The selection as a plain scan: every point in one cell, each step measuring every point, on all cores,
@@ -261,11 +267,8 @@ impl PlainScan {
     }
 
     fn with_next(dims: usize, all: Cell, owners: Vec<u32>, picks: Picks) -> Self {
-        let (_, next) =
-            all.points.iter().zip(&all.mins).enumerate().fold(((f32::NEG_INFINITY, u32::MAX), (u32::MAX, 0)), |best, (at, (&i, &m))| {
-                if higher(best.0, (m, i)) != best.0 { ((m, i), (i, at)) } else { best }
-            });
-        Self { dims, all, owners, picks, margin: dims as f64 / (1u64 << 22) as f64, next }
+        let ((_, pick), at) = all.best_at(all.points.len());
+        Self { dims, all, owners, picks, margin: dims as f64 / (1u64 << 22) as f64, next: (pick, at) }
     }
 
     /// The next pick.
@@ -353,7 +356,9 @@ impl PlainScan {
             all.truncate(piece, dims);
             all.shrink_if_sparse();
             owners.truncate(piece);
-            shrink_if_sparse(&mut owners);
+            if is_sparse(&owners) {
+                owners.shrink_to_fit();
+            }
         }
         let bests = cells.iter().map(Cell::best).collect();
         CoresetCells { dims, cells, bests, picks, margin }
@@ -742,11 +747,8 @@ mod tests {
     /// f32 path gives its bits.
     #[test]
     fn distances_equal_the_f32_sums_bit_for_bit() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut grid = || {
-            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            (((state >> 33) % 255) as i16 - 127) as i8
-        };
+        let mut next = integers(0x9e37_79b9_7f4a_7c15);
+        let mut grid = || ((next() % 255) as i16 - 127) as i8;
         for (dims, corner) in [(1, false), (2, false), (7, false), (128, false), (257, false), (258, true), (259, false), (1000, true)] {
             let blocks: Vec<Vec<i8>> = (0..BATCH).map(|_| (0..dims * GROUP).map(|_| grid()).collect()).collect();
             let center: Vec<f32> = (0..dims).map(|_| if corner { -127.0 } else { grid() as f32 }).collect();
