@@ -49,7 +49,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let done = |result: anyhow::Result<()>| result.map(|()| ExitCode::SUCCESS);
-    let result = match cli.command {
+    // A cap on the CPU's instructions that does not parse would silently run uncapped: refuse it first.
+    let result = anomaly_device::CpuIsa::requested().map_err(anyhow::Error::from).and_then(|_| match cli.command {
         Command::Demo(args) => done(commands::demo::run(args)),
         Command::Eda(args) => done(commands::eda::run(args)),
         Command::Fit(args) => done(commands::fit::run(args)),
@@ -60,7 +61,7 @@ fn main() -> ExitCode {
         Command::Features(args) => done(commands::features::run(args)),
         Command::Devices(args) => done(commands::devices::run(args)),
         Command::Bench(bench) => done(commands::bench::run(bench)),
-    };
+    });
     match result {
         Ok(code) => code,
         // The reader of standard output has all it wanted (`| head`): stop quietly.

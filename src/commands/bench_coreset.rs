@@ -118,10 +118,10 @@ pub fn run(args: CoresetArgs) -> Result<()> {
         KernelDevice::Wgpu => Some(GpuKernels::shared()?),
         KernelDevice::Cpu => None,
     };
-    let threads = rayon::current_num_threads();
+    let (threads, isa) = (rayon::current_num_threads(), anomaly_device::CpuIsa::active());
     let device = match &gpu {
-        Some(_) => format!("wgpu: {}; cpu: {threads} threads", anomaly_device::GpuContext::get()?.adapter),
-        None => format!("cpu: {threads} threads"),
+        Some(_) => format!("wgpu: {}; cpu: {threads} threads, {isa}", anomaly_device::GpuContext::get()?.adapter),
+        None => format!("cpu: {threads} threads, {isa}"),
     };
     if !args.json {
         note!(

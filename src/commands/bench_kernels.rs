@@ -25,7 +25,7 @@ impl KernelDevice {
     pub(crate) fn resolve(self) -> Result<(Option<GpuKernels>, String)> {
         Ok(match self {
             Self::Wgpu => (Some(GpuKernels::shared()?), format!("wgpu: {}", anomaly_device::GpuContext::get()?.adapter)),
-            Self::Cpu => (None, format!("cpu: {} threads", rayon::current_num_threads())),
+            Self::Cpu => (None, format!("cpu: {} threads, {}", rayon::current_num_threads(), anomaly_device::CpuIsa::active())),
         })
     }
 }

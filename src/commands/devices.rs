@@ -12,6 +12,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let adapters = anomaly_device::list_adapters();
     let auto = if anomaly_device::auto_picks_gpu(&adapters) { "wgpu" } else { "cpu" };
+    let (isa, detected) = (anomaly_device::CpuIsa::active(), anomaly_device::CpuIsa::detected());
     if args.json {
         let list: Vec<_> = adapters
             .iter()
@@ -21,7 +22,10 @@ pub fn run(args: Args) -> Result<()> {
                 })
             })
             .collect();
-        outln!("{}", serde_json::json!({ "adapters": list, "auto": auto }))?;
+        let cpu = serde_json::json!({
+            "threads": rayon::current_num_threads(), "isa": isa.as_str(), "detected_isa": detected.as_str()
+        });
+        outln!("{}", serde_json::json!({ "adapters": list, "auto": auto, "cpu": cpu }))?;
         return Ok(());
     }
     if adapters.is_empty() {
@@ -31,6 +35,8 @@ pub fn run(args: Args) -> Result<()> {
         let kind = if adapter.is_hardware { "GPU" } else { "software" };
         outln!("{adapter}  [{kind}]")?;
     }
+    let capped = if isa < detected { format!(" ({} caps this {detected} processor)", anomaly_device::CpuIsa::ENV) } else { String::new() };
+    outln!("cpu: {} threads, {isa} kernels{capped}", rayon::current_num_threads())?;
     match auto {
         "wgpu" => outln!("--device auto picks wgpu (a hardware adapter is present)")?,
         _ => outln!("--device auto picks cpu: no hardware GPU adapter; software Vulkan is slower than the CPU")?,

@@ -173,6 +173,46 @@ fn devices_lists_adapters_and_the_auto_choice() {
     let auto = report["auto"].as_str().unwrap();
     let has_hardware = report["adapters"].as_array().unwrap().iter().any(|a| a["hardware"] == true);
     assert_eq!(auto, if has_hardware { "wgpu" } else { "cpu" });
+    assert!(report["cpu"]["threads"].as_u64().unwrap() >= 1);
+    if std::env::var_os("ANOMALY_CPU_ISA").is_none() {
+        assert_eq!(report["cpu"]["isa"], report["cpu"]["detected_isa"], "no cap set");
+    }
+}
+
+/// `ANOMALY_CPU_ISA` caps our kernels (`devices` says so), the portable code gives the features the
+/// widest does (to float rounding: FMA against separate multiply-add), and a value it does not know
+/// fails before any work, naming the variable.
+#[test]
+fn the_cpu_isa_cap_is_reported_and_the_portable_kernels_agree() {
+    let with_isa = |isa: &str, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_anomaly")).env("ANOMALY_CPU_ISA", isa).args(args).output().unwrap()
+    };
+    let output = with_isa("baseline", &["devices", "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["cpu"]["isa"], "baseline");
+
+    let output = with_isa("sse9", &["devices"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("ANOMALY_CPU_ISA is 'sse9': use avx512, avx2 or baseline"), "{}", stderr(&output));
+
+    let dir = tempfile::tempdir().unwrap();
+    write_png(&dir.path().join("images/a.png"), 3);
+    write_png(&dir.path().join("images/b.png"), 7);
+    let weights = weights_dir();
+    let pooled = |isa: &str| {
+        let out = dir.path().join(format!("{isa}.safetensors"));
+        let data = dir.path().join("images");
+        let args = ["features", "--backbone", "efficientnet-lite0", "--device", "cpu", "--offline", "--weights-dir"];
+        let args = [&args[..], &[weights.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()]].concat();
+        let output = with_isa(isa, &args);
+        assert!(output.status.success(), "{}", stderr(&output));
+        read_safetensors(&out)["pooled"].values.clone()
+    };
+    let (widest, portable) = (pooled(""), pooled("baseline"));
+    let scale = widest.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = crate::common::max_abs_diff(&widest, &portable);
+    assert!(diff <= 1e-4 * scale, "portable kernels differ by {diff} (values up to {scale})");
 }
 
 /// A synthetic dataset written by the library, small enough for CI.

@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use burn::tensor::Device;
 use burn::tensor::wgpu::{WgpuSetup, wgpu};
@@ -70,6 +70,8 @@ pub enum DeviceError {
          (on Debian without a GPU: apt-get install mesa-vulkan-drivers), or use --device cpu"
     )]
     NoAdapter(String),
+    #[error("{var} is '{0}': use avx512, avx2 or baseline, or unset it to use all this processor has", var = CpuIsa::ENV)]
+    UnknownCpuIsa(String),
 }
 
 /// One graphics adapter as wgpu reports it.
@@ -99,17 +101,90 @@ impl fmt::Display for Adapter {
     }
 }
 
-/// Whether this processor has AVX-512F, which our CPU micro-kernels (the kNN's products, the backbones'
-/// convolutions) are written for; elsewhere they run portable code. Detected once (the standard library
-/// caches it).
-pub fn cpu_has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
+/// The widest vector instructions our own CPU kernels (the kNN's products, the coreset's distances, the
+/// backbones' convolutions) use, ordered so that `>=` reads "at least". The sgemm path (the `gemm`
+/// crate) and burn's CPU backend pick their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CpuIsa {
+    /// The build's baseline target (SSE2 on x86-64): the portable code.
+    Baseline,
+    /// AVX2 with FMA.
+    Avx2,
+    /// AVX-512F.
+    Avx512,
+}
+
+impl CpuIsa {
+    /// The environment variable that caps the instruction set, as FAISS's `FAISS_OPT_LEVEL` and
+    /// PyTorch's `ATEN_CPU_CAPABILITY` do theirs: to compare like with like, or to run the code another
+    /// processor would.
+    pub const ENV: &'static str = "ANOMALY_CPU_ISA";
+
+    const ALL: [Self; 3] = [Self::Baseline, Self::Avx2, Self::Avx512];
+
+    /// The name [`Self::ENV`] takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Baseline => "baseline",
+            Self::Avx2 => "avx2",
+            Self::Avx512 => "avx512",
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+
+    /// The widest this processor has.
+    pub fn detected() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Self::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                return Self::Avx2;
+            }
+        }
+        Self::Baseline
+    }
+
+    /// The cap set in [`Self::ENV`], if any; an error names the variable and the accepted values. The
+    /// binary checks it before any work, so that a typo fails rather than runs uncapped.
+    pub fn requested() -> Result<Option<Self>, DeviceError> {
+        match std::env::var(Self::ENV) {
+            Ok(value) if value.trim().is_empty() => Ok(None),
+            Ok(value) => value.parse().map(Some),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(value)) => Err(DeviceError::UnknownCpuIsa(value.to_string_lossy().into_owned())),
+        }
+    }
+
+    /// What the kernels run: [`Self::detected`], capped by [`Self::requested`] (a value it rejects
+    /// counts as no cap). Decided once per process.
+    pub fn active() -> Self {
+        static ACTIVE: OnceLock<CpuIsa> = OnceLock::new();
+        *ACTIVE.get_or_init(|| {
+            let detected = Self::detected();
+            Self::requested().ok().flatten().map_or(detected, |cap| cap.min(detected))
+        })
+    }
+}
+
+impl FromStr for CpuIsa {
+    type Err = DeviceError;
+
+    /// Case-insensitive; `avx-512` and `avx512f` are taken for `avx512`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let name = s.trim().to_ascii_lowercase().replace('-', "");
+        let name = if name == "avx512f" { "avx512" } else { &name };
+        Self::ALL.into_iter().find(|isa| isa.as_str() == name).ok_or_else(|| DeviceError::UnknownCpuIsa(s.into()))
+    }
+}
+
+impl fmt::Display for CpuIsa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Baseline => "baseline",
+            Self::Avx2 => "AVX2",
+            Self::Avx512 => "AVX-512",
+        })
     }
 }
 
@@ -284,5 +359,18 @@ mod tests {
         assert_eq!(<DeviceChoice as ValueEnum>::from_str("gpu", false), Ok(DeviceChoice::Wgpu));
         let error = "tpu".parse::<DeviceChoice>().unwrap_err().to_string();
         assert_eq!(error, "unknown device 'tpu': use auto, wgpu, cpu");
+    }
+
+    #[test]
+    fn cpu_isa_names_parse_back_and_caps_order_widest_last() {
+        for isa in CpuIsa::ALL {
+            assert_eq!(isa.as_str().to_uppercase().parse::<CpuIsa>().unwrap(), isa);
+        }
+        assert_eq!("AVX-512".parse::<CpuIsa>().unwrap(), CpuIsa::Avx512);
+        assert_eq!(" avx512f".parse::<CpuIsa>().unwrap(), CpuIsa::Avx512);
+        assert!(CpuIsa::Baseline < CpuIsa::Avx2 && CpuIsa::Avx2 < CpuIsa::Avx512);
+        assert!(CpuIsa::active() <= CpuIsa::detected());
+        let error = "sse9".parse::<CpuIsa>().unwrap_err().to_string();
+        assert_eq!(error, "ANOMALY_CPU_ISA is 'sse9': use avx512, avx2 or baseline, or unset it to use all this processor has");
     }
 }

@@ -551,13 +551,13 @@ pub mod peak {
     fn widest() -> (usize, Chains) {
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F, checked just above.
-                return (16, |n, m, c| unsafe { x86::avx512(n, m, c) });
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU has AVX2 and FMA, checked just above.
-                return (8, |n, m, c| unsafe { x86::avx2(n, m, c) });
+            use anomaly_device::CpuIsa;
+            match CpuIsa::active() {
+                // SAFETY: `active` is at most what the CPU has: AVX-512F here.
+                CpuIsa::Avx512 => return (16, |n, m, c| unsafe { x86::avx512(n, m, c) }),
+                // SAFETY: `active` is at most what the CPU has: AVX2 and FMA here.
+                CpuIsa::Avx2 => return (8, |n, m, c| unsafe { x86::avx2(n, m, c) }),
+                CpuIsa::Baseline => {}
             }
         }
         (8, portable)

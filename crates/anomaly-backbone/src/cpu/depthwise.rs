@@ -55,13 +55,13 @@ impl Depthwise {
     fn row(&self, window: &Window, image: &[f32], y: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
-            if anomaly_device::cpu_has_avx512() {
-                // SAFETY: AVX-512F was detected.
-                return unsafe { self.row_avx512(window, image, y, out) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: AVX2 was detected.
-                return unsafe { self.row_avx2(window, image, y, out) };
+            use anomaly_device::CpuIsa;
+            match CpuIsa::active() {
+                // SAFETY: `active` is at most what the CPU has: AVX-512F here.
+                CpuIsa::Avx512 => return unsafe { self.row_avx512(window, image, y, out) },
+                // SAFETY: `active` is at most what the CPU has: AVX2 here.
+                CpuIsa::Avx2 => return unsafe { self.row_avx2(window, image, y, out) },
+                CpuIsa::Baseline => {}
             }
         }
         self.row_portable(window, image, y, out);

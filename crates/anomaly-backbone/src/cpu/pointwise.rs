@@ -68,7 +68,7 @@ impl Pointwise {
     /// `weight`: `[outputs, inputs]` row-major (a `[outputs, inputs, 1, 1]` convolution's, or a k×k one's
     /// with its inputs in the order its unfolded patches have them).
     pub(crate) fn new(weight: &[f32], bias: &[f32], inputs: usize, outputs: usize, activation: Activation) -> Self {
-        Self::with_layout(weight, bias, inputs, outputs, activation, anomaly_device::cpu_has_avx512())
+        Self::with_layout(weight, bias, inputs, outputs, activation, anomaly_device::CpuIsa::active() >= anomaly_device::CpuIsa::Avx512)
     }
 
     /// [`Self::new`] for the AVX-512 micro-kernel (`tiles`) or for sgemm.

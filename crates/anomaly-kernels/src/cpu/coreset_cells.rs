@@ -513,7 +513,7 @@ const EXACT_DIMS: usize = 258;
 impl Center {
     fn new(coords: Vec<f32>) -> Self {
         #[cfg(target_arch = "x86_64")]
-        let pairs = (coords.len() <= EXACT_DIMS && std::arch::is_x86_feature_detected!("avx2")).then(|| {
+        let pairs = (coords.len() <= EXACT_DIMS && has_avx2()).then(|| {
             let half = |x: f32| x as i16 as u16 as u32;
             coords.chunks(2).map(|pair| (half(pair[0]) | half(pair.get(1).copied().unwrap_or(0.0)) << 16) as i32).collect()
         });
@@ -525,6 +525,13 @@ impl Center {
     fn coords(&self) -> &[f32] {
         &self.coords
     }
+}
+
+/// Whether the AVX2 paths may run: [`anomaly_device::CpuIsa::active`] is at least AVX2 (which implies
+/// the processor has it).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    anomaly_device::CpuIsa::active() >= anomaly_device::CpuIsa::Avx2
 }
 
 /// The f32 squared distances of `BATCH` blocks of `GROUP` points (each dimension by dimension) to
@@ -544,7 +551,7 @@ fn distances(blocks: [&[i8]; BATCH], center: &Center) -> [[f32; GROUP]; BATCH] {
             // SAFETY: `pairs` exist only where AVX2 was detected.
             return unsafe { x86::distances_in_pairs(blocks, pairs) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if has_avx2() {
             // SAFETY: AVX2 was detected.
             return unsafe { x86::distances_avx2(blocks, &center.coords) };
         }

@@ -38,18 +38,18 @@ pub struct Tiles<'a> {
 }
 
 impl Fused {
-    /// Every fused kernel this processor runs, the fastest first.
+    /// Every fused kernel this processor runs (up to [`anomaly_device::CpuIsa::active`]), the fastest
+    /// first.
     pub fn available() -> Vec<Self> {
         #[cfg(target_arch = "x86_64")]
         {
-            let mut kernels = Vec::new();
-            if anomaly_device::cpu_has_avx512() {
-                kernels.push(Self(Isa::Avx512));
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                kernels.push(Self(Isa::Avx2));
-            }
-            kernels
+            use anomaly_device::CpuIsa;
+            let isa = CpuIsa::active();
+            [(CpuIsa::Avx512, Isa::Avx512), (CpuIsa::Avx2, Isa::Avx2)]
+                .into_iter()
+                .filter(|(needs, _)| isa >= *needs)
+                .map(|(_, kernel)| Self(kernel))
+                .collect()
         }
         #[cfg(not(target_arch = "x86_64"))]
         Vec::new()
