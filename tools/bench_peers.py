@@ -14,12 +14,19 @@ every time as well. The data are Gaussian N(0, 1) float32 from a fixed seed (the
 uniform [-1, 1) data from its own seed: exact k-NN's cost does not depend on the values). ours/FAISS and ours/torch are time ratios (<1: ours
 is faster); ours/torch is against the faster of torch's variants for that k.
 
+--isa avx2 caps all three at AVX2, each through its own switches: ANOMALY_CPU_ISA for ours; FAISS's
+dispatch level (faiss.SIMDConfig; its flat search below 128,000 queries runs its own loops) and its
+OpenBLAS's OPENBLAS_CORETYPE=Haswell; for torch ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS and
+ONEDNN_MAX_CPU_ISA (cdist's product is MKL's sgemm). An AVX-512 processor then shows how each fares
+where only AVX2 is to be had. The header prints what each runs (FAISS's level, torch's capability,
+the binary's device line).
+
 Default sweep: issue 13's shapes (20k x 128 k1, 20k x 1024 k50, 100k x 128 k50, 100k x 1024 k1) plus
 d = 128 (PatchCore's projection) and d = 152 (Lite0's patch width) at k = 1 for 20k and 100k banks.
 
 Run from the repository root, with a Python that has torch and faiss-cpu:
     python tools/bench_peers.py --binary target/release/anomaly [--threads 2] [--repeats 5] \
-        [--shapes 20000x128:1,100000x1024:50] [--json peers.json]
+        [--shapes 20000x128:1,100000x1024:50] [--isa avx2] [--json peers.json]
 """
 import argparse
 import json
@@ -64,7 +71,8 @@ def ours_run(binary, n, d, ks, m, threads):
     for row in json.loads(out):
         if row["kernel"] == "cpu_knn":
             # The binary reports the thread count it ran with; refuse to compare otherwise.
-            assert row["device"] == f"cpu: {threads} threads", row["device"]
+            assert row["device"].startswith(f"cpu: {threads} threads, "), row["device"]
+            times["device"] = row["device"]
             times[row["k"]] = row["ms"]
     return times
 
@@ -77,13 +85,21 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--isa", choices=("avx2",),
+                        help="cap ours, FAISS and torch at this instruction set (default: each uses all it finds)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows and the settings as JSON")
     args = parser.parse_args()
+    if args.isa == "avx2":
+        # Before the libraries load: each reads its switch once.
+        os.environ.update(ANOMALY_CPU_ISA="avx2", OPENBLAS_CORETYPE="Haswell", ATEN_CPU_CAPABILITY="avx2",
+                          MKL_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
 
     # Both peers use OpenMP; pin them before any work so that all three run on the same thread count.
     import faiss
     import torch
     faiss.omp_set_num_threads(args.threads)
+    if args.isa == "avx2":
+        faiss.SIMDConfig.set_level(faiss.SIMDLevel_AVX2)
     torch.set_num_threads(args.threads)
 
     shapes = parse_shapes(args.shapes)
@@ -95,6 +111,7 @@ def main():
     rng = np.random.default_rng(args.seed)
     loadavg = open("/proc/loadavg").read().split()[:3]
     results = {}
+    ours_device = None
     for (n, d), ks in by_bank.items():
         bank = rng.standard_normal((n, d), dtype=np.float32)
         queries = rng.standard_normal((m, d), dtype=np.float32)
@@ -116,7 +133,9 @@ def main():
             # Rounds interleave the three (one binary run, then each peer once), so that load from
             # elsewhere on a shared machine lands on all of them alike rather than on one.
             for _ in range(args.repeats):
-                for k, ms in ours_run(args.binary, n, d, ks, m, args.threads).items():
+                ours = ours_run(args.binary, n, d, ks, m, args.threads)
+                ours_device = ours.pop("device")
+                for k, ms in ours.items():
                     times.setdefault((k, "ours"), []).append(ms)
                 for k in ks:
                     for name, work in peers[k]:
@@ -134,8 +153,11 @@ def main():
         del index, bank, queries, bank_t, queries_t
 
     rows = [results[s] for s in shapes]  # back in the order asked for
+    faiss_isa = faiss.SIMDConfig.get_level_name()
+    torch_isa = torch.backends.cpu.get_cpu_capability()
     print(f"m {m}, {args.threads} threads, median of {args.repeats}; loadavg at start {' '.join(loadavg)}; "
-          f"faiss {faiss.__version__}, torch {torch.__version__}")
+          f"faiss {faiss.__version__} ({faiss_isa}), torch {torch.__version__} ({torch_isa}); "
+          f"ours {ours_device}")
     print(f"{'n':>7} {'d':>5} {'k':>3} {'ours':>9} {'faiss':>9} {'torch topk':>10} {'torch min':>9} "
           f"{'ours/faiss':>10} {'ours/torch':>10}")
     for r in rows:
@@ -148,6 +170,8 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "repeats": args.repeats, "queries": m, "seed": args.seed,
                        "faiss": faiss.__version__, "torch": torch.__version__, "loadavg_start": loadavg,
+                       "isa": args.isa, "faiss_simd_level": faiss_isa, "torch_cpu_capability": torch_isa,
+                       "ours_device": ours_device,
                        "rows": rows}, f, indent=2)
 
 
