@@ -1,8 +1,8 @@
 //! The kNN's inner loop: squared distances of a block of queries to a bank block, each offered to the
-//! query's running selection only when below its current bound. Where the processor has AVX-512 (or AVX2
-//! with FMA, for rows of at most [`PASS_DIMS`]), a register-blocked micro-kernel of our own ([`tiles`])
-//! computes the products and the distances and compares them in registers, so no product matrix is
-//! written; elsewhere `gemm`'s sgemm fills a product block that is then scanned.
+//! query's running selection only when below its current bound. Where the processor has AVX-512 or AVX2
+//! with FMA, a register-blocked micro-kernel of our own ([`tiles`]) computes the products and the
+//! distances and compares them in registers, so no product matrix is written; elsewhere `gemm`'s sgemm
+//! fills a product block that is then scanned.
 //!
 //! The queries are packed once per block, a tile's rows interleaved value by value; each bank block is
 //! packed a tile of rows at a time the same way, so that both stream in order through the micro-kernel.
@@ -41,10 +41,9 @@ pub struct QueryBlock<'a> {
 }
 
 impl<'a> QueryBlock<'a> {
-    /// `queries`: `m × d`, row-major. Scans with the processor's fastest fused kernel where it suits rows
-    /// of `d`, else with sgemm.
+    /// `queries`: `m × d`, row-major. Scans with the processor's fastest fused kernel, else with sgemm.
     pub fn new(queries: &'a [f32], m: usize, d: usize) -> Self {
-        Self::with_kernel(queries, m, d, Fused::available().first().copied().filter(|kernel| kernel.suits(d)))
+        Self::with_kernel(queries, m, d, Fused::available().first().copied())
     }
 
     /// `new` with a chosen kernel (`None`: sgemm), so that tests run every one the processor has.
@@ -238,12 +237,12 @@ mod tests {
         }
     }
 
-    /// Each kernel's bank packing (AVX-512's in gathers) lays out tiles exactly as the plain one, padding
+    /// Each kernel's bank packing (AVX-512's in gathers, AVX2's in 8 × 8 transposes) lays out tiles exactly as the plain one, padding
     /// included, over what the buffer held before.
     #[test]
     fn kernels_bank_tiles_equal_the_plain_packing() {
         for kernel in Fused::available() {
-            for &(rows, d) in &[(1, 1), (15, 3), (16, 7), (17, 1), (32, 5), (33, 64), (70, 130)] {
+            for &(rows, d) in &[(1, 1), (15, 3), (16, 7), (17, 1), (32, 5), (33, 64), (48, 19), (70, 130)] {
                 let values: Vec<f32> = (0..rows * d).map(|i| i as f32 + 0.5).collect();
                 let (mut plain, mut packed) = (Vec::new(), vec![f32::NAN; 3]);
                 pack_into(&mut plain, &values, rows, d, kernel.tile_rows());

@@ -75,20 +75,6 @@ impl Fused {
         }
     }
 
-    /// Whether this kernel beats sgemm and a scan on rows of `d` dimensions. AVX-512's does at every
-    /// width measured (128–1024). AVX2's does while a row fits one pass (`bench kernels --device cpu`,
-    /// 20k × d, k 1, on a 2-core AMD EPYC, fastest run against fastest run: 13% faster at d = 128, 7% at
-    /// 256), but not beyond: level at 512 and 4% slower at 1024, where the product dominates and `gemm`'s
-    /// cache blocking wins.
-    pub fn suits(self, d: usize) -> bool {
-        match self.0 {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => true,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => d <= PASS_DIMS,
-        }
-    }
-
     /// Values of partial sums a query block of `m` keeps between passes over rows of `d` dimensions.
     pub fn partial_len(self, m: usize, d: usize) -> usize {
         if d > PASS_DIMS { m.div_ceil(self.tile_queries()) * self.tile_queries() * self.tile_rows() } else { 0 }
@@ -98,11 +84,12 @@ impl Fused {
     pub fn pack_bank(self, packed: &mut Vec<f32>, values: &[f32], rows: usize, d: usize) {
         assert!(values.len() >= rows * d, "{} values are fewer than {rows} rows of {d}", values.len());
         match self.0 {
-            // SAFETY: `Isa::Avx512` exists only where AVX-512F was detected; `values` holds the rows.
+            // SAFETY (both): each kernel exists only where its instructions were detected; `values` holds
+            // the rows (asserted above).
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => unsafe { x86::pack_bank_avx512(packed, values, rows, d) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => super::pack_into(packed, values, rows, d, self.tile_rows()),
+            Isa::Avx2 => unsafe { x86::pack_bank_avx2(packed, values, rows, d) },
         }
     }
 
@@ -396,6 +383,81 @@ mod x86 {
                     _mm512_storeu_ps(out.as_mut_ptr().add(16), second);
                 }
             }
+        }
+    }
+
+    /// [`super::super::pack_into`] of a bank block in tiles of 16 rows, eight dimensions of eight rows
+    /// at a time transposed in registers (8 loads, 24 shuffles, 8 stores); the last tile's missing rows
+    /// and the dimensions past the last multiple of 8 as the scalar packing does them.
+    ///
+    /// # Safety
+    /// AVX2 must be available, and `values` must hold `rows × d` values.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn pack_bank_avx2(packed: &mut Vec<f32>, values: &[f32], rows: usize, d: usize) {
+        const NR: usize = 16;
+        assert!(values.len() >= rows * d);
+        packed.clear();
+        packed.resize(rows.div_ceil(NR) * d * NR, 0.0);
+        let whole = d / 8 * 8;
+        for (t, tile) in packed.chunks_exact_mut(d * NR).enumerate() {
+            let rows_here = NR.min(rows - t * NR);
+            let source = &values[t * NR * d..][..rows_here * d];
+            let vectors = if rows_here == NR { whole } else { 0 };
+            for j in (0..vectors).step_by(8) {
+                for half in 0..2 {
+                    // SAFETY: rows `8·half..8·half + 8` of the tile exist and hold dimensions `j..j + 8`;
+                    // `tile` holds dimensions `j..j + 8` of its 16 rows.
+                    unsafe {
+                        let at = |r: usize| _mm256_loadu_ps(source.as_ptr().add((8 * half + r) * d + j));
+                        let columns = transpose8(std::array::from_fn(at));
+                        for (c, column) in columns.into_iter().enumerate() {
+                            _mm256_storeu_ps(tile.as_mut_ptr().add((j + c) * NR + 8 * half), column);
+                        }
+                    }
+                }
+            }
+            for (j, out) in tile.chunks_exact_mut(NR).enumerate().skip(vectors) {
+                for (r, slot) in out.iter_mut().enumerate().take(rows_here) {
+                    *slot = source[r * d + j];
+                }
+            }
+        }
+    }
+
+    /// The columns of an 8 × 8 block given by its rows.
+    #[inline(always)]
+    unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        unsafe {
+            let t = [
+                _mm256_unpacklo_ps(r[0], r[1]),
+                _mm256_unpackhi_ps(r[0], r[1]),
+                _mm256_unpacklo_ps(r[2], r[3]),
+                _mm256_unpackhi_ps(r[2], r[3]),
+                _mm256_unpacklo_ps(r[4], r[5]),
+                _mm256_unpackhi_ps(r[4], r[5]),
+                _mm256_unpacklo_ps(r[6], r[7]),
+                _mm256_unpackhi_ps(r[6], r[7]),
+            ];
+            let s = [
+                _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+                _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+                _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+                _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+                _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+                _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+                _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+                _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+            ];
+            [
+                _mm256_permute2f128_ps::<0x20>(s[0], s[4]),
+                _mm256_permute2f128_ps::<0x20>(s[1], s[5]),
+                _mm256_permute2f128_ps::<0x20>(s[2], s[6]),
+                _mm256_permute2f128_ps::<0x20>(s[3], s[7]),
+                _mm256_permute2f128_ps::<0x31>(s[0], s[4]),
+                _mm256_permute2f128_ps::<0x31>(s[1], s[5]),
+                _mm256_permute2f128_ps::<0x31>(s[2], s[6]),
+                _mm256_permute2f128_ps::<0x31>(s[3], s[7]),
+            ]
         }
     }
 
