@@ -184,9 +184,8 @@ fn devices_lists_adapters_and_the_auto_choice() {
 /// fails before any work, naming the variable.
 #[test]
 fn the_cpu_isa_cap_is_reported_and_the_portable_kernels_agree() {
-    let with_isa = |isa: &str, args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_anomaly")).env("ANOMALY_CPU_ISA", isa).args(args).output().unwrap()
-    };
+    let with_isa =
+        |isa: &str, args: &[&str]| Command::new(env!("CARGO_BIN_EXE_anomaly")).env("ANOMALY_CPU_ISA", isa).args(args).output().unwrap();
     let output = with_isa("baseline", &["devices", "--json"]);
     assert!(output.status.success(), "{}", stderr(&output));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
