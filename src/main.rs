@@ -15,7 +15,15 @@ use crate::output::{StdoutClosed, note};
 
 /// Industrial visual anomaly detection: ImageNet backbones, memory banks and GPU kernels, no Python.
 #[derive(Parser)]
-#[command(name = "anomaly", version, about, propagate_version = true)]
+#[command(
+    name = "anomaly",
+    version,
+    about,
+    propagate_version = true,
+    after_help = "Environment:\n  RAYON_NUM_THREADS  CPU threads (default: one per core)\n  \
+                  ANOMALY_CPU_ISA    cap our CPU kernels' vector instructions: avx512, avx2 or baseline \
+                  (default: all this processor has; `anomaly devices` shows which run)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -39,7 +47,7 @@ enum Command {
     FetchWeights(commands::fetch::Args),
     /// Run a backbone over images and save their features as safetensors.
     Features(commands::features::Args),
-    /// List the GPU adapters wgpu sees and say which one `--device auto` picks.
+    /// List the GPU adapters wgpu sees, say which one `--device auto` picks, and which CPU kernels run.
     Devices(commands::devices::Args),
     /// Measure throughput (benchmarks print figures; nothing is asserted).
     #[command(subcommand)]

@@ -180,8 +180,8 @@ fn devices_lists_adapters_and_the_auto_choice() {
 }
 
 /// `ANOMALY_CPU_ISA` caps our kernels (`devices` says so), the portable code gives the features the
-/// widest does (to float rounding: FMA against separate multiply-add), and a value it does not know
-/// fails before any work, naming the variable.
+/// widest does (to float rounding: FMA against separate multiply-add), `--help` names it, and a value it
+/// does not know fails before any work, naming the variable.
 #[test]
 fn the_cpu_isa_cap_is_reported_and_the_portable_kernels_agree() {
     let with_isa =
@@ -190,6 +190,9 @@ fn the_cpu_isa_cap_is_reported_and_the_portable_kernels_agree() {
     assert!(output.status.success(), "{}", stderr(&output));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["cpu"]["isa"], "baseline");
+
+    let output = with_isa("", &["--help"]);
+    assert!(String::from_utf8_lossy(&output.stdout).contains("ANOMALY_CPU_ISA    cap our CPU kernels"), "{}", stderr(&output));
 
     let output = with_isa("sse9", &["devices"]);
     assert!(!output.status.success());
