@@ -110,7 +110,7 @@ pub enum CpuIsa {
     Baseline,
     /// AVX2 with FMA.
     Avx2,
-    /// AVX-512F.
+    /// AVX-512F (with AVX2 and FMA).
     Avx512,
 }
 
@@ -135,10 +135,12 @@ impl CpuIsa {
     pub fn detected() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            // Every AVX-512 processor has AVX2 and FMA, which the AVX-512 kernels' helpers also use.
+            let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+            if avx2 && std::arch::is_x86_feature_detected!("avx512f") {
                 return Self::Avx512;
             }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if avx2 {
                 return Self::Avx2;
             }
         }

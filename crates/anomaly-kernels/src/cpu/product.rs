@@ -237,7 +237,7 @@ mod tests {
         }
     }
 
-    /// Each kernel's bank packing (AVX-512's in gathers, AVX2's in 8 × 8 transposes) lays out tiles exactly as the plain one, padding
+    /// Each kernel's bank packing (in 8 × 8 transposes) lays out tiles exactly as the plain one, padding
     /// included, over what the buffer held before.
     #[test]
     fn kernels_bank_tiles_equal_the_plain_packing() {

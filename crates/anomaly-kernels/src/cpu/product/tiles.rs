@@ -84,12 +84,12 @@ impl Fused {
     pub fn pack_bank(self, packed: &mut Vec<f32>, values: &[f32], rows: usize, d: usize) {
         assert!(values.len() >= rows * d, "{} values are fewer than {rows} rows of {d}", values.len());
         match self.0 {
-            // SAFETY (both): each kernel exists only where its instructions were detected; `values` holds
-            // the rows (asserted above).
+            // SAFETY (both): each kernel exists only where its instructions were detected, AVX2 among them
+            // (`CpuIsa::detected` counts AVX-512 only with AVX2); `values` holds the rows (asserted above).
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { x86::pack_bank_avx512(packed, values, rows, d) },
+            Isa::Avx512 => unsafe { x86::pack_bank_in_transposes::<32>(packed, values, rows, d) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { x86::pack_bank_avx2(packed, values, rows, d) },
+            Isa::Avx2 => unsafe { x86::pack_bank_in_transposes::<16>(packed, values, rows, d) },
         }
     }
 
@@ -352,49 +352,17 @@ mod x86 {
         |value, bound| _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(value, bound)) as u32
     );
 
-    /// [`super::super::pack_into`] of a bank block in tiles of 32 rows, a dimension at a time in two
-    /// masked gathers (16 rows `d` apart each) and two vector stores: the scalar packing's 32 loads and
-    /// stores per dimension were a seventh of a d = 1024 search.
-    ///
-    /// # Safety
-    /// AVX-512F must be available, and `values` must hold `rows × d` values.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn pack_bank_avx512(packed: &mut Vec<f32>, values: &[f32], rows: usize, d: usize) {
-        const NR: usize = 32;
-        let Ok(stride) = i32::try_from(15 * d) else {
-            return super::super::pack_into(packed, values, rows, d, NR);
-        };
-        debug_assert!(values.len() >= rows * d);
-        packed.clear();
-        packed.resize(rows.div_ceil(NR) * d * NR, 0.0);
-        let offsets =
-            _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(stride / 15));
-        for (t, tile) in packed.chunks_exact_mut(d * NR).enumerate() {
-            let rows_here = NR.min(rows - t * NR);
-            let (low, high) = (lane_mask(rows_here), lane_mask(rows_here.saturating_sub(16)));
-            let base = values.as_ptr().wrapping_add(t * NR * d);
-            for (j, out) in tile.chunks_exact_mut(NR).enumerate() {
-                // SAFETY: the masks leave only the tile's `rows_here` rows, whose dimension `j` lies within
-                // `values`; `out` holds 32 values.
-                unsafe {
-                    let first = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), low, offsets, base.wrapping_add(j));
-                    let second = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), high, offsets, base.wrapping_add(16 * d + j));
-                    _mm512_storeu_ps(out.as_mut_ptr(), first);
-                    _mm512_storeu_ps(out.as_mut_ptr().add(16), second);
-                }
-            }
-        }
-    }
-
-    /// [`super::super::pack_into`] of a bank block in tiles of 16 rows, eight dimensions of eight rows
-    /// at a time transposed in registers (8 loads, 24 shuffles, 8 stores); the last tile's missing rows
-    /// and the dimensions past the last multiple of 8 as the scalar packing does them.
+    /// [`super::super::pack_into`] of a bank block in tiles of `NR` rows (a multiple of 8), eight
+    /// dimensions of eight rows at a time transposed in registers (8 loads, 24 shuffles, 8 stores); the
+    /// last tile's missing rows and the dimensions past the last multiple of 8 as the scalar packing does
+    /// them. The scalar packing's `NR` loads and stores per dimension were a seventh of a d = 1024 search;
+    /// AVX-512's gathers, which replaced them there, were slower than these transposes on Zen 4 (medians
+    /// of five alternations 5–11% slower at four of five `bench kernels` shapes, level at 20k × 128).
     ///
     /// # Safety
     /// AVX2 must be available, and `values` must hold `rows × d` values.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn pack_bank_avx2(packed: &mut Vec<f32>, values: &[f32], rows: usize, d: usize) {
-        const NR: usize = 16;
+    pub unsafe fn pack_bank_in_transposes<const NR: usize>(packed: &mut Vec<f32>, values: &[f32], rows: usize, d: usize) {
         assert!(values.len() >= rows * d);
         packed.clear();
         packed.resize(rows.div_ceil(NR) * d * NR, 0.0);
@@ -404,7 +372,7 @@ mod x86 {
             let source = &values[t * NR * d..][..rows_here * d];
             let vectors = if rows_here == NR { whole } else { 0 };
             for j in (0..vectors).step_by(8) {
-                for half in 0..2 {
+                for half in 0..NR / 8 {
                     // SAFETY: rows `8·half..8·half + 8` of the tile exist and hold dimensions `j..j + 8`;
                     // `tile` holds dimensions `j..j + 8` of its 16 rows.
                     unsafe {
@@ -459,10 +427,5 @@ mod x86 {
                 _mm256_permute2f128_ps::<0x31>(s[3], s[7]),
             ]
         }
-    }
-
-    /// The first `lanes` (at most 16) lanes.
-    fn lane_mask(lanes: usize) -> u16 {
-        if lanes >= 16 { u16::MAX } else { (1u16 << lanes) - 1 }
     }
 }
