@@ -140,14 +140,29 @@ fn least_squared(query_norm: f32, dots: &[f32], norms: &[f32]) -> f32 {
 
 /// `rows × d` values in tiles of `tile` rows, `[tile][dimension][row]`, the last tile zero-padded.
 fn pack_into(packed: &mut Vec<f32>, values: &[f32], rows: usize, d: usize, tile: usize) {
+    pack_tiles(packed, values, rows, d, tile, |_, _| 0);
+}
+
+/// [`pack_into`], where `whole_tile` packs the leading dimensions of each tile that has all its rows
+/// (its `tile` rows of `source` into the tile's values) and returns how many; the rest, and the last
+/// tile if short, are packed here a value at a time.
+fn pack_tiles(
+    packed: &mut Vec<f32>,
+    values: &[f32],
+    rows: usize,
+    d: usize,
+    tile: usize,
+    mut whole_tile: impl FnMut(&mut [f32], &[f32]) -> usize,
+) {
     packed.clear();
     packed.resize(rows.div_ceil(tile) * d * tile, 0.0);
     for (t, tile_values) in packed.chunks_exact_mut(d * tile).enumerate() {
         let rows_here = tile.min(rows - t * tile);
         let source = &values[t * tile * d..][..rows_here * d];
+        let packed_dims = if rows_here == tile { whole_tile(tile_values, source) } else { 0 };
         // Written in order, read from the tile's rows side by side: each row's cache lines are read
         // whole over consecutive dimensions (a row-by-row loop scattered every write across the tile).
-        for (j, out) in tile_values.chunks_exact_mut(tile).enumerate() {
+        for (j, out) in tile_values.chunks_exact_mut(tile).enumerate().skip(packed_dims) {
             for (r, slot) in out.iter_mut().enumerate().take(rows_here) {
                 *slot = source[r * d + j];
             }

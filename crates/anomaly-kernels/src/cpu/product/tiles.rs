@@ -355,26 +355,22 @@ mod x86 {
     /// [`super::super::pack_into`] of a bank block in tiles of `NR` rows (a multiple of 8), eight
     /// dimensions of eight rows at a time transposed in registers (8 loads, 24 shuffles, 8 stores); the
     /// last tile's missing rows and the dimensions past the last multiple of 8 as the scalar packing does
-    /// them. The scalar packing's `NR` loads and stores per dimension were a seventh of a d = 1024 search;
-    /// AVX-512's gathers, which replaced them there, were slower than these transposes on Zen 4 (medians
-    /// of five alternations 5–11% slower at four of five `bench kernels` shapes, level at 20k × 128).
+    /// them ([`super::super::pack_tiles`]). The scalar packing's `NR` loads and stores per dimension were
+    /// a seventh of a d = 1024 search; AVX-512's gathers, which replaced them there, were slower than these
+    /// transposes on Zen 4 (medians of five alternations 5–11% slower at four of five `bench kernels`
+    /// shapes, level at 20k × 128).
     ///
     /// # Safety
-    /// AVX2 must be available, and `values` must hold `rows × d` values.
+    /// AVX2 must be available.
     #[target_feature(enable = "avx2")]
     pub unsafe fn pack_bank_in_transposes<const NR: usize>(packed: &mut Vec<f32>, values: &[f32], rows: usize, d: usize) {
-        assert!(values.len() >= rows * d);
-        packed.clear();
-        packed.resize(rows.div_ceil(NR) * d * NR, 0.0);
-        let whole = d / 8 * 8;
-        for (t, tile) in packed.chunks_exact_mut(d * NR).enumerate() {
-            let rows_here = NR.min(rows - t * NR);
-            let source = &values[t * NR * d..][..rows_here * d];
-            let vectors = if rows_here == NR { whole } else { 0 };
-            for j in (0..vectors).step_by(8) {
+        super::super::pack_tiles(packed, values, rows, d, NR, |tile, source| {
+            let whole = d / 8 * 8;
+            for j in (0..whole).step_by(8) {
                 for half in 0..NR / 8 {
-                    // SAFETY: rows `8·half..8·half + 8` of the tile exist and hold dimensions `j..j + 8`;
-                    // `tile` holds dimensions `j..j + 8` of its 16 rows.
+                    // SAFETY: AVX2 is enabled here (the closure inherits it); `source` holds the tile's
+                    // `NR` rows of `d` values, of which these read dimensions `j..j + 8` of rows
+                    // `8·half..8·half + 8`, and `tile` holds `d` dimensions of `NR` values.
                     unsafe {
                         let at = |r: usize| _mm256_loadu_ps(source.as_ptr().add((8 * half + r) * d + j));
                         let columns = transpose8(std::array::from_fn(at));
@@ -384,12 +380,8 @@ mod x86 {
                     }
                 }
             }
-            for (j, out) in tile.chunks_exact_mut(NR).enumerate().skip(vectors) {
-                for (r, slot) in out.iter_mut().enumerate().take(rows_here) {
-                    *slot = source[r * d + j];
-                }
-            }
-        }
+            whole
+        })
     }
 
     /// The columns of an 8 × 8 block given by its rows.
