@@ -4,8 +4,9 @@
 //! distances and compares them in registers, so no product matrix is written; elsewhere `gemm`'s sgemm
 //! fills a product block that is then scanned.
 //!
-//! The queries are packed once per block, a tile's rows interleaved value by value; each bank block is
-//! packed a tile of rows at a time the same way, so that both stream in order through the micro-kernel.
+//! The queries are packed once per block, a tile's rows interleaved value by value (pass by pass, where
+//! rows are wider than a pass); each bank block is packed a tile of rows at a time the same way, so that
+//! both stream in order through the micro-kernel.
 
 mod tiles;
 
@@ -31,7 +32,8 @@ pub struct QueryBlock<'a> {
     d: usize,
     /// The fused micro-kernel that computes the products, or `None` for sgemm.
     fused: Option<Fused>,
-    /// The queries in the kernel's tiles (zero-padded), `[tile][dimension][query]`; empty for sgemm.
+    /// The queries in the kernel's tiles (zero-padded), `[pass][tile][dimension][query]` ([`pack_queries`]);
+    /// empty for sgemm.
     packed: Vec<f32>,
     /// One bank block in the kernel's tiles (zero-padded), `[tile][dimension][row]`, or the block's
     /// products with the queries (sgemm).
@@ -51,7 +53,7 @@ impl<'a> QueryBlock<'a> {
         assert!(queries.len() >= m * d, "{} values are fewer than {m} queries of {d}", queries.len());
         let mut packed = Vec::new();
         if let Some(kernel) = fused {
-            pack_into(&mut packed, queries, m, d, kernel.tile_queries());
+            pack_queries(&mut packed, queries, m, d, kernel.tile_queries());
         }
         let partial = fused.map_or_else(Vec::new, |kernel| vec![0.0; kernel.partial_len(m, d)]);
         Self { queries, m, d, fused, packed, scratch: Vec::new(), partial }
@@ -138,12 +140,32 @@ fn least_squared(query_norm: f32, dots: &[f32], norms: &[f32]) -> f32 {
     least.iter().fold(f32::INFINITY, |a, &b| a.min(b))
 }
 
-/// `rows × d` values in tiles of `tile` rows, `[tile][dimension][row]`, the last tile zero-padded.
-fn pack_into(packed: &mut Vec<f32>, values: &[f32], rows: usize, d: usize, tile: usize) {
-    pack_tiles(packed, values, rows, d, tile, |_, _| 0);
+/// `rows × d` query values in tiles of `tile` rows, pass by pass: `[pass][tile][dimension][row]` (each
+/// pass [`PASS_DIMS`] dimensions, the last the rest), the last tile zero-padded. A pass over a bank tile
+/// then reads every query tile's values for it as one stream (a megabyte at 1024 queries), not a piece of
+/// each tile `d · tile` values apart: measured with AVX2 (Zen 4 capped) at 1000 × 20k × 1024, four
+/// alternations, 230–248 ms (median 240) against 228–274 (median 260); level at 100k rows and with
+/// AVX-512.
+fn pack_queries(packed: &mut Vec<f32>, values: &[f32], rows: usize, d: usize, tile: usize) {
+    let tiles = rows.div_ceil(tile);
+    packed.clear();
+    packed.resize(tiles * d * tile, 0.0);
+    for from in (0..d).step_by(PASS_DIMS) {
+        let to = d.min(from + PASS_DIMS);
+        let pass = &mut packed[from * tiles * tile..to * tiles * tile];
+        for (t, tile_values) in pass.chunks_exact_mut((to - from) * tile).enumerate() {
+            let rows_here = tile.min(rows - t * tile);
+            for (j, out) in tile_values.chunks_exact_mut(tile).enumerate() {
+                for (r, slot) in out.iter_mut().enumerate().take(rows_here) {
+                    *slot = values[(t * tile + r) * d + from + j];
+                }
+            }
+        }
+    }
 }
 
-/// [`pack_into`], where `whole_tile` packs the leading dimensions of each tile that has all its rows
+/// `rows × d` values in tiles of `tile` rows, `[tile][dimension][row]`, the last tile zero-padded, where
+/// `whole_tile` packs the leading dimensions of each tile that has all its rows
 /// (its `tile` rows of `source` into the tile's values) and returns how many; the rest, and the last
 /// tile if short, are packed here a value at a time.
 fn pack_tiles(
@@ -174,6 +196,11 @@ fn pack_tiles(
 mod tests {
     use super::*;
     use crate::cpu::fast::row_norms;
+
+    /// The plain packing, a value at a time, that the kernels' bank packings must equal.
+    fn pack_into(packed: &mut Vec<f32>, values: &[f32], rows: usize, d: usize, tile: usize) {
+        pack_tiles(packed, values, rows, d, tile, |_, _| 0);
+    }
 
     /// Every pair's squared distance, as offered with no bound.
     struct Everything {

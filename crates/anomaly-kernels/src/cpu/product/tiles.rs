@@ -23,7 +23,8 @@ enum Isa {
 }
 
 /// What a scan reads: a packed query block and bank block, `queries` holding `ceil(m / MR) × d × MR`
-/// values and `bank` `ceil(n / NR) × d × NR` for the kernel's `MR` ([`Fused::tile_queries`]) and `NR`
+/// values (`[pass][tile][dimension][query]`, `super::pack_queries`) and `bank` `ceil(n / NR) × d × NR`
+/// (`[tile][dimension][row]`) for the kernel's `MR` ([`Fused::tile_queries`]) and `NR`
 /// ([`Fused::tile_rows`]); the rows' squared norms (`m` and `n` values); and the number of the bank block's
 /// first row.
 pub struct Tiles<'a> {
@@ -167,11 +168,13 @@ unsafe fn scan_tiles<V: Lanes, const MR: usize>(tiles: &Tiles, partial: &mut [f3
         for pass in 0..passes {
             let (from, to) = (pass * PASS_DIMS, d.min((pass + 1) * PASS_DIMS));
             let last = pass + 1 == passes;
-            for (query_tile, a) in queries.chunks_exact(d * MR).enumerate() {
+            let query_tiles = m.div_ceil(MR);
+            let pass_queries = &queries[from * query_tiles * MR..to * query_tiles * MR];
+            for (query_tile, a) in pass_queries.chunks_exact((to - from) * MR).enumerate() {
                 let kept = partial.as_mut_ptr().wrapping_add(query_tile * MR * nr);
                 let sums = unsafe {
                     let start = if pass > 0 { load_tile::<V, MR>(kept) } else { [[V::zero(); 2]; MR] };
-                    tile_sums::<V, MR>(start, a.as_ptr().add(from * MR), b.as_ptr().add(from * nr), to - from)
+                    tile_sums::<V, MR>(start, a.as_ptr(), b.as_ptr().add(from * nr), to - from)
                 };
                 if !last {
                     unsafe { store_tile(kept, &sums) };
