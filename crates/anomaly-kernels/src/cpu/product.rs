@@ -154,12 +154,7 @@ fn pack_queries(packed: &mut Vec<f32>, values: &[f32], rows: usize, d: usize, ti
         let to = d.min(from + PASS_DIMS);
         let pass = &mut packed[from * tiles * tile..to * tiles * tile];
         for (t, tile_values) in pass.chunks_exact_mut((to - from) * tile).enumerate() {
-            let rows_here = tile.min(rows - t * tile);
-            for (j, out) in tile_values.chunks_exact_mut(tile).enumerate() {
-                for (r, slot) in out.iter_mut().enumerate().take(rows_here) {
-                    *slot = values[(t * tile + r) * d + from + j];
-                }
-            }
+            pack_values(tile_values, &values[t * tile * d + from..], d, tile, tile.min(rows - t * tile));
         }
     }
 }
@@ -182,12 +177,18 @@ fn pack_tiles(
         let rows_here = tile.min(rows - t * tile);
         let source = &values[t * tile * d..][..rows_here * d];
         let packed_dims = if rows_here == tile { whole_tile(tile_values, source) } else { 0 };
-        // Written in order, read from the tile's rows side by side: each row's cache lines are read
-        // whole over consecutive dimensions (a row-by-row loop scattered every write across the tile).
-        for (j, out) in tile_values.chunks_exact_mut(tile).enumerate().skip(packed_dims) {
-            for (r, slot) in out.iter_mut().enumerate().take(rows_here) {
-                *slot = source[r * d + j];
-            }
+        pack_values(&mut tile_values[packed_dims * tile..], &source[packed_dims..], d, tile, rows_here);
+    }
+}
+
+/// Packs `out` (`[dimension][row]`, `tile` values a dimension, as many dimensions as it holds) from
+/// `rows` rows of `source`, `d` values apart, each row starting at the first dimension to pack; a value
+/// at a time. Written in order, read from the rows side by side: each row's cache lines are read whole
+/// over consecutive dimensions (a row-by-row loop scattered every write across the tile).
+fn pack_values(out: &mut [f32], source: &[f32], d: usize, tile: usize, rows: usize) {
+    for (j, out) in out.chunks_exact_mut(tile).enumerate() {
+        for (r, slot) in out.iter_mut().enumerate().take(rows) {
+            *slot = source[r * d + j];
         }
     }
 }

@@ -152,7 +152,7 @@ type Tile<V, const MR: usize> = [[V; 2]; MR];
 unsafe fn scan_tiles<V: Lanes, const MR: usize>(tiles: &Tiles, partial: &mut [f32], candidates: &mut impl Candidates) {
     let &Tiles { queries, bank, m, n, d, query_norms, bank_norms, first } = tiles;
     let (width, nr) = (V::WIDTH, 2 * V::WIDTH);
-    let passes = d.div_ceil(PASS_DIMS);
+    let (passes, query_tiles) = (d.div_ceil(PASS_DIMS), m.div_ceil(MR));
     for (bank_tile, b) in bank.chunks_exact(d * nr).enumerate() {
         let first_column = bank_tile * nr;
         let columns = nr.min(n - first_column);
@@ -168,7 +168,6 @@ unsafe fn scan_tiles<V: Lanes, const MR: usize>(tiles: &Tiles, partial: &mut [f3
         for pass in 0..passes {
             let (from, to) = (pass * PASS_DIMS, d.min((pass + 1) * PASS_DIMS));
             let last = pass + 1 == passes;
-            let query_tiles = m.div_ceil(MR);
             let pass_queries = &queries[from * query_tiles * MR..to * query_tiles * MR];
             for (query_tile, a) in pass_queries.chunks_exact((to - from) * MR).enumerate() {
                 let kept = partial.as_mut_ptr().wrapping_add(query_tile * MR * nr);
