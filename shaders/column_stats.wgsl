@@ -10,6 +10,11 @@ struct Params {
     cols: u32,
     rows_per_chunk: u32,
     chunks: u32,
+    // Floats from one row's start to the next (the host's row_stride).
+    stride: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 // Invocations per workgroup, one column each: set by the host (column_stats.rs), which sizes the grid by it.
@@ -36,7 +41,7 @@ fn partial_stats(@builtin(global_invocation_id) id: vec3<u32>) {
     var mean = 0.0;
     var m2 = 0.0;
     for (var row = start; row < end; row++) {
-        let x = matrix[row * params.cols + col] - shift;
+        let x = matrix[row * params.stride + col] - shift;
         count += 1.0;
         let delta = x - mean;
         mean += delta / count;

@@ -1,4 +1,5 @@
-// Pairwise squared Euclidean distances between queries Q (m × d) and bank rows B (n × d), row-major:
+// Pairwise squared Euclidean distances between queries Q (m × d) and bank rows B (n × d), row-major
+// with rows `stride` floats apart:
 // D[i, j] = ‖q_i‖² + ‖b_j‖² − 2 q_i·b_j, clamped at 0. A tiled matrix product: each workgroup of
 // SIDE × SIDE invocations computes a TILE × TILE tile of D, each invocation 4 × 4 outputs in registers,
 // staging TILE × SIDE slices of Q and B in workgroup memory.
@@ -7,7 +8,8 @@ struct Params {
     m: u32,
     n: u32,
     d: u32,
-    _pad: u32,
+    // Floats from one row's start to the next, in the queries and the bank (the host's row_stride).
+    stride: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -52,10 +54,10 @@ fn distance_tiled(
             let k = k0 + load_k + t;
             if (k < params.d) {
                 if (row0 + load_row < params.m) {
-                    q[t] = queries[(row0 + load_row) * params.d + k];
+                    q[t] = queries[(row0 + load_row) * params.stride + k];
                 }
                 if (col0 + load_row < params.n) {
-                    b[t] = bank[(col0 + load_row) * params.d + k];
+                    b[t] = bank[(col0 + load_row) * params.stride + k];
                 }
             }
         }
@@ -103,7 +105,7 @@ fn distance_naive(@builtin(global_invocation_id) id: vec3<u32>) {
     }
     var sum = 0.0;
     for (var k = 0u; k < params.d; k++) {
-        let diff = queries[row * params.d + k] - bank[col * params.d + k];
+        let diff = queries[row * params.stride + k] - bank[col * params.stride + k];
         sum = fma(diff, diff, sum);
     }
     distances[row * params.n + col] = sum;

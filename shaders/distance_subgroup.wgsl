@@ -15,7 +15,8 @@ struct Params {
     m: u32,
     n: u32,
     d: u32,
-    _pad: u32,
+    // Floats from one row's start to the next, in the queries and the bank (the host's row_stride).
+    stride: u32,
 }
 
 // Invocations per subgroup (4, 8 or 16) and per workgroup (a multiple of SG): set by the host
@@ -102,12 +103,13 @@ fn distance_subgroup(
     let m = params.m;
     let n = params.n;
     let d = params.d;
+    let stride = params.stride;
     // Rows past the end are read clamped (every lane takes part in the broadcasts) and not stored.
     let col = (group.x * WG + local) * BANK_ROWS;
-    let rows = vec3<u32>(min(col, n - 1u), min(col + 1u, n - 1u), min(col + 2u, n - 1u)) * d;
+    let rows = vec3<u32>(min(col, n - 1u), min(col + 1u, n - 1u), min(col + 2u, n - 1u)) * stride;
     let row0 = group.y * QUERIES;
-    let q_lo = vec4<u32>(min(row0, m - 1u), min(row0 + 1u, m - 1u), min(row0 + 2u, m - 1u), min(row0 + 3u, m - 1u)) * d + lane;
-    let q_hi = vec4<u32>(min(row0 + 4u, m - 1u), min(row0 + 5u, m - 1u), min(row0 + 6u, m - 1u), min(row0 + 7u, m - 1u)) * d + lane;
+    let q_lo = vec4<u32>(min(row0, m - 1u), min(row0 + 1u, m - 1u), min(row0 + 2u, m - 1u), min(row0 + 3u, m - 1u)) * stride + lane;
+    let q_hi = vec4<u32>(min(row0 + 4u, m - 1u), min(row0 + 5u, m - 1u), min(row0 + 6u, m - 1u), min(row0 + 7u, m - 1u)) * stride + lane;
     sums_0_lo = vec4<f32>(0.0);
     sums_0_hi = vec4<f32>(0.0);
     sums_1_lo = vec4<f32>(0.0);

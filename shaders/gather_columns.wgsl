@@ -3,9 +3,10 @@
 
 struct Params {
     rows: u32,
-    cols: u32,
+    // Floats from one row's start to the next in `matrix` and in `gathered` (the host's row_stride).
+    stride: u32,
     selected: u32,
-    _pad: u32,
+    gathered_stride: u32,
 }
 
 // Invocations per workgroup, one selected column each: set by the host (gather_columns.rs).
@@ -25,6 +26,6 @@ fn gather_columns(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_wor
     let col = columns[j];
     // Rows past the dispatch limit are covered by striding over the grid's y extent.
     for (var row = id.y; row < params.rows; row += groups.y) {
-        gathered[row * params.selected + j] = matrix[row * params.cols + col];
+        gathered[row * params.gathered_stride + j] = matrix[row * params.stride + col];
     }
 }

@@ -6,7 +6,8 @@ struct Params {
     cols: u32,
     // Workgroups along x; rows past the per-dimension dispatch limit continue along y.
     groups_x: u32,
-    _pad: u32,
+    // Floats from one row's start to the next (the host's row_stride).
+    stride: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -21,7 +22,7 @@ fn row_norms(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_
     let row = group.x + group.y * params.groups_x;
     var sum = 0.0;
     if (row < params.rows) {
-        let base = row * params.cols;
+        let base = row * params.stride;
         for (var c = lane; c < params.cols; c += WIDTH) {
             let x = matrix[base + c];
             sum += x * x;

@@ -93,7 +93,7 @@ fn data(case: &Case, seed: u64) -> (Vec<f32>, Vec<f32>) {
     (queries, bank)
 }
 
-const CASES: [Case; 8] = [
+const CASES: [Case; 9] = [
     Case { name: "odd shapes", m: 37, n: 1001, d: 70, k: 9, scale: 1.0, offset: 0.0, duplicates: false },
     Case { name: "d = 1", m: 20, n: 300, d: 1, k: 5, scale: 1.0, offset: 0.0, duplicates: false },
     Case { name: "k = 1", m: 65, n: 129, d: 33, k: 1, scale: 1.0, offset: 0.0, duplicates: false },
@@ -102,6 +102,8 @@ const CASES: [Case; 8] = [
     Case { name: "duplicates", m: 40, n: 300, d: 24, k: 50, scale: 1.0, offset: 0.0, duplicates: true },
     Case { name: "nearest of duplicates", m: 40, n: 300, d: 24, k: 1, scale: 1.0, offset: 0.0, duplicates: true },
     Case { name: "large magnitudes", m: 30, n: 500, d: 40, k: 20, scale: 1000.0, offset: 3000.0, duplicates: false },
+    // Rows of 512 features lie 528 floats apart on the device.
+    Case { name: "padded rows", m: 19, n: 400, d: 512, k: 5, scale: 1.0, offset: 0.0, duplicates: false },
 ];
 
 #[test]
@@ -208,11 +210,13 @@ fn chunked_runs_equal_the_unchunked_run() {
 #[test]
 fn device_queries_give_the_neighbours_host_queries_give() {
     let shared = kernels();
-    // A width of 13 and one of 12 (a partial last step of the subgroup shader, and none), with the
+    // A width of 13 and one of 12 (a partial last step of the subgroup shader, and none), with exact
+    // ties, and one of 256 (rows stored with a pad after each; without ties, as the rounding of
+    // ‖q‖² + ‖b‖² − 2 q·b at that width passes the check's floor at an exact zero), with the
     // device's limits and with 16 KiB bindings and uploads: queries in three chunks (host queries in three
     // uploads), blocks of a few rows, a chunked bank.
-    for (seed, d) in [(31, 13), (32, 12)] {
-        let case = Case { name: "device queries", m: 700, n: 900, d, k: 7, scale: 1.0, offset: 0.0, duplicates: true };
+    for (seed, d, duplicates) in [(31, 13, true), (32, 12, true), (33, 256, false)] {
+        let case = Case { name: "device queries", m: 700, n: 900, d, k: 7, scale: 1.0, offset: 0.0, duplicates };
         let (queries, bank) = data(&case, seed);
         for kernel in [DistanceKernel::Tiled, DistanceKernel::Subgroup] {
             let mut results = Vec::new();
@@ -241,7 +245,7 @@ fn column_statistics_match_the_reference() {
     let kernels = kernels();
     let mut rng = Rng::new(5);
     for (rows, cols, offset, scale) in
-        [(1, 1, 0.0, 1.0), (37, 1, 0.0, 1.0), (1000, 65, 0.0, 1.0), (3001, 130, 0.0, 2.0), (500, 40, 10_000.0, 1.0)]
+        [(1, 1, 0.0, 1.0), (37, 1, 0.0, 1.0), (1000, 65, 0.0, 1.0), (3001, 130, 0.0, 2.0), (500, 40, 10_000.0, 1.0), (300, 256, 0.0, 1.0)]
     {
         let matrix = rng.normals(rows * cols, offset, scale);
         let exact = reference::column_stats(&matrix, rows, cols);
@@ -278,6 +282,25 @@ fn selected_columns_are_gathered_exactly() {
 }
 
 #[test]
+fn padded_rows_are_gathered_and_read_back_exactly() {
+    // 256 and 512 columns are stored with a pad after each row; 300 and 12 without.
+    let kernels = kernels();
+    let small = GpuKernels::shared().unwrap().with_limits(small_limits(&kernels, 16 * 1024));
+    let mut rng = Rng::new(10);
+    for (rows, cols, selected) in [(70, 512, 256), (50, 256, 12), (40, 300, 256)] {
+        let matrix = rng.normals(rows * cols, 0.0, 1.0);
+        let columns: Vec<u32> = (0..selected as u32).map(|j| (j * 7 + 3) % cols as u32).collect();
+        for kernels in [&kernels, &small] {
+            let uploaded = kernels.upload(&matrix, rows, cols).unwrap();
+            assert_eq!(kernels.download(&uploaded).unwrap(), matrix, "{rows} × {cols} read back");
+            let gathered = kernels.download(&kernels.gather_columns(&uploaded, &columns).unwrap()).unwrap();
+            let expected: Vec<f32> = matrix.chunks_exact(cols).flat_map(|row| columns.iter().map(move |&c| row[c as usize])).collect();
+            assert_eq!(gathered, expected, "{rows} × {cols}, {selected} columns gathered");
+        }
+    }
+}
+
+#[test]
 fn software_vulkan_adapters_run_the_subgroup_shader() {
     let kernels = kernels();
     let adapter = &anomaly_device::GpuContext::get().unwrap().adapter;
@@ -293,23 +316,25 @@ fn software_vulkan_adapters_run_the_subgroup_shader() {
 fn every_distance_shader_agrees_with_the_reference() {
     let kernels = kernels();
     let mut rng = Rng::new(3);
-    let (m, n, d) = (67, 131, 45);
-    let queries = rng.normals(m * d, 0.0, 1.0);
-    let bank = rng.normals(n * d, 0.0, 1.0);
-    let exact = reference::squared_distances(&queries, &bank, d);
-    let floor = floor_of(&queries, d);
-    let (q, b) = (kernels.upload(&queries, m, d).unwrap(), kernels.upload(&bank, n, d).unwrap());
-    let mut shaders = vec![DistanceKernel::Tiled, DistanceKernel::Naive];
-    if kernels.has_subgroup_kernel() {
-        shaders.push(DistanceKernel::Subgroup);
-    } else {
-        eprintln!("skipping the subgroup shader: this adapter has no fixed subgroup size of 4, 8 or 16");
-        assert!(kernels.distance_matrix(&q, &b, DistanceKernel::Subgroup).is_err());
-    }
-    for kernel in shaders {
-        let (ours, _) = kernels.distance_matrix(&q, &b, kernel).unwrap();
-        for (o, e) in ours.iter().zip(&exact) {
-            assert!(close(*o as f64, *e, floor, 1e-4), "{kernel:?}: {o} vs {e}");
+    // 45 features, and 256 (rows stored with a pad after each).
+    for (m, n, d) in [(67, 131, 45), (35, 70, 256)] {
+        let queries = rng.normals(m * d, 0.0, 1.0);
+        let bank = rng.normals(n * d, 0.0, 1.0);
+        let exact = reference::squared_distances(&queries, &bank, d);
+        let floor = floor_of(&queries, d);
+        let (q, b) = (kernels.upload(&queries, m, d).unwrap(), kernels.upload(&bank, n, d).unwrap());
+        let mut shaders = vec![DistanceKernel::Tiled, DistanceKernel::Naive];
+        if kernels.has_subgroup_kernel() {
+            shaders.push(DistanceKernel::Subgroup);
+        } else {
+            eprintln!("skipping the subgroup shader: this adapter has no fixed subgroup size of 4, 8 or 16");
+            assert!(kernels.distance_matrix(&q, &b, DistanceKernel::Subgroup).is_err());
+        }
+        for kernel in shaders {
+            let (ours, _) = kernels.distance_matrix(&q, &b, kernel).unwrap();
+            for (o, e) in ours.iter().zip(&exact) {
+                assert!(close(*o as f64, *e, floor, 1e-4), "{kernel:?} d {d}: {o} vs {e}");
+            }
         }
     }
 }

@@ -21,6 +21,11 @@ struct Params {
     cols: u32,
     rows_per_chunk: u32,
     chunks: u32,
+    /// Floats from one row's start to the next.
+    stride: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 pub(crate) struct ColumnStatsKernel {
@@ -58,6 +63,10 @@ impl GpuKernels {
                 cols: cols as u32,
                 rows_per_chunk: rows_per_piece as u32,
                 chunks: pieces as u32,
+                stride: matrix.stride as u32,
+                _pad0: 0,
+                _pad1: 0,
+                _pad2: 0,
             });
             let partials = gpu.storage(pieces * cols * 16, "partial stats");
             let result = gpu.storage(cols * 16, "merged stats");
@@ -105,6 +114,10 @@ mod tests {
 
     #[test]
     fn params_match_the_shader() {
-        assert_layout!(super::Params { rows, cols, rows_per_chunk, chunks }, include_str!("../../../shaders/column_stats.wgsl"), 16);
+        assert_layout!(
+            super::Params { rows, cols, rows_per_chunk, chunks, stride, _pad0, _pad1, _pad2 },
+            include_str!("../../../shaders/column_stats.wgsl"),
+            32
+        );
     }
 }

@@ -34,6 +34,8 @@ pub enum KernelError {
     Device(#[from] anomaly_device::DeviceError),
     #[error("reading results back from the GPU failed: {0}")]
     Readback(String),
+    #[error("writing a matrix to the GPU failed: {0}")]
+    Upload(String),
     #[error("the coreset ratio {0} is out of range: it must be above 0 and at most 1")]
     InvalidRatio(f64),
     #[error("the features hold a value that is not a finite number (row {row}, column {column})")]
@@ -72,11 +74,24 @@ impl KernelLimits {
 /// Most bank rows per chunk: one chunk's distances for a block of queries fit comfortably in a binding.
 const MAX_CHUNK_ROWS: usize = 32 * 1024;
 
+/// Floats from one row's start to the next on the device: `cols`, plus one cache line where a row is a
+/// multiple of 1 KiB. Rows 4 KiB apart (1024 features) all start in the same set of a CPU's 8-way L1
+/// cache, so a software adapter (llvmpipe), whose SIMD lanes each read their own bank rows, evicts the
+/// lines it has just loaded: on llvmpipe the subgroup distance shader took 674–695 ms for 1000 × 4096 ×
+/// 1024 with rows 4 KiB apart and 496–529 ms with the pad. A row is then an odd number of cache lines,
+/// so any 64 consecutive rows start in 64 different sets. No kernel reads the pad.
+pub(crate) fn row_stride(cols: usize) -> usize {
+    if cols.is_multiple_of(256) { cols + 16 } else { cols }
+}
+
 /// A matrix on the GPU, stored as row chunks that each fit one binding, with squared row norms (which
-/// the distance kernels need on both sides, so they are computed once, where the matrix is made).
+/// the distance kernels need on both sides, so they are computed once, where the matrix is made). Rows
+/// lie [`row_stride`] floats apart.
 pub struct GpuMatrix {
     pub rows: usize,
     pub cols: usize,
+    /// Floats from one row's start to the next: [`row_stride`] of `cols`.
+    pub(crate) stride: usize,
     pub(crate) chunks: Vec<MatrixChunk>,
 }
 
@@ -201,29 +216,51 @@ impl GpuKernels {
         if rows == 0 || cols == 0 || values.len() != rows * cols {
             return Err(KernelError::Shape(format!("a {rows} × {cols} matrix needs {} values, got {}", rows * cols, values.len())));
         }
+        let stride = row_stride(cols);
         let chunk_rows = self.gpu.rows_per_chunk(cols)?;
         let mut chunks = Vec::new();
         let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
         for start in (0..rows).step_by(chunk_rows) {
             let count = chunk_rows.min(rows - start);
-            let values = self.gpu.device.create_buffer_init(&BufferInitDescriptor {
-                label: Some("matrix chunk"),
-                contents: bytemuck::cast_slice(&values[start * cols..(start + count) * cols]),
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-            });
+            let chunk_values = &values[start * cols..(start + count) * cols];
+            let values = if stride == cols {
+                self.gpu.device.create_buffer_init(&BufferInitDescriptor {
+                    label: Some("matrix chunk"),
+                    contents: bytemuck::cast_slice(chunk_values),
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                })
+            } else {
+                let buffer = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("matrix chunk"),
+                    size: (count * stride * 4) as u64,
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: true,
+                });
+                {
+                    let mut mapped = buffer.get_mapped_range_mut(..).map_err(|e| KernelError::Upload(e.to_string()))?;
+                    // The pads stay as the mapping starts them: zero.
+                    for (row, from) in chunk_values.chunks_exact(cols).enumerate() {
+                        let at = row * stride * 4;
+                        mapped.slice(at..at + cols * 4).copy_from_slice(bytemuck::cast_slice(from));
+                    }
+                }
+                buffer.unmap();
+                buffer
+            };
             let norms = self.gpu.storage(count * 4, "row norms");
             self.norms.encode(&self.gpu, &mut encoder, &values, &norms, count, cols);
             chunks.push(MatrixChunk { start, rows: count, values, norms });
         }
         self.gpu.queue.submit([encoder.finish()]);
-        Ok(GpuMatrix { rows, cols, chunks })
+        Ok(GpuMatrix { rows, cols, stride, chunks })
     }
 
     /// Reads a matrix back to the host, row-major.
     pub fn download(&self, matrix: &GpuMatrix) -> Result<Vec<f32>, KernelError> {
-        let sources: Vec<(&wgpu::Buffer, u64)> = matrix.chunks.iter().map(|c| (&c.values, (c.rows * matrix.cols * 4) as u64)).collect();
+        let sources: Vec<(&wgpu::Buffer, u64)> = matrix.chunks.iter().map(|c| (&c.values, (c.rows * matrix.stride * 4) as u64)).collect();
         let parts = self.gpu.read_back(self.gpu.device.create_command_encoder(&Default::default()), &sources)?;
-        Ok(parts.iter().flat_map(|bytes| bytemuck::cast_slice::<u8, f32>(bytes).iter().copied()).collect())
+        let rows = parts.iter().flat_map(|bytes| bytemuck::cast_slice::<u8, f32>(bytes).chunks_exact(matrix.stride));
+        Ok(rows.flat_map(|row| row[..matrix.cols].iter().copied()).collect())
     }
 }
 
@@ -295,7 +332,7 @@ pub(crate) fn shader_module(device: &wgpu::Device, label: &str, source: &'static
 impl Gpu {
     /// Rows per chunk of a matrix `cols` wide: as many as one binding holds, at most `MAX_CHUNK_ROWS`.
     pub fn rows_per_chunk(&self, cols: usize) -> Result<usize, KernelError> {
-        let row_bytes = cols as u64 * 4;
+        let row_bytes = row_stride(cols) as u64 * 4;
         if row_bytes > self.limits.max_binding_bytes {
             return Err(KernelError::RowTooLarge { cols, bytes: row_bytes, limit: self.limits.max_binding_bytes });
         }

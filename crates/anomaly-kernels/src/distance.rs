@@ -5,7 +5,7 @@
 use burn::tensor::wgpu::wgpu;
 use bytemuck::{Pod, Zeroable};
 
-use crate::context::{GpuKernels, GpuMatrix, Kernel, KernelError, MatrixChunk, Slot, shader_module};
+use crate::context::{GpuKernels, GpuMatrix, Kernel, KernelError, MatrixChunk, Slot, row_stride, shader_module};
 use crate::knn::MAX_QUERY_BLOCK;
 
 /// Invocations per workgroup side (the shader's `SIDE`) of both shaders.
@@ -38,7 +38,8 @@ pub(crate) struct Params {
     pub m: u32,
     pub n: u32,
     pub d: u32,
-    pub _pad: u32,
+    /// Floats from one row's start to the next, in the queries and the bank.
+    pub stride: u32,
 }
 
 /// The two entry points of `distance.wgsl`.
@@ -65,7 +66,7 @@ pub(crate) struct QueryBlock {
     pub d: usize,
     pub kernel: DistanceKernel,
     pub norms: wgpu::Buffer,
-    /// `rows × d`, row-major.
+    /// `rows × d`, row-major, rows [`row_stride`] of `d` apart (as in the bank's chunks).
     pub values: wgpu::Buffer,
 }
 
@@ -83,8 +84,9 @@ impl GpuKernels {
     ) -> QueryBlock {
         let norms = self.gpu.storage(rows * 4, "query norms");
         encoder.copy_buffer_to_buffer(&chunk.norms, (first * 4) as u64, &norms, 0, (rows * 4) as u64);
-        let values = self.gpu.storage(rows * d * 4, "queries");
-        encoder.copy_buffer_to_buffer(&chunk.values, (first * d * 4) as u64, &values, 0, (rows * d * 4) as u64);
+        let stride = row_stride(d);
+        let values = self.gpu.storage(rows * stride * 4, "queries");
+        encoder.copy_buffer_to_buffer(&chunk.values, (first * stride * 4) as u64, &values, 0, (rows * stride * 4) as u64);
         QueryBlock { rows, d, kernel, norms, values }
     }
 
@@ -104,7 +106,7 @@ impl GpuKernels {
             (DistanceKernel::Naive, _) => (&self.distance.naive, SIDE),
             (DistanceKernel::Tiled, _) => (&self.distance.tiled, TILE),
         };
-        let params = gpu.uniform(&Params { m: m as u32, n: n as u32, d: queries.d as u32, _pad: 0 });
+        let params = gpu.uniform(&Params { m: m as u32, n: n as u32, d: queries.d as u32, stride: row_stride(queries.d) as u32 });
         let buffers = [&params, &queries.values, &chunk.values, &queries.norms, &chunk.norms, out];
         let groups = (n.div_ceil(outputs_per_group as usize) as u32, m.div_ceil(outputs_per_group as usize) as u32);
         gpu.dispatch(pass, shader, &buffers, groups);
@@ -145,6 +147,6 @@ mod tests {
 
     #[test]
     fn params_match_the_shader() {
-        assert_layout!(super::Params { m, n, d, _pad }, include_str!("../../../shaders/distance.wgsl"), 16);
+        assert_layout!(super::Params { m, n, d, stride }, include_str!("../../../shaders/distance.wgsl"), 16);
     }
 }

@@ -5,7 +5,7 @@
 
 use burn::tensor::wgpu::wgpu;
 
-use crate::context::{Gpu, Kernel, KernelError, MatrixChunk, Slot, shader_module};
+use crate::context::{Gpu, Kernel, KernelError, MatrixChunk, Slot, row_stride, shader_module};
 // The shader's `Params` are the tiled shader's (a test checks both layouts).
 use crate::distance::{Params, QueryBlock};
 
@@ -55,7 +55,7 @@ impl SubgroupShader {
         let n = chunk.rows;
         let (x, _) = gpu.groups_1d(n.div_ceil(BANK_ROWS as usize), WORKGROUP)?;
         let (m, d) = (queries.rows, queries.d);
-        let params = gpu.uniform(&Params { m: m as u32, n: n as u32, d: d as u32, _pad: 0 });
+        let params = gpu.uniform(&Params { m: m as u32, n: n as u32, d: d as u32, stride: row_stride(d) as u32 });
         let buffers = [&params, &queries.values, &chunk.values, &queries.norms, &chunk.norms, out];
         gpu.dispatch(pass, &self.0, &buffers, (x, m.div_ceil(QUERIES) as u32));
         Ok(())
@@ -71,7 +71,7 @@ mod tests {
 
     #[test]
     fn params_match_the_shader() {
-        assert_layout!(Params { m, n, d, _pad }, SOURCE, 16);
+        assert_layout!(Params { m, n, d, stride }, SOURCE, 16);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use burn::tensor::wgpu::wgpu;
 use bytemuck::{Pod, Zeroable};
 use wgpu::util::{BufferInitDescriptor, DeviceExt};
 
-use crate::context::{GpuKernels, GpuMatrix, Kernel, KernelError, MatrixChunk, Slot, shader_module};
+use crate::context::{GpuKernels, GpuMatrix, Kernel, KernelError, MatrixChunk, Slot, row_stride, shader_module};
 
 /// Invocations per workgroup (the shader's `WG`), one selected column each.
 const WORKGROUP: u32 = 64;
@@ -15,9 +15,10 @@ const WORKGROUP: u32 = 64;
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
 struct Params {
     rows: u32,
-    cols: u32,
+    /// Floats from one row's start to the next in the source matrix and in the gathered one.
+    stride: u32,
     selected: u32,
-    _pad: u32,
+    gathered_stride: u32,
 }
 
 pub(crate) struct GatherKernel(Kernel);
@@ -38,6 +39,7 @@ impl GpuKernels {
             return Err(KernelError::Shape(format!("column selection out of range for {} columns", matrix.cols)));
         }
         let selected = columns.len();
+        let gathered_stride = row_stride(selected);
         let index = gpu.device.create_buffer_init(&BufferInitDescriptor {
             label: Some("selected columns"),
             contents: bytemuck::cast_slice(columns),
@@ -46,8 +48,13 @@ impl GpuKernels {
         let mut encoder = gpu.device.create_command_encoder(&Default::default());
         let mut chunks = Vec::new();
         for chunk in &matrix.chunks {
-            let params = gpu.uniform(&Params { rows: chunk.rows as u32, cols: matrix.cols as u32, selected: selected as u32, _pad: 0 });
-            let values = gpu.storage(chunk.rows * selected * 4, "gathered chunk");
+            let params = gpu.uniform(&Params {
+                rows: chunk.rows as u32,
+                stride: matrix.stride as u32,
+                selected: selected as u32,
+                gathered_stride: gathered_stride as u32,
+            });
+            let values = gpu.storage(chunk.rows * gathered_stride * 4, "gathered chunk");
             let norms = gpu.storage(chunk.rows * 4, "row norms");
             // Rows past the dispatch limit are covered by the shader striding over the grid's y extent.
             let groups = (gpu.groups_1d(selected, WORKGROUP)?.0, (chunk.rows as u32).min(gpu.limits.max_workgroups));
@@ -58,7 +65,7 @@ impl GpuKernels {
             chunks.push(MatrixChunk { start: chunk.start, rows: chunk.rows, values, norms });
         }
         gpu.queue.submit([encoder.finish()]);
-        Ok(GpuMatrix { rows: matrix.rows, cols: selected, chunks })
+        Ok(GpuMatrix { rows: matrix.rows, cols: selected, stride: gathered_stride, chunks })
     }
 }
 
@@ -68,6 +75,6 @@ mod tests {
 
     #[test]
     fn params_match_the_shader() {
-        assert_layout!(super::Params { rows, cols, selected, _pad }, include_str!("../../../shaders/gather_columns.wgsl"), 16);
+        assert_layout!(super::Params { rows, stride, selected, gathered_stride }, include_str!("../../../shaders/gather_columns.wgsl"), 16);
     }
 }

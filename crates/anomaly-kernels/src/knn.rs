@@ -3,7 +3,7 @@
 //! running best, so at most one chunk's distances exist at a time.
 
 use crate::Neighbours;
-use crate::context::{GpuKernels, GpuMatrix, KernelError};
+use crate::context::{GpuKernels, GpuMatrix, KernelError, row_stride};
 use crate::topk::{MAX_K, RunningBest};
 
 /// Most queries per block (one top-k workgroup each).
@@ -23,7 +23,13 @@ impl GpuKernels {
         }
         let width = bank.chunks.iter().map(|c| c.rows).max().unwrap_or(1);
         let binding_rows = |row_bytes: usize| (gpu.limits.max_binding_bytes / row_bytes as u64) as usize;
-        let block = queries.rows.min(MAX_QUERY_BLOCK).min(binding_rows(width * 4)).min(binding_rows(d * 4)).min(binding_rows(k * 4)).max(1);
+        let block = queries
+            .rows
+            .min(MAX_QUERY_BLOCK)
+            .min(binding_rows(width * 4))
+            .min(binding_rows(row_stride(d) * 4))
+            .min(binding_rows(k * 4))
+            .max(1);
         let kernel = self.distance_kernel();
         let distances = gpu.storage(block * width * 4, "distances");
         let mut best = RunningBest::new(gpu, block, k);

@@ -5,7 +5,7 @@
 use burn::tensor::wgpu::wgpu;
 use bytemuck::{Pod, Zeroable};
 
-use crate::context::{Gpu, Kernel, Slot, shader_module};
+use crate::context::{Gpu, Kernel, Slot, row_stride, shader_module};
 
 /// The shader's `Params`.
 #[repr(C)]
@@ -15,7 +15,8 @@ struct Params {
     cols: u32,
     /// Workgroups along x; rows past the per-dimension dispatch limit continue along y.
     groups_x: u32,
-    _pad: u32,
+    /// Floats from one row's start to the next.
+    stride: u32,
 }
 
 pub(crate) struct RowNormsKernel(Kernel);
@@ -26,7 +27,8 @@ impl RowNormsKernel {
         Self(Kernel::new(device, &module, "row_norms", &[Slot::Uniform, Slot::Read, Slot::Write], &[]))
     }
 
-    /// Encodes the squared norms of the `rows × cols` matrix in `values` into `norms`.
+    /// Encodes the squared norms of the `rows × cols` matrix in `values` (rows [`row_stride`] apart)
+    /// into `norms`.
     pub fn encode(
         &self,
         gpu: &Gpu,
@@ -37,7 +39,7 @@ impl RowNormsKernel {
         cols: usize,
     ) {
         let (x, y) = gpu.row_groups(rows);
-        let params = gpu.uniform(&Params { rows: rows as u32, cols: cols as u32, groups_x: x, _pad: 0 });
+        let params = gpu.uniform(&Params { rows: rows as u32, cols: cols as u32, groups_x: x, stride: row_stride(cols) as u32 });
         let mut pass = encoder.begin_compute_pass(&Default::default());
         gpu.dispatch(&mut pass, &self.0, &[&params, values, norms], (x, y));
     }
@@ -49,6 +51,6 @@ mod tests {
 
     #[test]
     fn params_match_the_shader() {
-        assert_layout!(super::Params { rows, cols, groups_x, _pad }, include_str!("../../../shaders/row_norms.wgsl"), 16);
+        assert_layout!(super::Params { rows, cols, groups_x, stride }, include_str!("../../../shaders/row_norms.wgsl"), 16);
     }
 }
