@@ -18,7 +18,7 @@ pub fn run(args: Args) -> Result<()> {
             .iter()
             .map(|a| {
                 serde_json::json!({
-                    "name": a.name, "backend": a.backend, "device_type": a.device_type, "hardware": a.is_hardware
+                    "name": a.name, "backend": a.backend, "device_type": a.device_type, "driver": a.driver, "hardware": a.is_hardware
                 })
             })
             .collect();

@@ -170,6 +170,7 @@ fn devices_lists_adapters_and_the_auto_choice() {
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     eprintln!("{report}");
     assert!(report["adapters"].is_array());
+    assert!(report["adapters"].as_array().unwrap().iter().all(|a| a["driver"].is_string()), "every adapter has a driver field");
     let auto = report["auto"].as_str().unwrap();
     let has_hardware = report["adapters"].as_array().unwrap().iter().any(|a| a["hardware"] == true);
     assert_eq!(auto, if has_hardware { "wgpu" } else { "cpu" });

@@ -80,6 +80,10 @@ pub struct Adapter {
     pub name: String,
     pub backend: String,
     pub device_type: String,
+    /// The driver's own version string (Vulkan's `driverInfo`: "Mesa 22.3.6 (LLVM 15.0.6)" for
+    /// llvmpipe, the driver release on a GPU); empty where the backend gives none. llvmpipe's speed
+    /// changes more with the Mesa release than the adapter name shows (see the README).
+    pub driver: String,
     /// Whether it is real hardware rather than a software rasteriser such as llvmpipe.
     pub is_hardware: bool,
 }
@@ -90,6 +94,7 @@ impl Adapter {
             name: info.name.clone(),
             backend: format!("{:?}", info.backend),
             device_type: format!("{:?}", info.device_type),
+            driver: info.driver_info.trim().to_owned(),
             is_hardware: !matches!(info.device_type, wgpu::DeviceType::Cpu),
         }
     }
@@ -97,7 +102,11 @@ impl Adapter {
 
 impl fmt::Display for Adapter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({}, {})", self.name, self.backend, self.device_type)
+        write!(f, "{} ({}, {}", self.name, self.backend, self.device_type)?;
+        if !self.driver.is_empty() {
+            write!(f, "; driver {}", self.driver)?;
+        }
+        write!(f, ")")
     }
 }
 
@@ -220,7 +229,8 @@ pub struct ResolvedDevice {
 }
 
 impl ResolvedDevice {
-    /// A short description such as `wgpu: llvmpipe (LLVM 15.0.6) (Vulkan, Cpu)` or `cpu: our kernels and burn-flex`.
+    /// A short description such as `wgpu: llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan, Cpu; driver Mesa 22.3.6 (LLVM 15.0.6))`
+    /// or `cpu: our kernels and burn-flex`.
     pub fn describe(&self) -> String {
         match &self.adapter {
             Some(adapter) => format!("wgpu: {adapter}"),
