@@ -86,7 +86,7 @@ pub(crate) fn row_stride(cols: usize) -> usize {
 
 /// A matrix on the GPU, stored as row chunks that each fit one binding, with squared row norms (which
 /// the distance kernels need on both sides, so they are computed once, where the matrix is made). Rows
-/// lie [`row_stride`] floats apart.
+/// lie `row_stride` floats apart.
 pub struct GpuMatrix {
     pub rows: usize,
     pub cols: usize,
