@@ -479,3 +479,21 @@ impl Gpu {
         self.device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ()).map_err(|e| KernelError::Readback(e.to_string()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::row_stride;
+
+    #[test]
+    fn no_row_stride_is_a_multiple_of_1_kib_and_padded_rows_are_an_odd_number_of_cache_lines() {
+        for cols in 1..=8192 {
+            let stride = row_stride(cols);
+            assert!(stride >= cols, "{cols}");
+            assert!(!(stride * 4).is_multiple_of(1024), "{cols} columns: rows {} bytes apart", stride * 4);
+            if stride != cols {
+                assert_eq!(stride - cols, 16, "{cols}: one cache line of pad");
+                assert_eq!(stride * 4 / 64 % 2, 1, "{cols}: an odd number of cache lines");
+            }
+        }
+    }
+}
