@@ -63,7 +63,7 @@ impl GpuKernels {
                 cols: cols as u32,
                 rows_per_chunk: rows_per_piece as u32,
                 chunks: pieces as u32,
-                stride: matrix.stride as u32,
+                stride: matrix.stride() as u32,
                 _pad0: 0,
                 _pad1: 0,
                 _pad2: 0,

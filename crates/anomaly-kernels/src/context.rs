@@ -90,8 +90,6 @@ pub(crate) fn row_stride(cols: usize) -> usize {
 pub struct GpuMatrix {
     pub rows: usize,
     pub cols: usize,
-    /// Floats from one row's start to the next: [`row_stride`] of `cols`.
-    pub(crate) stride: usize,
     pub(crate) chunks: Vec<MatrixChunk>,
 }
 
@@ -113,6 +111,11 @@ impl GpuMatrix {
     /// Number of chunks the matrix was split into.
     pub fn chunk_count(&self) -> usize {
         self.chunks.len()
+    }
+
+    /// Floats from one row's start to the next on the device: [`row_stride`] of `cols`.
+    pub(crate) fn stride(&self) -> usize {
+        row_stride(self.cols)
     }
 }
 
@@ -223,43 +226,39 @@ impl GpuKernels {
         for start in (0..rows).step_by(chunk_rows) {
             let count = chunk_rows.min(rows - start);
             let chunk_values = &values[start * cols..(start + count) * cols];
-            let values = if stride == cols {
-                self.gpu.device.create_buffer_init(&BufferInitDescriptor {
-                    label: Some("matrix chunk"),
-                    contents: bytemuck::cast_slice(chunk_values),
-                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-                })
-            } else {
-                let buffer = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("matrix chunk"),
-                    size: (count * stride * 4) as u64,
-                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-                    mapped_at_creation: true,
-                });
-                {
-                    let mut mapped = buffer.get_mapped_range_mut(..).map_err(|e| KernelError::Upload(e.to_string()))?;
-                    // The pads stay as the mapping starts them: zero.
+            let buffer = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("matrix chunk"),
+                size: (count * stride * 4) as u64,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: true,
+            });
+            {
+                let mut mapped = buffer.get_mapped_range_mut(..).map_err(|e| KernelError::Upload(e.to_string()))?;
+                if stride == cols {
+                    mapped.copy_from_slice(bytemuck::cast_slice(chunk_values));
+                } else {
+                    // Row by row; the pads stay as the mapping starts them: zero.
                     for (row, from) in chunk_values.chunks_exact(cols).enumerate() {
                         let at = row * stride * 4;
                         mapped.slice(at..at + cols * 4).copy_from_slice(bytemuck::cast_slice(from));
                     }
                 }
-                buffer.unmap();
-                buffer
-            };
+            }
+            buffer.unmap();
             let norms = self.gpu.storage(count * 4, "row norms");
-            self.norms.encode(&self.gpu, &mut encoder, &values, &norms, count, cols);
-            chunks.push(MatrixChunk { start, rows: count, values, norms });
+            self.norms.encode(&self.gpu, &mut encoder, &buffer, &norms, count, cols);
+            chunks.push(MatrixChunk { start, rows: count, values: buffer, norms });
         }
         self.gpu.queue.submit([encoder.finish()]);
-        Ok(GpuMatrix { rows, cols, stride, chunks })
+        Ok(GpuMatrix { rows, cols, chunks })
     }
 
     /// Reads a matrix back to the host, row-major.
     pub fn download(&self, matrix: &GpuMatrix) -> Result<Vec<f32>, KernelError> {
-        let sources: Vec<(&wgpu::Buffer, u64)> = matrix.chunks.iter().map(|c| (&c.values, (c.rows * matrix.stride * 4) as u64)).collect();
+        let stride = matrix.stride();
+        let sources: Vec<(&wgpu::Buffer, u64)> = matrix.chunks.iter().map(|c| (&c.values, (c.rows * stride * 4) as u64)).collect();
         let parts = self.gpu.read_back(self.gpu.device.create_command_encoder(&Default::default()), &sources)?;
-        let rows = parts.iter().flat_map(|bytes| bytemuck::cast_slice::<u8, f32>(bytes).chunks_exact(matrix.stride));
+        let rows = parts.iter().flat_map(|bytes| bytemuck::cast_slice::<u8, f32>(bytes).chunks_exact(stride));
         Ok(rows.flat_map(|row| row[..matrix.cols].iter().copied()).collect())
     }
 }

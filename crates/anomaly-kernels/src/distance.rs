@@ -70,6 +70,13 @@ pub(crate) struct QueryBlock {
     pub values: wgpu::Buffer,
 }
 
+impl QueryBlock {
+    /// The distance shaders' `Params` for this block against `n` bank rows of the same width.
+    pub fn params(&self, n: usize) -> Params {
+        Params { m: self.rows as u32, n: n as u32, d: self.d as u32, stride: row_stride(self.d) as u32 }
+    }
+}
+
 impl GpuKernels {
     /// Encodes the copy of rows `first .. first + rows` of a query chunk (`d` wide) into a block for
     /// `kernel`. The copies run on the device: the queries never come back to the host.
@@ -106,7 +113,7 @@ impl GpuKernels {
             (DistanceKernel::Naive, _) => (&self.distance.naive, SIDE),
             (DistanceKernel::Tiled, _) => (&self.distance.tiled, TILE),
         };
-        let params = gpu.uniform(&Params { m: m as u32, n: n as u32, d: queries.d as u32, stride: row_stride(queries.d) as u32 });
+        let params = gpu.uniform(&queries.params(n));
         let buffers = [&params, &queries.values, &chunk.values, &queries.norms, &chunk.norms, out];
         let groups = (n.div_ceil(outputs_per_group as usize) as u32, m.div_ceil(outputs_per_group as usize) as u32);
         gpu.dispatch(pass, shader, &buffers, groups);

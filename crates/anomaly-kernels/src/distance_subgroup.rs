@@ -5,9 +5,8 @@
 
 use burn::tensor::wgpu::wgpu;
 
-use crate::context::{Gpu, Kernel, KernelError, MatrixChunk, Slot, row_stride, shader_module};
-// The shader's `Params` are the tiled shader's (a test checks both layouts).
-use crate::distance::{Params, QueryBlock};
+use crate::context::{Gpu, Kernel, KernelError, MatrixChunk, Slot, shader_module};
+use crate::distance::QueryBlock;
 
 /// Invocations per workgroup (the shader's `WG`): a multiple of every subgroup size the shader takes.
 const WORKGROUP: u32 = 64;
@@ -54,10 +53,9 @@ impl SubgroupShader {
     ) -> Result<(), KernelError> {
         let n = chunk.rows;
         let (x, _) = gpu.groups_1d(n.div_ceil(BANK_ROWS as usize), WORKGROUP)?;
-        let (m, d) = (queries.rows, queries.d);
-        let params = gpu.uniform(&Params { m: m as u32, n: n as u32, d: d as u32, stride: row_stride(d) as u32 });
+        let params = gpu.uniform(&queries.params(n));
         let buffers = [&params, &queries.values, &chunk.values, &queries.norms, &chunk.norms, out];
-        gpu.dispatch(pass, &self.0, &buffers, (x, m.div_ceil(QUERIES) as u32));
+        gpu.dispatch(pass, &self.0, &buffers, (x, queries.rows.div_ceil(QUERIES) as u32));
         Ok(())
     }
 }
@@ -65,6 +63,8 @@ impl SubgroupShader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    // The shader's `Params` are the tiled shader's (QueryBlock::params); this checks the layout here too.
+    use crate::distance::Params;
     use crate::layout::{assert_layout, u32_constant};
 
     const SOURCE: &str = include_str!("../../../shaders/distance_subgroup.wgsl");

@@ -5,7 +5,7 @@ use burn::tensor::wgpu::wgpu;
 use bytemuck::{Pod, Zeroable};
 use wgpu::util::{BufferInitDescriptor, DeviceExt};
 
-use crate::context::{GpuKernels, GpuMatrix, Kernel, KernelError, MatrixChunk, Slot, row_stride, shader_module};
+use crate::context::{GpuKernels, GpuMatrix, Kernel, KernelError, MatrixChunk, Slot, shader_module};
 
 /// Invocations per workgroup (the shader's `WG`), one selected column each.
 const WORKGROUP: u32 = 64;
@@ -39,18 +39,18 @@ impl GpuKernels {
             return Err(KernelError::Shape(format!("column selection out of range for {} columns", matrix.cols)));
         }
         let selected = columns.len();
-        let gathered_stride = row_stride(selected);
         let index = gpu.device.create_buffer_init(&BufferInitDescriptor {
             label: Some("selected columns"),
             contents: bytemuck::cast_slice(columns),
             usage: wgpu::BufferUsages::STORAGE,
         });
         let mut encoder = gpu.device.create_command_encoder(&Default::default());
-        let mut chunks = Vec::new();
+        let mut gathered = GpuMatrix { rows: matrix.rows, cols: selected, chunks: Vec::new() };
+        let gathered_stride = gathered.stride();
         for chunk in &matrix.chunks {
             let params = gpu.uniform(&Params {
                 rows: chunk.rows as u32,
-                stride: matrix.stride as u32,
+                stride: matrix.stride() as u32,
                 selected: selected as u32,
                 gathered_stride: gathered_stride as u32,
             });
@@ -62,10 +62,10 @@ impl GpuKernels {
             gpu.dispatch(&mut pass, &self.gather.0, &[&params, &chunk.values, &index, &values], groups);
             drop(pass);
             self.norms.encode(gpu, &mut encoder, &values, &norms, chunk.rows, selected);
-            chunks.push(MatrixChunk { start: chunk.start, rows: chunk.rows, values, norms });
+            gathered.chunks.push(MatrixChunk { start: chunk.start, rows: chunk.rows, values, norms });
         }
         gpu.queue.submit([encoder.finish()]);
-        Ok(GpuMatrix { rows: matrix.rows, cols: selected, stride: gathered_stride, chunks })
+        Ok(gathered)
     }
 }
 

@@ -3,7 +3,7 @@
 //! running best, so at most one chunk's distances exist at a time.
 
 use crate::Neighbours;
-use crate::context::{GpuKernels, GpuMatrix, KernelError, row_stride};
+use crate::context::{GpuKernels, GpuMatrix, KernelError};
 use crate::topk::{MAX_K, RunningBest};
 
 /// Most queries per block (one top-k workgroup each).
@@ -27,7 +27,7 @@ impl GpuKernels {
             .rows
             .min(MAX_QUERY_BLOCK)
             .min(binding_rows(width * 4))
-            .min(binding_rows(row_stride(d) * 4))
+            .min(binding_rows(bank.stride() * 4))
             .min(binding_rows(k * 4))
             .max(1);
         let kernel = self.distance_kernel();
