@@ -265,6 +265,11 @@ fn column_statistics_match_the_reference() {
     }
 }
 
+/// The given columns of a row-major matrix `cols` wide, row by row: what `gather_columns` must give.
+fn columns_of(matrix: &[f32], cols: usize, columns: &[u32]) -> Vec<f32> {
+    matrix.chunks_exact(cols).flat_map(|row| columns.iter().map(move |&c| row[c as usize])).collect()
+}
+
 #[test]
 fn selected_columns_are_gathered_exactly() {
     let kernels = kernels();
@@ -277,8 +282,7 @@ fn selected_columns_are_gathered_exactly() {
     assert_eq!(columns, vec![3, 4, 8, 9, 13, 18, 19, 24, 29, 34, 39, 44]);
     let small = GpuKernels::shared().unwrap().with_limits(small_limits(&kernels, 4096));
     let gathered = small.download(&small.gather_columns(&small.upload(&matrix, rows, cols).unwrap(), &columns).unwrap()).unwrap();
-    let expected: Vec<f32> = matrix.chunks_exact(cols).flat_map(|row| columns.iter().map(move |&c| row[c as usize])).collect();
-    assert_eq!(gathered, expected);
+    assert_eq!(gathered, columns_of(&matrix, cols, &columns));
 }
 
 #[test]
@@ -294,8 +298,7 @@ fn padded_rows_are_gathered_and_read_back_exactly() {
             let uploaded = kernels.upload(&matrix, rows, cols).unwrap();
             assert_eq!(kernels.download(&uploaded).unwrap(), matrix, "{rows} × {cols} read back");
             let gathered = kernels.download(&kernels.gather_columns(&uploaded, &columns).unwrap()).unwrap();
-            let expected: Vec<f32> = matrix.chunks_exact(cols).flat_map(|row| columns.iter().map(move |&c| row[c as usize])).collect();
-            assert_eq!(gathered, expected, "{rows} × {cols}, {selected} columns gathered");
+            assert_eq!(gathered, columns_of(&matrix, cols, &columns), "{rows} × {cols}, {selected} columns gathered");
         }
     }
 }
