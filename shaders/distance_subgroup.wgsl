@@ -4,18 +4,21 @@
 // offsets that vary in a loop take the same path): reads, not multiply-adds, bound a kernel.
 //
 // So each invocation keeps the sums of QUERIES query rows with BANK_ROWS bank rows (24 sums), and per
-// step of SG features reads SG features of each of its bank rows plus a single feature of each query
-// row (feature `step + lane`); subgroup broadcasts, register shuffles there, hand every lane the query
-// values its neighbours read. Each value read feeds 6 multiply-adds at SG = 8 (the tiled shader's
-// one value per 4 with the reads that cost the most here). Any width: past the last feature the query
-// values are zero, and the bank reads stay within the row.
+// step of SG features reads SG features of each of its bank rows, 4 at a time (a vec4 read costs that
+// loop once for 4 values; rows are whole vec4s apart, the host's row_stride), plus a single feature of
+// each query row (feature `step + lane`); subgroup broadcasts, register shuffles there, hand every
+// lane the query values its neighbours read. Each value read feeds 6 multiply-adds at SG = 8 (the
+// tiled shader's one value per 4 with the reads that cost the most here). Any width: past the last
+// feature the query values are zero, and the bank reads stay within the row (its last vec4 holds the
+// row's zero pad).
 
 struct Params {
     // Query rows, bank rows, features.
     m: u32,
     n: u32,
     d: u32,
-    // Floats from one row's start to the next, in the queries and the bank (the host's row_stride).
+    // Floats from one row's start to the next, in the queries and the bank (the host's row_stride, a
+    // multiple of 4).
     stride: u32,
 }
 
@@ -29,7 +32,7 @@ const BANK_ROWS: u32 = 3u;
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> queries: array<f32>;
-@group(0) @binding(2) var<storage, read> bank: array<f32>;
+@group(0) @binding(2) var<storage, read> bank: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> query_norms: array<f32>;
 @group(0) @binding(4) var<storage, read> bank_norms: array<f32>;
 @group(0) @binding(5) var<storage, read_write> distances: array<f32>;
@@ -53,16 +56,16 @@ fn add(lo: vec4<f32>, hi: vec4<f32>, b: vec3<f32>) {
     sums_2_hi = fma(hi, vec4<f32>(b.z), sums_2_hi);
 }
 
-// Features `feature` … `feature` + 3 of the invocation's 3 bank rows (starting at `rows`), one vec3
-// per feature. With `clamp` (the last, partial step) the last feature stands in past the row's end, so
-// that no read strays into the next row; its query values are zero.
+// Features `feature` … `feature` + 3 (`feature` a multiple of 4) of the invocation's 3 bank rows
+// (starting at vec4 `rows`), one vec3 per feature. With `clamp` (the last, partial step) the vec4
+// holding the row's last feature stands in past it, so that no read strays into the next row; its
+// query values are zero.
 fn bank_features(rows: vec3<u32>, feature: u32, clamp: bool) -> array<vec3<f32>, 4> {
-    var values: array<vec3<f32>, 4>;
-    for (var i = 0u; i < 4u; i++) {
-        let f = select(feature + i, min(feature + i, params.d - 1u), clamp);
-        values[i] = vec3<f32>(bank[rows.x + f], bank[rows.y + f], bank[rows.z + f]);
-    }
-    return values;
+    let at = select(feature, min(feature, params.d - 1u), clamp) / 4u;
+    let x = bank[rows.x + at];
+    let y = bank[rows.y + at];
+    let z = bank[rows.z + at];
+    return array<vec3<f32>, 4>(vec3<f32>(x.x, y.x, z.x), vec3<f32>(x.y, y.y, z.y), vec3<f32>(x.z, y.z, z.z), vec3<f32>(x.w, y.w, z.w));
 }
 
 // Features `step` … `step` + SG − 1: lane j read feature `step` + j of the 8 query rows (`lo`, `hi`);
@@ -106,7 +109,7 @@ fn distance_subgroup(
     let stride = params.stride;
     // Rows past the end are read clamped (every lane takes part in the broadcasts) and not stored.
     let col = (group.x * WG + local) * BANK_ROWS;
-    let rows = vec3<u32>(min(col, n - 1u), min(col + 1u, n - 1u), min(col + 2u, n - 1u)) * stride;
+    let rows = vec3<u32>(min(col, n - 1u), min(col + 1u, n - 1u), min(col + 2u, n - 1u)) * (stride / 4u);
     let row0 = group.y * QUERIES;
     let q_lo = vec4<u32>(min(row0, m - 1u), min(row0 + 1u, m - 1u), min(row0 + 2u, m - 1u), min(row0 + 3u, m - 1u)) * stride + lane;
     let q_hi = vec4<u32>(min(row0 + 4u, m - 1u), min(row0 + 5u, m - 1u), min(row0 + 6u, m - 1u), min(row0 + 7u, m - 1u)) * stride + lane;
