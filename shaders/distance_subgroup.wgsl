@@ -107,10 +107,13 @@ fn distance_subgroup(
     let n = params.n;
     let d = params.d;
     let stride = params.stride;
-    // Rows past the end are read clamped (every lane takes part in the broadcasts) and not stored.
-    let col = (group.x * WG + local) * BANK_ROWS;
+    // The grid's x runs over the query rows and its y over the bank rows, so that the workgroups that
+    // run one after another share their bank rows, which stay in the caches (at 128 features: 47–58 ms
+    // against 69–87 ms the other way round, 100 × 32768). Rows past the end are read clamped (every
+    // lane takes part in the broadcasts) and not stored.
+    let col = (group.y * WG + local) * BANK_ROWS;
     let rows = vec3<u32>(min(col, n - 1u), min(col + 1u, n - 1u), min(col + 2u, n - 1u)) * (stride / 4u);
-    let row0 = group.y * QUERIES;
+    let row0 = group.x * QUERIES;
     let q_lo = vec4<u32>(min(row0, m - 1u), min(row0 + 1u, m - 1u), min(row0 + 2u, m - 1u), min(row0 + 3u, m - 1u)) * stride + lane;
     let q_hi = vec4<u32>(min(row0 + 4u, m - 1u), min(row0 + 5u, m - 1u), min(row0 + 6u, m - 1u), min(row0 + 7u, m - 1u)) * stride + lane;
     sums_0_lo = vec4<f32>(0.0);

@@ -52,10 +52,11 @@ impl SubgroupShader {
         out: &wgpu::Buffer,
     ) -> Result<(), KernelError> {
         let n = chunk.rows;
-        let (x, _) = gpu.groups_1d(n.div_ceil(BANK_ROWS as usize), WORKGROUP)?;
+        // Query rows along x, bank rows along y (see the shader).
+        let (bank_groups, _) = gpu.groups_1d(n.div_ceil(BANK_ROWS as usize), WORKGROUP)?;
         let params = gpu.uniform(&queries.params(n));
         let buffers = [&params, &queries.values, &chunk.values, &queries.norms, &chunk.norms, out];
-        gpu.dispatch(pass, &self.0, &buffers, (x, queries.rows.div_ceil(QUERIES) as u32));
+        gpu.dispatch(pass, &self.0, &buffers, (queries.rows.div_ceil(QUERIES) as u32, bank_groups));
         Ok(())
     }
 }
