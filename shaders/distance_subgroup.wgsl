@@ -137,24 +137,27 @@ fn distance_subgroup(
         let hi = vec4<f32>(queries[q_hi.x + step], queries[q_hi.y + step], queries[q_hi.z + step], queries[q_hi.w + step]);
         add_step(rows, step, select(vec4<f32>(0.0), lo, inside), select(vec4<f32>(0.0), hi, inside), true);
     }
-    store(row0, col, sums_0_lo);
-    store(row0 + 4u, col, sums_0_hi);
-    store(row0, col + 1u, sums_1_lo);
-    store(row0 + 4u, col + 1u, sums_1_hi);
-    store(row0, col + 2u, sums_2_lo);
-    store(row0 + 4u, col + 2u, sums_2_hi);
+    // Each norm read once, where the sums are turned into distances.
+    let bank_norm = vec3<f32>(bank_norms[min(col, n - 1u)], bank_norms[min(col + 1u, n - 1u)], bank_norms[min(col + 2u, n - 1u)]);
+    let norms_lo = vec4<f32>(query_norms[min(row0, m - 1u)], query_norms[min(row0 + 1u, m - 1u)], query_norms[min(row0 + 2u, m - 1u)], query_norms[min(row0 + 3u, m - 1u)]);
+    let norms_hi = vec4<f32>(query_norms[min(row0 + 4u, m - 1u)], query_norms[min(row0 + 5u, m - 1u)], query_norms[min(row0 + 6u, m - 1u)], query_norms[min(row0 + 7u, m - 1u)]);
+    store(row0, col, norms_lo + bank_norm.x - 2.0 * sums_0_lo);
+    store(row0 + 4u, col, norms_hi + bank_norm.x - 2.0 * sums_0_hi);
+    store(row0, col + 1u, norms_lo + bank_norm.y - 2.0 * sums_1_lo);
+    store(row0 + 4u, col + 1u, norms_hi + bank_norm.y - 2.0 * sums_1_hi);
+    store(row0, col + 2u, norms_lo + bank_norm.z - 2.0 * sums_2_lo);
+    store(row0 + 4u, col + 2u, norms_hi + bank_norm.z - 2.0 * sums_2_hi);
 }
 
-// Distances of query rows `first` … `first` + 3 to bank row `col`, from their dot products.
-fn store(first: u32, col: u32, dots: vec4<f32>) {
+// Squared distances `d2` of query rows `first` … `first` + 3 to bank row `col`, those inside the block.
+fn store(first: u32, col: u32, d2: vec4<f32>) {
     if (col >= params.n) {
         return;
     }
     for (var i = 0u; i < 4u; i++) {
         let row = first + i;
         if (row < params.m) {
-            let d2 = query_norms[row] + bank_norms[col] - 2.0 * dots[i];
-            distances[row * params.n + col] = max(d2, 0.0);
+            distances[row * params.n + col] = max(d2[i], 0.0);
         }
     }
 }
