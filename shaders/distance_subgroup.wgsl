@@ -6,20 +6,28 @@
 // So each invocation keeps the sums of QUERIES query rows with BANK_ROWS bank rows (24 sums), and per
 // step of SG features reads SG features of each of its bank rows, 4 at a time (a vec4 read costs that
 // loop once for 4 values; rows are whole vec4s apart, the host's row_stride), plus a single feature of
-// each query row (feature `step + lane`); subgroup broadcasts, register shuffles there, hand every
-// lane the query values its neighbours read. Each value read feeds 6 multiply-adds at SG = 8 (the
-// tiled shader's one value per 4 with the reads that cost the most here). Any width: past the last
-// feature the query values are zero, and the bank reads stay within the row (its last vec4 holds the
-// row's zero pad).
+// each query row (feature `step + lane`), the 8 rows' values of that feature in two vec4 reads (the
+// queries are packed for it first: `pack_queries`); subgroup broadcasts, register shuffles there, hand
+// every lane the query values its neighbours read. Each bank value read feeds 8 multiply-adds, each
+// query value 3 × SG. Any width: past the last feature the query values are zero, and the bank reads
+// stay within the row (its last vec4 holds the row's zero pad).
 
 struct Params {
     // Query rows, bank rows, features.
     m: u32,
     n: u32,
     d: u32,
-    // Floats from one row's start to the next, in the queries and the bank (the host's row_stride, a
-    // multiple of 4).
+    // Floats from one row's start to the next in the bank, and features per block of packed queries
+    // (the host's row_stride, a multiple of 4).
     stride: u32,
+}
+
+// `pack_queries`: rows `first` … `first` + `rows` − 1 of a query matrix chunk, rows `stride` floats apart.
+struct PackParams {
+    rows: u32,
+    first: u32,
+    stride: u32,
+    _pad: u32,
 }
 
 // Invocations per subgroup (4, 8 or 16) and per workgroup (a multiple of SG): set by the host
@@ -31,7 +39,9 @@ const QUERIES: u32 = 8u;
 const BANK_ROWS: u32 = 3u;
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> queries: array<f32>;
+// The queries as `pack_queries` wrote them: per block of QUERIES rows, per feature, the rows' values
+// (rows 0–3, then 4–7).
+@group(0) @binding(1) var<storage, read> queries: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> bank: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> query_norms: array<f32>;
 @group(0) @binding(4) var<storage, read> bank_norms: array<f32>;
@@ -114,8 +124,8 @@ fn distance_subgroup(
     let col = (group.y * WG + local) * BANK_ROWS;
     let rows = vec3<u32>(min(col, n - 1u), min(col + 1u, n - 1u), min(col + 2u, n - 1u)) * (stride / 4u);
     let row0 = group.x * QUERIES;
-    let q_lo = vec4<u32>(min(row0, m - 1u), min(row0 + 1u, m - 1u), min(row0 + 2u, m - 1u), min(row0 + 3u, m - 1u)) * stride + lane;
-    let q_hi = vec4<u32>(min(row0 + 4u, m - 1u), min(row0 + 5u, m - 1u), min(row0 + 6u, m - 1u), min(row0 + 7u, m - 1u)) * stride + lane;
+    // The vec4 holding query rows 0–3 of feature `lane` of this block (rows 4–7: the next).
+    let queries_at = (group.x * stride + lane) * 2u;
     sums_0_lo = vec4<f32>(0.0);
     sums_0_hi = vec4<f32>(0.0);
     sums_1_lo = vec4<f32>(0.0);
@@ -125,16 +135,14 @@ fn distance_subgroup(
     // Whole steps, then the partial one, whose query values past the last feature are zero.
     var step = 0u;
     for (; step + SG <= d; step += SG) {
-        let lo = vec4<f32>(queries[q_lo.x + step], queries[q_lo.y + step], queries[q_lo.z + step], queries[q_lo.w + step]);
-        let hi = vec4<f32>(queries[q_hi.x + step], queries[q_hi.y + step], queries[q_hi.z + step], queries[q_hi.w + step]);
-        add_step(rows, step, lo, hi, false);
+        add_step(rows, step, queries[queries_at + 2u * step], queries[queries_at + 2u * step + 1u], false);
     }
     if (step < d) {
-        // A lane past the last feature reads the next row (or, at the buffer's end, what the bounds
-        // checks clamp to) and drops it.
+        // A lane past the last feature reads the pad or the next block (or, at the buffer's end, what
+        // the bounds checks clamp to) and drops it.
         let inside = step + lane < d;
-        let lo = vec4<f32>(queries[q_lo.x + step], queries[q_lo.y + step], queries[q_lo.z + step], queries[q_lo.w + step]);
-        let hi = vec4<f32>(queries[q_hi.x + step], queries[q_hi.y + step], queries[q_hi.z + step], queries[q_hi.w + step]);
+        let lo = queries[queries_at + 2u * step];
+        let hi = queries[queries_at + 2u * step + 1u];
         add_step(rows, step, select(vec4<f32>(0.0), lo, inside), select(vec4<f32>(0.0), hi, inside), true);
     }
     // Each norm read once, where the sums are turned into distances.
@@ -160,4 +168,29 @@ fn store(first: u32, col: u32, d2: vec4<f32>) {
             distances[row * params.n + col] = max(d2[i], 0.0);
         }
     }
+}
+
+// The query matrix chunk `pack_queries` reads, and the packed block it writes: the distance shader's
+// bindings 1 and 2 are its own, other variables at the same places (an entry point binds only what it uses).
+@group(0) @binding(0) var<uniform> pack: PackParams;
+@group(0) @binding(1) var<storage, read> unpacked: array<f32>;
+@group(0) @binding(2) var<storage, read_write> packed: array<vec4<f32>>;
+
+// Packs a block of query rows for `distance_subgroup`: feature `id.x` of the 8 rows of block `id.y`,
+// as two vec4s, zero for rows past the last. The features past the last are the rows' zero pad.
+@compute @workgroup_size(WG)
+fn pack_queries(@builtin(global_invocation_id) id: vec3<u32>) {
+    let feature = id.x;
+    let block = id.y;
+    if (feature >= pack.stride) {
+        return;
+    }
+    var values: array<f32, 8>;
+    for (var i = 0u; i < QUERIES; i++) {
+        let row = block * QUERIES + i;
+        values[i] = select(0.0, unpacked[(pack.first + min(row, pack.rows - 1u)) * pack.stride + feature], row < pack.rows);
+    }
+    let at = (block * pack.stride + feature) * 2u;
+    packed[at] = vec4<f32>(values[0], values[1], values[2], values[3]);
+    packed[at + 1u] = vec4<f32>(values[4], values[5], values[6], values[7]);
 }

@@ -66,7 +66,8 @@ pub(crate) struct QueryBlock {
     pub d: usize,
     pub kernel: DistanceKernel,
     pub norms: wgpu::Buffer,
-    /// `rows × d`, row-major, rows [`row_stride`] of `d` apart (as in the bank's chunks).
+    /// `rows × d`, row-major, rows [`row_stride`] of `d` apart (as in the bank's chunks); for the
+    /// subgroup shader packed in blocks of 8 rows (`SubgroupShader::pack`).
     pub values: wgpu::Buffer,
 }
 
@@ -79,7 +80,8 @@ impl QueryBlock {
 
 impl GpuKernels {
     /// Encodes the copy of rows `first .. first + rows` of a query chunk (`d` wide) into a block for
-    /// `kernel`. The copies run on the device: the queries never come back to the host.
+    /// `kernel` (packed, for the subgroup shader). The copies run on the device: the queries never come
+    /// back to the host.
     pub(crate) fn prepare_queries(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -91,9 +93,15 @@ impl GpuKernels {
     ) -> QueryBlock {
         let norms = self.gpu.storage(rows * 4, "query norms");
         encoder.copy_buffer_to_buffer(&chunk.norms, (first * 4) as u64, &norms, 0, (rows * 4) as u64);
-        let stride = row_stride(d);
-        let values = self.gpu.storage(rows * stride * 4, "queries");
-        encoder.copy_buffer_to_buffer(&chunk.values, (first * stride * 4) as u64, &values, 0, (rows * stride * 4) as u64);
+        let values = match (kernel, &self.subgroup) {
+            (DistanceKernel::Subgroup, Some(subgroup)) => subgroup.pack(&self.gpu, encoder, chunk, first, rows, d),
+            _ => {
+                let stride = row_stride(d);
+                let values = self.gpu.storage(rows * stride * 4, "queries");
+                encoder.copy_buffer_to_buffer(&chunk.values, (first * stride * 4) as u64, &values, 0, (rows * stride * 4) as u64);
+                values
+            }
+        };
         QueryBlock { rows, d, kernel, norms, values }
     }
 

@@ -1,13 +1,15 @@
-//! Test helpers: check a `#[repr(C)]` uniform struct against the `Params` struct of its WGSL file, as
-//! naga lays it out, and host constants against the shader's, so that the two cannot drift apart.
+//! Test helpers: check a `#[repr(C)]` uniform struct against the struct of the same name in its WGSL
+//! file, as naga lays it out, and host constants against the shader's, so that the two cannot drift apart.
 
 use burn::tensor::wgpu::wgpu::naga;
 
-/// Asserts that `$ty` has the fields of the shader's `Params`, in order and at the same offsets, and
-/// is `$bytes` long (a multiple of 16, as uniform buffers are filled in 16-byte rows).
+/// Asserts that `$ty` has the fields of the shader's struct of the same name (`Params`, `PackParams`), in
+/// order and at the same offsets, and is `$bytes` long (a multiple of 16, as uniform buffers are filled
+/// in 16-byte rows).
 macro_rules! assert_layout {
     ($ty:ty { $($field:ident),* $(,)? }, $source:expr, $bytes:expr) => {
         $crate::layout::check(
+            stringify!($ty).rsplit("::").next().unwrap_or_default().trim(),
             &[$((stringify!($field), std::mem::offset_of!($ty, $field))),*],
             std::mem::size_of::<$ty>(),
             $source,
@@ -32,16 +34,16 @@ pub(crate) fn u32_constant(source: &str, name: &str) -> u32 {
     }
 }
 
-pub(crate) fn check(fields: &[(&str, usize)], size: usize, source: &str, bytes: usize) {
+pub(crate) fn check(struct_name: &str, fields: &[(&str, usize)], size: usize, source: &str, bytes: usize) {
     let module = parse(source);
     let (members, span) = module
         .types
         .iter()
         .find_map(|(_, ty)| match (&ty.name, &ty.inner) {
-            (Some(name), naga::TypeInner::Struct { members, span }) if name == "Params" => Some((members, *span)),
+            (Some(name), naga::TypeInner::Struct { members, span }) if name == struct_name => Some((members, *span)),
             _ => None,
         })
-        .expect("the shader declares a Params struct");
+        .unwrap_or_else(|| panic!("the shader declares no struct {struct_name}"));
     let wgsl: Vec<(&str, usize)> = members.iter().map(|m| (m.name.as_deref().unwrap_or("?"), m.offset as usize)).collect();
     assert_eq!(fields, wgsl.as_slice(), "field names and offsets");
     assert_eq!(size, span as usize, "size in Rust and in WGSL");
