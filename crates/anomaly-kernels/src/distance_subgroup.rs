@@ -62,7 +62,15 @@ impl SubgroupShader {
     /// Encodes the packing of rows `first .. first + rows` of a query chunk (`d` wide) into a new buffer,
     /// as `encode` reads them: per block of 8 rows, per feature, the 8 rows' values (zero past the last
     /// row), so that one lane's values of a feature are two vec4 reads instead of 8 scalar ones.
-    pub fn pack(&self, gpu: &Gpu, encoder: &mut wgpu::CommandEncoder, chunk: &MatrixChunk, first: usize, rows: usize, d: usize) -> wgpu::Buffer {
+    pub fn pack(
+        &self,
+        gpu: &Gpu,
+        encoder: &mut wgpu::CommandEncoder,
+        chunk: &MatrixChunk,
+        first: usize,
+        rows: usize,
+        d: usize,
+    ) -> wgpu::Buffer {
         let stride = row_stride(d);
         let blocks = rows.div_ceil(QUERIES);
         let packed = gpu.storage(blocks * QUERIES * stride * 4, "packed queries");
