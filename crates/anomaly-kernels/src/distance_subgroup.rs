@@ -19,6 +19,13 @@ const BANK_ROWS: u32 = 3;
 /// (128-, 256- and 512-bit vectors of f32).
 const SUBGROUP_SIZES: [u32; 3] = [4, 8, 16];
 
+/// The most rows of a query block whose packed copy (`SubgroupShader::pack`, whole blocks of 8 rows)
+/// takes no more room than `rows` unpacked rows: `rows` rounded down to a multiple of 8, where that
+/// leaves any (fewer than 8 rows fit a binding only at millions of features).
+pub(crate) fn packed_block_rows(rows: usize) -> usize {
+    if rows >= QUERIES { rows / QUERIES * QUERIES } else { rows }
+}
+
 /// The device's subgroup size, where it has subgroup operations, the size is fixed, and it is one the
 /// subgroup shaders' unrolled broadcasts are written for (this one's and the coreset's `update_subgroup`).
 pub(crate) fn fixed_subgroup_size(device: &wgpu::Device) -> Option<u32> {

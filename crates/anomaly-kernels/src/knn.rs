@@ -4,6 +4,8 @@
 
 use crate::Neighbours;
 use crate::context::{GpuKernels, GpuMatrix, KernelError};
+use crate::distance::DistanceKernel;
+use crate::distance_subgroup::packed_block_rows;
 use crate::topk::{MAX_K, RunningBest};
 
 /// Most queries per block (one top-k workgroup each).
@@ -23,14 +25,12 @@ impl GpuKernels {
         }
         let width = bank.chunks.iter().map(|c| c.rows).max().unwrap_or(1);
         let binding_rows = |row_bytes: usize| (gpu.limits.max_binding_bytes / row_bytes as u64) as usize;
-        let block = queries
-            .rows
-            .min(MAX_QUERY_BLOCK)
-            .min(binding_rows(width * 4))
-            .min(binding_rows(bank.stride() * 4))
-            .min(binding_rows(k * 4))
-            .max(1);
         let kernel = self.distance_kernel();
+        let query_rows = match kernel {
+            DistanceKernel::Subgroup => packed_block_rows(binding_rows(bank.stride() * 4)),
+            _ => binding_rows(bank.stride() * 4),
+        };
+        let block = queries.rows.min(MAX_QUERY_BLOCK).min(binding_rows(width * 4)).min(query_rows).min(binding_rows(k * 4)).max(1);
         let distances = gpu.storage(block * width * 4, "distances");
         let mut best = RunningBest::new(gpu, block, k);
         let mut result = Neighbours { k, distances: Vec::with_capacity(queries.rows * k), indices: Vec::with_capacity(queries.rows * k) };
