@@ -1,16 +1,17 @@
 // Pairwise squared Euclidean distances for adapters that emulate a GPU on the CPU (llvmpipe). There
 // the invocations of a subgroup are the lanes of one SIMD register, arithmetic is cheap, and every
-// read of a storage buffer is a loop over the lanes (Mesa 22's llvmpipe; uniform-buffer reads at
-// offsets that vary in a loop take the same path): reads, not multiply-adds, bound a kernel.
+// read a lane makes on its own costs tens of cycles: a storage-buffer read is a loop over the lanes
+// (Mesa 22's llvmpipe; uniform-buffer reads at offsets that vary in a loop take the same path), a
+// texture read one branch-free gather of the lanes' texels. Reads, not multiply-adds, bound a kernel.
 //
-// So each invocation keeps the sums of QUERIES query rows with BANK_ROWS bank rows (24 sums), and per
-// step of SG features reads SG features of each of its bank rows, 4 at a time (a vec4 read costs that
-// loop once for 4 values; rows are whole vec4s apart, the host's row_stride), plus a single feature of
-// each query row (feature `step + lane`), the 8 rows' values of that feature in two vec4 reads (the
-// queries are packed for it first: `pack_queries`); subgroup broadcasts, register shuffles there, hand
-// every lane the query values its neighbours read. Each bank value read feeds 8 multiply-adds, each
-// query value 3 × SG. Any width: past the last feature the query values are zero, and the bank reads
-// stay within the row (its last vec4 holds the row's zero pad).
+// So each invocation keeps the sums of QUERIES query rows with BANK_ROWS bank rows (48 sums), and per
+// step of SG features reads SG features of each of its bank rows, 4 at a time, from a texture (a
+// texel read costs about half a vec4 storage read there; the host copies each bank chunk into it),
+// plus a single feature of each query row (feature `step + lane`), the 16 rows' values of that feature
+// in four vec4 reads (the queries are packed for it first: `pack_queries`); subgroup broadcasts,
+// register shuffles there, hand every lane the query values its neighbours read. Each bank value read
+// feeds 16 multiply-adds, each query value 3 × SG. Any width: past the last feature the query values
+// are zero, and the bank reads stay within the row (its last vec4 holds the row's zero pad).
 
 struct Params {
     // Query rows, bank rows, features.
@@ -34,77 +35,114 @@ struct PackParams {
 // (distance_subgroup.rs), which picks this shader only where the subgroup size is fixed at SG.
 override SG: u32;
 override WG: u32;
+// The bank texture is 2^TEXTURE_SHIFT texels wide (set by the host): texel t of a bank chunk, its rows
+// `stride` / 4 texels apart one after another, lies at (t mod width, t / width).
+override TEXTURE_SHIFT: u32;
 // Query rows per workgroup row of the grid, and bank rows per invocation: the host sizes the grid by them.
-const QUERIES: u32 = 8u;
+const QUERIES: u32 = 16u;
 const BANK_ROWS: u32 = 3u;
 
 @group(0) @binding(0) var<uniform> params: Params;
 // The queries as `pack_queries` wrote them: per block of QUERIES rows, per feature, the rows' values
-// (rows 0–3, then 4–7).
+// (rows 0–3, 4–7, 8–11, then 12–15).
 @group(0) @binding(1) var<storage, read> queries: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> bank: array<vec4<f32>>;
+// The bank chunk, 4 features to a texel (an rgba32float texture the host copied the chunk's buffer into).
+@group(0) @binding(2) var bank: texture_2d<f32>;
 @group(0) @binding(3) var<storage, read> query_norms: array<f32>;
 @group(0) @binding(4) var<storage, read> bank_norms: array<f32>;
 @group(0) @binding(5) var<storage, read_write> distances: array<f32>;
 
-// Dot products so far: sums_<bank row>_<query rows 0–3 or 4–7>, in registers (module-scope private
-// variables, as WGSL functions cannot take them by reference).
-var<private> sums_0_lo: vec4<f32>;
-var<private> sums_0_hi: vec4<f32>;
-var<private> sums_1_lo: vec4<f32>;
-var<private> sums_1_hi: vec4<f32>;
-var<private> sums_2_lo: vec4<f32>;
-var<private> sums_2_hi: vec4<f32>;
+// Dot products so far: sums_<bank row>_<query rows 0–3, 4–7, 8–11 or 12–15>, in registers (module-scope
+// private variables, as WGSL functions cannot take them by reference).
+var<private> sums_0_0: vec4<f32>;
+var<private> sums_0_1: vec4<f32>;
+var<private> sums_0_2: vec4<f32>;
+var<private> sums_0_3: vec4<f32>;
+var<private> sums_1_0: vec4<f32>;
+var<private> sums_1_1: vec4<f32>;
+var<private> sums_1_2: vec4<f32>;
+var<private> sums_1_3: vec4<f32>;
+var<private> sums_2_0: vec4<f32>;
+var<private> sums_2_1: vec4<f32>;
+var<private> sums_2_2: vec4<f32>;
+var<private> sums_2_3: vec4<f32>;
 
-// One feature: the 8 query rows' values `lo`, `hi` times the invocation's 3 bank rows' values `b`.
-fn add(lo: vec4<f32>, hi: vec4<f32>, b: vec3<f32>) {
-    sums_0_lo = fma(lo, vec4<f32>(b.x), sums_0_lo);
-    sums_0_hi = fma(hi, vec4<f32>(b.x), sums_0_hi);
-    sums_1_lo = fma(lo, vec4<f32>(b.y), sums_1_lo);
-    sums_1_hi = fma(hi, vec4<f32>(b.y), sums_1_hi);
-    sums_2_lo = fma(lo, vec4<f32>(b.z), sums_2_lo);
-    sums_2_hi = fma(hi, vec4<f32>(b.z), sums_2_hi);
+// The 16 query rows' values of one feature, 4 rows to a vec4.
+struct QueryValues {
+    q0: vec4<f32>,
+    q1: vec4<f32>,
+    q2: vec4<f32>,
+    q3: vec4<f32>,
+}
+
+// One feature: the 16 query rows' values `q` times the invocation's 3 bank rows' values `b`.
+fn add(q: QueryValues, b: vec3<f32>) {
+    sums_0_0 = fma(q.q0, vec4<f32>(b.x), sums_0_0);
+    sums_0_1 = fma(q.q1, vec4<f32>(b.x), sums_0_1);
+    sums_0_2 = fma(q.q2, vec4<f32>(b.x), sums_0_2);
+    sums_0_3 = fma(q.q3, vec4<f32>(b.x), sums_0_3);
+    sums_1_0 = fma(q.q0, vec4<f32>(b.y), sums_1_0);
+    sums_1_1 = fma(q.q1, vec4<f32>(b.y), sums_1_1);
+    sums_1_2 = fma(q.q2, vec4<f32>(b.y), sums_1_2);
+    sums_1_3 = fma(q.q3, vec4<f32>(b.y), sums_1_3);
+    sums_2_0 = fma(q.q0, vec4<f32>(b.z), sums_2_0);
+    sums_2_1 = fma(q.q1, vec4<f32>(b.z), sums_2_1);
+    sums_2_2 = fma(q.q2, vec4<f32>(b.z), sums_2_2);
+    sums_2_3 = fma(q.q3, vec4<f32>(b.z), sums_2_3);
+}
+
+// The texel `t` of the bank chunk.
+fn bank_texel(t: u32) -> vec4<f32> {
+    let width = 1u << TEXTURE_SHIFT;
+    return textureLoad(bank, vec2<u32>(t & (width - 1u), t >> TEXTURE_SHIFT), 0);
 }
 
 // Features `feature` … `feature` + 3 (`feature` a multiple of 4) of the invocation's 3 bank rows
-// (starting at vec4 `rows`), one vec3 per feature. With `clamp` (the last, partial step) the vec4
+// (starting at texels `rows`), one vec3 per feature. With `clamp` (the last, partial step) the texel
 // holding the row's last feature stands in past it, so that no read strays into the next row; its
 // query values are zero.
 fn bank_features(rows: vec3<u32>, feature: u32, clamp: bool) -> array<vec3<f32>, 4> {
     let at = select(feature, min(feature, params.d - 1u), clamp) / 4u;
-    let x = bank[rows.x + at];
-    let y = bank[rows.y + at];
-    let z = bank[rows.z + at];
+    let x = bank_texel(rows.x + at);
+    let y = bank_texel(rows.y + at);
+    let z = bank_texel(rows.z + at);
     return array<vec3<f32>, 4>(vec3<f32>(x.x, y.x, z.x), vec3<f32>(x.y, y.y, z.y), vec3<f32>(x.z, y.z, z.z), vec3<f32>(x.w, y.w, z.w));
 }
 
-// Features `step` … `step` + SG − 1: lane j read feature `step` + j of the 8 query rows (`lo`, `hi`);
-// subgroupBroadcast takes a constant lane, hence the unrolling.
-fn add_step(rows: vec3<u32>, step: u32, lo: vec4<f32>, hi: vec4<f32>, clamp: bool) {
+// Features `step` … `step` + SG − 1: lane j read feature `step` + j of the 16 query rows (`q`), and
+// subgroup broadcasts hand its values to every lane; subgroupBroadcast takes a constant lane, hence
+// the unrolling.
+fn add_step(rows: vec3<u32>, step: u32, q: QueryValues, clamp: bool) {
     var b = bank_features(rows, step, clamp);
-    add(subgroupBroadcast(lo, 0u), subgroupBroadcast(hi, 0u), b[0]);
-    add(subgroupBroadcast(lo, 1u), subgroupBroadcast(hi, 1u), b[1]);
-    add(subgroupBroadcast(lo, 2u), subgroupBroadcast(hi, 2u), b[2]);
-    add(subgroupBroadcast(lo, 3u), subgroupBroadcast(hi, 3u), b[3]);
+    add(QueryValues(subgroupBroadcast(q.q0, 0u), subgroupBroadcast(q.q1, 0u), subgroupBroadcast(q.q2, 0u), subgroupBroadcast(q.q3, 0u)), b[0]);
+    add(QueryValues(subgroupBroadcast(q.q0, 1u), subgroupBroadcast(q.q1, 1u), subgroupBroadcast(q.q2, 1u), subgroupBroadcast(q.q3, 1u)), b[1]);
+    add(QueryValues(subgroupBroadcast(q.q0, 2u), subgroupBroadcast(q.q1, 2u), subgroupBroadcast(q.q2, 2u), subgroupBroadcast(q.q3, 2u)), b[2]);
+    add(QueryValues(subgroupBroadcast(q.q0, 3u), subgroupBroadcast(q.q1, 3u), subgroupBroadcast(q.q2, 3u), subgroupBroadcast(q.q3, 3u)), b[3]);
     if (SG > 4u) {
         b = bank_features(rows, step + 4u, clamp);
-        add(subgroupBroadcast(lo, 4u), subgroupBroadcast(hi, 4u), b[0]);
-        add(subgroupBroadcast(lo, 5u), subgroupBroadcast(hi, 5u), b[1]);
-        add(subgroupBroadcast(lo, 6u), subgroupBroadcast(hi, 6u), b[2]);
-        add(subgroupBroadcast(lo, 7u), subgroupBroadcast(hi, 7u), b[3]);
+        add(QueryValues(subgroupBroadcast(q.q0, 4u), subgroupBroadcast(q.q1, 4u), subgroupBroadcast(q.q2, 4u), subgroupBroadcast(q.q3, 4u)), b[0]);
+        add(QueryValues(subgroupBroadcast(q.q0, 5u), subgroupBroadcast(q.q1, 5u), subgroupBroadcast(q.q2, 5u), subgroupBroadcast(q.q3, 5u)), b[1]);
+        add(QueryValues(subgroupBroadcast(q.q0, 6u), subgroupBroadcast(q.q1, 6u), subgroupBroadcast(q.q2, 6u), subgroupBroadcast(q.q3, 6u)), b[2]);
+        add(QueryValues(subgroupBroadcast(q.q0, 7u), subgroupBroadcast(q.q1, 7u), subgroupBroadcast(q.q2, 7u), subgroupBroadcast(q.q3, 7u)), b[3]);
     }
     if (SG > 8u) {
         b = bank_features(rows, step + 8u, clamp);
-        add(subgroupBroadcast(lo, 8u), subgroupBroadcast(hi, 8u), b[0]);
-        add(subgroupBroadcast(lo, 9u), subgroupBroadcast(hi, 9u), b[1]);
-        add(subgroupBroadcast(lo, 10u), subgroupBroadcast(hi, 10u), b[2]);
-        add(subgroupBroadcast(lo, 11u), subgroupBroadcast(hi, 11u), b[3]);
+        add(QueryValues(subgroupBroadcast(q.q0, 8u), subgroupBroadcast(q.q1, 8u), subgroupBroadcast(q.q2, 8u), subgroupBroadcast(q.q3, 8u)), b[0]);
+        add(QueryValues(subgroupBroadcast(q.q0, 9u), subgroupBroadcast(q.q1, 9u), subgroupBroadcast(q.q2, 9u), subgroupBroadcast(q.q3, 9u)), b[1]);
+        add(QueryValues(subgroupBroadcast(q.q0, 10u), subgroupBroadcast(q.q1, 10u), subgroupBroadcast(q.q2, 10u), subgroupBroadcast(q.q3, 10u)), b[2]);
+        add(QueryValues(subgroupBroadcast(q.q0, 11u), subgroupBroadcast(q.q1, 11u), subgroupBroadcast(q.q2, 11u), subgroupBroadcast(q.q3, 11u)), b[3]);
         b = bank_features(rows, step + 12u, clamp);
-        add(subgroupBroadcast(lo, 12u), subgroupBroadcast(hi, 12u), b[0]);
-        add(subgroupBroadcast(lo, 13u), subgroupBroadcast(hi, 13u), b[1]);
-        add(subgroupBroadcast(lo, 14u), subgroupBroadcast(hi, 14u), b[2]);
-        add(subgroupBroadcast(lo, 15u), subgroupBroadcast(hi, 15u), b[3]);
+        add(QueryValues(subgroupBroadcast(q.q0, 12u), subgroupBroadcast(q.q1, 12u), subgroupBroadcast(q.q2, 12u), subgroupBroadcast(q.q3, 12u)), b[0]);
+        add(QueryValues(subgroupBroadcast(q.q0, 13u), subgroupBroadcast(q.q1, 13u), subgroupBroadcast(q.q2, 13u), subgroupBroadcast(q.q3, 13u)), b[1]);
+        add(QueryValues(subgroupBroadcast(q.q0, 14u), subgroupBroadcast(q.q1, 14u), subgroupBroadcast(q.q2, 14u), subgroupBroadcast(q.q3, 14u)), b[2]);
+        add(QueryValues(subgroupBroadcast(q.q0, 15u), subgroupBroadcast(q.q1, 15u), subgroupBroadcast(q.q2, 15u), subgroupBroadcast(q.q3, 15u)), b[3]);
     }
+}
+
+// The packed query values of feature `feature` of the block whose feature 0 starts at vec4 `block_at`.
+fn query_values(block_at: u32, feature: u32) -> QueryValues {
+    let at = block_at + 4u * feature;
+    return QueryValues(queries[at], queries[at + 1u], queries[at + 2u], queries[at + 3u]);
 }
 
 @compute @workgroup_size(WG)
@@ -124,37 +162,57 @@ fn distance_subgroup(
     let col = (group.y * WG + local) * BANK_ROWS;
     let rows = vec3<u32>(min(col, n - 1u), min(col + 1u, n - 1u), min(col + 2u, n - 1u)) * (stride / 4u);
     let row0 = group.x * QUERIES;
-    // The vec4 holding query rows 0–3 of feature `lane` of this block (rows 4–7: the next).
-    let queries_at = (group.x * stride + lane) * 2u;
-    sums_0_lo = vec4<f32>(0.0);
-    sums_0_hi = vec4<f32>(0.0);
-    sums_1_lo = vec4<f32>(0.0);
-    sums_1_hi = vec4<f32>(0.0);
-    sums_2_lo = vec4<f32>(0.0);
-    sums_2_hi = vec4<f32>(0.0);
+    // The first of the 4 vec4s holding the block's query rows of feature `lane`.
+    let block_at = (group.x * stride + lane) * 4u;
+    sums_0_0 = vec4<f32>(0.0);
+    sums_0_1 = vec4<f32>(0.0);
+    sums_0_2 = vec4<f32>(0.0);
+    sums_0_3 = vec4<f32>(0.0);
+    sums_1_0 = vec4<f32>(0.0);
+    sums_1_1 = vec4<f32>(0.0);
+    sums_1_2 = vec4<f32>(0.0);
+    sums_1_3 = vec4<f32>(0.0);
+    sums_2_0 = vec4<f32>(0.0);
+    sums_2_1 = vec4<f32>(0.0);
+    sums_2_2 = vec4<f32>(0.0);
+    sums_2_3 = vec4<f32>(0.0);
     // Whole steps, then the partial one, whose query values past the last feature are zero.
     var step = 0u;
     for (; step + SG <= d; step += SG) {
-        add_step(rows, step, queries[queries_at + 2u * step], queries[queries_at + 2u * step + 1u], false);
+        add_step(rows, step, query_values(block_at, step), false);
     }
     if (step < d) {
         // A lane past the last feature reads the pad or the next block (or, at the buffer's end, what
         // the bounds checks clamp to) and drops it.
+        let q = query_values(block_at, step);
+        let zero = vec4<f32>(0.0);
         let inside = step + lane < d;
-        let lo = queries[queries_at + 2u * step];
-        let hi = queries[queries_at + 2u * step + 1u];
-        add_step(rows, step, select(vec4<f32>(0.0), lo, inside), select(vec4<f32>(0.0), hi, inside), true);
+        add_step(rows, step, QueryValues(select(zero, q.q0, inside), select(zero, q.q1, inside), select(zero, q.q2, inside), select(zero, q.q3, inside)), true);
     }
     // Each norm read once, where the sums are turned into distances.
     let bank_norm = vec3<f32>(bank_norms[min(col, n - 1u)], bank_norms[min(col + 1u, n - 1u)], bank_norms[min(col + 2u, n - 1u)]);
-    let norms_lo = vec4<f32>(query_norms[min(row0, m - 1u)], query_norms[min(row0 + 1u, m - 1u)], query_norms[min(row0 + 2u, m - 1u)], query_norms[min(row0 + 3u, m - 1u)]);
-    let norms_hi = vec4<f32>(query_norms[min(row0 + 4u, m - 1u)], query_norms[min(row0 + 5u, m - 1u)], query_norms[min(row0 + 6u, m - 1u)], query_norms[min(row0 + 7u, m - 1u)]);
-    store(row0, col, norms_lo + bank_norm.x - 2.0 * sums_0_lo);
-    store(row0 + 4u, col, norms_hi + bank_norm.x - 2.0 * sums_0_hi);
-    store(row0, col + 1u, norms_lo + bank_norm.y - 2.0 * sums_1_lo);
-    store(row0 + 4u, col + 1u, norms_hi + bank_norm.y - 2.0 * sums_1_hi);
-    store(row0, col + 2u, norms_lo + bank_norm.z - 2.0 * sums_2_lo);
-    store(row0 + 4u, col + 2u, norms_hi + bank_norm.z - 2.0 * sums_2_hi);
+    let norms_0 = query_norms_at(row0);
+    let norms_1 = query_norms_at(row0 + 4u);
+    let norms_2 = query_norms_at(row0 + 8u);
+    let norms_3 = query_norms_at(row0 + 12u);
+    store(row0, col, norms_0 + bank_norm.x - 2.0 * sums_0_0);
+    store(row0 + 4u, col, norms_1 + bank_norm.x - 2.0 * sums_0_1);
+    store(row0 + 8u, col, norms_2 + bank_norm.x - 2.0 * sums_0_2);
+    store(row0 + 12u, col, norms_3 + bank_norm.x - 2.0 * sums_0_3);
+    store(row0, col + 1u, norms_0 + bank_norm.y - 2.0 * sums_1_0);
+    store(row0 + 4u, col + 1u, norms_1 + bank_norm.y - 2.0 * sums_1_1);
+    store(row0 + 8u, col + 1u, norms_2 + bank_norm.y - 2.0 * sums_1_2);
+    store(row0 + 12u, col + 1u, norms_3 + bank_norm.y - 2.0 * sums_1_3);
+    store(row0, col + 2u, norms_0 + bank_norm.z - 2.0 * sums_2_0);
+    store(row0 + 4u, col + 2u, norms_1 + bank_norm.z - 2.0 * sums_2_1);
+    store(row0 + 8u, col + 2u, norms_2 + bank_norm.z - 2.0 * sums_2_2);
+    store(row0 + 12u, col + 2u, norms_3 + bank_norm.z - 2.0 * sums_2_3);
+}
+
+// The squared norms of query rows `first` … `first` + 3 (the last row's past the end).
+fn query_norms_at(first: u32) -> vec4<f32> {
+    let last = params.m - 1u;
+    return vec4<f32>(query_norms[min(first, last)], query_norms[min(first + 1u, last)], query_norms[min(first + 2u, last)], query_norms[min(first + 3u, last)]);
 }
 
 // Squared distances `d2` of query rows `first` … `first` + 3 to bank row `col`, those inside the block.
@@ -176,8 +234,8 @@ fn store(first: u32, col: u32, d2: vec4<f32>) {
 @group(0) @binding(1) var<storage, read> unpacked: array<f32>;
 @group(0) @binding(2) var<storage, read_write> packed: array<vec4<f32>>;
 
-// Packs a block of query rows for `distance_subgroup`: feature `id.x` of the 8 rows of block `id.y`,
-// as two vec4s, zero for rows past the last. The features past the last are the rows' zero pad.
+// Packs a block of query rows for `distance_subgroup`: feature `id.x` of the 16 rows of block `id.y`,
+// as four vec4s, zero for rows past the last. The features past the last are the rows' zero pad.
 @compute @workgroup_size(WG)
 fn pack_queries(@builtin(global_invocation_id) id: vec3<u32>) {
     let feature = id.x;
@@ -185,12 +243,14 @@ fn pack_queries(@builtin(global_invocation_id) id: vec3<u32>) {
     if (feature >= pack.stride) {
         return;
     }
-    var values: array<f32, 8>;
+    var values: array<f32, 16>;
     for (var i = 0u; i < QUERIES; i++) {
         let row = block * QUERIES + i;
         values[i] = select(0.0, unpacked[(pack.first + min(row, pack.rows - 1u)) * pack.stride + feature], row < pack.rows);
     }
-    let at = (block * pack.stride + feature) * 2u;
+    let at = (block * pack.stride + feature) * 4u;
     packed[at] = vec4<f32>(values[0], values[1], values[2], values[3]);
     packed[at + 1u] = vec4<f32>(values[4], values[5], values[6], values[7]);
+    packed[at + 2u] = vec4<f32>(values[8], values[9], values[10], values[11]);
+    packed[at + 3u] = vec4<f32>(values[12], values[13], values[14], values[15]);
 }

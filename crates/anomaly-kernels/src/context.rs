@@ -277,6 +277,8 @@ pub(crate) enum Slot {
     Uniform,
     Read,
     Write,
+    /// A 2D texture of f32 texels, read with `textureLoad`.
+    Texture,
 }
 
 /// One compute pipeline with its bind group layout.
@@ -291,19 +293,19 @@ impl Kernel {
         let entries: Vec<wgpu::BindGroupLayoutEntry> = slots
             .iter()
             .enumerate()
-            .map(|(i, slot)| wgpu::BindGroupLayoutEntry {
-                binding: i as u32,
-                visibility: wgpu::ShaderStages::COMPUTE,
-                ty: wgpu::BindingType::Buffer {
-                    ty: match slot {
-                        Slot::Uniform => wgpu::BufferBindingType::Uniform,
-                        Slot::Read => wgpu::BufferBindingType::Storage { read_only: true },
-                        Slot::Write => wgpu::BufferBindingType::Storage { read_only: false },
+            .map(|(i, slot)| {
+                let buffer = |ty| wgpu::BindingType::Buffer { ty, has_dynamic_offset: false, min_binding_size: None };
+                let ty = match slot {
+                    Slot::Uniform => buffer(wgpu::BufferBindingType::Uniform),
+                    Slot::Read => buffer(wgpu::BufferBindingType::Storage { read_only: true }),
+                    Slot::Write => buffer(wgpu::BufferBindingType::Storage { read_only: false }),
+                    Slot::Texture => wgpu::BindingType::Texture {
+                        sample_type: wgpu::TextureSampleType::Float { filterable: false },
+                        view_dimension: wgpu::TextureViewDimension::D2,
+                        multisampled: false,
                     },
-                    has_dynamic_offset: false,
-                    min_binding_size: None,
-                },
-                count: None,
+                };
+                wgpu::BindGroupLayoutEntry { binding: i as u32, visibility: wgpu::ShaderStages::COMPUTE, ty, count: None }
             })
             .collect();
         let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(entry), entries: &entries });

@@ -6,6 +6,7 @@ use burn::tensor::wgpu::wgpu;
 use bytemuck::{Pod, Zeroable};
 
 use crate::context::{GpuKernels, GpuMatrix, Kernel, KernelError, MatrixChunk, Slot, row_stride, shader_module};
+use crate::distance_subgroup::BankTexture;
 use crate::knn::MAX_QUERY_BLOCK;
 
 /// Invocations per workgroup side (the shader's `SIDE`) of both shaders.
@@ -23,9 +24,10 @@ const NO_SUBGROUPS: &str = "the subgroup distance kernel needs subgroup operatio
 pub enum DistanceKernel {
     /// Shared-memory tiles, 4 × 4 outputs per invocation: for hardware GPUs.
     Tiled,
-    /// 8 query rows × 3 bank rows per invocation, the query values shared through subgroup broadcasts:
-    /// for adapters that emulate a GPU on the CPU (llvmpipe), where storage reads are costly. Needs
-    /// subgroup operations of a fixed size of 4, 8 or 16 (`GpuKernels::has_subgroup_kernel`).
+    /// 16 query rows × 3 bank rows per invocation, the query values shared through subgroup broadcasts
+    /// and the bank read from a texture: for adapters that emulate a GPU on the CPU (llvmpipe), where
+    /// storage reads are costly. Needs subgroup operations of a fixed size of 4, 8 or 16 and textures
+    /// that hold a binding's worth of rows (`GpuKernels::has_subgroup_kernel`).
     Subgroup,
     /// One invocation per pair: the baseline the others are measured against.
     Naive,
@@ -67,7 +69,7 @@ pub(crate) struct QueryBlock {
     pub kernel: DistanceKernel,
     pub norms: wgpu::Buffer,
     /// `rows × d`, row-major, rows [`row_stride`] of `d` apart (as in the bank's chunks); for the
-    /// subgroup shader packed in blocks of 8 rows (`SubgroupShader::pack`).
+    /// subgroup shader packed in blocks of 16 rows (`SubgroupShader::pack`).
     pub values: wgpu::Buffer,
 }
 
@@ -105,21 +107,36 @@ impl GpuKernels {
         QueryBlock { rows, d, kernel, norms, values }
     }
 
-    /// Encodes the squared distances of a query block to one bank chunk into `out` (`rows × chunk.rows`).
+    /// The texture the subgroup shader reads `bank`'s chunks from, where `kernel` is that shader; the
+    /// other shaders read the chunks' buffers.
+    pub(crate) fn bank_texture(&self, bank: &GpuMatrix, kernel: DistanceKernel) -> Result<Option<BankTexture>, KernelError> {
+        match (kernel, &self.subgroup) {
+            (DistanceKernel::Subgroup, Some(subgroup)) => subgroup.bank_texture(&self.gpu, bank).map(Some),
+            (DistanceKernel::Subgroup, None) => Err(KernelError::Shape(NO_SUBGROUPS.into())),
+            _ => Ok(None),
+        }
+    }
+
+    /// Encodes the squared distances of a query block to one bank chunk into `out` (`rows × chunk.rows`);
+    /// for the subgroup shader, from `texture` (`BankTexture::load`).
     pub(crate) fn encode_distances(
         &self,
         pass: &mut wgpu::ComputePass,
         queries: &QueryBlock,
         chunk: &MatrixChunk,
+        texture: Option<&BankTexture>,
         out: &wgpu::Buffer,
     ) -> Result<(), KernelError> {
         let gpu = &self.gpu;
         let (m, n) = (queries.rows, chunk.rows);
-        let (shader, outputs_per_group) = match (queries.kernel, &self.subgroup) {
-            (DistanceKernel::Subgroup, Some(subgroup)) => return subgroup.encode(gpu, pass, queries, chunk, out),
-            (DistanceKernel::Subgroup, None) => return Err(KernelError::Shape(NO_SUBGROUPS.into())),
-            (DistanceKernel::Naive, _) => (&self.distance.naive, SIDE),
-            (DistanceKernel::Tiled, _) => (&self.distance.tiled, TILE),
+        let (shader, outputs_per_group) = match (queries.kernel, &self.subgroup, texture) {
+            (DistanceKernel::Subgroup, Some(subgroup), Some(texture)) => return subgroup.encode(gpu, pass, queries, chunk, texture, out),
+            (DistanceKernel::Subgroup, Some(_), None) => {
+                return Err(KernelError::Shape("the subgroup distance kernel reads the bank from a texture, and none was given".into()));
+            }
+            (DistanceKernel::Subgroup, None, _) => return Err(KernelError::Shape(NO_SUBGROUPS.into())),
+            (DistanceKernel::Naive, _, _) => (&self.distance.naive, SIDE),
+            (DistanceKernel::Tiled, _, _) => (&self.distance.tiled, TILE),
         };
         let params = gpu.uniform(&queries.params(n));
         let buffers = [&params, &queries.values, &chunk.values, &queries.norms, &chunk.norms, out];
@@ -147,9 +164,14 @@ impl GpuKernels {
         let out = gpu.storage(m * n * 4, "distance matrix");
         let mut encoder = gpu.device.create_command_encoder(&Default::default());
         let block = self.prepare_queries(&mut encoder, &queries.chunks[0], 0, m, d, kernel);
+        // The packing and the texture's copy are not timed (the kNN's times include them).
+        let mut texture = self.bank_texture(bank, kernel)?;
+        if let Some(texture) = texture.as_mut() {
+            texture.load(&mut encoder, &bank.chunks[0], bank.stride());
+        }
         gpu.queue.submit([encoder.finish()]);
         let mut encoded = Ok(());
-        let ms = gpu.time(|pass| encoded = self.encode_distances(pass, &block, &bank.chunks[0], &out))?;
+        let ms = gpu.time(|pass| encoded = self.encode_distances(pass, &block, &bank.chunks[0], texture.as_ref(), &out))?;
         encoded?;
         let parts = gpu.read_back(gpu.device.create_command_encoder(&Default::default()), &[(&out, (m * n * 4) as u64)])?;
         Ok((bytemuck::cast_slice(&parts[0]).to_vec(), ms))

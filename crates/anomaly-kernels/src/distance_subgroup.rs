@@ -1,27 +1,28 @@
 //! Host side of `shaders/distance_subgroup.wgsl`, the distance shader for adapters that emulate a GPU
-//! on the CPU (llvmpipe), where storage reads are loops over SIMD lanes and subgroup broadcasts are
-//! register shuffles: each invocation keeps 8 query rows × 3 bank rows of sums, and the lanes of a
-//! subgroup share the query values they read, from query blocks packed feature by feature.
+//! on the CPU (llvmpipe), where storage reads are loops over SIMD lanes, texture reads gathers and
+//! subgroup broadcasts register shuffles: each invocation keeps 16 query rows × 3 bank rows of sums and
+//! reads its bank rows from a texture each bank chunk is copied into (`BankTexture`), and the lanes of
+//! a subgroup share the query values they read, from query blocks packed feature by feature.
 
 use burn::tensor::wgpu::wgpu;
 use bytemuck::{Pod, Zeroable};
 
-use crate::context::{Gpu, Kernel, KernelError, MatrixChunk, Slot, row_stride, shader_module};
+use crate::context::{Gpu, GpuMatrix, Kernel, KernelError, KernelLimits, MatrixChunk, Slot, row_stride, shader_module};
 use crate::distance::QueryBlock;
 
 /// Invocations per workgroup (the shader's `WG`): a multiple of every subgroup size the shader takes.
 const WORKGROUP: u32 = 64;
 /// Query rows per workgroup row of the grid and bank rows per invocation (the shader's `QUERIES` and
 /// `BANK_ROWS`).
-const QUERIES: usize = 8;
+const QUERIES: usize = 16;
 const BANK_ROWS: u32 = 3;
 /// Subgroup sizes the shader is written for (its unrolled broadcasts): the SIMD widths of llvmpipe
 /// (128-, 256- and 512-bit vectors of f32).
 const SUBGROUP_SIZES: [u32; 3] = [4, 8, 16];
 
-/// The most rows of a query block whose packed copy (`SubgroupShader::pack`, whole blocks of 8 rows)
-/// takes no more room than `rows` unpacked rows: `rows` rounded down to a multiple of 8, where that
-/// leaves any (fewer than 8 rows fit a binding only at millions of features).
+/// The most rows of a query block whose packed copy (`SubgroupShader::pack`, whole blocks of 16 rows)
+/// takes no more room than `rows` unpacked rows: `rows` rounded down to a multiple of 16, where that
+/// leaves any (fewer than 16 rows fit a binding only at hundreds of thousands of features).
 pub(crate) fn packed_block_rows(rows: usize) -> usize {
     if rows >= QUERIES { rows / QUERIES * QUERIES } else { rows }
 }
@@ -45,30 +46,82 @@ struct PackParams {
     _pad: u32,
 }
 
-/// The shader's two entry points, built for the device's subgroup size.
+/// The shader's two entry points, built for the device's subgroup size, and the shape of the bank
+/// texture it reads.
 pub(crate) struct SubgroupShader {
     distances: Kernel,
     pack: Kernel,
+    /// The bank texture is `1 << texture_shift` texels wide (the shader's `TEXTURE_SHIFT`)…
+    texture_shift: u32,
+    /// … and at most this many tall.
+    max_texture_rows: u32,
+}
+
+/// Bytes of one texel of the bank texture: 4 features of f32.
+const TEXEL_BYTES: u64 = 16;
+
+/// The rgba32float texture `distance_subgroup` reads a bank chunk from, one per `knn` call: each chunk's
+/// buffer is copied into it in turn, its rows one after another (`row_stride` / 4 texels each), wrapped
+/// at the texture's width. On llvmpipe a texel read is one branch-free gather of the lanes' texels where
+/// a storage read is a loop over the lanes: the bank's reads are most of the shader's time.
+pub(crate) struct BankTexture {
+    texture: wgpu::Texture,
+    view: wgpu::TextureView,
+    /// The first row of the chunk it holds, once a copy is encoded.
+    holds: Option<usize>,
 }
 
 impl SubgroupShader {
-    /// The shader, where the device has subgroup operations and a fixed subgroup size it is written
-    /// for; `None` elsewhere.
+    /// The shader, where the device has subgroup operations, a fixed subgroup size it is written for,
+    /// and textures large enough to hold any bank chunk (one binding's worth of rows); `None` elsewhere.
     pub fn new(device: &wgpu::Device) -> Option<Self> {
-        fixed_subgroup_size(device).map(|size| {
-            let module = shader_module(device, "distance_subgroup", include_str!("../../../shaders/distance_subgroup.wgsl"));
-            let constants = [("SG", size as f64), ("WG", WORKGROUP as f64)];
-            let slots = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Read, Slot::Read, Slot::Write];
-            Self {
-                distances: Kernel::new(device, &module, "distance_subgroup", &slots, &constants),
-                pack: Kernel::new(device, &module, "pack_queries", &[Slot::Uniform, Slot::Read, Slot::Write], &constants),
-            }
+        let size = fixed_subgroup_size(device)?;
+        let side = device.limits().max_texture_dimension_2d;
+        // The widest power of two the device allows, so that the shader splits a texel index with a
+        // mask and a shift.
+        let texture_shift = side.checked_ilog2()?;
+        let max_texels = (1u64 << texture_shift) * side as u64;
+        if max_texels * TEXEL_BYTES < KernelLimits::of(device).max_binding_bytes || texture_shift < 4 {
+            return None;
+        }
+        let module = shader_module(device, "distance_subgroup", include_str!("../../../shaders/distance_subgroup.wgsl"));
+        let constants = [("SG", size as f64), ("WG", WORKGROUP as f64), ("TEXTURE_SHIFT", texture_shift as f64)];
+        let slots = [Slot::Uniform, Slot::Read, Slot::Texture, Slot::Read, Slot::Read, Slot::Write];
+        let pack_constants = [("SG", size as f64), ("WG", WORKGROUP as f64)];
+        Some(Self {
+            distances: Kernel::new(device, &module, "distance_subgroup", &slots, &constants),
+            pack: Kernel::new(device, &module, "pack_queries", &[Slot::Uniform, Slot::Read, Slot::Write], &pack_constants),
+            texture_shift,
+            max_texture_rows: side,
         })
     }
 
+    /// A texture large enough for any chunk of `bank`, holding none yet.
+    pub fn bank_texture(&self, gpu: &Gpu, bank: &GpuMatrix) -> Result<BankTexture, KernelError> {
+        let width = 1u64 << self.texture_shift;
+        let texels = bank.chunks.iter().map(|c| (c.rows * bank.stride() / 4) as u64).max().unwrap_or(1);
+        let rows = texels.div_ceil(width).max(1);
+        if rows > self.max_texture_rows as u64 {
+            // `new` only builds the shader where a binding's worth of rows fits.
+            return Err(KernelError::Shape(format!("a bank chunk of {texels} texels exceeds the device's largest texture")));
+        }
+        let texture = gpu.device.create_texture(&wgpu::TextureDescriptor {
+            label: Some("bank chunk texture"),
+            size: wgpu::Extent3d { width: width as u32, height: rows as u32, depth_or_array_layers: 1 },
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format: wgpu::TextureFormat::Rgba32Float,
+            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+            view_formats: &[],
+        });
+        let view = texture.create_view(&Default::default());
+        Ok(BankTexture { texture, view, holds: None })
+    }
+
     /// Encodes the packing of rows `first .. first + rows` of a query chunk (`d` wide) into a new buffer,
-    /// as `encode` reads them: per block of 8 rows, per feature, the 8 rows' values (zero past the last
-    /// row), so that one lane's values of a feature are two vec4 reads instead of 8 scalar ones.
+    /// as `encode` reads them: per block of 16 rows, per feature, the 16 rows' values (zero past the last
+    /// row), so that one lane's values of a feature are four vec4 reads instead of 16 scalar ones.
     pub fn pack(
         &self,
         gpu: &Gpu,
@@ -88,23 +141,73 @@ impl SubgroupShader {
         packed
     }
 
-    /// Encodes the squared distances of a block of queries to one bank chunk into `out`
-    /// (`queries.rows × chunk.rows`).
+    /// Encodes the squared distances of a block of queries to one bank chunk, which `texture` holds
+    /// (`BankTexture::load`), into `out` (`queries.rows × chunk.rows`).
     pub fn encode(
         &self,
         gpu: &Gpu,
         pass: &mut wgpu::ComputePass,
         queries: &QueryBlock,
         chunk: &MatrixChunk,
+        texture: &BankTexture,
         out: &wgpu::Buffer,
     ) -> Result<(), KernelError> {
+        if texture.holds != Some(chunk.start) {
+            return Err(KernelError::Shape(format!("the bank texture does not hold the chunk at row {}", chunk.start)));
+        }
         let n = chunk.rows;
         // Query rows along x, bank rows along y (see the shader).
         let (bank_groups, _) = gpu.groups_1d(n.div_ceil(BANK_ROWS as usize), WORKGROUP)?;
         let params = gpu.uniform(&queries.params(n));
-        let buffers = [&params, &queries.values, &chunk.values, &queries.norms, &chunk.norms, out];
-        gpu.dispatch(pass, &self.distances, &buffers, (queries.rows.div_ceil(QUERIES) as u32, bank_groups));
+        let resources = [
+            params.as_entire_binding(),
+            queries.values.as_entire_binding(),
+            wgpu::BindingResource::TextureView(&texture.view),
+            queries.norms.as_entire_binding(),
+            chunk.norms.as_entire_binding(),
+            out.as_entire_binding(),
+        ];
+        gpu.dispatch_resources(pass, &self.distances, &resources, (queries.rows.div_ceil(QUERIES) as u32, bank_groups));
         Ok(())
+    }
+}
+
+impl BankTexture {
+    /// Encodes the copy of `chunk` (rows `stride` floats apart) into the texture, unless it holds it
+    /// already: whole rows of the texture in one copy, then the last, partial row.
+    pub fn load(&mut self, encoder: &mut wgpu::CommandEncoder, chunk: &MatrixChunk, stride: usize) {
+        if self.holds == Some(chunk.start) {
+            return;
+        }
+        let width = self.texture.width() as u64;
+        let texels = (chunk.rows * stride / 4) as u64;
+        let (whole_rows, rest) = (texels / width, texels % width);
+        let mut copy = |first_row: u64, columns: u64, rows: u64| {
+            encoder.copy_buffer_to_texture(
+                wgpu::TexelCopyBufferInfo {
+                    buffer: &chunk.values,
+                    layout: wgpu::TexelCopyBufferLayout {
+                        offset: first_row * width * TEXEL_BYTES,
+                        bytes_per_row: Some((width * TEXEL_BYTES) as u32),
+                        rows_per_image: None,
+                    },
+                },
+                wgpu::TexelCopyTextureInfo {
+                    texture: &self.texture,
+                    mip_level: 0,
+                    origin: wgpu::Origin3d { x: 0, y: first_row as u32, z: 0 },
+                    aspect: wgpu::TextureAspect::All,
+                },
+                wgpu::Extent3d { width: columns as u32, height: rows as u32, depth_or_array_layers: 1 },
+            );
+        };
+        if whole_rows > 0 {
+            copy(0, width, whole_rows);
+        }
+        if rest > 0 {
+            copy(whole_rows, rest, 1);
+        }
+        self.holds = Some(chunk.start);
     }
 }
 

@@ -1,6 +1,7 @@
 //! The k nearest bank rows of every query, composed from the distance and top-k kernels: for each block
 //! of queries and each bank chunk, a distance dispatch and a top-k dispatch that merges into the
-//! running best, so at most one chunk's distances exist at a time.
+//! running best, so at most one chunk's distances exist at a time (and, for the subgroup shader, one
+//! chunk's texture copy).
 
 use crate::Neighbours;
 use crate::context::{GpuKernels, GpuMatrix, KernelError};
@@ -32,6 +33,7 @@ impl GpuKernels {
         };
         let block = queries.rows.min(MAX_QUERY_BLOCK).min(binding_rows(width * 4)).min(query_rows).min(binding_rows(k * 4)).max(1);
         let distances = gpu.storage(block * width * 4, "distances");
+        let mut texture = self.bank_texture(bank, kernel)?;
         let mut best = RunningBest::new(gpu, block, k);
         let mut result = Neighbours { k, distances: Vec::with_capacity(queries.rows * k), indices: Vec::with_capacity(queries.rows * k) };
         for chunk in &queries.chunks {
@@ -40,12 +42,13 @@ impl GpuKernels {
                 let mut encoder = gpu.device.create_command_encoder(&Default::default());
                 let block_queries = self.prepare_queries(&mut encoder, chunk, first, rows, d, kernel);
                 best.restart();
-                {
-                    let mut pass = encoder.begin_compute_pass(&Default::default());
-                    for bank_chunk in &bank.chunks {
-                        self.encode_distances(&mut pass, &block_queries, bank_chunk, &distances)?;
-                        self.topk.encode_merge(gpu, &mut pass, &mut best, &distances, rows, bank_chunk);
+                for bank_chunk in &bank.chunks {
+                    if let Some(texture) = texture.as_mut() {
+                        texture.load(&mut encoder, bank_chunk, bank.stride());
                     }
+                    let mut pass = encoder.begin_compute_pass(&Default::default());
+                    self.encode_distances(&mut pass, &block_queries, bank_chunk, texture.as_ref(), &distances)?;
+                    self.topk.encode_merge(gpu, &mut pass, &mut best, &distances, rows, bank_chunk);
                 }
                 let bytes = (rows * k * 4) as u64;
                 let (values, indices) = best.current();
