@@ -52,43 +52,34 @@ const BANK_ROWS: u32 = 3u;
 @group(0) @binding(4) var<storage, read> bank_norms: array<f32>;
 @group(0) @binding(5) var<storage, read_write> distances: array<f32>;
 
-// Dot products so far: sums_<bank row>_<query rows 0–3, 4–7, 8–11 or 12–15>, in registers (module-scope
-// private variables, as WGSL functions cannot take them by reference).
-var<private> sums_0_0: vec4<f32>;
-var<private> sums_0_1: vec4<f32>;
-var<private> sums_0_2: vec4<f32>;
-var<private> sums_0_3: vec4<f32>;
-var<private> sums_1_0: vec4<f32>;
-var<private> sums_1_1: vec4<f32>;
-var<private> sums_1_2: vec4<f32>;
-var<private> sums_1_3: vec4<f32>;
-var<private> sums_2_0: vec4<f32>;
-var<private> sums_2_1: vec4<f32>;
-var<private> sums_2_2: vec4<f32>;
-var<private> sums_2_3: vec4<f32>;
+// Values of the block's 16 query rows, 4 rows to a vec4: the rows' values of one feature, their squared
+// norms, or their dot products with one bank row so far.
+struct QueryRows {
+    rows_0_3: vec4<f32>,
+    rows_4_7: vec4<f32>,
+    rows_8_11: vec4<f32>,
+    rows_12_15: vec4<f32>,
+}
 
-// The 16 query rows' values of one feature, 4 rows to a vec4.
-struct QueryValues {
-    q0: vec4<f32>,
-    q1: vec4<f32>,
-    q2: vec4<f32>,
-    q3: vec4<f32>,
+// Dot products so far with the invocation's bank rows 0, 1 and 2, in registers (module-scope private
+// variables, which functions take by pointer).
+var<private> sums_0: QueryRows;
+var<private> sums_1: QueryRows;
+var<private> sums_2: QueryRows;
+
+// One feature of one bank row: its value `b` times the query rows' values `q`, added to `sums`.
+fn add_row(sums: ptr<private, QueryRows>, q: QueryRows, b: f32) {
+    (*sums).rows_0_3 = fma(q.rows_0_3, vec4<f32>(b), (*sums).rows_0_3);
+    (*sums).rows_4_7 = fma(q.rows_4_7, vec4<f32>(b), (*sums).rows_4_7);
+    (*sums).rows_8_11 = fma(q.rows_8_11, vec4<f32>(b), (*sums).rows_8_11);
+    (*sums).rows_12_15 = fma(q.rows_12_15, vec4<f32>(b), (*sums).rows_12_15);
 }
 
 // One feature: the 16 query rows' values `q` times the invocation's 3 bank rows' values `b`.
-fn add(q: QueryValues, b: vec3<f32>) {
-    sums_0_0 = fma(q.q0, vec4<f32>(b.x), sums_0_0);
-    sums_0_1 = fma(q.q1, vec4<f32>(b.x), sums_0_1);
-    sums_0_2 = fma(q.q2, vec4<f32>(b.x), sums_0_2);
-    sums_0_3 = fma(q.q3, vec4<f32>(b.x), sums_0_3);
-    sums_1_0 = fma(q.q0, vec4<f32>(b.y), sums_1_0);
-    sums_1_1 = fma(q.q1, vec4<f32>(b.y), sums_1_1);
-    sums_1_2 = fma(q.q2, vec4<f32>(b.y), sums_1_2);
-    sums_1_3 = fma(q.q3, vec4<f32>(b.y), sums_1_3);
-    sums_2_0 = fma(q.q0, vec4<f32>(b.z), sums_2_0);
-    sums_2_1 = fma(q.q1, vec4<f32>(b.z), sums_2_1);
-    sums_2_2 = fma(q.q2, vec4<f32>(b.z), sums_2_2);
-    sums_2_3 = fma(q.q3, vec4<f32>(b.z), sums_2_3);
+fn add(q: QueryRows, b: vec3<f32>) {
+    add_row(&sums_0, q, b.x);
+    add_row(&sums_1, q, b.y);
+    add_row(&sums_2, q, b.z);
 }
 
 // The texel `t` of the bank chunk.
@@ -112,37 +103,37 @@ fn bank_features(rows: vec3<u32>, feature: u32, clamp: bool) -> array<vec3<f32>,
 // Features `step` … `step` + SG − 1: lane j read feature `step` + j of the 16 query rows (`q`), and
 // subgroup broadcasts hand its values to every lane; subgroupBroadcast takes a constant lane, hence
 // the unrolling.
-fn add_step(rows: vec3<u32>, step: u32, q: QueryValues, clamp: bool) {
+fn add_step(rows: vec3<u32>, step: u32, q: QueryRows, clamp: bool) {
     var b = bank_features(rows, step, clamp);
-    add(QueryValues(subgroupBroadcast(q.q0, 0u), subgroupBroadcast(q.q1, 0u), subgroupBroadcast(q.q2, 0u), subgroupBroadcast(q.q3, 0u)), b[0]);
-    add(QueryValues(subgroupBroadcast(q.q0, 1u), subgroupBroadcast(q.q1, 1u), subgroupBroadcast(q.q2, 1u), subgroupBroadcast(q.q3, 1u)), b[1]);
-    add(QueryValues(subgroupBroadcast(q.q0, 2u), subgroupBroadcast(q.q1, 2u), subgroupBroadcast(q.q2, 2u), subgroupBroadcast(q.q3, 2u)), b[2]);
-    add(QueryValues(subgroupBroadcast(q.q0, 3u), subgroupBroadcast(q.q1, 3u), subgroupBroadcast(q.q2, 3u), subgroupBroadcast(q.q3, 3u)), b[3]);
+    add(QueryRows(subgroupBroadcast(q.rows_0_3, 0u), subgroupBroadcast(q.rows_4_7, 0u), subgroupBroadcast(q.rows_8_11, 0u), subgroupBroadcast(q.rows_12_15, 0u)), b[0]);
+    add(QueryRows(subgroupBroadcast(q.rows_0_3, 1u), subgroupBroadcast(q.rows_4_7, 1u), subgroupBroadcast(q.rows_8_11, 1u), subgroupBroadcast(q.rows_12_15, 1u)), b[1]);
+    add(QueryRows(subgroupBroadcast(q.rows_0_3, 2u), subgroupBroadcast(q.rows_4_7, 2u), subgroupBroadcast(q.rows_8_11, 2u), subgroupBroadcast(q.rows_12_15, 2u)), b[2]);
+    add(QueryRows(subgroupBroadcast(q.rows_0_3, 3u), subgroupBroadcast(q.rows_4_7, 3u), subgroupBroadcast(q.rows_8_11, 3u), subgroupBroadcast(q.rows_12_15, 3u)), b[3]);
     if (SG > 4u) {
         b = bank_features(rows, step + 4u, clamp);
-        add(QueryValues(subgroupBroadcast(q.q0, 4u), subgroupBroadcast(q.q1, 4u), subgroupBroadcast(q.q2, 4u), subgroupBroadcast(q.q3, 4u)), b[0]);
-        add(QueryValues(subgroupBroadcast(q.q0, 5u), subgroupBroadcast(q.q1, 5u), subgroupBroadcast(q.q2, 5u), subgroupBroadcast(q.q3, 5u)), b[1]);
-        add(QueryValues(subgroupBroadcast(q.q0, 6u), subgroupBroadcast(q.q1, 6u), subgroupBroadcast(q.q2, 6u), subgroupBroadcast(q.q3, 6u)), b[2]);
-        add(QueryValues(subgroupBroadcast(q.q0, 7u), subgroupBroadcast(q.q1, 7u), subgroupBroadcast(q.q2, 7u), subgroupBroadcast(q.q3, 7u)), b[3]);
+        add(QueryRows(subgroupBroadcast(q.rows_0_3, 4u), subgroupBroadcast(q.rows_4_7, 4u), subgroupBroadcast(q.rows_8_11, 4u), subgroupBroadcast(q.rows_12_15, 4u)), b[0]);
+        add(QueryRows(subgroupBroadcast(q.rows_0_3, 5u), subgroupBroadcast(q.rows_4_7, 5u), subgroupBroadcast(q.rows_8_11, 5u), subgroupBroadcast(q.rows_12_15, 5u)), b[1]);
+        add(QueryRows(subgroupBroadcast(q.rows_0_3, 6u), subgroupBroadcast(q.rows_4_7, 6u), subgroupBroadcast(q.rows_8_11, 6u), subgroupBroadcast(q.rows_12_15, 6u)), b[2]);
+        add(QueryRows(subgroupBroadcast(q.rows_0_3, 7u), subgroupBroadcast(q.rows_4_7, 7u), subgroupBroadcast(q.rows_8_11, 7u), subgroupBroadcast(q.rows_12_15, 7u)), b[3]);
     }
     if (SG > 8u) {
         b = bank_features(rows, step + 8u, clamp);
-        add(QueryValues(subgroupBroadcast(q.q0, 8u), subgroupBroadcast(q.q1, 8u), subgroupBroadcast(q.q2, 8u), subgroupBroadcast(q.q3, 8u)), b[0]);
-        add(QueryValues(subgroupBroadcast(q.q0, 9u), subgroupBroadcast(q.q1, 9u), subgroupBroadcast(q.q2, 9u), subgroupBroadcast(q.q3, 9u)), b[1]);
-        add(QueryValues(subgroupBroadcast(q.q0, 10u), subgroupBroadcast(q.q1, 10u), subgroupBroadcast(q.q2, 10u), subgroupBroadcast(q.q3, 10u)), b[2]);
-        add(QueryValues(subgroupBroadcast(q.q0, 11u), subgroupBroadcast(q.q1, 11u), subgroupBroadcast(q.q2, 11u), subgroupBroadcast(q.q3, 11u)), b[3]);
+        add(QueryRows(subgroupBroadcast(q.rows_0_3, 8u), subgroupBroadcast(q.rows_4_7, 8u), subgroupBroadcast(q.rows_8_11, 8u), subgroupBroadcast(q.rows_12_15, 8u)), b[0]);
+        add(QueryRows(subgroupBroadcast(q.rows_0_3, 9u), subgroupBroadcast(q.rows_4_7, 9u), subgroupBroadcast(q.rows_8_11, 9u), subgroupBroadcast(q.rows_12_15, 9u)), b[1]);
+        add(QueryRows(subgroupBroadcast(q.rows_0_3, 10u), subgroupBroadcast(q.rows_4_7, 10u), subgroupBroadcast(q.rows_8_11, 10u), subgroupBroadcast(q.rows_12_15, 10u)), b[2]);
+        add(QueryRows(subgroupBroadcast(q.rows_0_3, 11u), subgroupBroadcast(q.rows_4_7, 11u), subgroupBroadcast(q.rows_8_11, 11u), subgroupBroadcast(q.rows_12_15, 11u)), b[3]);
         b = bank_features(rows, step + 12u, clamp);
-        add(QueryValues(subgroupBroadcast(q.q0, 12u), subgroupBroadcast(q.q1, 12u), subgroupBroadcast(q.q2, 12u), subgroupBroadcast(q.q3, 12u)), b[0]);
-        add(QueryValues(subgroupBroadcast(q.q0, 13u), subgroupBroadcast(q.q1, 13u), subgroupBroadcast(q.q2, 13u), subgroupBroadcast(q.q3, 13u)), b[1]);
-        add(QueryValues(subgroupBroadcast(q.q0, 14u), subgroupBroadcast(q.q1, 14u), subgroupBroadcast(q.q2, 14u), subgroupBroadcast(q.q3, 14u)), b[2]);
-        add(QueryValues(subgroupBroadcast(q.q0, 15u), subgroupBroadcast(q.q1, 15u), subgroupBroadcast(q.q2, 15u), subgroupBroadcast(q.q3, 15u)), b[3]);
+        add(QueryRows(subgroupBroadcast(q.rows_0_3, 12u), subgroupBroadcast(q.rows_4_7, 12u), subgroupBroadcast(q.rows_8_11, 12u), subgroupBroadcast(q.rows_12_15, 12u)), b[0]);
+        add(QueryRows(subgroupBroadcast(q.rows_0_3, 13u), subgroupBroadcast(q.rows_4_7, 13u), subgroupBroadcast(q.rows_8_11, 13u), subgroupBroadcast(q.rows_12_15, 13u)), b[1]);
+        add(QueryRows(subgroupBroadcast(q.rows_0_3, 14u), subgroupBroadcast(q.rows_4_7, 14u), subgroupBroadcast(q.rows_8_11, 14u), subgroupBroadcast(q.rows_12_15, 14u)), b[2]);
+        add(QueryRows(subgroupBroadcast(q.rows_0_3, 15u), subgroupBroadcast(q.rows_4_7, 15u), subgroupBroadcast(q.rows_8_11, 15u), subgroupBroadcast(q.rows_12_15, 15u)), b[3]);
     }
 }
 
 // The packed query values of feature `feature` of the block whose feature 0 starts at vec4 `block_at`.
-fn query_values(block_at: u32, feature: u32) -> QueryValues {
+fn query_values(block_at: u32, feature: u32) -> QueryRows {
     let at = block_at + 4u * feature;
-    return QueryValues(queries[at], queries[at + 1u], queries[at + 2u], queries[at + 3u]);
+    return QueryRows(queries[at], queries[at + 1u], queries[at + 2u], queries[at + 3u]);
 }
 
 @compute @workgroup_size(WG)
@@ -164,18 +155,10 @@ fn distance_subgroup(
     let row0 = group.x * QUERIES;
     // The first of the 4 vec4s holding the block's query rows of feature `lane`.
     let block_at = (group.x * stride + lane) * 4u;
-    sums_0_0 = vec4<f32>(0.0);
-    sums_0_1 = vec4<f32>(0.0);
-    sums_0_2 = vec4<f32>(0.0);
-    sums_0_3 = vec4<f32>(0.0);
-    sums_1_0 = vec4<f32>(0.0);
-    sums_1_1 = vec4<f32>(0.0);
-    sums_1_2 = vec4<f32>(0.0);
-    sums_1_3 = vec4<f32>(0.0);
-    sums_2_0 = vec4<f32>(0.0);
-    sums_2_1 = vec4<f32>(0.0);
-    sums_2_2 = vec4<f32>(0.0);
-    sums_2_3 = vec4<f32>(0.0);
+    let zero = vec4<f32>(0.0);
+    sums_0 = QueryRows(zero, zero, zero, zero);
+    sums_1 = sums_0;
+    sums_2 = sums_0;
     // Whole steps, then the partial one, whose query values past the last feature are zero.
     var step = 0u;
     for (; step + SG <= d; step += SG) {
@@ -185,34 +168,30 @@ fn distance_subgroup(
         // A lane past the last feature reads the pad or the next block (or, at the buffer's end, what
         // the bounds checks clamp to) and drops it.
         let q = query_values(block_at, step);
-        let zero = vec4<f32>(0.0);
         let inside = step + lane < d;
-        add_step(rows, step, QueryValues(select(zero, q.q0, inside), select(zero, q.q1, inside), select(zero, q.q2, inside), select(zero, q.q3, inside)), true);
+        add_step(rows, step, QueryRows(select(zero, q.rows_0_3, inside), select(zero, q.rows_4_7, inside), select(zero, q.rows_8_11, inside), select(zero, q.rows_12_15, inside)), true);
     }
     // Each norm read once, where the sums are turned into distances.
     let bank_norm = vec3<f32>(bank_norms[min(col, n - 1u)], bank_norms[min(col + 1u, n - 1u)], bank_norms[min(col + 2u, n - 1u)]);
-    let norms_0 = query_norms_at(row0);
-    let norms_1 = query_norms_at(row0 + 4u);
-    let norms_2 = query_norms_at(row0 + 8u);
-    let norms_3 = query_norms_at(row0 + 12u);
-    store(row0, col, norms_0 + bank_norm.x - 2.0 * sums_0_0);
-    store(row0 + 4u, col, norms_1 + bank_norm.x - 2.0 * sums_0_1);
-    store(row0 + 8u, col, norms_2 + bank_norm.x - 2.0 * sums_0_2);
-    store(row0 + 12u, col, norms_3 + bank_norm.x - 2.0 * sums_0_3);
-    store(row0, col + 1u, norms_0 + bank_norm.y - 2.0 * sums_1_0);
-    store(row0 + 4u, col + 1u, norms_1 + bank_norm.y - 2.0 * sums_1_1);
-    store(row0 + 8u, col + 1u, norms_2 + bank_norm.y - 2.0 * sums_1_2);
-    store(row0 + 12u, col + 1u, norms_3 + bank_norm.y - 2.0 * sums_1_3);
-    store(row0, col + 2u, norms_0 + bank_norm.z - 2.0 * sums_2_0);
-    store(row0 + 4u, col + 2u, norms_1 + bank_norm.z - 2.0 * sums_2_1);
-    store(row0 + 8u, col + 2u, norms_2 + bank_norm.z - 2.0 * sums_2_2);
-    store(row0 + 12u, col + 2u, norms_3 + bank_norm.z - 2.0 * sums_2_3);
+    let norms = QueryRows(query_norms_at(row0), query_norms_at(row0 + 4u), query_norms_at(row0 + 8u), query_norms_at(row0 + 12u));
+    store_bank_row(row0, col, norms, bank_norm.x, sums_0);
+    store_bank_row(row0, col + 1u, norms, bank_norm.y, sums_1);
+    store_bank_row(row0, col + 2u, norms, bank_norm.z, sums_2);
 }
 
 // The squared norms of query rows `first` … `first` + 3 (the last row's past the end).
 fn query_norms_at(first: u32) -> vec4<f32> {
     let last = params.m - 1u;
     return vec4<f32>(query_norms[min(first, last)], query_norms[min(first + 1u, last)], query_norms[min(first + 2u, last)], query_norms[min(first + 3u, last)]);
+}
+
+// Squared distances of the block's query rows (from `row0`, squared norms `norms`) to bank row `col`
+// (squared norm `bank_norm`), from their dot products `sums`.
+fn store_bank_row(row0: u32, col: u32, norms: QueryRows, bank_norm: f32, sums: QueryRows) {
+    store(row0, col, norms.rows_0_3 + bank_norm - 2.0 * sums.rows_0_3);
+    store(row0 + 4u, col, norms.rows_4_7 + bank_norm - 2.0 * sums.rows_4_7);
+    store(row0 + 8u, col, norms.rows_8_11 + bank_norm - 2.0 * sums.rows_8_11);
+    store(row0 + 12u, col, norms.rows_12_15 + bank_norm - 2.0 * sums.rows_12_15);
 }
 
 // Squared distances `d2` of query rows `first` … `first` + 3 to bank row `col`, those inside the block.
