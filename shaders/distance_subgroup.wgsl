@@ -6,12 +6,12 @@
 //
 // So each invocation keeps the sums of QUERIES query rows with BANK_ROWS bank rows (48 sums), and per
 // step of SG features reads SG features of each of its bank rows, 4 at a time, from a texture (a
-// texel read costs about half a vec4 storage read there; the host copies each bank chunk into it),
-// plus a single feature of each query row (feature `step + lane`), the 16 rows' values of that feature
-// in four vec4 reads (the queries are packed for it first: `pack_queries`); subgroup broadcasts,
-// register shuffles there, hand every lane the query values its neighbours read. Each bank value read
-// feeds 16 multiply-adds, each query value 3 × SG. Any width: past the last feature the query values
-// are zero, and the bank reads stay within the row (its last vec4 holds the row's zero pad).
+// texel read costs about three quarters of a vec4 storage read there; the host copies each bank chunk
+// into it), plus a single feature of each query row (feature `step + lane`), the 16 rows' values of
+// that feature in four vec4 reads (the queries are packed for it first: `pack_queries`); subgroup
+// broadcasts, register shuffles there, hand every lane the query values its neighbours read. Each bank
+// value read feeds 16 multiply-adds, each query value 3 × SG. Any width: past the last feature the
+// query values are zero, and the bank reads stay within the row (its last vec4 holds the row's zero pad).
 
 struct Params {
     // Query rows, bank rows, features.

@@ -87,10 +87,9 @@ impl SubgroupShader {
         let module = shader_module(device, "distance_subgroup", include_str!("../../../shaders/distance_subgroup.wgsl"));
         let constants = [("SG", size as f64), ("WG", WORKGROUP as f64), ("TEXTURE_SHIFT", texture_shift as f64)];
         let slots = [Slot::Uniform, Slot::Read, Slot::Texture, Slot::Read, Slot::Read, Slot::Write];
-        let pack_constants = [("SG", size as f64), ("WG", WORKGROUP as f64)];
         Some(Self {
             distances: Kernel::new(device, &module, "distance_subgroup", &slots, &constants),
-            pack: Kernel::new(device, &module, "pack_queries", &[Slot::Uniform, Slot::Read, Slot::Write], &pack_constants),
+            pack: Kernel::new(device, &module, "pack_queries", &[Slot::Uniform, Slot::Read, Slot::Write], &constants),
             texture_shift,
             max_texture_rows: side,
         })
