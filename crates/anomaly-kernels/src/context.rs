@@ -277,8 +277,8 @@ pub(crate) enum Slot {
     Uniform,
     Read,
     Write,
-    /// A 2D texture of f32 texels, read with `textureLoad`.
-    Texture,
+    /// A 2D rgba32float storage texture, read with `textureLoad`.
+    ReadTexture,
 }
 
 /// One compute pipeline with its bind group layout.
@@ -299,10 +299,10 @@ impl Kernel {
                     Slot::Uniform => buffer(wgpu::BufferBindingType::Uniform),
                     Slot::Read => buffer(wgpu::BufferBindingType::Storage { read_only: true }),
                     Slot::Write => buffer(wgpu::BufferBindingType::Storage { read_only: false }),
-                    Slot::Texture => wgpu::BindingType::Texture {
-                        sample_type: wgpu::TextureSampleType::Float { filterable: false },
+                    Slot::ReadTexture => wgpu::BindingType::StorageTexture {
+                        access: wgpu::StorageTextureAccess::ReadOnly,
+                        format: wgpu::TextureFormat::Rgba32Float,
                         view_dimension: wgpu::TextureViewDimension::D2,
-                        multisampled: false,
                     },
                 };
                 wgpu::BindGroupLayoutEntry { binding: i as u32, visibility: wgpu::ShaderStages::COMPUTE, ty, count: None }

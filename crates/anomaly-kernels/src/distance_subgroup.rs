@@ -1,7 +1,8 @@
 //! Host side of `shaders/distance_subgroup.wgsl`, the distance shader for adapters that emulate a GPU
-//! on the CPU (llvmpipe), where storage reads are loops over SIMD lanes, texture reads gathers and
-//! subgroup broadcasts register shuffles: each invocation keeps 16 query rows × 3 bank rows of sums and
-//! reads its bank rows from a texture each bank chunk is copied into (`BankTexture`), and the lanes of
+//! on the CPU (llvmpipe), where storage-buffer reads are loops over SIMD lanes, storage-texture reads
+//! inline gathers and subgroup broadcasts register shuffles: each invocation keeps 16 query rows × 3
+//! bank rows of sums and reads its bank rows from a storage texture each bank chunk is copied into
+//! (`BankTexture`), and the lanes of
 //! a subgroup share the query values they read, from query blocks packed feature by feature.
 
 use burn::tensor::wgpu::wgpu;
@@ -60,10 +61,12 @@ pub(crate) struct SubgroupShader {
 /// Bytes of one texel of the bank texture: 4 features of f32.
 const TEXEL_BYTES: u64 = 16;
 
-/// The rgba32float texture `distance_subgroup` reads a bank chunk from, one per `knn` call: each chunk's
-/// buffer is copied into it in turn, its rows one after another (`row_stride` / 4 texels each), wrapped
-/// at the texture's width. On llvmpipe a texel read is one branch-free gather of the lanes' texels where
-/// a storage read is a loop over the lanes: the bank's reads are most of the shader's time.
+/// The rgba32float storage texture `distance_subgroup` reads a bank chunk from, one per `knn` call: each
+/// chunk's buffer is copied into it in turn, its rows one after another (`row_stride` / 4 texels each),
+/// wrapped at the texture's width. On llvmpipe a storage-texture read is one inline, branch-free gather
+/// of the lanes' texels, where a storage-buffer read is a loop over the lanes and a sampled-texture read
+/// a function call around which the shader's sums are stored and reloaded: the bank's reads are most of
+/// the shader's time.
 pub(crate) struct BankTexture {
     texture: wgpu::Texture,
     view: wgpu::TextureView,
@@ -86,7 +89,7 @@ impl SubgroupShader {
         }
         let module = shader_module(device, "distance_subgroup", include_str!("../../../shaders/distance_subgroup.wgsl"));
         let constants = [("SG", size as f64), ("WG", WORKGROUP as f64), ("TEXTURE_SHIFT", texture_shift as f64)];
-        let slots = [Slot::Uniform, Slot::Read, Slot::Texture, Slot::Read, Slot::Read, Slot::Write];
+        let slots = [Slot::Uniform, Slot::Read, Slot::ReadTexture, Slot::Read, Slot::Read, Slot::Write];
         Some(Self {
             distances: Kernel::new(device, &module, "distance_subgroup", &slots, &constants),
             pack: Kernel::new(device, &module, "pack_queries", &[Slot::Uniform, Slot::Read, Slot::Write], &constants),
@@ -111,7 +114,7 @@ impl SubgroupShader {
             sample_count: 1,
             dimension: wgpu::TextureDimension::D2,
             format: wgpu::TextureFormat::Rgba32Float,
-            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+            usage: wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::COPY_DST,
             view_formats: &[],
         });
         let view = texture.create_view(&Default::default());
