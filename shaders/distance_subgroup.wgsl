@@ -1,8 +1,8 @@
 // Pairwise squared Euclidean distances for adapters that emulate a GPU on the CPU (llvmpipe). There
 // the invocations of a subgroup are the lanes of one SIMD register, arithmetic is cheap, and every
 // read a lane makes on its own costs tens of cycles: a storage-buffer read is a loop over the lanes
-// (Mesa 22's llvmpipe; uniform-buffer reads at offsets that vary in a loop take the same path, and at
-// constant offsets too), a storage-texture read one branch-free gather of the lanes' texels, inline. A
+// (Mesa 22's llvmpipe; a uniform-buffer read, even at a constant offset, is a per-lane gather of scalar
+// loads), a storage-texture read one branch-free gather of the lanes' texels, inline. A
 // sampled-texture read (`texture_2d`) is a call to a function that looks up the mip level per lane, and
 // the call makes the caller store and reload the sums it keeps in registers: reading the bank from a
 // storage texture instead made this shader 1.1–1.2 times faster (README). Reads, not multiply-adds,
