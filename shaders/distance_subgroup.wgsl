@@ -50,7 +50,8 @@ const BANK_ROWS: u32 = 3u;
 // The queries as `pack_queries` wrote them: per block of QUERIES rows, per feature, the rows' values
 // (rows 0–3, 4–7, 8–11, then 12–15).
 @group(0) @binding(1) var<storage, read> queries: array<vec4<f32>>;
-// The bank chunk, 4 features to a texel (an rgba32float storage texture the host copied the chunk's buffer into).
+// The bank chunk, 4 features to a texel (an rgba32float storage texture the host copied the chunk's
+// buffer into).
 @group(0) @binding(2) var bank: texture_storage_2d<rgba32float, read>;
 @group(0) @binding(3) var<storage, read> query_norms: array<f32>;
 @group(0) @binding(4) var<storage, read> bank_norms: array<f32>;

@@ -2,8 +2,8 @@
 //! on the CPU (llvmpipe), where storage-buffer reads are loops over SIMD lanes, storage-texture reads
 //! inline gathers and subgroup broadcasts register shuffles: each invocation keeps 16 query rows × 3
 //! bank rows of sums and reads its bank rows from a storage texture each bank chunk is copied into
-//! (`BankTexture`), and the lanes of
-//! a subgroup share the query values they read, from query blocks packed feature by feature.
+//! (`BankTexture`), and the lanes of a subgroup share the query values they read, from query blocks
+//! packed feature by feature.
 
 use burn::tensor::wgpu::wgpu;
 use bytemuck::{Pod, Zeroable};
