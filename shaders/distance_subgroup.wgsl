@@ -58,7 +58,7 @@ const BANK_ROWS: u32 = 3u;
 @group(0) @binding(5) var<storage, read_write> distances: array<f32>;
 
 // Values of the block's 16 query rows, 4 rows to a vec4: the rows' values of one feature, their squared
-// norms, or their dot products with one bank row so far.
+// norms, or their dot products with one bank row.
 struct QueryRows {
     rows_0_3: vec4<f32>,
     rows_4_7: vec4<f32>,
@@ -66,25 +66,38 @@ struct QueryRows {
     rows_12_15: vec4<f32>,
 }
 
-// Dot products so far with the invocation's bank rows 0, 1 and 2, in registers (module-scope private
-// variables, which functions take by pointer).
-var<private> sums_0: QueryRows;
-var<private> sums_1: QueryRows;
-var<private> sums_2: QueryRows;
-
-// One feature of one bank row: its value `b` times the query rows' values `q`, added to `sums`.
-fn add_row(sums: ptr<private, QueryRows>, q: QueryRows, b: f32) {
-    (*sums).rows_0_3 = fma(q.rows_0_3, vec4<f32>(b), (*sums).rows_0_3);
-    (*sums).rows_4_7 = fma(q.rows_4_7, vec4<f32>(b), (*sums).rows_4_7);
-    (*sums).rows_8_11 = fma(q.rows_8_11, vec4<f32>(b), (*sums).rows_8_11);
-    (*sums).rows_12_15 = fma(q.rows_12_15, vec4<f32>(b), (*sums).rows_12_15);
+// Dot products so far of one group of 4 query rows with the invocation's bank rows 0, 1 and 2.
+struct GroupSums {
+    bank_row_0: vec4<f32>,
+    bank_row_1: vec4<f32>,
+    bank_row_2: vec4<f32>,
 }
 
-// One feature: the 16 query rows' values `q` times the invocation's 3 bank rows' values `b`.
-fn add(q: QueryRows, b: vec3<f32>) {
-    add_row(&sums_0, q, b.x);
-    add_row(&sums_1, q, b.y);
-    add_row(&sums_2, q, b.z);
+// The sums of query rows 0–3, 4–7, 8–11 and 12–15 (module-scope private variables, which functions
+// take by pointer). A step adds all its features to one group's 12 sums before it turns to the next
+// group's, so that the 12 stay in registers through the step: llvmpipe's code runs in the order the
+// shader is written, and a feature at a time over all 48 sums (more than the 32 vector registers)
+// kept the sums on the stack, each multiply-add a load and a store (373 stores a step of 8 features
+// against 53 now; 1.15 times slower).
+var<private> sums_0_3: GroupSums;
+var<private> sums_4_7: GroupSums;
+var<private> sums_8_11: GroupSums;
+var<private> sums_12_15: GroupSums;
+
+// The bank values of one step of SG features: entry i of `features_0_3` is feature `step` + i of the
+// invocation's 3 bank rows, and so on (those past SG stay zero).
+struct StepBank {
+    features_0_3: array<vec3<f32>, 4>,
+    features_4_7: array<vec3<f32>, 4>,
+    features_8_11: array<vec3<f32>, 4>,
+    features_12_15: array<vec3<f32>, 4>,
+}
+
+// One feature: the group's 4 query values `q` times the 3 bank rows' values `b`, added to `sums`.
+fn add_feature(sums: ptr<private, GroupSums>, q: vec4<f32>, b: vec3<f32>) {
+    (*sums).bank_row_0 = fma(q, vec4<f32>(b.x), (*sums).bank_row_0);
+    (*sums).bank_row_1 = fma(q, vec4<f32>(b.y), (*sums).bank_row_1);
+    (*sums).bank_row_2 = fma(q, vec4<f32>(b.z), (*sums).bank_row_2);
 }
 
 // The texel `t` of the bank chunk.
@@ -105,34 +118,48 @@ fn bank_features(rows: vec3<u32>, feature: u32, clamp: bool) -> array<vec3<f32>,
     return array<vec3<f32>, 4>(vec3<f32>(x.x, y.x, z.x), vec3<f32>(x.y, y.y, z.y), vec3<f32>(x.z, y.z, z.z), vec3<f32>(x.w, y.w, z.w));
 }
 
-// Features `step` … `step` + SG − 1: lane j read feature `step` + j of the 16 query rows (`q`), and
-// subgroup broadcasts hand its values to every lane; subgroupBroadcast takes a constant lane, hence
-// the unrolling.
-fn add_step(rows: vec3<u32>, step: u32, q: QueryRows, clamp: bool) {
-    var b = bank_features(rows, step, clamp);
-    add(QueryRows(subgroupBroadcast(q.rows_0_3, 0u), subgroupBroadcast(q.rows_4_7, 0u), subgroupBroadcast(q.rows_8_11, 0u), subgroupBroadcast(q.rows_12_15, 0u)), b[0]);
-    add(QueryRows(subgroupBroadcast(q.rows_0_3, 1u), subgroupBroadcast(q.rows_4_7, 1u), subgroupBroadcast(q.rows_8_11, 1u), subgroupBroadcast(q.rows_12_15, 1u)), b[1]);
-    add(QueryRows(subgroupBroadcast(q.rows_0_3, 2u), subgroupBroadcast(q.rows_4_7, 2u), subgroupBroadcast(q.rows_8_11, 2u), subgroupBroadcast(q.rows_12_15, 2u)), b[2]);
-    add(QueryRows(subgroupBroadcast(q.rows_0_3, 3u), subgroupBroadcast(q.rows_4_7, 3u), subgroupBroadcast(q.rows_8_11, 3u), subgroupBroadcast(q.rows_12_15, 3u)), b[3]);
+// The step's features for one group of 4 query rows: lane j read feature `step` + j of the rows
+// (`q`), and subgroup broadcasts hand its values to every lane; subgroupBroadcast takes a constant
+// lane, hence the unrolling.
+fn add_group(sums: ptr<private, GroupSums>, q: vec4<f32>, b: StepBank) {
+    add_feature(sums, subgroupBroadcast(q, 0u), b.features_0_3[0]);
+    add_feature(sums, subgroupBroadcast(q, 1u), b.features_0_3[1]);
+    add_feature(sums, subgroupBroadcast(q, 2u), b.features_0_3[2]);
+    add_feature(sums, subgroupBroadcast(q, 3u), b.features_0_3[3]);
     if (SG > 4u) {
-        b = bank_features(rows, step + 4u, clamp);
-        add(QueryRows(subgroupBroadcast(q.rows_0_3, 4u), subgroupBroadcast(q.rows_4_7, 4u), subgroupBroadcast(q.rows_8_11, 4u), subgroupBroadcast(q.rows_12_15, 4u)), b[0]);
-        add(QueryRows(subgroupBroadcast(q.rows_0_3, 5u), subgroupBroadcast(q.rows_4_7, 5u), subgroupBroadcast(q.rows_8_11, 5u), subgroupBroadcast(q.rows_12_15, 5u)), b[1]);
-        add(QueryRows(subgroupBroadcast(q.rows_0_3, 6u), subgroupBroadcast(q.rows_4_7, 6u), subgroupBroadcast(q.rows_8_11, 6u), subgroupBroadcast(q.rows_12_15, 6u)), b[2]);
-        add(QueryRows(subgroupBroadcast(q.rows_0_3, 7u), subgroupBroadcast(q.rows_4_7, 7u), subgroupBroadcast(q.rows_8_11, 7u), subgroupBroadcast(q.rows_12_15, 7u)), b[3]);
+        add_feature(sums, subgroupBroadcast(q, 4u), b.features_4_7[0]);
+        add_feature(sums, subgroupBroadcast(q, 5u), b.features_4_7[1]);
+        add_feature(sums, subgroupBroadcast(q, 6u), b.features_4_7[2]);
+        add_feature(sums, subgroupBroadcast(q, 7u), b.features_4_7[3]);
     }
     if (SG > 8u) {
-        b = bank_features(rows, step + 8u, clamp);
-        add(QueryRows(subgroupBroadcast(q.rows_0_3, 8u), subgroupBroadcast(q.rows_4_7, 8u), subgroupBroadcast(q.rows_8_11, 8u), subgroupBroadcast(q.rows_12_15, 8u)), b[0]);
-        add(QueryRows(subgroupBroadcast(q.rows_0_3, 9u), subgroupBroadcast(q.rows_4_7, 9u), subgroupBroadcast(q.rows_8_11, 9u), subgroupBroadcast(q.rows_12_15, 9u)), b[1]);
-        add(QueryRows(subgroupBroadcast(q.rows_0_3, 10u), subgroupBroadcast(q.rows_4_7, 10u), subgroupBroadcast(q.rows_8_11, 10u), subgroupBroadcast(q.rows_12_15, 10u)), b[2]);
-        add(QueryRows(subgroupBroadcast(q.rows_0_3, 11u), subgroupBroadcast(q.rows_4_7, 11u), subgroupBroadcast(q.rows_8_11, 11u), subgroupBroadcast(q.rows_12_15, 11u)), b[3]);
-        b = bank_features(rows, step + 12u, clamp);
-        add(QueryRows(subgroupBroadcast(q.rows_0_3, 12u), subgroupBroadcast(q.rows_4_7, 12u), subgroupBroadcast(q.rows_8_11, 12u), subgroupBroadcast(q.rows_12_15, 12u)), b[0]);
-        add(QueryRows(subgroupBroadcast(q.rows_0_3, 13u), subgroupBroadcast(q.rows_4_7, 13u), subgroupBroadcast(q.rows_8_11, 13u), subgroupBroadcast(q.rows_12_15, 13u)), b[1]);
-        add(QueryRows(subgroupBroadcast(q.rows_0_3, 14u), subgroupBroadcast(q.rows_4_7, 14u), subgroupBroadcast(q.rows_8_11, 14u), subgroupBroadcast(q.rows_12_15, 14u)), b[2]);
-        add(QueryRows(subgroupBroadcast(q.rows_0_3, 15u), subgroupBroadcast(q.rows_4_7, 15u), subgroupBroadcast(q.rows_8_11, 15u), subgroupBroadcast(q.rows_12_15, 15u)), b[3]);
+        add_feature(sums, subgroupBroadcast(q, 8u), b.features_8_11[0]);
+        add_feature(sums, subgroupBroadcast(q, 9u), b.features_8_11[1]);
+        add_feature(sums, subgroupBroadcast(q, 10u), b.features_8_11[2]);
+        add_feature(sums, subgroupBroadcast(q, 11u), b.features_8_11[3]);
+        add_feature(sums, subgroupBroadcast(q, 12u), b.features_12_15[0]);
+        add_feature(sums, subgroupBroadcast(q, 13u), b.features_12_15[1]);
+        add_feature(sums, subgroupBroadcast(q, 14u), b.features_12_15[2]);
+        add_feature(sums, subgroupBroadcast(q, 15u), b.features_12_15[3]);
     }
+}
+
+// Features `step` … `step` + SG − 1 of the 16 query rows (`q`, lane j's values of feature `step` + j)
+// and the invocation's bank rows: every bank read first, then one group of query rows at a time.
+fn add_step(rows: vec3<u32>, step: u32, q: QueryRows, clamp: bool) {
+    var b: StepBank;
+    b.features_0_3 = bank_features(rows, step, clamp);
+    if (SG > 4u) {
+        b.features_4_7 = bank_features(rows, step + 4u, clamp);
+    }
+    if (SG > 8u) {
+        b.features_8_11 = bank_features(rows, step + 8u, clamp);
+        b.features_12_15 = bank_features(rows, step + 12u, clamp);
+    }
+    add_group(&sums_0_3, q.rows_0_3, b);
+    add_group(&sums_4_7, q.rows_4_7, b);
+    add_group(&sums_8_11, q.rows_8_11, b);
+    add_group(&sums_12_15, q.rows_12_15, b);
 }
 
 // The packed query values of feature `feature` of the block whose feature 0 starts at vec4 `block_at`.
@@ -161,9 +188,10 @@ fn distance_subgroup(
     // The first of the 4 vec4s holding the block's query rows of feature `lane`.
     let block_at = (group.x * stride + lane) * 4u;
     let zero = vec4<f32>(0.0);
-    sums_0 = QueryRows(zero, zero, zero, zero);
-    sums_1 = sums_0;
-    sums_2 = sums_0;
+    sums_0_3 = GroupSums(zero, zero, zero);
+    sums_4_7 = sums_0_3;
+    sums_8_11 = sums_0_3;
+    sums_12_15 = sums_0_3;
     // Whole steps, then the partial one, whose query values past the last feature are zero.
     var step = 0u;
     for (; step + SG <= d; step += SG) {
@@ -179,9 +207,9 @@ fn distance_subgroup(
     // Each norm read once, where the sums are turned into distances.
     let bank_norm = vec3<f32>(bank_norms[min(col, n - 1u)], bank_norms[min(col + 1u, n - 1u)], bank_norms[min(col + 2u, n - 1u)]);
     let norms = QueryRows(query_norms_at(row0), query_norms_at(row0 + 4u), query_norms_at(row0 + 8u), query_norms_at(row0 + 12u));
-    store_bank_row(row0, col, norms, bank_norm.x, sums_0);
-    store_bank_row(row0, col + 1u, norms, bank_norm.y, sums_1);
-    store_bank_row(row0, col + 2u, norms, bank_norm.z, sums_2);
+    store_bank_row(row0, col, norms, bank_norm.x, QueryRows(sums_0_3.bank_row_0, sums_4_7.bank_row_0, sums_8_11.bank_row_0, sums_12_15.bank_row_0));
+    store_bank_row(row0, col + 1u, norms, bank_norm.y, QueryRows(sums_0_3.bank_row_1, sums_4_7.bank_row_1, sums_8_11.bank_row_1, sums_12_15.bank_row_1));
+    store_bank_row(row0, col + 2u, norms, bank_norm.z, QueryRows(sums_0_3.bank_row_2, sums_4_7.bank_row_2, sums_8_11.bank_row_2, sums_12_15.bank_row_2));
 }
 
 // The squared norms of query rows `first` … `first` + 3 (the last row's past the end).
