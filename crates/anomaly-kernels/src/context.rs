@@ -165,7 +165,12 @@ impl GpuKernels {
 
     /// Builds every pipeline on `device`; distances use the tiled shader unless told otherwise.
     pub fn new(device: wgpu::Device, queue: wgpu::Queue) -> Self {
-        let timestamps = device.features().contains(wgpu::Features::TIMESTAMP_QUERY).then(|| {
+        // Not on a CPU adapter: llvmpipe stamps a query when its rasterizer next flushes, not where the
+        // pass starts, and a test process's concurrent work once made every probe pass read 0.03–0.1
+        // ms while it ran for seconds (the probe then scaled itself up 2^19 times). There the wall
+        // time from submission to completion is the kernel's.
+        let trusted = device.adapter_info().device_type != wgpu::DeviceType::Cpu;
+        let timestamps = (trusted && device.features().contains(wgpu::Features::TIMESTAMP_QUERY)).then(|| {
             device.create_query_set(&wgpu::QuerySetDescriptor {
                 label: Some("kernel timestamps"),
                 ty: wgpu::QueryType::Timestamp,
@@ -218,7 +223,8 @@ impl GpuKernels {
         self.gpu.limits
     }
 
-    /// Whether kernel times come from GPU timestamps (else from submit-to-completion wall time).
+    /// Whether kernel times come from GPU timestamps (else from submit-to-completion wall time, as on
+    /// CPU adapters, whose timestamps need not bracket a pass).
     pub fn has_timestamps(&self) -> bool {
         self.gpu.timestamps.is_some()
     }
@@ -417,7 +423,7 @@ impl Gpu {
     }
 
     /// Runs one compute pass and returns its duration in milliseconds: from GPU timestamps when the
-    /// device has them, else from submission to completion.
+    /// device has trustworthy ones, else from submission to completion.
     pub fn time(&self, encode: impl FnOnce(&mut wgpu::ComputePass)) -> Result<f64, KernelError> {
         let mut encoder = self.device.create_command_encoder(&Default::default());
         let writes = self.timestamps.as_ref().map(|query_set| wgpu::ComputePassTimestampWrites {
@@ -430,6 +436,8 @@ impl Gpu {
             encode(&mut pass);
         }
         let Some(query_set) = &self.timestamps else {
+            // Not counting work submitted before.
+            self.wait()?;
             let start = Instant::now();
             self.queue.submit([encoder.finish()]);
             self.wait()?;

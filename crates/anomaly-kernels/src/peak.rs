@@ -69,6 +69,13 @@ impl GpuKernels {
         let sink = gpu.storage(invocations * 16, "peak sink");
         let bytes = (gpu.limits.max_binding_bytes.min(STREAM_BYTES) / 16 * 16).max(16);
         let source = gpu.storage(bytes as usize, "peak source");
+        // Zero-filled here, not by wgpu before their first use inside a timed pass: timed by wall
+        // clock (CPU adapters), the calibration's first run took the 256 MiB fill for the probe's own
+        // time and stopped at one iteration (33–36 GFLOP/s on llvmpipe, against 117 when calibrated).
+        let mut encoder = gpu.device.create_command_encoder(&Default::default());
+        encoder.clear_buffer(&sink, 0, None);
+        encoder.clear_buffer(&source, 0, None);
+        gpu.queue.submit([encoder.finish()]);
         let params = |iterations: u32| gpu.uniform(&Params { count: (bytes / 16) as u32, iterations, multiplier: 0.999_9, addend: 1e-4 });
 
         let fma_ms = |iterations: u32| {
