@@ -11,11 +11,11 @@
 // So each invocation keeps the sums of QUERIES query rows with BANK_ROWS bank rows (48 sums), and per
 // step of SG features reads SG features of each of its bank rows, 4 at a time, from a read-only storage
 // texture the host copies each bank chunk into, plus a single feature of each query row (feature
-// `step + lane`), the 16 rows' values of that feature in four vec4 reads (the queries are packed for it
-// first: `pack_queries`); subgroup broadcasts, register shuffles there, hand every lane the query values
-// its neighbours read. Each bank value read feeds 16 multiply-adds, each query value 3 × SG. Any width:
-// past the last feature the query values are zero, and the bank reads stay within the row (its last
-// vec4 holds the row's zero pad).
+// `step + lane`), the 16 rows' values of that feature in four texel reads from a second one (the
+// queries are packed into it first: `pack_queries`); subgroup broadcasts, register shuffles there, hand
+// every lane the query values its neighbours read. Each bank value read feeds 16 multiply-adds, each
+// query value 3 × SG. Any width: past the last feature the query values are zero, and the bank reads
+// stay within the row (its last vec4 holds the row's zero pad).
 
 struct Params {
     // Query rows, bank rows, features.
@@ -39,17 +39,18 @@ struct PackParams {
 // (distance_subgroup.rs), which picks this shader only where the subgroup size is fixed at SG.
 override SG: u32;
 override WG: u32;
-// The bank texture is 2^TEXTURE_SHIFT texels wide (set by the host): texel t of a bank chunk, its rows
-// `stride` / 4 texels apart one after another, lies at (t mod width, t / width).
+// Both textures are 2^TEXTURE_SHIFT texels wide (set by the host), their texels in a line wrapped at
+// that width: texel t lies at (t mod width, t / width). In the bank's, rows are `stride` / 4 texels
+// apart one after another.
 override TEXTURE_SHIFT: u32;
 // Query rows per workgroup row of the grid, and bank rows per invocation: the host sizes the grid by them.
 const QUERIES: u32 = 16u;
 const BANK_ROWS: u32 = 3u;
 
 @group(0) @binding(0) var<uniform> params: Params;
-// The queries as `pack_queries` wrote them: per block of QUERIES rows, per feature, the rows' values
-// (rows 0–3, 4–7, 8–11, then 12–15).
-@group(0) @binding(1) var<storage, read> queries: array<vec4<f32>>;
+// The queries as `pack_queries` wrote them, a texel per 4 rows: per block of QUERIES rows, per
+// feature, the rows' values (rows 0–3, 4–7, 8–11, then 12–15).
+@group(0) @binding(1) var queries: texture_storage_2d<rgba32float, read>;
 // The bank chunk, 4 features to a texel (an rgba32float storage texture the host copied the chunk's
 // buffer into).
 @group(0) @binding(2) var bank: texture_storage_2d<rgba32float, read>;
@@ -100,10 +101,14 @@ fn add_feature(sums: ptr<private, GroupSums>, q: vec4<f32>, b: vec3<f32>) {
     (*sums).bank_row_2 = fma(q, vec4<f32>(b.z), (*sums).bank_row_2);
 }
 
+// Where texel `t` lies in either texture.
+fn texel_at(t: u32) -> vec2<u32> {
+    return vec2<u32>(t & ((1u << TEXTURE_SHIFT) - 1u), t >> TEXTURE_SHIFT);
+}
+
 // The texel `t` of the bank chunk.
 fn bank_texel(t: u32) -> vec4<f32> {
-    let width = 1u << TEXTURE_SHIFT;
-    return textureLoad(bank, vec2<u32>(t & (width - 1u), t >> TEXTURE_SHIFT));
+    return textureLoad(bank, texel_at(t));
 }
 
 // Features `feature` … `feature` + 3 (`feature` a multiple of 4) of the invocation's 3 bank rows
@@ -162,10 +167,10 @@ fn add_step(rows: vec3<u32>, step: u32, q: QueryRows, clamp: bool) {
     add_group(&sums_12_15, q.rows_12_15, b);
 }
 
-// The packed query values of feature `feature` of the block whose feature 0 starts at vec4 `block_at`.
+// The packed query values of feature `feature` of the block whose feature 0 starts at texel `block_at`.
 fn query_values(block_at: u32, feature: u32) -> QueryRows {
     let at = block_at + 4u * feature;
-    return QueryRows(queries[at], queries[at + 1u], queries[at + 2u], queries[at + 3u]);
+    return QueryRows(textureLoad(queries, texel_at(at)), textureLoad(queries, texel_at(at + 1u)), textureLoad(queries, texel_at(at + 2u)), textureLoad(queries, texel_at(at + 3u)));
 }
 
 @compute @workgroup_size(WG)
@@ -185,7 +190,7 @@ fn distance_subgroup(
     let col = (group.y * WG + local) * BANK_ROWS;
     let rows = vec3<u32>(min(col, n - 1u), min(col + 1u, n - 1u), min(col + 2u, n - 1u)) * (stride / 4u);
     let row0 = group.x * QUERIES;
-    // The first of the 4 vec4s holding the block's query rows of feature `lane`.
+    // The first of the 4 texels holding the block's query rows of feature `lane`.
     let block_at = (group.x * stride + lane) * 4u;
     let zero = vec4<f32>(0.0);
     sums_0_3 = GroupSums(zero, zero, zero);
@@ -198,8 +203,8 @@ fn distance_subgroup(
         add_step(rows, step, query_values(block_at, step), false);
     }
     if (step < d) {
-        // A lane past the last feature reads the pad or the next block (or, at the buffer's end, what
-        // the bounds checks clamp to) and drops it.
+        // A lane past the last feature reads the pad or the next block (or, past the texture's end,
+        // what the bounds checks make of it) and drops it.
         let q = query_values(block_at, step);
         let inside = step + lane < d;
         add_step(rows, step, QueryRows(select(zero, q.rows_0_3, inside), select(zero, q.rows_4_7, inside), select(zero, q.rows_8_11, inside), select(zero, q.rows_12_15, inside)), true);
@@ -244,10 +249,10 @@ fn store(first: u32, col: u32, d2: vec4<f32>) {
 // bindings 1 and 2 are its own, other variables at the same places (an entry point binds only what it uses).
 @group(0) @binding(0) var<uniform> pack: PackParams;
 @group(0) @binding(1) var<storage, read> unpacked: array<f32>;
-@group(0) @binding(2) var<storage, read_write> packed: array<vec4<f32>>;
+@group(0) @binding(2) var packed: texture_storage_2d<rgba32float, write>;
 
 // Packs a block of query rows for `distance_subgroup`: feature `id.x` of the 16 rows of block `id.y`,
-// as four vec4s, zero for rows past the last. The features past the last are the rows' zero pad.
+// as four texels, zero for rows past the last. The features past the last are the rows' zero pad.
 @compute @workgroup_size(WG)
 fn pack_queries(@builtin(global_invocation_id) id: vec3<u32>) {
     let feature = id.x;
@@ -261,8 +266,8 @@ fn pack_queries(@builtin(global_invocation_id) id: vec3<u32>) {
         values[i] = select(0.0, unpacked[(pack.first + min(row, pack.rows - 1u)) * pack.stride + feature], row < pack.rows);
     }
     let at = (block * pack.stride + feature) * 4u;
-    packed[at] = vec4<f32>(values[0], values[1], values[2], values[3]);
-    packed[at + 1u] = vec4<f32>(values[4], values[5], values[6], values[7]);
-    packed[at + 2u] = vec4<f32>(values[8], values[9], values[10], values[11]);
-    packed[at + 3u] = vec4<f32>(values[12], values[13], values[14], values[15]);
+    textureStore(packed, texel_at(at), vec4<f32>(values[0], values[1], values[2], values[3]));
+    textureStore(packed, texel_at(at + 1u), vec4<f32>(values[4], values[5], values[6], values[7]));
+    textureStore(packed, texel_at(at + 2u), vec4<f32>(values[8], values[9], values[10], values[11]));
+    textureStore(packed, texel_at(at + 3u), vec4<f32>(values[12], values[13], values[14], values[15]));
 }

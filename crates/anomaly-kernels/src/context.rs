@@ -285,6 +285,8 @@ pub(crate) enum Slot {
     Write,
     /// A 2D rgba32float storage texture, read with `textureLoad`.
     ReadTexture,
+    /// A 2D rgba32float storage texture, written with `textureStore`.
+    WriteTexture,
 }
 
 /// One compute pipeline with its bind group layout.
@@ -305,8 +307,12 @@ impl Kernel {
                     Slot::Uniform => buffer(wgpu::BufferBindingType::Uniform),
                     Slot::Read => buffer(wgpu::BufferBindingType::Storage { read_only: true }),
                     Slot::Write => buffer(wgpu::BufferBindingType::Storage { read_only: false }),
-                    Slot::ReadTexture => wgpu::BindingType::StorageTexture {
-                        access: wgpu::StorageTextureAccess::ReadOnly,
+                    Slot::ReadTexture | Slot::WriteTexture => wgpu::BindingType::StorageTexture {
+                        access: if matches!(slot, Slot::ReadTexture) {
+                            wgpu::StorageTextureAccess::ReadOnly
+                        } else {
+                            wgpu::StorageTextureAccess::WriteOnly
+                        },
                         format: wgpu::TextureFormat::Rgba32Float,
                         view_dimension: wgpu::TextureViewDimension::D2,
                     },

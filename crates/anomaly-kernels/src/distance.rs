@@ -68,9 +68,17 @@ pub(crate) struct QueryBlock {
     pub d: usize,
     pub kernel: DistanceKernel,
     pub norms: wgpu::Buffer,
-    /// `rows × d`, row-major, rows [`row_stride`] of `d` apart (as in the bank's chunks); for the
-    /// subgroup shader packed in blocks of 16 rows (`SubgroupShader::pack`).
-    pub values: wgpu::Buffer,
+    pub values: QueryValues,
+}
+
+/// A query block's values, laid out for its shader.
+pub(crate) enum QueryValues {
+    /// `rows × d`, row-major, rows [`row_stride`] of `d` apart (as in the bank's chunks): for the tiled
+    /// and naive shaders.
+    Rows(wgpu::Buffer),
+    /// Packed in blocks of 16 rows into a storage texture (`SubgroupShader::pack`): for the subgroup
+    /// shader.
+    Packed(wgpu::TextureView),
 }
 
 impl QueryBlock {
@@ -92,19 +100,20 @@ impl GpuKernels {
         rows: usize,
         d: usize,
         kernel: DistanceKernel,
-    ) -> QueryBlock {
+    ) -> Result<QueryBlock, KernelError> {
         let norms = self.gpu.storage(rows * 4, "query norms");
         encoder.copy_buffer_to_buffer(&chunk.norms, (first * 4) as u64, &norms, 0, (rows * 4) as u64);
         let values = match (kernel, &self.subgroup) {
-            (DistanceKernel::Subgroup, Some(subgroup)) => subgroup.pack(&self.gpu, encoder, chunk, first, rows, d),
+            (DistanceKernel::Subgroup, Some(subgroup)) => QueryValues::Packed(subgroup.pack(&self.gpu, encoder, chunk, first, rows, d)?),
+            (DistanceKernel::Subgroup, None) => return Err(KernelError::Shape(NO_SUBGROUPS.into())),
             _ => {
                 let stride = row_stride(d);
                 let values = self.gpu.storage(rows * stride * 4, "queries");
                 encoder.copy_buffer_to_buffer(&chunk.values, (first * stride * 4) as u64, &values, 0, (rows * stride * 4) as u64);
-                values
+                QueryValues::Rows(values)
             }
         };
-        QueryBlock { rows, d, kernel, norms, values }
+        Ok(QueryBlock { rows, d, kernel, norms, values })
     }
 
     /// The texture the subgroup shader reads `bank`'s chunks from, where `kernel` is that shader; the
@@ -138,8 +147,11 @@ impl GpuKernels {
             (DistanceKernel::Naive, _, _) => (&self.distance.naive, SIDE),
             (DistanceKernel::Tiled, _, _) => (&self.distance.tiled, TILE),
         };
+        let QueryValues::Rows(values) = &queries.values else {
+            return Err(KernelError::Shape("the query block was packed for the subgroup distance kernel".into()));
+        };
         let params = gpu.uniform(&queries.params(n));
-        let buffers = [&params, &queries.values, &chunk.values, &queries.norms, &chunk.norms, out];
+        let buffers = [&params, values, &chunk.values, &queries.norms, &chunk.norms, out];
         let groups = (n.div_ceil(outputs_per_group as usize) as u32, m.div_ceil(outputs_per_group as usize) as u32);
         gpu.dispatch(pass, shader, &buffers, groups);
         Ok(())
@@ -165,7 +177,7 @@ impl GpuKernels {
         let mut encoder = gpu.device.create_command_encoder(&Default::default());
         // Zero-filled before the timed pass, which would otherwise count wgpu's fill of it.
         encoder.clear_buffer(&out, 0, None);
-        let block = self.prepare_queries(&mut encoder, &queries.chunks[0], 0, m, d, kernel);
+        let block = self.prepare_queries(&mut encoder, &queries.chunks[0], 0, m, d, kernel)?;
         // The packing and the texture's copy are not timed (the kNN's times include them).
         let mut texture = self.bank_texture(bank, kernel)?;
         if let Some(texture) = texture.as_mut() {

@@ -3,13 +3,13 @@
 //! inline gathers and subgroup broadcasts register shuffles: each invocation keeps 16 query rows × 3
 //! bank rows of sums and reads its bank rows from a storage texture each bank chunk is copied into
 //! (`BankTexture`), and the lanes of a subgroup share the query values they read, from query blocks
-//! packed feature by feature.
+//! packed feature by feature into a storage texture too (`SubgroupShader::pack`).
 
 use burn::tensor::wgpu::wgpu;
 use bytemuck::{Pod, Zeroable};
 
 use crate::context::{Gpu, GpuMatrix, Kernel, KernelError, KernelLimits, MatrixChunk, Slot, row_stride, shader_module};
-use crate::distance::QueryBlock;
+use crate::distance::{QueryBlock, QueryValues};
 
 /// Invocations per workgroup (the shader's `WG`): a multiple of every subgroup size the shader takes.
 const WORKGROUP: u32 = 64;
@@ -47,12 +47,12 @@ struct PackParams {
     _pad: u32,
 }
 
-/// The shader's two entry points, built for the device's subgroup size, and the shape of the bank
-/// texture it reads.
+/// The shader's two entry points, built for the device's subgroup size, and the shape of the textures
+/// they read and write.
 pub(crate) struct SubgroupShader {
     distances: Kernel,
     pack: Kernel,
-    /// The bank texture is `1 << texture_shift` texels wide (the shader's `TEXTURE_SHIFT`)…
+    /// The textures are `1 << texture_shift` texels wide (the shader's `TEXTURE_SHIFT`)…
     texture_shift: u32,
     /// … and at most this many tall.
     max_texture_rows: u32,
@@ -89,10 +89,10 @@ impl SubgroupShader {
         }
         let module = shader_module(device, "distance_subgroup", include_str!("../../../shaders/distance_subgroup.wgsl"));
         let constants = [("SG", size as f64), ("WG", WORKGROUP as f64), ("TEXTURE_SHIFT", texture_shift as f64)];
-        let slots = [Slot::Uniform, Slot::Read, Slot::ReadTexture, Slot::Read, Slot::Read, Slot::Write];
+        let slots = [Slot::Uniform, Slot::ReadTexture, Slot::ReadTexture, Slot::Read, Slot::Read, Slot::Write];
         Some(Self {
             distances: Kernel::new(device, &module, "distance_subgroup", &slots, &constants),
-            pack: Kernel::new(device, &module, "pack_queries", &[Slot::Uniform, Slot::Read, Slot::Write], &constants),
+            pack: Kernel::new(device, &module, "pack_queries", &[Slot::Uniform, Slot::Read, Slot::WriteTexture], &constants),
             texture_shift,
             max_texture_rows: side,
         })
@@ -100,30 +100,39 @@ impl SubgroupShader {
 
     /// A texture large enough for any chunk of `bank`, holding none yet.
     pub fn bank_texture(&self, gpu: &Gpu, bank: &GpuMatrix) -> Result<BankTexture, KernelError> {
-        let width = 1u64 << self.texture_shift;
         let texels = bank.chunks.iter().map(|c| (c.rows * bank.stride() / 4) as u64).max().unwrap_or(1);
+        let texture = self.texture(gpu, texels, "bank chunk texture", wgpu::TextureUsages::COPY_DST)?;
+        let view = texture.create_view(&Default::default());
+        Ok(BankTexture { texture, view, holds: None })
+    }
+
+    /// An rgba32float storage texture of at least `texels` texels, `1 << texture_shift` wide, as the
+    /// shader indexes them, with `usage` besides storage binding.
+    fn texture(&self, gpu: &Gpu, texels: u64, label: &str, usage: wgpu::TextureUsages) -> Result<wgpu::Texture, KernelError> {
+        let width = 1u64 << self.texture_shift;
         let rows = texels.div_ceil(width).max(1);
         if rows > self.max_texture_rows as u64 {
-            // `new` only builds the shader where a binding's worth of rows fits.
-            return Err(KernelError::Shape(format!("a bank chunk of {texels} texels exceeds the device's largest texture")));
+            // `new` only builds the shader where a binding's worth of rows fits, and neither a bank
+            // chunk nor a packed query block is larger.
+            return Err(KernelError::Shape(format!("{texels} texels of the {label} exceed the device's largest texture")));
         }
-        let texture = gpu.device.create_texture(&wgpu::TextureDescriptor {
-            label: Some("bank chunk texture"),
+        Ok(gpu.device.create_texture(&wgpu::TextureDescriptor {
+            label: Some(label),
             size: wgpu::Extent3d { width: width as u32, height: rows as u32, depth_or_array_layers: 1 },
             mip_level_count: 1,
             sample_count: 1,
             dimension: wgpu::TextureDimension::D2,
             format: wgpu::TextureFormat::Rgba32Float,
-            usage: wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::COPY_DST,
+            usage: wgpu::TextureUsages::STORAGE_BINDING | usage,
             view_formats: &[],
-        });
-        let view = texture.create_view(&Default::default());
-        Ok(BankTexture { texture, view, holds: None })
+        }))
     }
 
-    /// Encodes the packing of rows `first .. first + rows` of a query chunk (`d` wide) into a new buffer,
-    /// as `encode` reads them: per block of 16 rows, per feature, the 16 rows' values (zero past the last
-    /// row), so that one lane's values of a feature are four vec4 reads instead of 16 scalar ones.
+    /// Encodes the packing of rows `first .. first + rows` of a query chunk (`d` wide) into a new
+    /// storage texture, as `encode` reads them: per block of 16 rows, per feature, the 16 rows' values
+    /// (zero past the last row), so that one lane's values of a feature are four texel reads, each a
+    /// gather of the lanes' texels on llvmpipe, where from a storage buffer they were four loops over
+    /// the lanes (in the harness, 1000 × 8192 × 1024: 300 against 402 ms for the whole shader).
     pub fn pack(
         &self,
         gpu: &Gpu,
@@ -132,15 +141,17 @@ impl SubgroupShader {
         first: usize,
         rows: usize,
         d: usize,
-    ) -> wgpu::Buffer {
+    ) -> Result<wgpu::TextureView, KernelError> {
         let stride = row_stride(d);
         let blocks = rows.div_ceil(QUERIES);
-        let packed = gpu.storage(blocks * QUERIES * stride * 4, "packed queries");
+        let packed = self.texture(gpu, (blocks * QUERIES * stride / 4) as u64, "packed queries", wgpu::TextureUsages::empty())?;
+        let view = packed.create_view(&Default::default());
         let params = gpu.uniform(&PackParams { rows: rows as u32, first: first as u32, stride: stride as u32, _pad: 0 });
         let groups = (stride.div_ceil(WORKGROUP as usize) as u32, blocks as u32);
         let mut pass = encoder.begin_compute_pass(&Default::default());
-        gpu.dispatch(&mut pass, &self.pack, &[&params, &chunk.values, &packed], groups);
-        packed
+        let resources = [params.as_entire_binding(), chunk.values.as_entire_binding(), wgpu::BindingResource::TextureView(&view)];
+        gpu.dispatch_resources(&mut pass, &self.pack, &resources, groups);
+        Ok(view)
     }
 
     /// Encodes the squared distances of a block of queries to one bank chunk, which `texture` holds
@@ -157,13 +168,16 @@ impl SubgroupShader {
         if texture.holds != Some(chunk.start) {
             return Err(KernelError::Shape(format!("the bank texture does not hold the chunk at row {}", chunk.start)));
         }
+        let QueryValues::Packed(packed) = &queries.values else {
+            return Err(KernelError::Shape("the subgroup distance kernel reads packed queries, and the block was not packed".into()));
+        };
         let n = chunk.rows;
         // Query rows along x, bank rows along y (see the shader).
         let (bank_groups, _) = gpu.groups_1d(n.div_ceil(BANK_ROWS as usize), WORKGROUP)?;
         let params = gpu.uniform(&queries.params(n));
         let resources = [
             params.as_entire_binding(),
-            queries.values.as_entire_binding(),
+            wgpu::BindingResource::TextureView(packed),
             wgpu::BindingResource::TextureView(&texture.view),
             queries.norms.as_entire_binding(),
             chunk.norms.as_entire_binding(),

@@ -40,7 +40,7 @@ impl GpuKernels {
             for first in (0..chunk.rows).step_by(block) {
                 let rows = block.min(chunk.rows - first);
                 let mut encoder = gpu.device.create_command_encoder(&Default::default());
-                let block_queries = self.prepare_queries(&mut encoder, chunk, first, rows, d, kernel);
+                let block_queries = self.prepare_queries(&mut encoder, chunk, first, rows, d, kernel)?;
                 best.restart();
                 for bank_chunk in &bank.chunks {
                     if let Some(texture) = texture.as_mut() {
