@@ -173,13 +173,9 @@ fn query_values(block_at: u32, feature: u32) -> QueryRows {
     return QueryRows(textureLoad(queries, texel_at(at)), textureLoad(queries, texel_at(at + 1u)), textureLoad(queries, texel_at(at + 2u)), textureLoad(queries, texel_at(at + 3u)));
 }
 
-@compute @workgroup_size(WG)
-fn distance_subgroup(
-    @builtin(workgroup_id) group: vec3<u32>,
-    @builtin(local_invocation_index) local: u32,
-    @builtin(subgroup_invocation_id) lane: u32,
-) {
-    let m = params.m;
+// The squared distances of the workgroup row's 16 query rows to the invocation's 3 bank rows, one
+// QueryRows per bank row, before they are clamped at zero; its first bank row is `bank_column(..)`.
+fn block_distances(group: vec3<u32>, local: u32, lane: u32) -> array<QueryRows, 3> {
     let n = params.n;
     let d = params.d;
     let stride = params.stride;
@@ -187,9 +183,8 @@ fn distance_subgroup(
     // run one after another share their bank rows, which stay in the caches (at 128 features: 47–58 ms
     // against 69–87 ms the other way round, 100 × 32768). Rows past the end are read clamped (every
     // lane takes part in the broadcasts) and not stored.
-    let col = (group.y * WG + local) * BANK_ROWS;
+    let col = bank_column(group, local);
     let rows = vec3<u32>(min(col, n - 1u), min(col + 1u, n - 1u), min(col + 2u, n - 1u)) * (stride / 4u);
-    let row0 = group.x * QUERIES;
     // The first of the 4 texels holding the block's query rows of feature `lane`.
     let block_at = (group.x * stride + lane) * 4u;
     let zero = vec4<f32>(0.0);
@@ -210,11 +205,19 @@ fn distance_subgroup(
         add_step(rows, step, QueryRows(select(zero, q.rows_0_3, inside), select(zero, q.rows_4_7, inside), select(zero, q.rows_8_11, inside), select(zero, q.rows_12_15, inside)), true);
     }
     // Each norm read once, where the sums are turned into distances.
+    let row0 = group.x * QUERIES;
     let bank_norm = vec3<f32>(bank_norms[min(col, n - 1u)], bank_norms[min(col + 1u, n - 1u)], bank_norms[min(col + 2u, n - 1u)]);
     let norms = QueryRows(query_norms_at(row0), query_norms_at(row0 + 4u), query_norms_at(row0 + 8u), query_norms_at(row0 + 12u));
-    store_bank_row(row0, col, norms, bank_norm.x, QueryRows(sums_0_3.bank_row_0, sums_4_7.bank_row_0, sums_8_11.bank_row_0, sums_12_15.bank_row_0));
-    store_bank_row(row0, col + 1u, norms, bank_norm.y, QueryRows(sums_0_3.bank_row_1, sums_4_7.bank_row_1, sums_8_11.bank_row_1, sums_12_15.bank_row_1));
-    store_bank_row(row0, col + 2u, norms, bank_norm.z, QueryRows(sums_0_3.bank_row_2, sums_4_7.bank_row_2, sums_8_11.bank_row_2, sums_12_15.bank_row_2));
+    return array<QueryRows, 3>(
+        distances_to(norms, bank_norm.x, QueryRows(sums_0_3.bank_row_0, sums_4_7.bank_row_0, sums_8_11.bank_row_0, sums_12_15.bank_row_0)),
+        distances_to(norms, bank_norm.y, QueryRows(sums_0_3.bank_row_1, sums_4_7.bank_row_1, sums_8_11.bank_row_1, sums_12_15.bank_row_1)),
+        distances_to(norms, bank_norm.z, QueryRows(sums_0_3.bank_row_2, sums_4_7.bank_row_2, sums_8_11.bank_row_2, sums_12_15.bank_row_2)),
+    );
+}
+
+// The invocation's first bank row (of the chunk).
+fn bank_column(group: vec3<u32>, local: u32) -> u32 {
+    return (group.y * WG + local) * BANK_ROWS;
 }
 
 // The squared norms of query rows `first` … `first` + 3 (the last row's past the end).
@@ -223,13 +226,37 @@ fn query_norms_at(first: u32) -> vec4<f32> {
     return vec4<f32>(query_norms[min(first, last)], query_norms[min(first + 1u, last)], query_norms[min(first + 2u, last)], query_norms[min(first + 3u, last)]);
 }
 
-// Squared distances of the block's query rows (from `row0`, squared norms `norms`) to bank row `col`
-// (squared norm `bank_norm`), from their dot products `sums`.
-fn store_bank_row(row0: u32, col: u32, norms: QueryRows, bank_norm: f32, sums: QueryRows) {
-    store(row0, col, norms.rows_0_3 + bank_norm - 2.0 * sums.rows_0_3);
-    store(row0 + 4u, col, norms.rows_4_7 + bank_norm - 2.0 * sums.rows_4_7);
-    store(row0 + 8u, col, norms.rows_8_11 + bank_norm - 2.0 * sums.rows_8_11);
-    store(row0 + 12u, col, norms.rows_12_15 + bank_norm - 2.0 * sums.rows_12_15);
+// Squared distances of query rows (squared norms `norms`) to a bank row (squared norm `bank_norm`),
+// from their dot products `sums`.
+fn distances_to(norms: QueryRows, bank_norm: f32, sums: QueryRows) -> QueryRows {
+    return QueryRows(
+        norms.rows_0_3 + bank_norm - 2.0 * sums.rows_0_3,
+        norms.rows_4_7 + bank_norm - 2.0 * sums.rows_4_7,
+        norms.rows_8_11 + bank_norm - 2.0 * sums.rows_8_11,
+        norms.rows_12_15 + bank_norm - 2.0 * sums.rows_12_15,
+    );
+}
+
+@compute @workgroup_size(WG)
+fn distance_subgroup(
+    @builtin(workgroup_id) group: vec3<u32>,
+    @builtin(local_invocation_index) local: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let block = block_distances(group, local, lane);
+    let col = bank_column(group, local);
+    let row0 = group.x * QUERIES;
+    store_bank_row(row0, col, block[0]);
+    store_bank_row(row0, col + 1u, block[1]);
+    store_bank_row(row0, col + 2u, block[2]);
+}
+
+// Squared distances `d2` of the block's query rows (from `row0`) to bank row `col`.
+fn store_bank_row(row0: u32, col: u32, d2: QueryRows) {
+    store(row0, col, d2.rows_0_3);
+    store(row0 + 4u, col, d2.rows_4_7);
+    store(row0 + 8u, col, d2.rows_8_11);
+    store(row0 + 12u, col, d2.rows_12_15);
 }
 
 // Squared distances `d2` of query rows `first` … `first` + 3 to bank row `col`, those inside the block.
@@ -241,6 +268,80 @@ fn store(first: u32, col: u32, d2: vec4<f32>) {
         let row = first + i;
         if (row < params.m) {
             distances[row * params.n + col] = max(d2[i], 0.0);
+        }
+    }
+}
+
+// The k = 1 search's outputs (`nearest_subgroup`), in place of `distances`: per query row of the block,
+// per slot (a subgroup's bank rows, in order), the nearest one's key and chunk row.
+@group(0) @binding(5) var<storage, read_write> nearest_keys: array<u32>;
+@group(0) @binding(6) var<storage, read_write> nearest_rows: array<u32>;
+
+// A key that no distance's passes: +inf's bits.
+const INFINITE_KEY: u32 = 0x7f800000u;
+
+// k = 1, what PatchCore scores by, without writing the distances: per query row, each subgroup's
+// nearest of its SG × 3 bank rows, the lower row on ties, as `topk.wgsl`'s `nearest_of_slots` merges
+// them into the running best. Its keys are the distances' bits after the same clamp at zero as
+// `distance_subgroup` stores, with the sign cleared, as `topk.wgsl` orders them, so the merged result
+// is the one `nearest` finds in the full distances. On llvmpipe each stored distance was a loop over
+// the lanes, and each read in the top-k another: 1/24 of them remain.
+@compute @workgroup_size(WG)
+fn nearest_subgroup(
+    @builtin(workgroup_id) group: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) local: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let block = block_distances(group, local, lane);
+    let col = bank_column(group, local);
+    let rows_0_3 = subgroup_nearest(block[0].rows_0_3, block[1].rows_0_3, block[2].rows_0_3, col);
+    let rows_4_7 = subgroup_nearest(block[0].rows_4_7, block[1].rows_4_7, block[2].rows_4_7, col);
+    let rows_8_11 = subgroup_nearest(block[0].rows_8_11, block[1].rows_8_11, block[2].rows_8_11, col);
+    let rows_12_15 = subgroup_nearest(block[0].rows_12_15, block[1].rows_12_15, block[2].rows_12_15, col);
+    if (lane == 0u) {
+        let slots = groups.y * (WG / SG);
+        let slot = group.y * (WG / SG) + local / SG;
+        let row0 = group.x * QUERIES;
+        store_nearest(row0, slot, slots, rows_0_3);
+        store_nearest(row0 + 4u, slot, slots, rows_4_7);
+        store_nearest(row0 + 8u, slot, slots, rows_8_11);
+        store_nearest(row0 + 12u, slot, slots, rows_12_15);
+    }
+}
+
+// Keys of 4 query rows' squared distances `d2` to bank row `col`: +inf past the chunk's last row.
+fn keys_of(d2: vec4<f32>, col: u32) -> vec4<u32> {
+    let key = bitcast<vec4<u32>>(max(d2, vec4<f32>(0.0))) & vec4<u32>(0x7fffffffu);
+    return select(key, vec4<u32>(INFINITE_KEY), col >= params.n);
+}
+
+// The nearest bank row of 4 query rows among the subgroup's (this invocation's from `col`, distances
+// `d0`, `d1`, `d2`): keys, then rows, the lower row on ties. A row past the chunk's end has a +inf key
+// and a higher row than every row inside, so it never stands in for one.
+fn subgroup_nearest(d0: vec4<f32>, d1: vec4<f32>, d2: vec4<f32>, col: u32) -> array<vec4<u32>, 2> {
+    var key = keys_of(d0, col);
+    var row = vec4<u32>(col);
+    let key_1 = keys_of(d1, col + 1u);
+    let closer_1 = key_1 < key;
+    key = select(key, key_1, closer_1);
+    row = select(row, vec4<u32>(col + 1u), closer_1);
+    let key_2 = keys_of(d2, col + 2u);
+    let closer_2 = key_2 < key;
+    key = select(key, key_2, closer_2);
+    row = select(row, vec4<u32>(col + 2u), closer_2);
+    let least = subgroupMin(key);
+    return array<vec4<u32>, 2>(least, subgroupMin(select(vec4<u32>(0xffffffffu), row, key == least)));
+}
+
+// The nearest (`found`: keys, rows) of query rows `first` … `first` + 3 in slot `slot`, those inside the
+// block.
+fn store_nearest(first: u32, slot: u32, slots: u32, found: array<vec4<u32>, 2>) {
+    for (var i = 0u; i < 4u; i++) {
+        let row = first + i;
+        if (row < params.m) {
+            nearest_keys[row * slots + slot] = found[0][i];
+            nearest_rows[row * slots + slot] = found[1][i];
         }
     }
 }

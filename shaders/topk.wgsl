@@ -277,8 +277,14 @@ fn nearest(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) gro
             best_index = index_at(row, position);
         }
     }
-    keys[lane] = best_key;
-    indices[lane] = best_index;
+    keep_nearest(row, lane, best_key, best_index);
+}
+
+// The row's nearest of the invocations' own (`key`, `index`), by a tree reduction in workgroup memory,
+// written as the row's best.
+fn keep_nearest(row: u32, lane: u32, key: u32, index: u32) {
+    keys[lane] = key;
+    indices[lane] = index;
     workgroupBarrier();
     for (var stride = THREADS / 2u; stride > 0u; stride >>= 1u) {
         if (lane < stride && before(keys[lane + stride], indices[lane + stride], keys[lane], indices[lane])) {
@@ -291,4 +297,41 @@ fn nearest(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) gro
         out_values[row] = bitcast<f32>(keys[0]);
         out_indices[row] = indices[0];
     }
+}
+
+// `distance_subgroup.wgsl`'s `nearest_subgroup` output, in place of `distances`: per row, `width` slots
+// (a subgroup's bank rows each, in row order) of the nearest one's key and chunk row.
+@group(0) @binding(1) var<storage, read> slot_keys: array<u32>;
+@group(0) @binding(6) var<storage, read> slot_rows: array<u32>;
+
+// k = 1 from slots: `nearest`, reading each slot's key and row instead of every distance.
+@compute @workgroup_size(256)
+fn nearest_of_slots(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
+                    @builtin(local_invocation_index) lane: u32) {
+    let row = group.x + group.y * groups.x;
+    if (row >= params.rows) {
+        return;
+    }
+    let total = params.prev + params.width;
+    var best_key = PAD_KEY;
+    var best_index = PAD_INDEX;
+    // As in `nearest`, an invocation's indices only grow (the slots' rows do, and the slots past the
+    // chunk's end hold +inf keys at rows past it).
+    for (var position = lane; position < total; position += THREADS) {
+        var key: u32;
+        var index: u32;
+        if (position < params.prev) {
+            key = bitcast<u32>(prev_values[row * params.k + position]);
+            index = prev_indices[row * params.k + position];
+        } else {
+            let at = row * params.width + position - params.prev;
+            key = slot_keys[at];
+            index = params.index_offset + slot_rows[at];
+        }
+        if (key < best_key) {
+            best_key = key;
+            best_index = index;
+        }
+    }
+    keep_nearest(row, lane, best_key, best_index);
 }

@@ -199,6 +199,14 @@ fn chunked_runs_equal_the_unchunked_run() {
     let subgroup_whole = GpuKernels::shared().unwrap().with_distance_kernel(DistanceKernel::Subgroup);
     let expected = subgroup_whole.knn_host(&subgroup_whole.upload(&bank, case.n, case.d).unwrap(), &queries, case.k).unwrap();
     assert_eq!(subgroup.knn_host(&chunked_bank, &queries, case.k).unwrap(), expected, "subgroup: chunked and unchunked runs differ");
+    // Its k = 1 pass keeps only each subgroup's nearest of a chunk, which the top-k merges chunk by chunk.
+    let nearest_subgroup = subgroup.knn_host(&chunked_bank, &queries, 1).unwrap();
+    assert_eq!(nearest_subgroup, nearest, "subgroup, k = 1: chunked runs differ from the tiled shader's");
+    assert_eq!(
+        nearest_subgroup,
+        subgroup_whole.knn_host(&subgroup_whole.upload(&bank, case.n, case.d).unwrap(), &queries, 1).unwrap(),
+        "subgroup, k = 1: chunked and unchunked runs differ"
+    );
 
     let exact = reference::column_stats(&bank, case.n, case.d);
     let stats = subgroup.column_stats(&chunked_bank).unwrap();

@@ -6,7 +6,7 @@ use burn::tensor::wgpu::wgpu;
 use bytemuck::{Pod, Zeroable};
 
 use crate::context::{GpuKernels, GpuMatrix, Kernel, KernelError, MatrixChunk, Slot, row_stride, shader_module};
-use crate::distance_subgroup::BankTexture;
+use crate::distance_subgroup::{BankTexture, SubgroupOutput};
 use crate::knn::MAX_QUERY_BLOCK;
 
 /// Invocations per workgroup side (the shader's `SIDE`) of both shaders.
@@ -139,7 +139,9 @@ impl GpuKernels {
         let gpu = &self.gpu;
         let (m, n) = (queries.rows, chunk.rows);
         let (shader, outputs_per_group) = match (queries.kernel, &self.subgroup, texture) {
-            (DistanceKernel::Subgroup, Some(subgroup), Some(texture)) => return subgroup.encode(gpu, pass, queries, chunk, texture, out),
+            (DistanceKernel::Subgroup, Some(subgroup), Some(texture)) => {
+                return subgroup.encode(gpu, pass, queries, chunk, texture, SubgroupOutput::Distances(out));
+            }
             (DistanceKernel::Subgroup, Some(_), None) => {
                 return Err(KernelError::Shape("the subgroup distance kernel reads the bank from a texture, and none was given".into()));
             }

@@ -3,7 +3,9 @@
 //! inline gathers and subgroup broadcasts register shuffles: each invocation keeps 16 query rows × 3
 //! bank rows of sums and reads its bank rows from a storage texture each bank chunk is copied into
 //! (`BankTexture`), and the lanes of a subgroup share the query values they read, from query blocks
-//! packed feature by feature into a storage texture too (`SubgroupShader::pack`).
+//! packed feature by feature into a storage texture too (`SubgroupShader::pack`). For k = 1 a second
+//! entry point writes, instead of the distances, each subgroup's nearest bank row per query
+//! (`NearestSlots`), which the top-k merges.
 
 use burn::tensor::wgpu::wgpu;
 use bytemuck::{Pod, Zeroable};
@@ -47,15 +49,34 @@ struct PackParams {
     _pad: u32,
 }
 
-/// The shader's two entry points, built for the device's subgroup size, and the shape of the textures
-/// they read and write.
+/// The shader's entry points, built for the device's subgroup size, and the shape of the textures they
+/// read and write.
 pub(crate) struct SubgroupShader {
     distances: Kernel,
+    nearest: Kernel,
     pack: Kernel,
+    /// The subgroup size the shader is built for (its `SG`).
+    subgroup_size: u32,
     /// The textures are `1 << texture_shift` texels wide (the shader's `TEXTURE_SHIFT`)…
     texture_shift: u32,
     /// … and at most this many tall.
     max_texture_rows: u32,
+}
+
+/// Each query row's nearest bank row in each slot of a bank chunk, a slot being one subgroup's bank rows
+/// (`SubgroupShader::encode_nearest`): keys (distance bits, as the top-k orders them) and chunk rows,
+/// row-major, `slots` per query row.
+pub(crate) struct NearestSlots {
+    pub keys: wgpu::Buffer,
+    pub rows: wgpu::Buffer,
+}
+
+/// What `SubgroupShader::encode` writes.
+pub(crate) enum SubgroupOutput<'a> {
+    /// Every squared distance, `queries.rows × chunk.rows`, row-major.
+    Distances(&'a wgpu::Buffer),
+    /// For k = 1, each query row's nearest bank row in each slot (`SubgroupShader::slots`).
+    Nearest(&'a NearestSlots),
 }
 
 /// Bytes of one texel of the bank texture: 4 features of f32.
@@ -90,8 +111,11 @@ impl SubgroupShader {
         let module = shader_module(device, "distance_subgroup", include_str!("../../../shaders/distance_subgroup.wgsl"));
         let constants = [("SG", size as f64), ("WG", WORKGROUP as f64), ("TEXTURE_SHIFT", texture_shift as f64)];
         let slots = [Slot::Uniform, Slot::ReadTexture, Slot::ReadTexture, Slot::Read, Slot::Read, Slot::Write];
+        let nearest_slots = [Slot::Uniform, Slot::ReadTexture, Slot::ReadTexture, Slot::Read, Slot::Read, Slot::Write, Slot::Write];
         Some(Self {
             distances: Kernel::new(device, &module, "distance_subgroup", &slots, &constants),
+            nearest: Kernel::new(device, &module, "nearest_subgroup", &nearest_slots, &constants),
+            subgroup_size: size,
             pack: Kernel::new(device, &module, "pack_queries", &[Slot::Uniform, Slot::Read, Slot::WriteTexture], &constants),
             texture_shift,
             max_texture_rows: side,
@@ -154,8 +178,13 @@ impl SubgroupShader {
         Ok(view)
     }
 
-    /// Encodes the squared distances of a block of queries to one bank chunk, which `texture` holds
-    /// (`BankTexture::load`), into `out` (`queries.rows × chunk.rows`).
+    /// Slots per query row of `NearestSlots` for a bank chunk of `rows` rows.
+    pub fn slots(&self, gpu: &Gpu, rows: usize) -> Result<usize, KernelError> {
+        Ok(gpu.groups_1d(rows.div_ceil(BANK_ROWS as usize), WORKGROUP)?.0 as usize * (WORKGROUP / self.subgroup_size) as usize)
+    }
+
+    /// Encodes the distances of a block of queries to one bank chunk, which `texture` holds
+    /// (`BankTexture::load`), into `out`: all of them, or for k = 1 only each slot's nearest.
     pub fn encode(
         &self,
         gpu: &Gpu,
@@ -163,7 +192,7 @@ impl SubgroupShader {
         queries: &QueryBlock,
         chunk: &MatrixChunk,
         texture: &BankTexture,
-        out: &wgpu::Buffer,
+        out: SubgroupOutput,
     ) -> Result<(), KernelError> {
         if texture.holds != Some(chunk.start) {
             return Err(KernelError::Shape(format!("the bank texture does not hold the chunk at row {}", chunk.start)));
@@ -175,15 +204,24 @@ impl SubgroupShader {
         // Query rows along x, bank rows along y (see the shader).
         let (bank_groups, _) = gpu.groups_1d(n.div_ceil(BANK_ROWS as usize), WORKGROUP)?;
         let params = gpu.uniform(&queries.params(n));
-        let resources = [
+        let mut resources = vec![
             params.as_entire_binding(),
             wgpu::BindingResource::TextureView(packed),
             wgpu::BindingResource::TextureView(&texture.view),
             queries.norms.as_entire_binding(),
             chunk.norms.as_entire_binding(),
-            out.as_entire_binding(),
         ];
-        gpu.dispatch_resources(pass, &self.distances, &resources, (queries.rows.div_ceil(QUERIES) as u32, bank_groups));
+        let kernel = match out {
+            SubgroupOutput::Distances(distances) => {
+                resources.push(distances.as_entire_binding());
+                &self.distances
+            }
+            SubgroupOutput::Nearest(slots) => {
+                resources.extend([slots.keys.as_entire_binding(), slots.rows.as_entire_binding()]);
+                &self.nearest
+            }
+        };
+        gpu.dispatch_resources(pass, kernel, &resources, (queries.rows.div_ceil(QUERIES) as u32, bank_groups));
         Ok(())
     }
 }

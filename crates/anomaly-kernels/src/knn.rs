@@ -3,14 +3,24 @@
 //! running best, so at most one chunk's distances exist at a time (and, for the subgroup shader, one
 //! chunk's texture copy).
 
+use burn::tensor::wgpu::wgpu;
+
 use crate::Neighbours;
 use crate::context::{GpuKernels, GpuMatrix, KernelError};
 use crate::distance::DistanceKernel;
-use crate::distance_subgroup::packed_block_rows;
-use crate::topk::{MAX_K, RunningBest};
+use crate::distance_subgroup::{NearestSlots, SubgroupOutput, packed_block_rows};
+use crate::topk::{ChunkEntries, MAX_K, RunningBest};
 
 /// Most queries per block (one top-k workgroup each).
 pub(crate) const MAX_QUERY_BLOCK: usize = 1024;
+
+/// Where a kNN's distance dispatches write.
+enum Output {
+    /// Every distance of a query block to a bank chunk.
+    Distances(wgpu::Buffer),
+    /// At k = 1 on the subgroup shader, each slot's nearest.
+    Nearest(NearestSlots),
+}
 
 impl GpuKernels {
     /// The `k` nearest rows of `bank` for every row of `queries`, both on the device (so a bank scored
@@ -32,7 +42,18 @@ impl GpuKernels {
             _ => binding_rows(bank.stride() * 4),
         };
         let block = queries.rows.min(MAX_QUERY_BLOCK).min(binding_rows(width * 4)).min(query_rows).min(binding_rows(k * 4)).max(1);
-        let distances = gpu.storage(block * width * 4, "distances");
+        // At k = 1 the subgroup shader keeps only each slot's nearest (never more than the distances).
+        let nearest_slots = match (&self.subgroup, kernel) {
+            (Some(subgroup), DistanceKernel::Subgroup) if k == 1 => Some(subgroup),
+            _ => None,
+        };
+        let output = match nearest_slots {
+            Some(subgroup) => {
+                let bytes = block * subgroup.slots(gpu, width)? * 4;
+                Output::Nearest(NearestSlots { keys: gpu.storage(bytes, "nearest keys"), rows: gpu.storage(bytes, "nearest rows") })
+            }
+            None => Output::Distances(gpu.storage(block * width * 4, "distances")),
+        };
         let mut texture = self.bank_texture(bank, kernel)?;
         let mut best = RunningBest::new(gpu, block, k);
         let mut result = Neighbours { k, distances: Vec::with_capacity(queries.rows * k), indices: Vec::with_capacity(queries.rows * k) };
@@ -47,8 +68,18 @@ impl GpuKernels {
                         texture.load(&mut encoder, bank_chunk, bank.stride());
                     }
                     let mut pass = encoder.begin_compute_pass(&Default::default());
-                    self.encode_distances(&mut pass, &block_queries, bank_chunk, texture.as_ref(), &distances)?;
-                    self.topk.encode_merge(gpu, &mut pass, &mut best, &distances, rows, bank_chunk);
+                    let entries = match (&output, nearest_slots, texture.as_ref()) {
+                        (Output::Nearest(found), Some(subgroup), Some(texture)) => {
+                            subgroup.encode(gpu, &mut pass, &block_queries, bank_chunk, texture, SubgroupOutput::Nearest(found))?;
+                            ChunkEntries::Nearest { found, slots: subgroup.slots(gpu, bank_chunk.rows)?, start: bank_chunk.start }
+                        }
+                        (Output::Distances(distances), ..) => {
+                            self.encode_distances(&mut pass, &block_queries, bank_chunk, texture.as_ref(), distances)?;
+                            ChunkEntries::Distances(distances, bank_chunk)
+                        }
+                        _ => return Err(KernelError::Shape("the k = 1 slots need the subgroup shader and its bank texture".into())),
+                    };
+                    self.topk.encode_merge(gpu, &mut pass, &mut best, entries, rows);
                 }
                 let bytes = (rows * k * 4) as u64;
                 let (values, indices) = best.current();

@@ -5,6 +5,7 @@ use burn::tensor::wgpu::wgpu;
 use bytemuck::{Pod, Zeroable};
 
 use crate::context::{Gpu, Kernel, MatrixChunk, Slot, shader_module};
+use crate::distance_subgroup::NearestSlots;
 
 /// Largest k the kernel keeps (the shader's `MAX_K`: its sort runs in workgroup memory).
 pub(crate) const MAX_K: usize = 1024;
@@ -25,10 +26,12 @@ struct Params {
     _pad1: u32,
 }
 
-/// The shader's two entry points: the radix select for any k, and a single pass for k = 1.
+/// The shader's entry points: the radix select for any k, and single passes for k = 1 over distances
+/// or over the subgroup shader's nearest slots.
 pub(crate) struct TopKKernel {
     select: Kernel,
     nearest: Kernel,
+    nearest_of_slots: Kernel,
 }
 
 impl TopKKernel {
@@ -36,38 +39,48 @@ impl TopKKernel {
         let module = shader_module(device, "topk", include_str!("../../../shaders/topk.wgsl"));
         let slots = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Read, Slot::Write, Slot::Write];
         let constants = [("MAX_K", MAX_K as f64)];
+        let with_rows = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Read, Slot::Write, Slot::Write, Slot::Read];
         Self {
             select: Kernel::new(device, &module, "topk", &slots, &constants),
             nearest: Kernel::new(device, &module, "nearest", &slots, &constants),
+            nearest_of_slots: Kernel::new(device, &module, "nearest_of_slots", &with_rows, &constants),
         }
     }
 
-    /// Encodes the merge of one bank chunk's distances (`rows × chunk.rows` in `distances`) into `best`.
-    pub fn encode_merge(
-        &self,
-        gpu: &Gpu,
-        pass: &mut wgpu::ComputePass,
-        best: &mut RunningBest,
-        distances: &wgpu::Buffer,
-        rows: usize,
-        chunk: &MatrixChunk,
-    ) {
+    /// Encodes the merge of one bank chunk's new entries (for `rows` queries) into `best`.
+    pub fn encode_merge(&self, gpu: &Gpu, pass: &mut wgpu::ComputePass, best: &mut RunningBest, entries: ChunkEntries, rows: usize) {
+        let (kernel, buffers, width, start) = match entries {
+            ChunkEntries::Distances(distances, chunk) => {
+                (if best.k == 1 { &self.nearest } else { &self.select }, vec![distances], chunk.rows, chunk.start)
+            }
+            ChunkEntries::Nearest { found, slots, start } => (&self.nearest_of_slots, vec![&found.keys, &found.rows], slots, start),
+        };
         let params = gpu.uniform(&Params {
             rows: rows as u32,
-            width: chunk.rows as u32,
+            width: width as u32,
             k: best.k as u32,
             prev: if best.merged == 0 { 0 } else { best.k as u32 },
-            index_offset: chunk.start as u32,
+            index_offset: start as u32,
             capacity: best.k.next_power_of_two() as u32,
             _pad0: 0,
             _pad1: 0,
         });
         let (src, dst) = (&best.lists[best.current], &best.lists[1 - best.current]);
-        let kernel = if best.k == 1 { &self.nearest } else { &self.select };
-        gpu.dispatch(pass, kernel, &[&params, distances, &src.0, &src.1, &dst.0, &dst.1], gpu.row_groups(rows));
+        let mut bound = vec![&params, buffers[0], &src.0, &src.1, &dst.0, &dst.1];
+        bound.extend(&buffers[1..]);
+        gpu.dispatch(pass, kernel, &bound, gpu.row_groups(rows));
         best.current = 1 - best.current;
         best.merged += 1;
     }
+}
+
+/// One bank chunk's new entries for a merge into the running best.
+pub(crate) enum ChunkEntries<'a> {
+    /// Its squared distances, `rows × chunk.rows`, row-major.
+    Distances(&'a wgpu::Buffer, &'a MatrixChunk),
+    /// For k = 1, each query row's nearest in each of `slots` slots of the chunk that starts at bank
+    /// row `start` (`SubgroupShader::encode`).
+    Nearest { found: &'a NearestSlots, slots: usize, start: usize },
 }
 
 /// The k best (squared distances, bank indices) of a block of queries: two pairs of buffers, the best
