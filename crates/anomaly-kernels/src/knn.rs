@@ -42,7 +42,7 @@ impl GpuKernels {
             _ => binding_rows(bank.stride() * 4),
         };
         let block = queries.rows.min(MAX_QUERY_BLOCK).min(binding_rows(width * 4)).min(query_rows).min(binding_rows(k * 4)).max(1);
-        // At k = 1 the subgroup shader keeps only each slot's nearest (never more than the distances).
+        // At k = 1 the subgroup shader keeps only each slot's nearest, about 1/24 of the distances.
         let nearest_slots = match (&self.subgroup, kernel) {
             (Some(subgroup), DistanceKernel::Subgroup) if k == 1 => Some(subgroup),
             _ => None,
