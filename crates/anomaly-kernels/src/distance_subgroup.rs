@@ -64,7 +64,7 @@ pub(crate) struct SubgroupShader {
 }
 
 /// Each query row's nearest bank row in each slot of a bank chunk, a slot being one subgroup's bank rows
-/// (`SubgroupShader::encode_nearest`): keys (distance bits, as the top-k orders them) and chunk rows,
+/// (`SubgroupShader::encode` with `SubgroupOutput::Nearest`): keys (distance bits, as the top-k orders them) and chunk rows,
 /// row-major, `slots` per query row.
 pub(crate) struct NearestSlots {
     pub keys: wgpu::Buffer,
@@ -180,7 +180,7 @@ impl SubgroupShader {
 
     /// Slots per query row of `NearestSlots` for a bank chunk of `rows` rows.
     pub fn slots(&self, gpu: &Gpu, rows: usize) -> Result<usize, KernelError> {
-        Ok(gpu.groups_1d(rows.div_ceil(BANK_ROWS as usize), WORKGROUP)?.0 as usize * (WORKGROUP / self.subgroup_size) as usize)
+        Ok(bank_groups(gpu, rows)? as usize * (WORKGROUP / self.subgroup_size) as usize)
     }
 
     /// Encodes the distances of a block of queries to one bank chunk, which `texture` holds
@@ -200,10 +200,7 @@ impl SubgroupShader {
         let QueryValues::Packed(packed) = &queries.values else {
             return Err(KernelError::Shape("the subgroup distance kernel reads packed queries, and the block was not packed".into()));
         };
-        let n = chunk.rows;
-        // Query rows along x, bank rows along y (see the shader).
-        let (bank_groups, _) = gpu.groups_1d(n.div_ceil(BANK_ROWS as usize), WORKGROUP)?;
-        let params = gpu.uniform(&queries.params(n));
+        let params = gpu.uniform(&queries.params(chunk.rows));
         let mut resources = vec![
             params.as_entire_binding(),
             wgpu::BindingResource::TextureView(packed),
@@ -221,9 +218,16 @@ impl SubgroupShader {
                 &self.nearest
             }
         };
-        gpu.dispatch_resources(pass, kernel, &resources, (queries.rows.div_ceil(QUERIES) as u32, bank_groups));
+        // Query rows along x, bank rows along y (see the shader).
+        let groups = (queries.rows.div_ceil(QUERIES) as u32, bank_groups(gpu, chunk.rows)?);
+        gpu.dispatch_resources(pass, kernel, &resources, groups);
         Ok(())
     }
+}
+
+/// Workgroups along the grid's bank axis for a chunk of `rows` bank rows (BANK_ROWS an invocation).
+fn bank_groups(gpu: &Gpu, rows: usize) -> Result<u32, KernelError> {
+    Ok(gpu.groups_1d(rows.div_ceil(BANK_ROWS as usize), WORKGROUP)?.0)
 }
 
 impl BankTexture {

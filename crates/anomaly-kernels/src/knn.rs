@@ -8,18 +8,18 @@ use burn::tensor::wgpu::wgpu;
 use crate::Neighbours;
 use crate::context::{GpuKernels, GpuMatrix, KernelError};
 use crate::distance::DistanceKernel;
-use crate::distance_subgroup::{NearestSlots, SubgroupOutput, packed_block_rows};
+use crate::distance_subgroup::{NearestSlots, SubgroupOutput, SubgroupShader, packed_block_rows};
 use crate::topk::{ChunkEntries, MAX_K, RunningBest};
 
 /// Most queries per block (one top-k workgroup each).
 pub(crate) const MAX_QUERY_BLOCK: usize = 1024;
 
 /// Where a kNN's distance dispatches write.
-enum Output {
+enum Output<'a> {
     /// Every distance of a query block to a bank chunk.
     Distances(wgpu::Buffer),
-    /// At k = 1 on the subgroup shader, each slot's nearest.
-    Nearest(NearestSlots),
+    /// At k = 1 on the subgroup shader (the first), each slot's nearest.
+    Nearest(&'a SubgroupShader, NearestSlots),
 }
 
 impl GpuKernels {
@@ -43,16 +43,15 @@ impl GpuKernels {
         };
         let block = queries.rows.min(MAX_QUERY_BLOCK).min(binding_rows(width * 4)).min(query_rows).min(binding_rows(k * 4)).max(1);
         // At k = 1 the subgroup shader keeps only each slot's nearest, about 1/24 of the distances.
-        let nearest_slots = match (&self.subgroup, kernel) {
-            (Some(subgroup), DistanceKernel::Subgroup) if k == 1 => Some(subgroup),
-            _ => None,
-        };
-        let output = match nearest_slots {
-            Some(subgroup) => {
+        let output = match (&self.subgroup, kernel) {
+            (Some(subgroup), DistanceKernel::Subgroup) if k == 1 => {
                 let bytes = block * subgroup.slots(gpu, width)? * 4;
-                Output::Nearest(NearestSlots { keys: gpu.storage(bytes, "nearest keys"), rows: gpu.storage(bytes, "nearest rows") })
+                Output::Nearest(
+                    subgroup,
+                    NearestSlots { keys: gpu.storage(bytes, "nearest keys"), rows: gpu.storage(bytes, "nearest rows") },
+                )
             }
-            None => Output::Distances(gpu.storage(block * width * 4, "distances")),
+            _ => Output::Distances(gpu.storage(block * width * 4, "distances")),
         };
         let mut texture = self.bank_texture(bank, kernel)?;
         let mut best = RunningBest::new(gpu, block, k);
@@ -68,8 +67,8 @@ impl GpuKernels {
                         texture.load(&mut encoder, bank_chunk, bank.stride());
                     }
                     let mut pass = encoder.begin_compute_pass(&Default::default());
-                    let entries = match (&output, nearest_slots, texture.as_ref()) {
-                        (Output::Nearest(found), Some(subgroup), Some(texture)) => {
+                    let entries = match (&output, texture.as_ref()) {
+                        (Output::Nearest(subgroup, found), Some(texture)) => {
                             subgroup.encode(gpu, &mut pass, &block_queries, bank_chunk, texture, SubgroupOutput::Nearest(found))?;
                             ChunkEntries::Nearest { found, slots: subgroup.slots(gpu, bank_chunk.rows)?, start: bank_chunk.start }
                         }
@@ -77,7 +76,9 @@ impl GpuKernels {
                             self.encode_distances(&mut pass, &block_queries, bank_chunk, texture.as_ref(), distances)?;
                             ChunkEntries::Distances(distances, bank_chunk)
                         }
-                        _ => return Err(KernelError::Shape("the k = 1 slots need the subgroup shader and its bank texture".into())),
+                        (Output::Nearest(..), None) => {
+                            return Err(KernelError::Shape("the k = 1 slots need the subgroup shader's bank texture".into()));
+                        }
                     };
                     self.topk.encode_merge(gpu, &mut pass, &mut best, entries, rows);
                 }
