@@ -4,12 +4,17 @@
 // already sorted, lower indices than anything in this chunk) and this chunk's `width` distances, so
 // calling this once per chunk keeps the k nearest bank rows without ever holding all distances.
 //
-// One workgroup per row. For k ≤ 256, the k-th smallest of the invocations' own minima bounds the row's
-// k-th smallest, and the entries at or below it (about k, on data without a pattern) are collected in a
-// second read. Otherwise, or when more than MAX_K are at or below the bound, a radix select on the float
-// bits (non-negative floats order like their u32 bits) finds the k-th smallest key in four 8-bit passes,
-// and the entries below it, and the first entries equal to it in row order, are collected. A bitonic sort
-// orders what was collected by (distance, index). (`nearest`, below, serves k = 1 in one pass.)
+// One workgroup per row. For k ≤ 256, the invocations' own minima bound the row's k-th smallest (a
+// histogram of them gives the bound in two barriers), and the entries at or below it (little more than
+// k, on data without a pattern) are collected in a second read. Otherwise, or when more than MAX_K are at
+// or below the bound, a radix select on the float bits (non-negative floats order like their u32 bits)
+// finds the k-th smallest key in four 8-bit passes, and the entries below it, and the first entries
+// equal to it in row order, are collected. Up to 256 collected entries each count the ones before them in
+// (distance, index) order, which is their place in the output; more are sorted bitonically. (`nearest`,
+// below, serves k = 1 in one pass.) Barriers are what this avoids: on llvmpipe each one switches between
+// the workgroup's 32 SIMD groups, and the bitonic sorts it used instead (of the 256 minima for the bound,
+// 36 barriers, and of the collected entries) took nearly half of a k = 50 top-k's time (1000 rows of
+// 20,000: 574 of 1243 ms).
 
 struct Params {
     rows: u32,
@@ -17,10 +22,9 @@ struct Params {
     k: u32,
     prev: u32,
     index_offset: u32,
-    // Power of two ≥ k: the sort's length.
-    capacity: u32,
     _pad0: u32,
     _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -31,8 +35,10 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> out_indices: array<u32>;
 
 const THREADS: u32 = 256u;
-// Largest k, a power of two ≥ every capacity: set by the host (topk.rs), which refuses larger k.
+// Most entries a row may collect, a power of two ≥ k: set by the host (topk.rs), which refuses larger k.
 override MAX_K: u32;
+// Most collected entries ordered by counting (each compares itself with all of them); more are sorted.
+const RANKED: u32 = 256u;
 // Padding when a row has fewer than k entries: +inf, and an index past any bank.
 const PAD_KEY: u32 = 0x7f800000u;
 const PAD_INDEX: u32 = 0xffffffffu;
@@ -42,6 +48,8 @@ var<workgroup> scan: array<u32, THREADS>;
 var<workgroup> keys: array<u32, MAX_K>;
 var<workgroup> indices: array<u32, MAX_K>;
 var<workgroup> selected: atomic<u32>;
+var<workgroup> least_of_all: atomic<u32>;
+var<workgroup> largest_least: atomic<u32>;
 var<workgroup> prefix: u32;
 var<workgroup> remaining: u32;
 var<workgroup> equal_seen: u32;
@@ -91,6 +99,21 @@ fn bitonic_sort(lane: u32, length: u32) {
     }
 }
 
+// Invocations that read consecutive entries: the row is split into one contiguous segment per SPAN
+// invocations, which read it SPAN entries at a time. On llvmpipe, where 8 invocations are one SIMD
+// group, each group then streams through its segment instead of striding across the whole row (the first
+// read of a k = 50 search: 142 against 238 ms, 1000 rows of 20,000); a GPU reads whole 32-byte sectors
+// either way.
+const SPAN: u32 = 8u;
+
+// The positions `lane` reads of a row of `total` entries: from `x` in steps of SPAN below `y`. They only
+// grow, so an invocation meets its entries in index order.
+fn lane_positions(lane: u32, total: u32) -> vec2<u32> {
+    let segment = ((total + THREADS / SPAN - 1u) / (THREADS / SPAN) + SPAN - 1u) / SPAN * SPAN;
+    let start = (lane / SPAN) * segment;
+    return vec2(start + lane % SPAN, min(start + segment, total));
+}
+
 @compute @workgroup_size(256)
 fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
         @builtin(local_invocation_index) lane: u32) {
@@ -99,6 +122,7 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
         return;
     }
     let total = params.prev + params.width;
+    let span = lane_positions(lane, total);
 
     if (lane == 0u) {
         prefix = 0u;
@@ -106,29 +130,54 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
         equal_seen = 0u;
         equal_total = 0u;
         atomicStore(&selected, 0u);
+        atomicStore(&least_of_all, PAD_KEY);
+        atomicStore(&largest_least, 0u);
         if (total <= params.k) {
             remaining = total;
         }
     }
+    atomicStore(&histogram[lane], 0u);
     workgroupBarrier();
     let select_all = total <= params.k;
 
-    // Bound (k ≤ THREADS): the k-th smallest of the invocations' own smallest keys is a key of the row
-    // with k keys at or below it, so every one of the k smallest is at or below it; and on data without a
-    // pattern only about k keys are. Two reads of the row without atomics collect them all, unless more
-    // than MAX_K are (then the radix select below starts over).
+    // Bound (k ≤ THREADS): the invocations' own smallest keys, binned between the least and the largest
+    // of them; every key up to the end of the bin that holds the k-th smallest has k keys at or below it
+    // (those smallest keys), so the k smallest of the row are among them, and on data without a pattern
+    // little more than k are. Two reads of the row collect them all, unless more than MAX_K are (then the
+    // radix select below starts over).
     var bounded = false;
     if (!select_all && params.k <= THREADS) {
         var least = PAD_KEY;
-        for (var position = lane; position < total; position += THREADS) {
+        for (var position = span.x; position < span.y; position += SPAN) {
             least = min(least, key_at(row, position));
         }
-        keys[lane] = least;
-        indices[lane] = lane;
+        let has_least = span.x < span.y;
+        if (has_least) {
+            atomicMin(&least_of_all, least);
+            atomicMax(&largest_least, least);
+        }
         workgroupBarrier();
-        bitonic_sort(lane, THREADS);
-        let bound = workgroupUniformLoad(&keys[params.k - 1u]);
-        for (var position = lane; position < total; position += THREADS) {
+        let low = atomicLoad(&least_of_all);
+        let width = atomicLoad(&largest_least) - low;
+        let shift = select(0u, 32u - countLeadingZeros(width) - 8u, width >= 256u);
+        if (has_least) {
+            atomicAdd(&histogram[(least - low) >> shift], 1u);
+        }
+        workgroupBarrier();
+        if (lane == 0u) {
+            var seen = 0u;
+            var bin = 0u;
+            loop {
+                seen += atomicLoad(&histogram[bin]);
+                if (seen >= params.k || bin == 255u) {
+                    break;
+                }
+                bin++;
+            }
+            prefix = low + ((bin + 1u) << shift) - 1u;
+        }
+        let bound = workgroupUniformLoad(&prefix);
+        for (var position = span.x; position < span.y; position += SPAN) {
             let key = key_at(row, position);
             if (key <= bound) {
                 let slot = atomicAdd(&selected, 1u);
@@ -141,6 +190,7 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
         workgroupBarrier();
         if (lane == 0u) {
             equal_total = atomicLoad(&selected);
+            prefix = 0u;
         }
         bounded = workgroupUniformLoad(&equal_total) <= MAX_K;
         if (!bounded && lane == 0u) {
@@ -159,7 +209,7 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
             atomicStore(&histogram[lane], 0u);
             workgroupBarrier();
             let wanted = workgroupUniformLoad(&prefix);
-            for (var position = lane; position < total; position += THREADS) {
+            for (var position = span.x; position < span.y; position += SPAN) {
                 let key = key_at(row, position);
                 if ((key & high_mask) == (wanted & high_mask)) {
                     atomicAdd(&histogram[(key >> shift) & 0xffu], 1u);
@@ -194,7 +244,7 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
     let threshold = workgroupUniformLoad(&prefix);
     let take_equal = workgroupUniformLoad(&remaining);
     let take_all = select_all || workgroupUniformLoad(&equal_total) == take_equal;
-    for (var position = lane; !bounded && take_all && position < total; position += THREADS) {
+    for (var position = span.x; !bounded && take_all && position < span.y; position += SPAN) {
         let key = key_at(row, position);
         if (key <= threshold || select_all) {
             let slot = atomicAdd(&selected, 1u);
@@ -234,14 +284,33 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
         workgroupBarrier();
     }
 
-    // Pad to the sort's length (a power of two ≥ k, and ≥ what the bound collected), then bitonic sort
-    // by (key, index).
+    // Ordered by (key, index) into the output: up to RANKED entries each by its place, the number of
+    // collected entries before it (indices differ, so places do), in one barrier; more by a bitonic sort.
     workgroupBarrier();
     if (lane == 0u) {
         equal_total = atomicLoad(&selected);
     }
     let count = workgroupUniformLoad(&equal_total);
-    let length = max(params.capacity, select(1u, 1u << (32u - countLeadingZeros(count - 1u)), count > 1u));
+    if (count <= RANKED) {
+        for (var entry = lane; entry < count; entry += THREADS) {
+            let key = keys[entry];
+            let index = indices[entry];
+            var place = 0u;
+            for (var other = 0u; other < count; other++) {
+                place += u32(before(keys[other], indices[other], key, index));
+            }
+            if (place < params.k) {
+                out_values[row * params.k + place] = bitcast<f32>(key);
+                out_indices[row * params.k + place] = index;
+            }
+        }
+        for (var place = count + lane; place < params.k; place += THREADS) {
+            out_values[row * params.k + place] = bitcast<f32>(PAD_KEY);
+            out_indices[row * params.k + place] = PAD_INDEX;
+        }
+        return;
+    }
+    let length = 1u << (32u - countLeadingZeros(max(count, params.k) - 1u));
     for (var i = count + lane; i < length; i += THREADS) {
         keys[i] = PAD_KEY;
         indices[i] = PAD_INDEX;
@@ -255,7 +324,7 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
 }
 
 // k = 1, what PatchCore scores by: the nearest entry of every row (ties to the lower index) in one pass
-// without atomics. Each invocation keeps the best of its strided share of the row, then a tree
+// without atomics. Each invocation keeps the best of its share of the row (`lane_positions`), then a tree
 // reduction in workgroup memory picks the row's. (The radix select above reads the row five times and
 // counts every key with a workgroup atomic: on llvmpipe, where each is a loop over SIMD lanes, that is
 // most of a k = 1 search's time.)
@@ -270,7 +339,8 @@ fn nearest(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) gro
     var best_key = PAD_KEY;
     var best_index = PAD_INDEX;
     // An invocation's positions, and so its indices, only grow: a strictly smaller key is a better entry.
-    for (var position = lane; position < total; position += THREADS) {
+    let span = lane_positions(lane, total);
+    for (var position = span.x; position < span.y; position += SPAN) {
         let key = key_at(row, position);
         if (key < best_key) {
             best_key = key;
@@ -317,7 +387,8 @@ fn nearest_of_slots(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgr
     var best_index = PAD_INDEX;
     // As in `nearest`, an invocation's indices only grow (the slots' rows do, and the slots past the
     // chunk's end hold +inf keys at rows past it).
-    for (var position = lane; position < total; position += THREADS) {
+    let span = lane_positions(lane, total);
+    for (var position = span.x; position < span.y; position += SPAN) {
         var key: u32;
         var index: u32;
         if (position < params.prev) {

@@ -121,22 +121,22 @@ fn gpu_neighbours_match_the_reference_with_either_distance_shader() {
 
 #[test]
 fn nearest_rows_tie_to_the_lowest_index_within_and_across_invocations() {
-    // 256 distinct rows repeated four times: each copy 256 positions after the last, so the copies
-    // fall to one invocation of the k = 1 pass (which strides by 256), and with one extra row in front
-    // (as a chunk's merged best is) to neighbouring ones.
+    // 8 distinct rows repeated 128 times: each copy 8 positions after the last, so the copies fall to
+    // one invocation of the k = 1 pass (which reads its share of a row 8 positions apart) and to every
+    // other, and with one extra row in front (as a chunk's merged best is) at other offsets.
     let d = 5;
     let mut rng = Rng::new(41);
     let queries = rng.normals(30 * d, 0.0, 1.0);
-    let distinct = rng.normals(256 * d, 0.0, 1.0);
+    let distinct = rng.normals(8 * d, 0.0, 1.0);
     for lead in [0, 1] {
         let mut bank = rng.normals(lead * d, 0.0, 1.0);
-        (0..4).for_each(|_| bank.extend_from_slice(&distinct));
+        (0..128).for_each(|_| bank.extend_from_slice(&distinct));
         let n = bank.len() / d;
         for kernel in [DistanceKernel::Tiled, DistanceKernel::Subgroup] {
             let kernels = kernels().with_distance_kernel(kernel);
             let ours = kernels.knn_host(&kernels.upload(&bank, n, d).unwrap(), &queries, 1).unwrap();
             for (row, &index) in ours.indices.iter().enumerate() {
-                assert!((index as usize) < lead + 256, "{kernel:?}, lead {lead}: query {row} took copy {index}");
+                assert!((index as usize) < lead + 8, "{kernel:?}, lead {lead}: query {row} took copy {index}");
             }
             check_neighbours(&format!("{kernel:?} lead {lead}"), &ours, &queries, &bank, d);
         }

@@ -7,7 +7,7 @@ use bytemuck::{Pod, Zeroable};
 use crate::context::{Gpu, Kernel, MatrixChunk, Slot, shader_module};
 use crate::distance_subgroup::NearestSlots;
 
-/// Largest k the kernel keeps (the shader's `MAX_K`: its sort runs in workgroup memory).
+/// Largest k the kernel keeps (the shader's `MAX_K`: the most entries a row collects in workgroup memory).
 pub(crate) const MAX_K: usize = 1024;
 const _: () = assert!(MAX_K.is_power_of_two(), "the shader sorts up to MAX_K entries bitonically");
 
@@ -20,10 +20,9 @@ struct Params {
     k: u32,
     prev: u32,
     index_offset: u32,
-    /// Power of two ≥ k: the sort's length.
-    capacity: u32,
     _pad0: u32,
     _pad1: u32,
+    _pad2: u32,
 }
 
 /// The shader's entry points: the radix select for any k, and single passes for k = 1 over distances
@@ -61,9 +60,9 @@ impl TopKKernel {
             k: best.k as u32,
             prev: if best.merged == 0 { 0 } else { best.k as u32 },
             index_offset: start as u32,
-            capacity: best.k.next_power_of_two() as u32,
             _pad0: 0,
             _pad1: 0,
+            _pad2: 0,
         });
         let (src, dst) = (&best.lists[best.current], &best.lists[1 - best.current]);
         let mut bound = vec![&params, buffers[0], &src.0, &src.1, &dst.0, &dst.1];
@@ -118,7 +117,7 @@ mod tests {
     #[test]
     fn params_match_the_shader() {
         assert_layout!(
-            super::Params { rows, width, k, prev, index_offset, capacity, _pad0, _pad1 },
+            super::Params { rows, width, k, prev, index_offset, _pad0, _pad1, _pad2 },
             include_str!("../../../shaders/topk.wgsl"),
             32
         );
