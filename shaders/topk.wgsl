@@ -285,7 +285,9 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
     }
 
     // Ordered by (key, index) into the output: up to RANKED entries each by its place, the number of
-    // collected entries before it (indices differ, so places do), in one barrier; more by a bitonic sort.
+    // collected entries before it, in one barrier; more by a bitonic sort. Entries differ in their index
+    // but for padding (+inf past any bank, from a running best of fewer than k rows), whose copies are
+    // placed in the order they were collected.
     workgroupBarrier();
     if (lane == 0u) {
         equal_total = atomicLoad(&selected);
@@ -297,7 +299,8 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
             let index = indices[entry];
             var place = 0u;
             for (var other = 0u; other < count; other++) {
-                place += u32(before(keys[other], indices[other], key, index));
+                let same = keys[other] == key && indices[other] == index;
+                place += u32(before(keys[other], indices[other], key, index) || (same && other < entry));
             }
             if (place < params.k) {
                 out_values[row * params.k + place] = bitcast<f32>(key);

@@ -216,6 +216,25 @@ fn chunked_runs_equal_the_unchunked_run() {
 }
 
 #[test]
+fn bank_chunks_smaller_than_k_merge_exactly() {
+    // 16 KiB bindings and 300 features: bank chunks of 13 rows, so the running best holds padding (fewer
+    // than k = 40 rows seen) through the first three merges, and query blocks of 13 rows, so the second
+    // block's merges reuse the buffers the first one filled.
+    let case = Case { name: "chunks smaller than k", m: 20, n: 60, d: 300, k: 40, scale: 1.0, offset: 0.0, duplicates: false };
+    let (queries, bank) = data(&case, 12);
+    for kernel in [DistanceKernel::Tiled, DistanceKernel::Subgroup] {
+        let whole = kernels().with_distance_kernel(kernel);
+        let expected = whole.knn_host(&whole.upload(&bank, case.n, case.d).unwrap(), &queries, case.k).unwrap();
+        let small = GpuKernels::shared().unwrap().with_limits(small_limits(&whole, 16 * 1024)).with_distance_kernel(kernel);
+        let chunked_bank = small.upload(&bank, case.n, case.d).unwrap();
+        assert!(chunked_bank.chunk_count() >= 4, "{} chunks", chunked_bank.chunk_count());
+        let chunked = small.knn_host(&chunked_bank, &queries, case.k).unwrap();
+        assert_eq!(chunked, expected, "{kernel:?}: chunked and unchunked runs differ");
+        check_neighbours(&format!("{kernel:?} {}", case.name), &chunked, &queries, &bank, case.d);
+    }
+}
+
+#[test]
 fn device_queries_give_the_neighbours_host_queries_give() {
     let shared = kernels();
     // A width of 13 and one of 12 (a partial last step of the subgroup shader, and none), with exact
