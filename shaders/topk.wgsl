@@ -122,7 +122,7 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
         return;
     }
     let total = params.prev + params.width;
-    let span = lane_positions(lane, total);
+    let share = lane_positions(lane, total);
 
     if (lane == 0u) {
         prefix = 0u;
@@ -148,10 +148,10 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
     var bounded = false;
     if (!select_all && params.k <= THREADS) {
         var least = PAD_KEY;
-        for (var position = span.x; position < span.y; position += SPAN) {
+        for (var position = share.x; position < share.y; position += SPAN) {
             least = min(least, key_at(row, position));
         }
-        let has_least = span.x < span.y;
+        let has_least = share.x < share.y;
         if (has_least) {
             atomicMin(&least_of_all, least);
             atomicMax(&largest_least, least);
@@ -177,7 +177,7 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
             prefix = low + ((bin + 1u) << shift) - 1u;
         }
         let bound = workgroupUniformLoad(&prefix);
-        for (var position = span.x; position < span.y; position += SPAN) {
+        for (var position = share.x; position < share.y; position += SPAN) {
             let key = key_at(row, position);
             if (key <= bound) {
                 let slot = atomicAdd(&selected, 1u);
@@ -209,7 +209,7 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
             atomicStore(&histogram[lane], 0u);
             workgroupBarrier();
             let wanted = workgroupUniformLoad(&prefix);
-            for (var position = span.x; position < span.y; position += SPAN) {
+            for (var position = share.x; position < share.y; position += SPAN) {
                 let key = key_at(row, position);
                 if ((key & high_mask) == (wanted & high_mask)) {
                     atomicAdd(&histogram[(key >> shift) & 0xffu], 1u);
@@ -244,7 +244,7 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
     let threshold = workgroupUniformLoad(&prefix);
     let take_equal = workgroupUniformLoad(&remaining);
     let take_all = select_all || workgroupUniformLoad(&equal_total) == take_equal;
-    for (var position = span.x; !bounded && take_all && position < span.y; position += SPAN) {
+    for (var position = share.x; !bounded && take_all && position < share.y; position += SPAN) {
         let key = key_at(row, position);
         if (key <= threshold || select_all) {
             let slot = atomicAdd(&selected, 1u);
@@ -342,8 +342,8 @@ fn nearest(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) gro
     var best_key = PAD_KEY;
     var best_index = PAD_INDEX;
     // An invocation's positions, and so its indices, only grow: a strictly smaller key is a better entry.
-    let span = lane_positions(lane, total);
-    for (var position = span.x; position < span.y; position += SPAN) {
+    let share = lane_positions(lane, total);
+    for (var position = share.x; position < share.y; position += SPAN) {
         let key = key_at(row, position);
         if (key < best_key) {
             best_key = key;
@@ -390,8 +390,8 @@ fn nearest_of_slots(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgr
     var best_index = PAD_INDEX;
     // As in `nearest`, an invocation's indices only grow (the slots' rows do, and the slots past the
     // chunk's end hold +inf keys at rows past it).
-    let span = lane_positions(lane, total);
-    for (var position = span.x; position < span.y; position += SPAN) {
+    let share = lane_positions(lane, total);
+    for (var position = share.x; position < share.y; position += SPAN) {
         var key: u32;
         var index: u32;
         if (position < params.prev) {
