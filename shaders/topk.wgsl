@@ -51,6 +51,8 @@ var<workgroup> selected: atomic<u32>;
 var<workgroup> least_of_all: atomic<u32>;
 var<workgroup> largest_least: atomic<u32>;
 var<workgroup> prefix: u32;
+// The bound's key (k ≤ THREADS): every key at or below it is collected.
+var<workgroup> bound_key: u32;
 var<workgroup> remaining: u32;
 var<workgroup> equal_seen: u32;
 // Entries equal to the k-th smallest key (counted by the last radix pass).
@@ -174,9 +176,9 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
                 }
                 bin++;
             }
-            prefix = low + ((bin + 1u) << shift) - 1u;
+            bound_key = low + ((bin + 1u) << shift) - 1u;
         }
-        let bound = workgroupUniformLoad(&prefix);
+        let bound = workgroupUniformLoad(&bound_key);
         for (var position = share.x; position < share.y; position += SPAN) {
             let key = key_at(row, position);
             if (key <= bound) {
@@ -190,7 +192,6 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
         workgroupBarrier();
         if (lane == 0u) {
             equal_total = atomicLoad(&selected);
-            prefix = 0u;
         }
         bounded = workgroupUniformLoad(&equal_total) <= MAX_K;
         if (!bounded && lane == 0u) {
