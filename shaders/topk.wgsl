@@ -176,7 +176,9 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
                 }
                 bin++;
             }
-            bound_key = low + ((bin + 1u) << shift) - 1u;
+            // Fewer than k invocations hold entries (a short row): their minima bound nothing, so every
+            // entry is collected.
+            bound_key = select(0xffffffffu, low + ((bin + 1u) << shift) - 1u, seen >= params.k);
         }
         let bound = workgroupUniformLoad(&bound_key);
         for (var position = share.x; position < share.y; position += SPAN) {

@@ -163,6 +163,21 @@ fn rows_of_equal_distances_give_the_lowest_indices() {
 }
 
 #[test]
+fn rows_shorter_than_the_invocations_give_k_neighbours() {
+    // 300 bank rows, k = 200: the top-k's 256 invocations read 16-entry segments 8 at a time, so only
+    // 152 of them hold entries, and each holds a near row (positions 0–7 of a segment) and a far one
+    // (8–15). Their minima, all near, are fewer than k and bound none of the far rows the answer needs.
+    let d = 1;
+    let bank: Vec<f32> = (0..300).map(|c| if c % 16 < 8 { 1.0 + c as f32 / 1024.0 } else { 1000.0 + c as f32 }).collect();
+    let queries = vec![0.0f32, 0.5];
+    for kernel in [DistanceKernel::Tiled, DistanceKernel::Subgroup] {
+        let kernels = kernels().with_distance_kernel(kernel);
+        let ours = kernels.knn_host(&kernels.upload(&bank, 300, d).unwrap(), &queries, 200).unwrap();
+        check_neighbours(&format!("{kernel:?} k 200 of 300"), &ours, &queries, &bank, d);
+    }
+}
+
+#[test]
 fn fast_cpu_neighbours_match_the_reference() {
     for (seed, case) in CASES.iter().enumerate() {
         let (queries, bank) = data(case, seed as u64);
