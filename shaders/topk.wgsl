@@ -6,15 +6,17 @@
 //
 // One workgroup per row. For k ≤ 256, the invocations' own minima bound the row's k-th smallest (a
 // histogram of them gives the bound in two barriers), and the entries at or below it (little more than
-// k, on data without a pattern) are collected in a second read. Otherwise, or when more than MAX_K are at
-// or below the bound, a radix select on the float bits (non-negative floats order like their u32 bits)
-// finds the k-th smallest key in four 8-bit passes, and the entries below it, and the first entries
-// equal to it in row order, are collected. Up to 256 collected entries each count the ones before them in
-// (distance, index) order, which is their place in the output; more are sorted bitonically. (`nearest`,
-// below, serves k = 1 in one pass.) Barriers are what this avoids: on llvmpipe each one switches between
-// the workgroup's 32 SIMD groups, and the bitonic sorts it used instead (of the 256 minima for the bound,
-// 36 barriers, and of the collected entries) took nearly half of a k = 50 top-k's time (1000 rows of
-// 20,000: 574 of 1243 ms).
+// k, on data without a pattern) are collected in a second read. With slot minima from the subgroup
+// distance shader (the least of each run of 24 distances or so; `SLOTTED`), the invocations take their
+// minima over those instead, and only the runs whose minimum is at or below the bound are read.
+// Otherwise, or when more than MAX_K are at or below the bound, a radix select on the float bits
+// (non-negative floats order like their u32 bits) finds the k-th smallest key in four 8-bit passes, and
+// the entries below it, and the first entries equal to it in row order, are collected. Up to 256
+// collected entries each count the ones before them in (distance, index) order, which is their place in
+// the output; more are sorted bitonically. (`nearest`, below, serves k = 1 in one pass.) Barriers are
+// what this avoids: on llvmpipe each one switches between the workgroup's 32 SIMD groups, and the
+// bitonic sorts it used instead (of the 256 minima for the bound, 36 barriers, and of the collected
+// entries) took nearly half of a k = 50 top-k's time (1000 rows of 20,000: 574 of 1243 ms).
 
 struct Params {
     rows: u32,
@@ -22,9 +24,10 @@ struct Params {
     k: u32,
     prev: u32,
     index_offset: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    // Slot minima (binding 6) per row, and distances per slot: 0 without them.
+    slots: u32,
+    slot_width: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -33,10 +36,17 @@ struct Params {
 @group(0) @binding(3) var<storage, read> prev_indices: array<u32>;  // [rows][k]
 @group(0) @binding(4) var<storage, read_write> out_values: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out_indices: array<u32>;
+// With `slot_width` > 0, the least key of each slot of `slot_width` consecutive distances of a row
+// (`distance_subgroup.wgsl`'s `distance_minima_subgroup`): [rows][slots]. Otherwise not read (the host
+// binds the distances again).
+@group(0) @binding(6) var<storage, read> slot_minima: array<u32>;
 
 const THREADS: u32 = 256u;
 // Most entries a row may collect, a power of two ≥ k: set by the host (topk.rs), which refuses larger k.
 override MAX_K: u32;
+// Whether `topk` bounds with slot minima (binding 6): set by the host, one pipeline each way, so that
+// neither pays for the other's branches (on llvmpipe a branch's body runs masked, atomics and all).
+override SLOTTED: bool;
 // Most collected entries ordered by counting (each compares itself with all of them); more are sorted.
 const RANKED: u32 = 256u;
 // Padding when a row has fewer than k entries: +inf, and an index past any bank.
@@ -48,6 +58,9 @@ var<workgroup> scan: array<u32, THREADS>;
 var<workgroup> keys: array<u32, MAX_K>;
 var<workgroup> indices: array<u32, MAX_K>;
 var<workgroup> selected: atomic<u32>;
+// The slots whose minimum is at or below the bound, in `slot_list`.
+var<workgroup> listed: atomic<u32>;
+var<workgroup> slot_list: array<u32, MAX_K>;
 var<workgroup> least_of_all: atomic<u32>;
 var<workgroup> largest_least: atomic<u32>;
 var<workgroup> prefix: u32;
@@ -73,9 +86,28 @@ fn index_at(row: u32, position: u32) -> u32 {
     return params.index_offset + position - params.prev;
 }
 
+// The key of a candidate for the bound: an entry of the row, or with slot minima past the running
+// best's entries, a slot's least key.
+fn candidate_key(row: u32, position: u32) -> u32 {
+    if (!SLOTTED || position < params.prev) {
+        return key_at(row, position);
+    }
+    return slot_minima[row * params.slots + position - params.prev];
+}
+
 // (key, index) lexicographic order.
 fn before(key_a: u32, index_a: u32, key_b: u32, index_b: u32) -> bool {
     return key_a < key_b || (key_a == key_b && index_a < index_b);
+}
+
+// Adds an entry at or below the bound to the collected ones, if there is room (if not, more than MAX_K
+// are collected, and the radix select takes over).
+fn collect_bounded(key: u32, index: u32) {
+    let slot = atomicAdd(&selected, 1u);
+    if (slot < MAX_K) {
+        keys[slot] = key;
+        indices[slot] = index;
+    }
 }
 
 // Sorts (keys, indices)[0 .. length] by (key, index), bitonically; `length` is a power of two, uniform.
@@ -132,6 +164,7 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
         equal_seen = 0u;
         equal_total = 0u;
         atomicStore(&selected, 0u);
+        atomicStore(&listed, 0u);
         atomicStore(&least_of_all, PAD_KEY);
         atomicStore(&largest_least, 0u);
         if (total <= params.k) {
@@ -147,13 +180,22 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
     // (those smallest keys), so the k smallest of the row are among them, and on data without a pattern
     // little more than k are. Two reads of the row collect them all, unless more than MAX_K are (then the
     // radix select below starts over).
+    //
+    // With slot minima the candidates are the running best's entries and the slots' least keys: the
+    // bound is as valid (the invocations' minima are still distinct entries), the first read is 1/24
+    // as long, and of the row's distances only the slots whose least key is at or below the bound are
+    // read (on data without a pattern about as many as k), by all invocations side by side.
+    let candidates = select(total, params.prev + params.slots, SLOTTED);
+    let candidate_share = lane_positions(lane, candidates);
     var bounded = false;
     if (!select_all && params.k <= THREADS) {
         var least = PAD_KEY;
-        for (var position = share.x; position < share.y; position += SPAN) {
-            least = min(least, key_at(row, position));
+        for (var position = candidate_share.x; position < candidate_share.y; position += SPAN) {
+            least = min(least, candidate_key(row, position));
         }
-        let has_least = share.x < share.y;
+        // Only finite minima: an invocation whose candidates are all padding (+inf; past a chunk's last
+        // slot, or a running best of fewer than k rows) would stretch the bins over the whole float range.
+        let has_least = least < PAD_KEY;
         if (has_least) {
             atomicMin(&least_of_all, least);
             atomicMax(&largest_least, least);
@@ -181,13 +223,32 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
             bound_key = select(0xffffffffu, low + ((bin + 1u) << shift) - 1u, seen >= params.k);
         }
         let bound = workgroupUniformLoad(&bound_key);
-        for (var position = share.x; position < share.y; position += SPAN) {
-            let key = key_at(row, position);
+        for (var position = candidate_share.x; position < candidate_share.y; position += SPAN) {
+            let key = candidate_key(row, position);
             if (key <= bound) {
-                let slot = atomicAdd(&selected, 1u);
-                if (slot < MAX_K) {
-                    keys[slot] = key;
-                    indices[slot] = index_at(row, position);
+                if (SLOTTED && position >= params.prev) {
+                    let listing = atomicAdd(&listed, 1u);
+                    if (listing < MAX_K) {
+                        slot_list[listing] = position - params.prev;
+                    } else {
+                        // Unlisted, but its least entry counts: more than MAX_K are then collected.
+                        atomicAdd(&selected, 1u);
+                    }
+                } else {
+                    collect_bounded(key, index_at(row, position));
+                }
+            }
+        }
+        if (SLOTTED) {
+            workgroupBarrier();
+            let slot_entries = min(atomicLoad(&listed), MAX_K) * params.slot_width;
+            for (var entry = lane; entry < slot_entries; entry += THREADS) {
+                let column = slot_list[entry / params.slot_width] * params.slot_width + entry % params.slot_width;
+                if (column < params.width) {
+                    let key = key_at(row, params.prev + column);
+                    if (key <= bound) {
+                        collect_bounded(key, params.index_offset + column);
+                    }
                 }
             }
         }

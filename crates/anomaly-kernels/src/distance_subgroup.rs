@@ -5,7 +5,8 @@
 //! (`BankTexture`), and the lanes of a subgroup share the query values they read, from query blocks
 //! packed feature by feature into a storage texture too (`SubgroupShader::pack`). For k = 1 a second
 //! entry point writes, instead of the distances, each subgroup's nearest bank row per query
-//! (`NearestSlots`), which the top-k merges.
+//! (`NearestSlots`), which the top-k merges; for larger k a third writes the distances and each
+//! subgroup's least distance per query, which bound the top-k's reads.
 
 use burn::tensor::wgpu::wgpu;
 use bytemuck::{Pod, Zeroable};
@@ -53,6 +54,7 @@ struct PackParams {
 /// read and write.
 pub(crate) struct SubgroupShader {
     distances: Kernel,
+    distances_and_minima: Kernel,
     nearest: Kernel,
     pack: Kernel,
     /// The subgroup size the shader is built for (its `SG`).
@@ -77,6 +79,9 @@ pub(crate) enum SubgroupOutput<'a> {
     Distances(&'a wgpu::Buffer),
     /// For k = 1, each query row's nearest bank row in each slot (`SubgroupShader::slots`).
     Nearest(&'a NearestSlots),
+    /// Every squared distance, and each query row's least key (distance bits, as the top-k orders them)
+    /// in each slot, `queries.rows × slots`.
+    DistancesAndMinima { distances: &'a wgpu::Buffer, minima: &'a wgpu::Buffer },
 }
 
 /// Bytes of one texel of the bank texture: 4 features of f32.
@@ -114,6 +119,7 @@ impl SubgroupShader {
         let nearest_slots = [Slot::Uniform, Slot::ReadTexture, Slot::ReadTexture, Slot::Read, Slot::Read, Slot::Write, Slot::Write];
         Some(Self {
             distances: Kernel::new(device, &module, "distance_subgroup", &slots, &constants),
+            distances_and_minima: Kernel::new(device, &module, "distance_minima_subgroup", &nearest_slots, &constants),
             nearest: Kernel::new(device, &module, "nearest_subgroup", &nearest_slots, &constants),
             subgroup_size: size,
             pack: Kernel::new(device, &module, "pack_queries", &[Slot::Uniform, Slot::Read, Slot::WriteTexture], &constants),
@@ -178,9 +184,14 @@ impl SubgroupShader {
         Ok(view)
     }
 
-    /// Slots per query row of `NearestSlots` for a bank chunk of `rows` rows.
+    /// Slots per query row of `NearestSlots` (and of slot minima) for a bank chunk of `rows` rows.
     pub fn slots(&self, gpu: &Gpu, rows: usize) -> Result<usize, KernelError> {
         Ok(bank_groups(gpu, rows)? as usize * (WORKGROUP / self.subgroup_size) as usize)
+    }
+
+    /// Bank rows per slot: one subgroup's, consecutive, slot `s` starting at chunk row `s` × this.
+    pub fn slot_width(&self) -> usize {
+        (self.subgroup_size * BANK_ROWS) as usize
     }
 
     /// Encodes the distances of a block of queries to one bank chunk, which `texture` holds
@@ -216,6 +227,10 @@ impl SubgroupShader {
             SubgroupOutput::Nearest(slots) => {
                 resources.extend([slots.keys.as_entire_binding(), slots.rows.as_entire_binding()]);
                 &self.nearest
+            }
+            SubgroupOutput::DistancesAndMinima { distances, minima } => {
+                resources.extend([distances.as_entire_binding(), minima.as_entire_binding()]);
+                &self.distances_and_minima
             }
         };
         // Query rows along x, bank rows along y (see the shader).

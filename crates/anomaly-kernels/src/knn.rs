@@ -9,7 +9,7 @@ use crate::Neighbours;
 use crate::context::{GpuKernels, GpuMatrix, KernelError};
 use crate::distance::DistanceKernel;
 use crate::distance_subgroup::{NearestSlots, SubgroupOutput, SubgroupShader, packed_block_rows};
-use crate::topk::{ChunkEntries, MAX_K, RunningBest};
+use crate::topk::{ChunkEntries, MAX_BOUNDED_K, MAX_K, RunningBest, SlotMinima};
 
 /// Most queries per block (one top-k workgroup each).
 pub(crate) const MAX_QUERY_BLOCK: usize = 1024;
@@ -20,6 +20,9 @@ enum Output<'a> {
     Distances(wgpu::Buffer),
     /// At k = 1 on the subgroup shader (the first), each slot's nearest.
     Nearest(&'a SubgroupShader, NearestSlots),
+    /// At larger k, up to `MAX_BOUNDED_K`, on the subgroup shader: every distance (the first buffer) and
+    /// each slot's least.
+    DistancesAndMinima(&'a SubgroupShader, wgpu::Buffer, wgpu::Buffer),
 }
 
 impl GpuKernels {
@@ -42,7 +45,8 @@ impl GpuKernels {
             _ => binding_rows(bank.stride() * 4),
         };
         let block = queries.rows.min(MAX_QUERY_BLOCK).min(binding_rows(width * 4)).min(query_rows).min(binding_rows(k * 4)).max(1);
-        // At k = 1 the subgroup shader keeps only each slot's nearest, about 1/24 of the distances.
+        // At k = 1 the subgroup shader keeps only each slot's nearest, about 1/24 of the distances; up to
+        // MAX_BOUNDED_K it adds each slot's least to the distances.
         let output = match (&self.subgroup, kernel) {
             (Some(subgroup), DistanceKernel::Subgroup) if k == 1 => {
                 let bytes = block * subgroup.slots(gpu, width)? * 4;
@@ -51,6 +55,11 @@ impl GpuKernels {
                     NearestSlots { keys: gpu.storage(bytes, "nearest keys"), rows: gpu.storage(bytes, "nearest rows") },
                 )
             }
+            (Some(subgroup), DistanceKernel::Subgroup) if k <= MAX_BOUNDED_K => Output::DistancesAndMinima(
+                subgroup,
+                gpu.storage(block * width * 4, "distances"),
+                gpu.storage(block * subgroup.slots(gpu, width)? * 4, "slot minima"),
+            ),
             _ => Output::Distances(gpu.storage(block * width * 4, "distances")),
         };
         let mut texture = self.bank_texture(bank, kernel)?;
@@ -72,12 +81,22 @@ impl GpuKernels {
                             subgroup.encode(gpu, &mut pass, &block_queries, bank_chunk, texture, SubgroupOutput::Nearest(found))?;
                             ChunkEntries::Nearest { found, slots: subgroup.slots(gpu, bank_chunk.rows)?, start: bank_chunk.start }
                         }
+                        (Output::DistancesAndMinima(subgroup, distances, minima), Some(texture)) => {
+                            let out = SubgroupOutput::DistancesAndMinima { distances, minima };
+                            subgroup.encode(gpu, &mut pass, &block_queries, bank_chunk, texture, out)?;
+                            let slots = subgroup.slots(gpu, bank_chunk.rows)?;
+                            ChunkEntries::Distances(
+                                distances,
+                                bank_chunk,
+                                Some(SlotMinima { keys: minima, slots, width: subgroup.slot_width() }),
+                            )
+                        }
                         (Output::Distances(distances), ..) => {
                             self.encode_distances(&mut pass, &block_queries, bank_chunk, texture.as_ref(), distances)?;
-                            ChunkEntries::Distances(distances, bank_chunk)
+                            ChunkEntries::Distances(distances, bank_chunk, None)
                         }
-                        (Output::Nearest(..), None) => {
-                            return Err(KernelError::Shape("the k = 1 slots need the subgroup shader's bank texture".into()));
+                        (Output::Nearest(..) | Output::DistancesAndMinima(..), None) => {
+                            return Err(KernelError::Shape("the subgroup shader's slots need its bank texture".into()));
                         }
                     };
                     self.topk.encode_merge(gpu, &mut pass, &mut best, entries, rows);

@@ -20,15 +20,20 @@ struct Params {
     k: u32,
     prev: u32,
     index_offset: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    slots: u32,
+    slot_width: u32,
+    _pad: u32,
 }
 
-/// The shader's entry points: the radix select for any k, and single passes for k = 1 over distances
-/// or over the subgroup shader's nearest slots.
+/// Largest k whose top-k bounds its reads (the shader's `THREADS`), with the slot minima that serve
+/// that bound; a larger k takes the radix select over every distance.
+pub(crate) const MAX_BOUNDED_K: usize = 256;
+
+/// The shader's entry points: the top-k for any k, over the distances alone or bounded by slot minima,
+/// and single passes for k = 1 over distances or over the subgroup shader's nearest slots.
 pub(crate) struct TopKKernel {
     select: Kernel,
+    select_with_minima: Kernel,
     nearest: Kernel,
     nearest_of_slots: Kernel,
 }
@@ -38,21 +43,32 @@ impl TopKKernel {
         let module = shader_module(device, "topk", include_str!("../../../shaders/topk.wgsl"));
         let slots = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Read, Slot::Write, Slot::Write];
         let constants = [("MAX_K", MAX_K as f64)];
-        let with_rows = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Read, Slot::Write, Slot::Write, Slot::Read];
+        let with_slots = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Read, Slot::Write, Slot::Write, Slot::Read];
+        let select = |slotted: bool| {
+            Kernel::new(device, &module, "topk", &with_slots, &[("MAX_K", MAX_K as f64), ("SLOTTED", f64::from(u8::from(slotted)))])
+        };
         Self {
-            select: Kernel::new(device, &module, "topk", &slots, &constants),
+            select: select(false),
+            select_with_minima: select(true),
             nearest: Kernel::new(device, &module, "nearest", &slots, &constants),
-            nearest_of_slots: Kernel::new(device, &module, "nearest_of_slots", &with_rows, &constants),
+            nearest_of_slots: Kernel::new(device, &module, "nearest_of_slots", &with_slots, &constants),
         }
     }
 
     /// Encodes the merge of one bank chunk's new entries (for `rows` queries) into `best`.
     pub fn encode_merge(&self, gpu: &Gpu, pass: &mut wgpu::ComputePass, best: &mut RunningBest, entries: ChunkEntries, rows: usize) {
-        let (kernel, buffers, width, start) = match entries {
-            ChunkEntries::Distances(distances, chunk) => {
-                (if best.k == 1 { &self.nearest } else { &self.select }, vec![distances], chunk.rows, chunk.start)
+        // The buffers of bindings 1 and 6 (where the entry point has it), the entries' width, first bank
+        // row, and slot minima per row and width.
+        let (kernel, buffers, width, start, (slots, slot_width)) = match entries {
+            ChunkEntries::Distances(distances, chunk, _) if best.k == 1 => {
+                (&self.nearest, vec![distances], chunk.rows, chunk.start, (0, 0))
             }
-            ChunkEntries::Nearest { found, slots, start } => (&self.nearest_of_slots, vec![&found.keys, &found.rows], slots, start),
+            ChunkEntries::Distances(distances, chunk, Some(minima)) => {
+                (&self.select_with_minima, vec![distances, minima.keys], chunk.rows, chunk.start, (minima.slots, minima.width))
+            }
+            // The plain top-k never reads binding 6: the distances stand in.
+            ChunkEntries::Distances(distances, chunk, None) => (&self.select, vec![distances, distances], chunk.rows, chunk.start, (0, 0)),
+            ChunkEntries::Nearest { found, slots, start } => (&self.nearest_of_slots, vec![&found.keys, &found.rows], slots, start, (0, 0)),
         };
         let params = gpu.uniform(&Params {
             rows: rows as u32,
@@ -60,9 +76,9 @@ impl TopKKernel {
             k: best.k as u32,
             prev: if best.merged == 0 { 0 } else { best.k as u32 },
             index_offset: start as u32,
-            _pad0: 0,
-            _pad1: 0,
-            _pad2: 0,
+            slots: slots as u32,
+            slot_width: slot_width as u32,
+            _pad: 0,
         });
         let (src, dst) = (&best.lists[best.current], &best.lists[1 - best.current]);
         let mut bound = vec![&params, buffers[0], &src.0, &src.1, &dst.0, &dst.1];
@@ -75,11 +91,20 @@ impl TopKKernel {
 
 /// One bank chunk's new entries for a merge into the running best.
 pub(crate) enum ChunkEntries<'a> {
-    /// Its squared distances, `rows × chunk.rows`, row-major.
-    Distances(&'a wgpu::Buffer, &'a MatrixChunk),
+    /// Its squared distances, `rows × chunk.rows`, row-major, and for k ≤ `MAX_BOUNDED_K` perhaps their
+    /// slot minima.
+    Distances(&'a wgpu::Buffer, &'a MatrixChunk, Option<SlotMinima<'a>>),
     /// For k = 1, each query row's nearest in each of `slots` slots of the chunk that starts at bank
     /// row `start` (`SubgroupShader::encode`).
     Nearest { found: &'a NearestSlots, slots: usize, start: usize },
+}
+
+/// Per query row, the least key (distance bits, as the top-k orders them) of each slot of `width`
+/// consecutive distances of a chunk, `slots` per row (`SubgroupOutput::DistancesAndMinima`).
+pub(crate) struct SlotMinima<'a> {
+    pub keys: &'a wgpu::Buffer,
+    pub slots: usize,
+    pub width: usize,
 }
 
 /// The k best (squared distances, bank indices) of a block of queries: two pairs of buffers, the best
@@ -115,9 +140,16 @@ mod tests {
     use crate::layout::assert_layout;
 
     #[test]
+    fn the_bounded_k_is_the_shaders_workgroup() {
+        let shader = include_str!("../../../shaders/topk.wgsl");
+        assert!(shader.contains(&format!("const THREADS: u32 = {}u;", super::MAX_BOUNDED_K)));
+        assert!(shader.contains("@compute @workgroup_size(256)\nfn topk("));
+    }
+
+    #[test]
     fn params_match_the_shader() {
         assert_layout!(
-            super::Params { rows, width, k, prev, index_offset, _pad0, _pad1, _pad2 },
+            super::Params { rows, width, k, prev, index_offset, slots, slot_width, _pad },
             include_str!("../../../shaders/topk.wgsl"),
             32
         );
