@@ -93,7 +93,7 @@ fn data(case: &Case, seed: u64) -> (Vec<f32>, Vec<f32>) {
     (queries, bank)
 }
 
-const CASES: [Case; 9] = [
+const CASES: [Case; 11] = [
     Case { name: "odd shapes", m: 37, n: 1001, d: 70, k: 9, scale: 1.0, offset: 0.0, duplicates: false },
     Case { name: "d = 1", m: 20, n: 300, d: 1, k: 5, scale: 1.0, offset: 0.0, duplicates: false },
     Case { name: "k = 1", m: 65, n: 129, d: 33, k: 1, scale: 1.0, offset: 0.0, duplicates: false },
@@ -102,6 +102,9 @@ const CASES: [Case; 9] = [
     Case { name: "duplicates", m: 40, n: 300, d: 24, k: 50, scale: 1.0, offset: 0.0, duplicates: true },
     Case { name: "nearest of duplicates", m: 40, n: 300, d: 24, k: 1, scale: 1.0, offset: 0.0, duplicates: true },
     Case { name: "large magnitudes", m: 30, n: 500, d: 40, k: 20, scale: 1000.0, offset: 3000.0, duplicates: false },
+    // Banks of fewer rows than one subgroup's slot (24 on llvmpipe), and of one slot and a part.
+    Case { name: "bank within a slot", m: 7, n: 5, d: 6, k: 3, scale: 1.0, offset: 0.0, duplicates: false },
+    Case { name: "k = n − 1", m: 7, n: 30, d: 6, k: 29, scale: 1.0, offset: 0.0, duplicates: false },
     // Rows of 512 features lie 528 floats apart on the device.
     Case { name: "padded rows", m: 19, n: 400, d: 512, k: 5, scale: 1.0, offset: 0.0, duplicates: false },
 ];
