@@ -243,7 +243,12 @@ fn distance_subgroup(
     @builtin(local_invocation_index) local: u32,
     @builtin(subgroup_invocation_id) lane: u32,
 ) {
-    let block = block_distances(group, local, lane);
+    store_distances(group, local, block_distances(group, local, lane));
+}
+
+// The squared distances of the workgroup row's query rows to the invocation's bank rows (`block`, from
+// `block_distances`), those inside the block.
+fn store_distances(group: vec3<u32>, local: u32, block: array<QueryRows, 3>) {
     let col = bank_column(group, local);
     let row0 = group.x * QUERIES;
     store_bank_row(row0, col, block[0]);
@@ -286,39 +291,36 @@ fn distance_minima_subgroup(
     @builtin(subgroup_invocation_id) lane: u32,
 ) {
     let block = block_distances(group, local, lane);
-    let col = bank_column(group, local);
-    let row0 = group.x * QUERIES;
-    store_bank_row(row0, col, block[0]);
-    store_bank_row(row0, col + 1u, block[1]);
-    store_bank_row(row0, col + 2u, block[2]);
-    let least_0_3 = subgroup_least(block[0].rows_0_3, block[1].rows_0_3, block[2].rows_0_3, col);
-    let least_4_7 = subgroup_least(block[0].rows_4_7, block[1].rows_4_7, block[2].rows_4_7, col);
-    let least_8_11 = subgroup_least(block[0].rows_8_11, block[1].rows_8_11, block[2].rows_8_11, col);
-    let least_12_15 = subgroup_least(block[0].rows_12_15, block[1].rows_12_15, block[2].rows_12_15, col);
+    store_distances(group, local, block);
+    let least = subgroup_least(block, bank_column(group, local));
     if (lane == 0u) {
         let slots = groups.y * (WG / SG);
         let slot = group.y * (WG / SG) + local / SG;
-        store_least(row0, slot, slots, least_0_3);
-        store_least(row0 + 4u, slot, slots, least_4_7);
-        store_least(row0 + 8u, slot, slots, least_8_11);
-        store_least(row0 + 12u, slot, slots, least_12_15);
-    }
-}
-
-// The least key of 4 query rows' distances among the subgroup's bank rows (this invocation's from
-// `col`, distances `d0`, `d1`, `d2`), +inf for rows past the chunk's end.
-fn subgroup_least(d0: vec4<f32>, d1: vec4<f32>, d2: vec4<f32>, col: u32) -> vec4<u32> {
-    return subgroupMin(min(min(keys_of(d0, col), keys_of(d1, col + 1u)), keys_of(d2, col + 2u)));
-}
-
-// The least keys `least` of query rows `first` … `first` + 3 in slot `slot`, those inside the block.
-fn store_least(first: u32, slot: u32, slots: u32, least: vec4<u32>) {
-    for (var i = 0u; i < 4u; i++) {
-        let row = first + i;
-        if (row < params.m) {
-            slot_minima[row * slots + slot] = least[i];
+        for (var i = 0u; i < 16u; i++) {
+            let row = group.x * QUERIES + i;
+            if (row < params.m) {
+                slot_minima[row * slots + slot] = least[i / 4u][i % 4u];
+            }
         }
     }
+}
+
+// The least key of each of the block's query rows (4 to a vec4, as in `QueryRows`) among the subgroup's
+// bank rows (the invocation's from `col`), +inf for bank rows past the chunk's end.
+fn subgroup_least(block: array<QueryRows, 3>, col: u32) -> array<vec4<u32>, 4> {
+    let keys_0 = rows_keys(block[0], col);
+    let keys_1 = rows_keys(block[1], col + 1u);
+    let keys_2 = rows_keys(block[2], col + 2u);
+    var least: array<vec4<u32>, 4>;
+    for (var i = 0u; i < 4u; i++) {
+        least[i] = subgroupMin(min(min(keys_0[i], keys_1[i]), keys_2[i]));
+    }
+    return least;
+}
+
+// The keys (`keys_of`) of the block's query rows' distances `d2` to bank row `col`.
+fn rows_keys(d2: QueryRows, col: u32) -> array<vec4<u32>, 4> {
+    return array<vec4<u32>, 4>(keys_of(d2.rows_0_3, col), keys_of(d2.rows_4_7, col), keys_of(d2.rows_8_11, col), keys_of(d2.rows_12_15, col));
 }
 
 // The k = 1 search's outputs (`nearest_subgroup`), in place of `distances`: per query row of the block,
