@@ -47,6 +47,9 @@ override MAX_K: u32;
 // Whether `topk` bounds with slot minima (binding 6): set by the host, one pipeline each way, so that
 // neither pays for the other's branches (on llvmpipe a branch's body runs masked, atomics and all).
 override SLOTTED: bool;
+// Most slots a row lists: none without slot minima, so that the plain pipeline's workgroup memory stays
+// what it was (on a GPU, more workgroups fit a core).
+override SLOT_LIST: u32 = select(1u, MAX_K, SLOTTED);
 // Most collected entries ordered by counting (each compares itself with all of them); more are sorted.
 const RANKED: u32 = 256u;
 // Padding when a row has fewer than k entries: +inf, and an index past any bank.
@@ -60,7 +63,7 @@ var<workgroup> indices: array<u32, MAX_K>;
 var<workgroup> selected: atomic<u32>;
 // The slots whose minimum is at or below the bound, in `slot_list`.
 var<workgroup> listed: atomic<u32>;
-var<workgroup> slot_list: array<u32, MAX_K>;
+var<workgroup> slot_list: array<u32, SLOT_LIST>;
 var<workgroup> least_of_all: atomic<u32>;
 var<workgroup> largest_least: atomic<u32>;
 var<workgroup> prefix: u32;
@@ -228,7 +231,7 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
             if (key <= bound) {
                 if (SLOTTED && position >= params.prev) {
                     let listing = atomicAdd(&listed, 1u);
-                    if (listing < MAX_K) {
+                    if (listing < SLOT_LIST) {
                         slot_list[listing] = position - params.prev;
                     } else {
                         // Unlisted, but its least entry counts: more than MAX_K are then collected.
@@ -241,7 +244,7 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
         }
         if (SLOTTED) {
             workgroupBarrier();
-            let slot_entries = min(atomicLoad(&listed), MAX_K) * params.slot_width;
+            let slot_entries = min(atomicLoad(&listed), SLOT_LIST) * params.slot_width;
             for (var entry = lane; entry < slot_entries; entry += THREADS) {
                 let column = slot_list[entry / params.slot_width] * params.slot_width + entry % params.slot_width;
                 if (column < params.width) {
