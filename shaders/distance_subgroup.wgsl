@@ -294,15 +294,20 @@ fn distance_minima_subgroup(
     store_distances(group, local, block);
     let least = subgroup_least(block, bank_column(group, local));
     if (lane == 0u) {
-        let slots = groups.y * (WG / SG);
-        let slot = group.y * (WG / SG) + local / SG;
-        for (var i = 0u; i < 16u; i++) {
+        let place = slot_place(group, groups, local);
+        for (var i = 0u; i < QUERIES; i++) {
             let row = group.x * QUERIES + i;
             if (row < params.m) {
-                slot_minima[row * slots + slot] = least[i / 4u][i % 4u];
+                slot_minima[row * place.y + place.x] = least[i / 4u][i % 4u];
             }
         }
     }
+}
+
+// The invocation's slot (x), its subgroup's, of the slots per query row (y): one a subgroup, in bank row
+// order, as `topk.wgsl` reads them (`SubgroupShader::slots` and `slot_width` on the host).
+fn slot_place(group: vec3<u32>, groups: vec3<u32>, local: u32) -> vec2<u32> {
+    return vec2<u32>(group.y * (WG / SG) + local / SG, groups.y * (WG / SG));
 }
 
 // The least key of each of the block's query rows (4 to a vec4, as in `QueryRows`) among the subgroup's
@@ -351,13 +356,12 @@ fn nearest_subgroup(
     let rows_8_11 = subgroup_nearest(block[0].rows_8_11, block[1].rows_8_11, block[2].rows_8_11, col);
     let rows_12_15 = subgroup_nearest(block[0].rows_12_15, block[1].rows_12_15, block[2].rows_12_15, col);
     if (lane == 0u) {
-        let slots = groups.y * (WG / SG);
-        let slot = group.y * (WG / SG) + local / SG;
+        let place = slot_place(group, groups, local);
         let row0 = group.x * QUERIES;
-        store_nearest(row0, slot, slots, rows_0_3);
-        store_nearest(row0 + 4u, slot, slots, rows_4_7);
-        store_nearest(row0 + 8u, slot, slots, rows_8_11);
-        store_nearest(row0 + 12u, slot, slots, rows_12_15);
+        store_nearest(row0, place.x, place.y, rows_0_3);
+        store_nearest(row0 + 4u, place.x, place.y, rows_4_7);
+        store_nearest(row0 + 8u, place.x, place.y, rows_8_11);
+        store_nearest(row0 + 12u, place.x, place.y, rows_12_15);
     }
 }
 

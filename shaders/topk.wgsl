@@ -103,9 +103,9 @@ fn before(key_a: u32, index_a: u32, key_b: u32, index_b: u32) -> bool {
     return key_a < key_b || (key_a == key_b && index_a < index_b);
 }
 
-// Adds an entry at or below the bound to the collected ones, if there is room (if not, more than MAX_K
-// are collected, and the radix select takes over).
-fn collect_bounded(key: u32, index: u32) {
+// Adds an entry to the collected ones, if there is room: the radix select collects exactly k, the bound
+// may collect more than MAX_K, and the radix select then takes over.
+fn collect(key: u32, index: u32) {
     let slot = atomicAdd(&selected, 1u);
     if (slot < MAX_K) {
         keys[slot] = key;
@@ -238,7 +238,7 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
                         atomicAdd(&selected, 1u);
                     }
                 } else {
-                    collect_bounded(key, index_at(row, position));
+                    collect(key, index_at(row, position));
                 }
             }
         }
@@ -250,7 +250,7 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
                 if (column < params.width) {
                     let key = key_at(row, params.prev + column);
                     if (key <= bound) {
-                        collect_bounded(key, params.index_offset + column);
+                        collect(key, params.index_offset + column);
                     }
                 }
             }
@@ -314,9 +314,7 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
     for (var position = share.x; !bounded && take_all && position < share.y; position += SPAN) {
         let key = key_at(row, position);
         if (key <= threshold || select_all) {
-            let slot = atomicAdd(&selected, 1u);
-            keys[slot] = key;
-            indices[slot] = index_at(row, position);
+            collect(key, index_at(row, position));
         }
     }
     for (var base = 0u; !bounded && !take_all && base < total; base += THREADS) {
@@ -340,9 +338,7 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
         }
         let rank = equal_seen + scan[lane] - u32(is_equal);
         if (is_below || (is_equal && rank < take_equal)) {
-            let slot = atomicAdd(&selected, 1u);
-            keys[slot] = key;
-            indices[slot] = index_at(row, position);
+            collect(key, index_at(row, position));
         }
         workgroupBarrier();
         if (lane == 0u) {
