@@ -253,6 +253,30 @@ fn bank_chunks_smaller_than_k_merge_exactly() {
 }
 
 #[test]
+fn a_single_chunk_banks_kept_texture_serves_later_and_racing_calls() {
+    // On the subgroup shader a single-chunk bank is copied into a texture kept with it, by the first
+    // kNN that reads it; four threads race to be that one on a fresh bank, and every later call, at
+    // k = 1 (each slot's nearest) and at k = 5 (the distances and slot minima), reads the kept copy.
+    let kernels = kernels().with_distance_kernel(DistanceKernel::Subgroup);
+    let case = Case { name: "kept texture", m: 40, n: 700, d: 20, k: 5, scale: 1.0, offset: 0.0, duplicates: false };
+    let (_, bank) = data(&case, 41);
+    let query_sets: Vec<Vec<f32>> = (0..4).map(|seed| Rng::new(50 + seed).normals(case.m * case.d, 0.0, 1.0)).collect();
+    let gpu_bank = kernels.upload(&bank, case.n, case.d).unwrap();
+    assert_eq!(gpu_bank.chunk_count(), 1);
+    let racing: Vec<Neighbours> = std::thread::scope(|scope| {
+        let calls: Vec<_> =
+            query_sets.iter().map(|queries| scope.spawn(|| kernels.knn_host(&gpu_bank, queries, case.k).unwrap())).collect();
+        calls.into_iter().map(|call| call.join().unwrap()).collect()
+    });
+    for (call, (queries, found)) in query_sets.iter().zip(&racing).enumerate() {
+        check_neighbours(&format!("racing call {call}"), found, queries, &bank, case.d);
+        assert_eq!(&kernels.knn_host(&gpu_bank, queries, case.k).unwrap(), found, "call {call} again");
+        let nearest = kernels.knn_host(&gpu_bank, queries, 1).unwrap();
+        check_neighbours(&format!("call {call}, k = 1"), &nearest, queries, &bank, case.d);
+    }
+}
+
+#[test]
 fn device_queries_give_the_neighbours_host_queries_give() {
     let shared = kernels();
     // A width of 13 and one of 12 (a partial last step of the subgroup shader, and none), with exact

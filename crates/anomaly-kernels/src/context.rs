@@ -2,7 +2,7 @@
 //! as row chunks, pipeline building, dispatch, timing and read-back, and the errors.
 
 use std::borrow::Cow;
-use std::sync::mpsc;
+use std::sync::{OnceLock, mpsc};
 use std::time::Instant;
 
 use burn::tensor::wgpu::wgpu;
@@ -12,7 +12,7 @@ use wgpu::util::{BufferInitDescriptor, DeviceExt};
 use crate::column_stats::ColumnStatsKernel;
 use crate::coreset::CoresetKernels;
 use crate::distance::{DistanceKernel, DistanceShaders};
-use crate::distance_subgroup::SubgroupShader;
+use crate::distance_subgroup::{BankTexture, SubgroupShader};
 use crate::gather_columns::GatherKernel;
 use crate::peak::PeakKernels;
 use crate::row_norms::RowNormsKernel;
@@ -100,6 +100,10 @@ pub struct GpuMatrix {
     pub rows: usize,
     pub cols: usize,
     pub(crate) chunks: Vec<MatrixChunk>,
+    /// The subgroup distance shader's copy of a single-chunk matrix, made the first time a kNN reads
+    /// the matrix as its bank (`GpuKernels::bank_textures`) and read as it is by every later one, where
+    /// each call once copied the bank into a new texture of its own (see `BankTexture`).
+    pub(crate) kept_texture: OnceLock<BankTexture>,
 }
 
 /// Rows `start .. start + rows` of a matrix, each in its own buffers.
@@ -265,7 +269,7 @@ impl GpuKernels {
             chunks.push(MatrixChunk { start, rows: count, values: buffer, norms });
         }
         self.gpu.queue.submit([encoder.finish()]);
-        Ok(GpuMatrix { rows, cols, chunks })
+        Ok(GpuMatrix { rows, cols, chunks, kept_texture: OnceLock::new() })
     }
 
     /// Reads a matrix back to the host, row-major.

@@ -6,7 +6,7 @@ use burn::tensor::wgpu::wgpu;
 use bytemuck::{Pod, Zeroable};
 
 use crate::context::{GpuKernels, GpuMatrix, Kernel, KernelError, MatrixChunk, Slot, row_stride, shader_module};
-use crate::distance_subgroup::{BankTexture, SubgroupOutput};
+use crate::distance_subgroup::{BankTexture, BankTextures, SubgroupOutput};
 use crate::knn::MAX_QUERY_BLOCK;
 
 /// Invocations per workgroup side (the shader's `SIDE`) of both shaders.
@@ -116,11 +116,11 @@ impl GpuKernels {
         Ok(QueryBlock { rows, d, kernel, norms, values })
     }
 
-    /// The texture the subgroup shader reads `bank`'s chunks from, where `kernel` is that shader; the
+    /// The textures the subgroup shader reads `bank`'s chunks from, where `kernel` is that shader; the
     /// other shaders read the chunks' buffers.
-    pub(crate) fn bank_texture(&self, bank: &GpuMatrix, kernel: DistanceKernel) -> Result<Option<BankTexture>, KernelError> {
+    pub(crate) fn bank_textures<'a>(&self, bank: &'a GpuMatrix, kernel: DistanceKernel) -> Result<Option<BankTextures<'a>>, KernelError> {
         match (kernel, &self.subgroup) {
-            (DistanceKernel::Subgroup, Some(subgroup)) => subgroup.bank_texture(&self.gpu, bank).map(Some),
+            (DistanceKernel::Subgroup, Some(subgroup)) => subgroup.bank_textures(&self.gpu, bank).map(Some),
             (DistanceKernel::Subgroup, None) => Err(KernelError::Shape(NO_SUBGROUPS.into())),
             _ => Ok(None),
         }
@@ -181,13 +181,11 @@ impl GpuKernels {
         encoder.clear_buffer(&out, 0, None);
         let block = self.prepare_queries(&mut encoder, &queries.chunks[0], 0, m, d, kernel)?;
         // The packing and the texture's copy are not timed (the kNN's times include them).
-        let mut texture = self.bank_texture(bank, kernel)?;
-        if let Some(texture) = texture.as_mut() {
-            texture.load(&mut encoder, &bank.chunks[0], bank.stride());
-        }
+        let mut textures = self.bank_textures(bank, kernel)?;
+        let texture = textures.as_mut().map(|t| t.holding(&mut encoder, &bank.chunks[0], bank.stride()));
         gpu.queue.submit([encoder.finish()]);
         let mut encoded = Ok(());
-        let ms = gpu.time(|pass| encoded = self.encode_distances(pass, &block, &bank.chunks[0], texture.as_ref(), &out))?;
+        let ms = gpu.time(|pass| encoded = self.encode_distances(pass, &block, &bank.chunks[0], texture, &out))?;
         encoded?;
         let parts = gpu.read_back(gpu.device.create_command_encoder(&Default::default()), &[(&out, (m * n * 4) as u64)])?;
         Ok((bytemuck::cast_slice(&parts[0]).to_vec(), ms))

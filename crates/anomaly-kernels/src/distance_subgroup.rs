@@ -87,9 +87,9 @@ pub(crate) enum SubgroupOutput<'a> {
 /// Bytes of one texel of the bank texture: 4 features of f32.
 const TEXEL_BYTES: u64 = 16;
 
-/// The rgba32float storage texture `distance_subgroup` reads a bank chunk from, one per `knn` call: each
-/// chunk's buffer is copied into it in turn, its rows one after another (`row_stride` / 4 texels each),
-/// wrapped at the texture's width. On llvmpipe a storage-texture read is one inline, branch-free gather
+/// The rgba32float storage texture `distance_subgroup` reads a bank chunk from: a single-chunk bank's,
+/// kept with it, or one per `knn` call that each chunk's buffer is copied into in turn (`BankTextures`).
+/// A chunk's rows lie one after another (`row_stride` / 4 texels each), wrapped at the texture's width. On llvmpipe a storage-texture read is one inline, branch-free gather
 /// of the lanes' texels, where a storage-buffer read is a loop over the lanes and a sampled-texture read
 /// a function call around which the shader's sums are stored and reloaded: the bank's reads are most of
 /// the shader's time.
@@ -98,6 +98,29 @@ pub(crate) struct BankTexture {
     view: wgpu::TextureView,
     /// The first row of the chunk it holds, once a copy is encoded.
     holds: Option<usize>,
+}
+
+/// Where a kNN's subgroup distance dispatches read the bank's chunks from.
+pub(crate) enum BankTextures<'a> {
+    /// A single-chunk bank's texture, kept with the bank (`GpuMatrix::kept_texture`): copied once, when
+    /// it was made, in a submission of its own, which the queue runs before any later one.
+    Kept(&'a BankTexture),
+    /// A texture of this call's that each chunk is copied into in turn.
+    EachChunk(BankTexture),
+}
+
+impl BankTextures<'_> {
+    /// The texture holding `chunk` once `encoder`'s commands so far have run: the kept one, or this
+    /// call's, with the chunk's copy encoded first where it holds another.
+    pub fn holding(&mut self, encoder: &mut wgpu::CommandEncoder, chunk: &MatrixChunk, stride: usize) -> &BankTexture {
+        match self {
+            Self::Kept(texture) => texture,
+            Self::EachChunk(texture) => {
+                texture.load(encoder, chunk, stride);
+                texture
+            }
+        }
+    }
 }
 
 impl SubgroupShader {
@@ -128,8 +151,28 @@ impl SubgroupShader {
         })
     }
 
+    /// The textures a kNN reads `bank`'s chunks from. A single-chunk bank keeps its texture: the first
+    /// call makes and fills it, and later ones skip the copy, which llvmpipe makes on one thread while
+    /// the other cores wait (20k × 1024 rows, k 1: 1000 queries a median 817 against 959 ms, 16 queries
+    /// 17–19 against 85–93 ms). A larger
+    /// bank's chunks take turns in one texture of the call's, so at most one chunk's copy exists.
+    pub fn bank_textures<'a>(&self, gpu: &Gpu, bank: &'a GpuMatrix) -> Result<BankTextures<'a>, KernelError> {
+        if let [chunk] = bank.chunks.as_slice() {
+            if let Some(kept) = bank.kept_texture.get() {
+                return Ok(BankTextures::Kept(kept));
+            }
+            let mut texture = self.bank_texture(gpu, bank)?;
+            let mut encoder = gpu.device.create_command_encoder(&Default::default());
+            texture.load(&mut encoder, chunk, bank.stride());
+            gpu.queue.submit([encoder.finish()]);
+            // Two calls racing here each make one; the first kept is the one every call reads.
+            return Ok(BankTextures::Kept(bank.kept_texture.get_or_init(|| texture)));
+        }
+        Ok(BankTextures::EachChunk(self.bank_texture(gpu, bank)?))
+    }
+
     /// A texture large enough for any chunk of `bank`, holding none yet.
-    pub fn bank_texture(&self, gpu: &Gpu, bank: &GpuMatrix) -> Result<BankTexture, KernelError> {
+    fn bank_texture(&self, gpu: &Gpu, bank: &GpuMatrix) -> Result<BankTexture, KernelError> {
         let texels = bank.chunks.iter().map(|c| (c.rows * bank.stride() / 4) as u64).max().unwrap_or(1);
         let texture = self.texture(gpu, texels, "bank chunk texture", wgpu::TextureUsages::COPY_DST)?;
         let view = texture.create_view(&Default::default());
@@ -248,7 +291,7 @@ fn bank_groups(gpu: &Gpu, rows: usize) -> Result<u32, KernelError> {
 impl BankTexture {
     /// Encodes the copy of `chunk` (rows `stride` floats apart) into the texture, unless it holds it
     /// already: whole rows of the texture in one copy, then the last, partial row.
-    pub fn load(&mut self, encoder: &mut wgpu::CommandEncoder, chunk: &MatrixChunk, stride: usize) {
+    fn load(&mut self, encoder: &mut wgpu::CommandEncoder, chunk: &MatrixChunk, stride: usize) {
         if self.holds == Some(chunk.start) {
             return;
         }

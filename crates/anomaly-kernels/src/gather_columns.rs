@@ -45,7 +45,7 @@ impl GpuKernels {
             usage: wgpu::BufferUsages::STORAGE,
         });
         let mut encoder = gpu.device.create_command_encoder(&Default::default());
-        let mut gathered = GpuMatrix { rows: matrix.rows, cols: selected, chunks: Vec::new() };
+        let mut gathered = GpuMatrix { rows: matrix.rows, cols: selected, chunks: Vec::new(), kept_texture: Default::default() };
         let gathered_stride = gathered.stride();
         for chunk in &matrix.chunks {
             let params = gpu.uniform(&Params {

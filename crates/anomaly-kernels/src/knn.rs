@@ -62,7 +62,7 @@ impl GpuKernels {
             ),
             _ => Output::Distances(gpu.storage(block * width * 4, "distances")),
         };
-        let mut texture = self.bank_texture(bank, kernel)?;
+        let mut textures = self.bank_textures(bank, kernel)?;
         let mut best = RunningBest::new(gpu, block, k);
         let mut result = Neighbours { k, distances: Vec::with_capacity(queries.rows * k), indices: Vec::with_capacity(queries.rows * k) };
         for chunk in &queries.chunks {
@@ -72,11 +72,9 @@ impl GpuKernels {
                 let block_queries = self.prepare_queries(&mut encoder, chunk, first, rows, d, kernel)?;
                 best.restart();
                 for bank_chunk in &bank.chunks {
-                    if let Some(texture) = texture.as_mut() {
-                        texture.load(&mut encoder, bank_chunk, bank.stride());
-                    }
+                    let texture = textures.as_mut().map(|t| t.holding(&mut encoder, bank_chunk, bank.stride()));
                     let mut pass = encoder.begin_compute_pass(&Default::default());
-                    let entries = match (&output, texture.as_ref()) {
+                    let entries = match (&output, texture) {
                         (Output::Nearest(subgroup, found), Some(texture)) => {
                             subgroup.encode(gpu, &mut pass, &block_queries, bank_chunk, texture, SubgroupOutput::Nearest(found))?;
                             ChunkEntries::Nearest { found, slots: subgroup.slots(gpu, bank_chunk.rows)?, start: bank_chunk.start }
@@ -92,7 +90,7 @@ impl GpuKernels {
                             )
                         }
                         (Output::Distances(distances), ..) => {
-                            self.encode_distances(&mut pass, &block_queries, bank_chunk, texture.as_ref(), distances)?;
+                            self.encode_distances(&mut pass, &block_queries, bank_chunk, texture, distances)?;
                             ChunkEntries::Distances(distances, bank_chunk, None)
                         }
                         (Output::Nearest(..) | Output::DistancesAndMinima(..), None) => {
