@@ -277,6 +277,42 @@ fn a_single_chunk_banks_kept_texture_serves_later_and_racing_calls() {
 }
 
 #[test]
+fn kept_output_buffers_give_later_calls_what_new_ones_give() {
+    // A finished kNN leaves its output buffers to the next call of the same shape with its values in
+    // them: here distances of (nearly) zero, from queries that are bank rows, which would win wherever a
+    // later call read a value it had not written. Each shader, at k 9 (the slot-bounded top-k on the subgroup shader) and
+    // k 1 (each slot's nearest), with a chunked bank too.
+    let case = Case { name: "kept outputs", m: 40, n: 700, d: 20, k: 9, scale: 1.0, offset: 0.0, duplicates: true };
+    let (queries, bank) = data(&case, 42);
+    let bank_rows = bank[..case.m * case.d].to_vec();
+    for kernel in [DistanceKernel::Tiled, DistanceKernel::Subgroup] {
+        for bytes in [None, Some(16 * 1024)] {
+            let with_limits = |kernels: GpuKernels| match bytes {
+                Some(bytes) => {
+                    let limits = small_limits(&kernels, bytes);
+                    kernels.with_limits(limits)
+                }
+                None => kernels,
+            };
+            let kernels = with_limits(kernels().with_distance_kernel(kernel));
+            let gpu_bank = kernels.upload(&bank, case.n, case.d).unwrap();
+            for k in [case.k, 1, case.k] {
+                let zeros = kernels.knn_host(&gpu_bank, &bank_rows, k).unwrap();
+                assert!(zeros.distances.iter().step_by(k).all(|d| *d < 0.1), "{kernel:?}: bank rows are their own nearest");
+                let found = kernels.knn_host(&gpu_bank, &queries, k).unwrap();
+                let new = with_limits(GpuKernels::shared().unwrap().with_distance_kernel(kernel));
+                assert_eq!(
+                    found,
+                    new.knn_host(&new.upload(&bank, case.n, case.d).unwrap(), &queries, k).unwrap(),
+                    "{kernel:?} k {k} {bytes:?}"
+                );
+                check_neighbours(&format!("{kernel:?} k {k}, kept outputs, {bytes:?}"), &found, &queries, &bank, case.d);
+            }
+        }
+    }
+}
+
+#[test]
 fn device_queries_give_the_neighbours_host_queries_give() {
     let shared = kernels();
     // A width of 13 and one of 12 (a partial last step of the subgroup shader, and none), with exact

@@ -14,6 +14,7 @@ use crate::coreset::CoresetKernels;
 use crate::distance::{DistanceKernel, DistanceShaders};
 use crate::distance_subgroup::{BankTexture, SubgroupShader};
 use crate::gather_columns::GatherKernel;
+use crate::knn::KeptOutputs;
 use crate::peak::PeakKernels;
 use crate::row_norms::RowNormsKernel;
 use crate::topk::TopKKernel;
@@ -154,6 +155,8 @@ pub struct GpuKernels {
     /// Built on first use: only `bench kernels` runs the probes, and compiling them costs every other run.
     pub(crate) peak: std::sync::OnceLock<PeakKernels>,
     pub(crate) distance_kernel: DistanceKernel,
+    /// The output buffers of finished kNN calls, for the next call of the same shape.
+    pub(crate) kept_outputs: KeptOutputs,
 }
 
 impl GpuKernels {
@@ -191,6 +194,7 @@ impl GpuKernels {
             coreset: CoresetKernels::new(&device),
             peak: std::sync::OnceLock::new(),
             distance_kernel: DistanceKernel::Tiled,
+            kept_outputs: KeptOutputs::default(),
             gpu: Gpu { limits: KernelLimits::of(&device), timestamps, device, queue },
         }
     }
@@ -355,6 +359,11 @@ pub(crate) fn shader_module(device: &wgpu::Device, label: &str, source: &'static
         .create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(label), source: wgpu::ShaderSource::Wgsl(Cow::Borrowed(source)) })
 }
 
+/// The size of `Gpu::storage`'s buffer for `bytes` bytes: no binding may be empty.
+pub(crate) fn storage_size(bytes: usize) -> u64 {
+    (bytes as u64).max(4)
+}
+
 impl Gpu {
     /// Rows per chunk of a matrix `cols` wide: as many as one binding holds, at most `MAX_CHUNK_ROWS`.
     pub fn rows_per_chunk(&self, cols: usize) -> Result<usize, KernelError> {
@@ -389,11 +398,11 @@ impl Gpu {
         })
     }
 
-    /// A zero-filled storage buffer of at least `bytes` bytes that can be copied from and to.
+    /// A zero-filled storage buffer of `storage_size(bytes)` bytes that can be copied from and to.
     pub fn storage(&self, bytes: usize, label: &str) -> wgpu::Buffer {
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
-            size: (bytes as u64).max(4),
+            size: storage_size(bytes),
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         })

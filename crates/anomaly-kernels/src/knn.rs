@@ -3,16 +3,50 @@
 //! running best, so at most one chunk's distances exist at a time (and, for the subgroup shader, one
 //! chunk's texture copy).
 
+use std::sync::{Mutex, PoisonError};
+
 use burn::tensor::wgpu::wgpu;
 
 use crate::Neighbours;
-use crate::context::{GpuKernels, GpuMatrix, KernelError};
+use crate::context::{Gpu, GpuKernels, GpuMatrix, KernelError, storage_size};
 use crate::distance::DistanceKernel;
 use crate::distance_subgroup::{NearestSlots, SubgroupOutput, SubgroupShader, packed_block_rows};
 use crate::topk::{ChunkEntries, MAX_BOUNDED_K, MAX_K, RunningBest, SlotMinima};
 
 /// Most queries per block (one top-k workgroup each).
 pub(crate) const MAX_QUERY_BLOCK: usize = 1024;
+
+/// Output buffers that finished kNN calls left for later ones, the most recent `KEPT_OUTPUTS`: a new
+/// buffer is zero-filled before its first use and its memory faulted in page by page, which llvmpipe does
+/// on one thread while the compute threads wait (k 50, 1000 queries against 20k × 1024 rows: a median
+/// 712–723 against 776–801 ms a call with new buffers). A call takes the buffers it keeps, so calls at
+/// the same time never share one.
+#[derive(Default)]
+pub(crate) struct KeptOutputs(Mutex<Vec<(&'static str, wgpu::Buffer)>>);
+
+/// Most buffers kept: two calls' worth, at most two buffers each (a kNN at k 1 and one at k 50 alternate
+/// without a new allocation).
+const KEPT_OUTPUTS: usize = 4;
+
+impl KeptOutputs {
+    /// A kept buffer for `label` of `bytes` bytes (its contents those a finished call left), or a new one.
+    fn take(&self, gpu: &Gpu, bytes: usize, label: &'static str) -> wgpu::Buffer {
+        let found = {
+            let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let at = kept.iter().position(|(kept_label, buffer)| *kept_label == label && buffer.size() == storage_size(bytes));
+            at.map(|at| kept.remove(at).1)
+        };
+        found.unwrap_or_else(|| gpu.storage(bytes, label))
+    }
+
+    /// Keeps `buffers` for later calls, the oldest dropped past `KEPT_OUTPUTS`.
+    fn keep(&self, buffers: Vec<(&'static str, wgpu::Buffer)>) {
+        let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        kept.extend(buffers);
+        let excess = kept.len().saturating_sub(KEPT_OUTPUTS);
+        kept.drain(..excess);
+    }
+}
 
 /// Where a kNN's distance dispatches write.
 enum Output<'a> {
@@ -23,6 +57,23 @@ enum Output<'a> {
     /// At larger k, up to `MAX_BOUNDED_K`, on the subgroup shader: every distance (the first buffer) and
     /// each slot's least.
     DistancesAndMinima(&'a SubgroupShader, wgpu::Buffer, wgpu::Buffer),
+}
+
+/// Labels of the output buffers, by which `KeptOutputs` tells them apart.
+const DISTANCES: &str = "distances";
+const SLOT_MINIMA: &str = "slot minima";
+const NEAREST_KEYS: &str = "nearest keys";
+const NEAREST_ROWS: &str = "nearest rows";
+
+impl Output<'_> {
+    /// The buffers, labelled, for `KeptOutputs::keep`.
+    fn into_buffers(self) -> Vec<(&'static str, wgpu::Buffer)> {
+        match self {
+            Self::Distances(distances) => vec![(DISTANCES, distances)],
+            Self::Nearest(_, found) => vec![(NEAREST_KEYS, found.keys), (NEAREST_ROWS, found.rows)],
+            Self::DistancesAndMinima(_, distances, minima) => vec![(DISTANCES, distances), (SLOT_MINIMA, minima)],
+        }
+    }
 }
 
 impl GpuKernels {
@@ -50,17 +101,18 @@ impl GpuKernels {
         let output = match (&self.subgroup, kernel) {
             (Some(subgroup), DistanceKernel::Subgroup) if k == 1 => {
                 let bytes = block * subgroup.slots(gpu, width)? * 4;
+                let kept = &self.kept_outputs;
                 Output::Nearest(
                     subgroup,
-                    NearestSlots { keys: gpu.storage(bytes, "nearest keys"), rows: gpu.storage(bytes, "nearest rows") },
+                    NearestSlots { keys: kept.take(gpu, bytes, NEAREST_KEYS), rows: kept.take(gpu, bytes, NEAREST_ROWS) },
                 )
             }
             (Some(subgroup), DistanceKernel::Subgroup) if k <= MAX_BOUNDED_K => Output::DistancesAndMinima(
                 subgroup,
-                gpu.storage(block * width * 4, "distances"),
-                gpu.storage(block * subgroup.slots(gpu, width)? * 4, "slot minima"),
+                self.kept_outputs.take(gpu, block * width * 4, DISTANCES),
+                self.kept_outputs.take(gpu, block * subgroup.slots(gpu, width)? * 4, SLOT_MINIMA),
             ),
-            _ => Output::Distances(gpu.storage(block * width * 4, "distances")),
+            _ => Output::Distances(self.kept_outputs.take(gpu, block * width * 4, DISTANCES)),
         };
         let mut textures = self.bank_textures(bank, kernel)?;
         let mut best = RunningBest::new(gpu, block, k);
@@ -106,6 +158,7 @@ impl GpuKernels {
                 result.indices.extend_from_slice(bytemuck::cast_slice::<u8, u32>(&parts[1]));
             }
         }
+        self.kept_outputs.keep(output.into_buffers());
         Ok(result)
     }
 
