@@ -31,7 +31,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> distances: array<f32>;     // [rows][width]
+// [rows][width], or with slot minima [rows / 4][width][4] (rows rounded up to 4).
+@group(0) @binding(1) var<storage, read> distances: array<f32>;
 @group(0) @binding(2) var<storage, read> prev_values: array<f32>;   // [rows][k]
 @group(0) @binding(3) var<storage, read> prev_indices: array<u32>;  // [rows][k]
 @group(0) @binding(4) var<storage, read_write> out_values: array<f32>;
@@ -44,9 +45,10 @@ struct Params {
 const THREADS: u32 = 256u;
 // Most entries a row may collect, a power of two ≥ k: set by the host (topk.rs), which refuses larger k.
 override MAX_K: u32;
-// Whether `topk` bounds with slot minima (binding 6): set by the host, one pipeline each way, so that
-// neither pays for the other's branches (on llvmpipe a branch's body runs masked, atomics and all).
-override SLOTTED: bool;
+// Whether `topk` bounds with slot minima (binding 6), which come with distances stored 4 rows to a
+// vec4: set by the host, one pipeline each way, so that neither pays for the other's branches (on
+// llvmpipe a branch's body runs masked, atomics and all). `nearest` reads rows of plain distances.
+override SLOTTED: bool = false;
 // Most slots a row lists: none without slot minima, so that the plain pipeline's workgroup memory stays
 // what it was (on a GPU, more workgroups fit a core).
 override SLOT_LIST: u32 = select(1u, MAX_K, SLOTTED);
@@ -78,8 +80,11 @@ fn key_at(row: u32, position: u32) -> u32 {
     if (position < params.prev) {
         return bitcast<u32>(prev_values[row * params.k + position]);
     }
-    // Clamped and sign-cleared, so that -0.0 orders as 0.
-    return bitcast<u32>(max(distances[row * params.width + position - params.prev], 0.0)) & 0x7fffffffu;
+    // With slot minima the distances lie 4 rows to a vec4 (`distance_minima_subgroup`). Clamped and
+    // sign-cleared, so that -0.0 orders as 0.
+    let column = position - params.prev;
+    let at = select(row * params.width + column, (row / 4u * params.width + column) * 4u + row % 4u, SLOTTED);
+    return bitcast<u32>(max(distances[at], 0.0)) & 0x7fffffffu;
 }
 
 fn index_at(row: u32, position: u32) -> u32 {

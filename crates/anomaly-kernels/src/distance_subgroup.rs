@@ -79,8 +79,9 @@ pub(crate) enum SubgroupOutput<'a> {
     Distances(&'a wgpu::Buffer),
     /// For k = 1, each query row's nearest bank row in each slot (`SubgroupShader::slots`).
     Nearest(&'a NearestSlots),
-    /// Every squared distance, and each query row's least key (distance bits, as the top-k orders them)
-    /// in each slot, `queries.rows × slots`.
+    /// Every squared distance, 4 query rows to a vec4 (rows 4i … 4i + 3 to bank row j at vec4 i × chunk
+    /// rows + j; `queries.rows` rounded up to 4 rows), and each query row's least key (distance bits, as
+    /// the top-k orders them) in each slot, `queries.rows × slots`.
     DistancesAndMinima { distances: &'a wgpu::Buffer, minima: &'a wgpu::Buffer },
 }
 

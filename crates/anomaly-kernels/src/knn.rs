@@ -54,8 +54,8 @@ enum Output<'a> {
     Distances(wgpu::Buffer),
     /// At k = 1 on the subgroup shader (the first), each slot's nearest.
     Nearest(&'a SubgroupShader, NearestSlots),
-    /// At larger k, up to `MAX_BOUNDED_K`, on the subgroup shader: every distance (the first buffer) and
-    /// each slot's least.
+    /// At larger k, up to `MAX_BOUNDED_K`, on the subgroup shader: every distance, 4 query rows to a vec4
+    /// (the first buffer), and each slot's least.
     DistancesAndMinima(&'a SubgroupShader, wgpu::Buffer, wgpu::Buffer),
 }
 
@@ -95,7 +95,14 @@ impl GpuKernels {
             DistanceKernel::Subgroup => packed_block_rows(binding_rows(bank.stride() * 4)),
             _ => binding_rows(bank.stride() * 4),
         };
-        let block = queries.rows.min(MAX_QUERY_BLOCK).min(binding_rows(width * 4)).min(query_rows).min(binding_rows(k * 4)).max(1);
+        let mut block = queries.rows.min(MAX_QUERY_BLOCK).min(binding_rows(width * 4)).min(query_rows).min(binding_rows(k * 4)).max(1);
+        // The slot-bounded top-k's distances lie 4 query rows to a vec4, so a block's rows rounded up to
+        // a multiple of 4 must fit a binding: fewer rows a block where that takes it, the plain top-k
+        // where even 4 rows do not fit.
+        let by_4_rows_fit = |rows: usize| rows.next_multiple_of(4) <= binding_rows(width * 4);
+        if kernel == DistanceKernel::Subgroup && (2..=MAX_BOUNDED_K).contains(&k) && !by_4_rows_fit(block) && block >= 4 {
+            block = block / 4 * 4;
+        }
         // At k = 1 the subgroup shader keeps only each slot's nearest, about 1/24 of the distances; up to
         // MAX_BOUNDED_K it adds each slot's least to the distances.
         let output = match (&self.subgroup, kernel) {
@@ -107,9 +114,9 @@ impl GpuKernels {
                     NearestSlots { keys: kept.take(gpu, bytes, NEAREST_KEYS), rows: kept.take(gpu, bytes, NEAREST_ROWS) },
                 )
             }
-            (Some(subgroup), DistanceKernel::Subgroup) if k <= MAX_BOUNDED_K => Output::DistancesAndMinima(
+            (Some(subgroup), DistanceKernel::Subgroup) if k <= MAX_BOUNDED_K && by_4_rows_fit(block) => Output::DistancesAndMinima(
                 subgroup,
-                self.kept_outputs.take(gpu, block * width * 4, DISTANCES),
+                self.kept_outputs.take(gpu, block.next_multiple_of(4) * width * 4, DISTANCES),
                 self.kept_outputs.take(gpu, block * subgroup.slots(gpu, width)? * 4, SLOT_MINIMA),
             ),
             _ => Output::Distances(self.kept_outputs.take(gpu, block * width * 4, DISTANCES)),

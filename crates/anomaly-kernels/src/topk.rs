@@ -91,8 +91,8 @@ impl TopKKernel {
 
 /// One bank chunk's new entries for a merge into the running best.
 pub(crate) enum ChunkEntries<'a> {
-    /// Its squared distances, `rows × chunk.rows`, row-major, and for k ≤ `MAX_BOUNDED_K` perhaps their
-    /// slot minima.
+    /// Its squared distances, `rows × chunk.rows`: row-major, or with slot minima (for k ≤
+    /// `MAX_BOUNDED_K`), 4 rows to a vec4 (`SubgroupOutput::DistancesAndMinima`).
     Distances(&'a wgpu::Buffer, &'a MatrixChunk, Option<SlotMinima<'a>>),
     /// For k = 1, each query row's nearest in each of `slots` slots of the chunk that starts at bank
     /// row `start` (`SubgroupShader::encode`).
