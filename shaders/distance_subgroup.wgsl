@@ -300,7 +300,7 @@ fn distance_minima_subgroup(
     for (var b = 0u; b < 3u; b++) {
         store_by_4_rows(group.x * QUERIES, col + b, block[b]);
     }
-    let least = subgroup_least(block, bank_column(group, local));
+    let least = subgroup_least(block, col);
     if (lane == 0u) {
         let place = slot_place(group, groups, local);
         for (var i = 0u; i < QUERIES; i++) {

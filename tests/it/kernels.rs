@@ -280,8 +280,8 @@ fn a_single_chunk_banks_kept_texture_serves_later_and_racing_calls() {
 fn kept_output_buffers_give_later_calls_what_new_ones_give() {
     // A finished kNN leaves its output buffers to the next call of the same shape with its values in
     // them: here distances of (nearly) zero, from queries that are bank rows, which would win wherever a
-    // later call read a value it had not written. Each shader, at k 9 (the slot-bounded top-k on the subgroup shader) and
-    // k 1 (each slot's nearest), with a chunked bank too.
+    // later call read a value it had not written. Each shader, at k 9 (the slot-bounded top-k on the
+    // subgroup shader) and k 1 (each slot's nearest), with a chunked bank too.
     let case = Case { name: "kept outputs", m: 40, n: 700, d: 20, k: 9, scale: 1.0, offset: 0.0, duplicates: true };
     let (queries, bank) = data(&case, 42);
     let bank_rows = bank[..case.m * case.d].to_vec();

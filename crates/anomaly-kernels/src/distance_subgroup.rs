@@ -90,10 +90,10 @@ const TEXEL_BYTES: u64 = 16;
 
 /// The rgba32float storage texture `distance_subgroup` reads a bank chunk from: a single-chunk bank's,
 /// kept with it, or one per `knn` call that each chunk's buffer is copied into in turn (`BankTextures`).
-/// A chunk's rows lie one after another (`row_stride` / 4 texels each), wrapped at the texture's width. On llvmpipe a storage-texture read is one inline, branch-free gather
-/// of the lanes' texels, where a storage-buffer read is a loop over the lanes and a sampled-texture read
-/// a function call around which the shader's sums are stored and reloaded: the bank's reads are most of
-/// the shader's time.
+/// A chunk's rows lie one after another (`row_stride` / 4 texels each), wrapped at the texture's width.
+/// On llvmpipe a storage-texture read is one inline, branch-free gather of the lanes' texels, where a
+/// storage-buffer read is a loop over the lanes and a sampled-texture read a function call around which
+/// the shader's sums are stored and reloaded: the bank's reads are most of the shader's time.
 pub(crate) struct BankTexture {
     texture: wgpu::Texture,
     view: wgpu::TextureView,
@@ -155,8 +155,8 @@ impl SubgroupShader {
     /// The textures a kNN reads `bank`'s chunks from. A single-chunk bank keeps its texture: the first
     /// call makes and fills it, and later ones skip the copy, which llvmpipe makes on one thread while
     /// the other cores wait (20k × 1024 rows, k 1: 1000 queries a median 817 against 959 ms, 16 queries
-    /// 17–19 against 85–93 ms). A larger
-    /// bank's chunks take turns in one texture of the call's, so at most one chunk's copy exists.
+    /// 17–19 against 85–93 ms). A larger bank's chunks take turns in one texture of the call's, so at
+    /// most one chunk's copy exists.
     pub fn bank_textures<'a>(&self, gpu: &Gpu, bank: &'a GpuMatrix) -> Result<BankTextures<'a>, KernelError> {
         if let [chunk] = bank.chunks.as_slice() {
             if let Some(kept) = bank.kept_texture.get() {

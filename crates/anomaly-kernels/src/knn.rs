@@ -99,8 +99,9 @@ impl GpuKernels {
         // The slot-bounded top-k's distances lie 4 query rows to a vec4, so a block's rows rounded up to
         // a multiple of 4 must fit a binding: fewer rows a block where that takes it, the plain top-k
         // where even 4 rows do not fit.
+        let bounded_by_slots = kernel == DistanceKernel::Subgroup && (2..=MAX_BOUNDED_K).contains(&k);
         let by_4_rows_fit = |rows: usize| rows.next_multiple_of(4) <= binding_rows(width * 4);
-        if kernel == DistanceKernel::Subgroup && (2..=MAX_BOUNDED_K).contains(&k) && !by_4_rows_fit(block) && block >= 4 {
+        if bounded_by_slots && !by_4_rows_fit(block) && block >= 4 {
             block = block / 4 * 4;
         }
         // At k = 1 the subgroup shader keeps only each slot's nearest, about 1/24 of the distances; up to
@@ -114,7 +115,7 @@ impl GpuKernels {
                     NearestSlots { keys: kept.take(gpu, bytes, NEAREST_KEYS), rows: kept.take(gpu, bytes, NEAREST_ROWS) },
                 )
             }
-            (Some(subgroup), DistanceKernel::Subgroup) if k <= MAX_BOUNDED_K && by_4_rows_fit(block) => Output::DistancesAndMinima(
+            (Some(subgroup), DistanceKernel::Subgroup) if bounded_by_slots && by_4_rows_fit(block) => Output::DistancesAndMinima(
                 subgroup,
                 self.kept_outputs.take(gpu, block.next_multiple_of(4) * width * 4, DISTANCES),
                 self.kept_outputs.take(gpu, block * subgroup.slots(gpu, width)? * 4, SLOT_MINIMA),
