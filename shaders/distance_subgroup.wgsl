@@ -49,14 +49,14 @@ const BANK_ROWS: u32 = 3u;
 
 @group(0) @binding(0) var<uniform> params: Params;
 // The queries as `pack_queries` wrote them, a texel per 4 rows: per block of QUERIES rows, per
-// feature, the rows' values (rows 0–3, 4–7, 8–11, then 12–15).
+// feature, the rows' values (rows 0–3, 4–7, 8–11, then 12–15), and after the last (at `stride`) their
+// squared norms.
 @group(0) @binding(1) var queries: texture_storage_2d<rgba32float, read>;
 // The bank chunk, 4 features to a texel (an rgba32float storage texture the host copied the chunk's
 // buffer into).
 @group(0) @binding(2) var bank: texture_storage_2d<rgba32float, read>;
-@group(0) @binding(3) var<storage, read> query_norms: array<f32>;
-@group(0) @binding(4) var<storage, read> bank_norms: array<f32>;
-@group(0) @binding(5) var<storage, read_write> distances: array<f32>;
+@group(0) @binding(3) var<storage, read> bank_norms: array<f32>;
+@group(0) @binding(4) var<storage, read_write> distances: array<f32>;
 
 // Values of the block's 16 query rows, 4 rows to a vec4: the rows' values of one feature, their squared
 // norms, or their dot products with one bank row.
@@ -185,8 +185,8 @@ fn block_distances(group: vec3<u32>, local: u32, lane: u32) -> array<QueryRows, 
     // lane takes part in the broadcasts) and not stored.
     let col = bank_column(group, local);
     let rows = vec3<u32>(min(col, n - 1u), min(col + 1u, n - 1u), min(col + 2u, n - 1u)) * (stride / 4u);
-    // The first of the 4 texels holding the block's query rows of feature `lane`.
-    let block_at = (group.x * stride + lane) * 4u;
+    // The first of the 4 texels holding the block's query rows of feature `lane` (`pack_queries`).
+    let block_at = (group.x * (stride + 1u) + lane) * 4u;
     let zero = vec4<f32>(0.0);
     sums_0_3 = GroupSums(zero, zero, zero);
     sums_4_7 = sums_0_3;
@@ -198,16 +198,16 @@ fn block_distances(group: vec3<u32>, local: u32, lane: u32) -> array<QueryRows, 
         add_step(rows, step, query_values(block_at, step), false);
     }
     if (step < d) {
-        // A lane past the last feature reads the pad or the next block (or, past the texture's end,
-        // what the bounds checks make of it) and drops it.
+        // A lane past the last feature reads the pad or the block's norms (or, past the texture's
+        // end, what the bounds checks make of it) and drops it.
         let q = query_values(block_at, step);
         let inside = step + lane < d;
         add_step(rows, step, QueryRows(select(zero, q.rows_0_3, inside), select(zero, q.rows_4_7, inside), select(zero, q.rows_8_11, inside), select(zero, q.rows_12_15, inside)), true);
     }
-    // Each norm read once, where the sums are turned into distances.
-    let row0 = group.x * QUERIES;
+    // Each norm read once, where the sums are turned into distances: the bank rows' from a storage
+    // buffer, a loop over the lanes each, the query rows' as 4 texels.
     let bank_norm = vec3<f32>(bank_norms[min(col, n - 1u)], bank_norms[min(col + 1u, n - 1u)], bank_norms[min(col + 2u, n - 1u)]);
-    let norms = QueryRows(query_norms_at(row0), query_norms_at(row0 + 4u), query_norms_at(row0 + 8u), query_norms_at(row0 + 12u));
+    let norms = query_values(group.x * (stride + 1u) * 4u, stride);
     return array<QueryRows, 3>(
         distances_to(norms, bank_norm.x, QueryRows(sums_0_3.bank_row_0, sums_4_7.bank_row_0, sums_8_11.bank_row_0, sums_12_15.bank_row_0)),
         distances_to(norms, bank_norm.y, QueryRows(sums_0_3.bank_row_1, sums_4_7.bank_row_1, sums_8_11.bank_row_1, sums_12_15.bank_row_1)),
@@ -215,15 +215,32 @@ fn block_distances(group: vec3<u32>, local: u32, lane: u32) -> array<QueryRows, 
     );
 }
 
+// The least of `v` over the subgroup's lanes, every lane getting it, from subgroup broadcasts: register
+// shuffles on llvmpipe, where its subgroupMin is a loop over the lanes, a branch each. With the stores
+// of each slot's nearest shared among the lanes (one row each, not 16 rows by the first lane) this made
+// a k = 1 kNN 1.15 times faster at 128 features (784 queries of 16,000 rows: 77 against 88 ms).
+fn lanes_min(v: vec4<u32>) -> vec4<u32> {
+    var least = min(min(subgroupBroadcast(v, 0u), subgroupBroadcast(v, 1u)), min(subgroupBroadcast(v, 2u), subgroupBroadcast(v, 3u)));
+    if (SG > 4u) {
+        least = min(least, min(min(subgroupBroadcast(v, 4u), subgroupBroadcast(v, 5u)), min(subgroupBroadcast(v, 6u), subgroupBroadcast(v, 7u))));
+    }
+    if (SG > 8u) {
+        least = min(least, min(min(subgroupBroadcast(v, 8u), subgroupBroadcast(v, 9u)), min(subgroupBroadcast(v, 10u), subgroupBroadcast(v, 11u))));
+        least = min(least, min(min(subgroupBroadcast(v, 12u), subgroupBroadcast(v, 13u)), min(subgroupBroadcast(v, 14u), subgroupBroadcast(v, 15u))));
+    }
+    return least;
+}
+
+// Entry `r` (0 … 15) of 16 values, 4 to a vec4, by selects: a per-lane index would go through memory.
+fn entry(v: array<vec4<u32>, 4>, r: u32) -> u32 {
+    let four = select(select(v[0], v[1], r >= 4u), select(v[2], v[3], r >= 12u), r >= 8u);
+    let i = r % 4u;
+    return select(select(four.x, four.y, i == 1u), select(four.z, four.w, i == 3u), i >= 2u);
+}
+
 // The invocation's first bank row (of the chunk).
 fn bank_column(group: vec3<u32>, local: u32) -> u32 {
     return (group.y * WG + local) * BANK_ROWS;
-}
-
-// The squared norms of query rows `first` … `first` + 3 (the last row's past the end).
-fn query_norms_at(first: u32) -> vec4<f32> {
-    let last = params.m - 1u;
-    return vec4<f32>(query_norms[min(first, last)], query_norms[min(first + 1u, last)], query_norms[min(first + 2u, last)], query_norms[min(first + 3u, last)]);
 }
 
 // Squared distances of query rows (squared norms `norms`) to a bank row (squared norm `bank_norm`),
@@ -281,12 +298,12 @@ fn store(first: u32, col: u32, d2: vec4<f32>) {
 // `topk.wgsl` bounds the k-th smallest with, so that it reads only the slots whose least key is at or
 // below the bound instead of every distance twice (k = 50, 1000 rows of 20,000: 169 against 576 ms
 // for the top-k).
-@group(0) @binding(6) var<storage, read_write> slot_minima: array<u32>;
+@group(0) @binding(5) var<storage, read_write> slot_minima: array<u32>;
 // Its distances, 4 query rows to a vec4, as `topk.wgsl` reads them with slot minima: query rows 4i … 4i + 3
 // to bank row `col` at `i` × n + `col`. On llvmpipe each storage-buffer store is a loop over the lanes,
 // and one a row made the stores of a k = 50 kNN nearly a tenth of its time (1000 × 20k × 1024: a median
 // 679 against 716 ms for the whole kNN with a vec4 a store).
-@group(0) @binding(5) var<storage, read_write> distances_by_4_rows: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> distances_by_4_rows: array<vec4<f32>>;
 
 @compute @workgroup_size(WG)
 fn distance_minima_subgroup(
@@ -301,13 +318,12 @@ fn distance_minima_subgroup(
         store_by_4_rows(group.x * QUERIES, col + b, block[b]);
     }
     let least = subgroup_least(block, col);
-    if (lane == 0u) {
-        let place = slot_place(group, groups, local);
-        for (var i = 0u; i < QUERIES; i++) {
-            let row = group.x * QUERIES + i;
-            if (row < params.m) {
-                slot_minima[row * place.y + place.x] = least[i / 4u][i % 4u];
-            }
+    let place = slot_place(group, groups, local);
+    for (var i = 0u; i < QUERIES / SG; i++) {
+        let r = i * SG + lane;
+        let row = group.x * QUERIES + r;
+        if (row < params.m) {
+            slot_minima[row * place.y + place.x] = entry(least, r);
         }
     }
 }
@@ -348,7 +364,7 @@ fn subgroup_least(block: array<QueryRows, 3>, col: u32) -> array<vec4<u32>, 4> {
     let keys_2 = rows_keys(block[2], col + 2u);
     var least: array<vec4<u32>, 4>;
     for (var i = 0u; i < 4u; i++) {
-        least[i] = subgroupMin(min(min(keys_0[i], keys_1[i]), keys_2[i]));
+        least[i] = lanes_min(min(min(keys_0[i], keys_1[i]), keys_2[i]));
     }
     return least;
 }
@@ -360,8 +376,8 @@ fn rows_keys(d2: QueryRows, col: u32) -> array<vec4<u32>, 4> {
 
 // The k = 1 search's outputs (`nearest_subgroup`), in place of `distances`: per query row of the block,
 // per slot (a subgroup's bank rows, in order), the nearest one's key and chunk row.
-@group(0) @binding(5) var<storage, read_write> nearest_keys: array<u32>;
-@group(0) @binding(6) var<storage, read_write> nearest_rows: array<u32>;
+@group(0) @binding(4) var<storage, read_write> nearest_keys: array<u32>;
+@group(0) @binding(5) var<storage, read_write> nearest_rows: array<u32>;
 
 // A key that no distance's passes: +inf's bits.
 const INFINITE_KEY: u32 = 0x7f800000u;
@@ -371,7 +387,8 @@ const INFINITE_KEY: u32 = 0x7f800000u;
 // them into the running best. Its keys are the distances' bits after the same clamp at zero as
 // `distance_subgroup` stores, with the sign cleared, as `topk.wgsl` orders them, so the merged result
 // is the one `nearest` finds in the full distances. On llvmpipe each stored distance was a loop over
-// the lanes, and each read in the top-k another: 1/24 of them remain.
+// the lanes, and each read in the top-k another: 1/24 of them remain. Each lane stores its own query
+// rows' (row `lane`, `lane` + SG, …), so that a store's loop over the lanes serves all of them.
 @compute @workgroup_size(WG)
 fn nearest_subgroup(
     @builtin(workgroup_id) group: vec3<u32>,
@@ -385,13 +402,16 @@ fn nearest_subgroup(
     let rows_4_7 = subgroup_nearest(block[0].rows_4_7, block[1].rows_4_7, block[2].rows_4_7, col);
     let rows_8_11 = subgroup_nearest(block[0].rows_8_11, block[1].rows_8_11, block[2].rows_8_11, col);
     let rows_12_15 = subgroup_nearest(block[0].rows_12_15, block[1].rows_12_15, block[2].rows_12_15, col);
-    if (lane == 0u) {
-        let place = slot_place(group, groups, local);
-        let row0 = group.x * QUERIES;
-        store_nearest(row0, place.x, place.y, rows_0_3);
-        store_nearest(row0 + 4u, place.x, place.y, rows_4_7);
-        store_nearest(row0 + 8u, place.x, place.y, rows_8_11);
-        store_nearest(row0 + 12u, place.x, place.y, rows_12_15);
+    let keys = array<vec4<u32>, 4>(rows_0_3[0], rows_4_7[0], rows_8_11[0], rows_12_15[0]);
+    let found = array<vec4<u32>, 4>(rows_0_3[1], rows_4_7[1], rows_8_11[1], rows_12_15[1]);
+    let place = slot_place(group, groups, local);
+    for (var i = 0u; i < QUERIES / SG; i++) {
+        let r = i * SG + lane;
+        let row = group.x * QUERIES + r;
+        if (row < params.m) {
+            nearest_keys[row * place.y + place.x] = entry(keys, r);
+            nearest_rows[row * place.y + place.x] = entry(found, r);
+        }
     }
 }
 
@@ -415,43 +435,37 @@ fn subgroup_nearest(d0: vec4<f32>, d1: vec4<f32>, d2: vec4<f32>, col: u32) -> ar
     let closer_2 = key_2 < key;
     key = select(key, key_2, closer_2);
     row = select(row, vec4<u32>(col + 2u), closer_2);
-    let least = subgroupMin(key);
-    return array<vec4<u32>, 2>(least, subgroupMin(select(vec4<u32>(0xffffffffu), row, key == least)));
+    let least = lanes_min(key);
+    return array<vec4<u32>, 2>(least, lanes_min(select(vec4<u32>(0xffffffffu), row, key == least)));
 }
 
-// The nearest (`found`: keys, rows) of query rows `first` … `first` + 3 in slot `slot`, those inside the
-// block.
-fn store_nearest(first: u32, slot: u32, slots: u32, found: array<vec4<u32>, 2>) {
-    for (var i = 0u; i < 4u; i++) {
-        let row = first + i;
-        if (row < params.m) {
-            nearest_keys[row * slots + slot] = found[0][i];
-            nearest_rows[row * slots + slot] = found[1][i];
-        }
-    }
-}
-
-// The query matrix chunk `pack_queries` reads, and the packed block it writes: the distance shader's
-// bindings 1 and 2 are its own, other variables at the same places (an entry point binds only what it uses).
+// The query matrix chunk `pack_queries` reads, with its rows' squared norms, and the packed block it
+// writes: the distance shader's bindings 1 to 3 are its own, other variables at the same places (an
+// entry point binds only what it uses).
 @group(0) @binding(0) var<uniform> pack: PackParams;
 @group(0) @binding(1) var<storage, read> unpacked: array<f32>;
 @group(0) @binding(2) var packed: texture_storage_2d<rgba32float, write>;
+@group(0) @binding(3) var<storage, read> unpacked_norms: array<f32>;
 
 // Packs a block of query rows for `distance_subgroup`: feature `id.x` of the 16 rows of block `id.y`,
-// as four texels, zero for rows past the last. The features past the last are the rows' zero pad.
+// as four texels, zero for rows past the last; the features past the last are the rows' zero pad.
+// After a block's `stride` features come, as one more, the rows' squared norms, which the distance
+// shaders read as 4 texels where from a storage buffer they were 16 loops over the lanes.
 @compute @workgroup_size(WG)
 fn pack_queries(@builtin(global_invocation_id) id: vec3<u32>) {
     let feature = id.x;
     let block = id.y;
-    if (feature >= pack.stride) {
+    if (feature > pack.stride) {
         return;
     }
     var values: array<f32, 16>;
     for (var i = 0u; i < QUERIES; i++) {
         let row = block * QUERIES + i;
-        values[i] = select(0.0, unpacked[(pack.first + min(row, pack.rows - 1u)) * pack.stride + feature], row < pack.rows);
+        let at = pack.first + min(row, pack.rows - 1u);
+        let value = select(unpacked[at * pack.stride + min(feature, pack.stride - 1u)], unpacked_norms[at], feature == pack.stride);
+        values[i] = select(0.0, value, row < pack.rows);
     }
-    let at = (block * pack.stride + feature) * 4u;
+    let at = (block * (pack.stride + 1u) + feature) * 4u;
     textureStore(packed, texel_at(at), vec4<f32>(values[0], values[1], values[2], values[3]));
     textureStore(packed, texel_at(at + 1u), vec4<f32>(values[4], values[5], values[6], values[7]));
     textureStore(packed, texel_at(at + 2u), vec4<f32>(values[8], values[9], values[10], values[11]));

@@ -67,17 +67,16 @@ pub(crate) struct QueryBlock {
     pub rows: usize,
     pub d: usize,
     pub kernel: DistanceKernel,
-    pub norms: wgpu::Buffer,
     pub values: QueryValues,
 }
 
-/// A query block's values, laid out for its shader.
+/// A query block's values and squared norms, laid out for its shader.
 pub(crate) enum QueryValues {
-    /// `rows × d`, row-major, rows [`row_stride`] of `d` apart (as in the bank's chunks): for the tiled
-    /// and naive shaders.
-    Rows(wgpu::Buffer),
-    /// Packed in blocks of 16 rows into a storage texture (`SubgroupShader::pack`): for the subgroup
-    /// shader.
+    /// `rows × d`, row-major, rows [`row_stride`] of `d` apart (as in the bank's chunks), and the
+    /// norms: for the tiled and naive shaders.
+    Rows { values: wgpu::Buffer, norms: wgpu::Buffer },
+    /// Packed in blocks of 16 rows, norms included, into a storage texture (`SubgroupShader::pack`):
+    /// for the subgroup shader.
     Packed(wgpu::TextureView),
 }
 
@@ -101,8 +100,6 @@ impl GpuKernels {
         d: usize,
         kernel: DistanceKernel,
     ) -> Result<QueryBlock, KernelError> {
-        let norms = self.gpu.storage(rows * 4, "query norms");
-        encoder.copy_buffer_to_buffer(&chunk.norms, (first * 4) as u64, &norms, 0, (rows * 4) as u64);
         let values = match (kernel, &self.subgroup) {
             (DistanceKernel::Subgroup, Some(subgroup)) => QueryValues::Packed(subgroup.pack(&self.gpu, encoder, chunk, first, rows, d)?),
             (DistanceKernel::Subgroup, None) => return Err(KernelError::Shape(NO_SUBGROUPS.into())),
@@ -110,10 +107,12 @@ impl GpuKernels {
                 let stride = row_stride(d);
                 let values = self.gpu.storage(rows * stride * 4, "queries");
                 encoder.copy_buffer_to_buffer(&chunk.values, (first * stride * 4) as u64, &values, 0, (rows * stride * 4) as u64);
-                QueryValues::Rows(values)
+                let norms = self.gpu.storage(rows * 4, "query norms");
+                encoder.copy_buffer_to_buffer(&chunk.norms, (first * 4) as u64, &norms, 0, (rows * 4) as u64);
+                QueryValues::Rows { values, norms }
             }
         };
-        Ok(QueryBlock { rows, d, kernel, norms, values })
+        Ok(QueryBlock { rows, d, kernel, values })
     }
 
     /// The textures the subgroup shader reads `bank`'s chunks from, where `kernel` is that shader; the
@@ -149,11 +148,11 @@ impl GpuKernels {
             (DistanceKernel::Naive, _, _) => (&self.distance.naive, SIDE),
             (DistanceKernel::Tiled, _, _) => (&self.distance.tiled, TILE),
         };
-        let QueryValues::Rows(values) = &queries.values else {
+        let QueryValues::Rows { values, norms } = &queries.values else {
             return Err(KernelError::Shape("the query block was packed for the subgroup distance kernel".into()));
         };
         let params = gpu.uniform(&queries.params(n));
-        let buffers = [&params, values, &chunk.values, &queries.norms, &chunk.norms, out];
+        let buffers = [&params, values, &chunk.values, norms, &chunk.norms, out];
         let groups = (n.div_ceil(outputs_per_group as usize) as u32, m.div_ceil(outputs_per_group as usize) as u32);
         gpu.dispatch(pass, shader, &buffers, groups);
         Ok(())

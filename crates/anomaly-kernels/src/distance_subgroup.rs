@@ -24,11 +24,15 @@ const BANK_ROWS: u32 = 3;
 /// (128-, 256- and 512-bit vectors of f32).
 const SUBGROUP_SIZES: [u32; 3] = [4, 8, 16];
 
-/// The most rows of a query block whose packed copy (`SubgroupShader::pack`, whole blocks of 16 rows)
-/// takes no more room than `rows` unpacked rows: `rows` rounded down to a multiple of 16, where that
-/// leaves any (fewer than 16 rows fit a binding only at hundreds of thousands of features).
-pub(crate) fn packed_block_rows(rows: usize) -> usize {
-    if rows >= QUERIES { rows / QUERIES * QUERIES } else { rows }
+/// The most rows of a query block whose packed copy (`SubgroupShader::pack`: whole blocks of 16 rows,
+/// each with one more feature, its rows' norms) takes no more room than a binding of `binding_bytes`:
+/// whole blocks where one fits, else as many rows as fit unpacked (fewer than 16 rows fit a binding
+/// only at hundreds of thousands of features).
+pub(crate) fn packed_block_rows(binding_bytes: u64, stride: usize) -> usize {
+    match binding_bytes / (QUERIES * (stride + 1) * 4) as u64 {
+        0 => (binding_bytes / (stride * 4) as u64) as usize,
+        blocks => usize::try_from(blocks).unwrap_or(usize::MAX / QUERIES) * QUERIES,
+    }
 }
 
 /// The device's subgroup size, where it has subgroup operations, the size is fixed, and it is one the
@@ -139,14 +143,15 @@ impl SubgroupShader {
         }
         let module = shader_module(device, "distance_subgroup", include_str!("../../../shaders/distance_subgroup.wgsl"));
         let constants = [("SG", size as f64), ("WG", WORKGROUP as f64), ("TEXTURE_SHIFT", texture_shift as f64)];
-        let slots = [Slot::Uniform, Slot::ReadTexture, Slot::ReadTexture, Slot::Read, Slot::Read, Slot::Write];
-        let nearest_slots = [Slot::Uniform, Slot::ReadTexture, Slot::ReadTexture, Slot::Read, Slot::Read, Slot::Write, Slot::Write];
+        let slots = [Slot::Uniform, Slot::ReadTexture, Slot::ReadTexture, Slot::Read, Slot::Write];
+        let nearest_slots = [Slot::Uniform, Slot::ReadTexture, Slot::ReadTexture, Slot::Read, Slot::Write, Slot::Write];
+        let pack_slots = [Slot::Uniform, Slot::Read, Slot::WriteTexture, Slot::Read];
         Some(Self {
             distances: Kernel::new(device, &module, "distance_subgroup", &slots, &constants),
             distances_and_minima: Kernel::new(device, &module, "distance_minima_subgroup", &nearest_slots, &constants),
             nearest: Kernel::new(device, &module, "nearest_subgroup", &nearest_slots, &constants),
             subgroup_size: size,
-            pack: Kernel::new(device, &module, "pack_queries", &[Slot::Uniform, Slot::Read, Slot::WriteTexture], &constants),
+            pack: Kernel::new(device, &module, "pack_queries", &pack_slots, &constants),
             texture_shift,
             max_texture_rows: side,
         })
@@ -206,7 +211,8 @@ impl SubgroupShader {
     /// storage texture, as `encode` reads them: per block of 16 rows, per feature, the 16 rows' values
     /// (zero past the last row), so that one lane's values of a feature are four texel reads, each a
     /// gather of the lanes' texels on llvmpipe, where from a storage buffer they were four loops over
-    /// the lanes (in the harness, 1000 × 8192 × 1024: 300 against 402 ms for the whole shader).
+    /// the lanes (in the harness, 1000 × 8192 × 1024: 300 against 402 ms for the whole shader). After
+    /// each block's features come its rows' squared norms, as one more feature.
     pub fn pack(
         &self,
         gpu: &Gpu,
@@ -218,12 +224,18 @@ impl SubgroupShader {
     ) -> Result<wgpu::TextureView, KernelError> {
         let stride = row_stride(d);
         let blocks = rows.div_ceil(QUERIES);
-        let packed = self.texture(gpu, (blocks * QUERIES * stride / 4) as u64, "packed queries", wgpu::TextureUsages::empty())?;
+        let features = stride + 1;
+        let packed = self.texture(gpu, (blocks * QUERIES * features / 4) as u64, "packed queries", wgpu::TextureUsages::empty())?;
         let view = packed.create_view(&Default::default());
         let params = gpu.uniform(&PackParams { rows: rows as u32, first: first as u32, stride: stride as u32, _pad: 0 });
-        let groups = (stride.div_ceil(WORKGROUP as usize) as u32, blocks as u32);
+        let groups = (features.div_ceil(WORKGROUP as usize) as u32, blocks as u32);
         let mut pass = encoder.begin_compute_pass(&Default::default());
-        let resources = [params.as_entire_binding(), chunk.values.as_entire_binding(), wgpu::BindingResource::TextureView(&view)];
+        let resources = [
+            params.as_entire_binding(),
+            chunk.values.as_entire_binding(),
+            wgpu::BindingResource::TextureView(&view),
+            chunk.norms.as_entire_binding(),
+        ];
         gpu.dispatch_resources(&mut pass, &self.pack, &resources, groups);
         Ok(view)
     }
@@ -260,7 +272,6 @@ impl SubgroupShader {
             params.as_entire_binding(),
             wgpu::BindingResource::TextureView(packed),
             wgpu::BindingResource::TextureView(&texture.view),
-            queries.norms.as_entire_binding(),
             chunk.norms.as_entire_binding(),
         ];
         let kernel = match out {

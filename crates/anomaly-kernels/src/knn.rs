@@ -92,7 +92,7 @@ impl GpuKernels {
         let binding_rows = |row_bytes: usize| (gpu.limits.max_binding_bytes / row_bytes as u64) as usize;
         let kernel = self.distance_kernel();
         let query_rows = match kernel {
-            DistanceKernel::Subgroup => packed_block_rows(binding_rows(bank.stride() * 4)),
+            DistanceKernel::Subgroup => packed_block_rows(gpu.limits.max_binding_bytes, bank.stride()),
             _ => binding_rows(bank.stride() * 4),
         };
         let mut block = queries.rows.min(MAX_QUERY_BLOCK).min(binding_rows(width * 4)).min(query_rows).min(binding_rows(k * 4)).max(1);
