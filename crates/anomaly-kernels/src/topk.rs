@@ -25,6 +25,9 @@ struct Params {
     _pad: u32,
 }
 
+/// Rows per workgroup of `nearest_of_slots`, one an invocation (the shader's `SLOT_ROWS`).
+const SLOT_ROWS: usize = 64;
+
 /// Largest k whose top-k bounds its reads (the shader's `THREADS`), with the slot minima that serve
 /// that bound; a larger k takes the radix select over every distance.
 pub(crate) const MAX_BOUNDED_K: usize = 256;
@@ -58,17 +61,21 @@ impl TopKKernel {
     /// Encodes the merge of one bank chunk's new entries (for `rows` queries) into `best`.
     pub fn encode_merge(&self, gpu: &Gpu, pass: &mut wgpu::ComputePass, best: &mut RunningBest, entries: ChunkEntries, rows: usize) {
         // The buffers of bindings 1 and 6 (where the entry point has it), the entries' width, first bank
-        // row, and slot minima per row and width.
-        let (kernel, buffers, width, start, (slots, slot_width)) = match entries {
+        // row, slot minima per row and width, and rows per workgroup.
+        let (kernel, buffers, width, start, (slots, slot_width), rows_per_group) = match entries {
             ChunkEntries::Distances(distances, chunk, _) if best.k == 1 => {
-                (&self.nearest, vec![distances], chunk.rows, chunk.start, (0, 0))
+                (&self.nearest, vec![distances], chunk.rows, chunk.start, (0, 0), 1)
             }
             ChunkEntries::Distances(distances, chunk, Some(minima)) => {
-                (&self.select_with_minima, vec![distances, minima.keys], chunk.rows, chunk.start, (minima.slots, minima.width))
+                (&self.select_with_minima, vec![distances, minima.keys], chunk.rows, chunk.start, (minima.slots, minima.width), 1)
             }
             // The plain top-k never reads binding 6: the distances stand in.
-            ChunkEntries::Distances(distances, chunk, None) => (&self.select, vec![distances, distances], chunk.rows, chunk.start, (0, 0)),
-            ChunkEntries::Nearest { found, slots, start } => (&self.nearest_of_slots, vec![&found.keys, &found.rows], slots, start, (0, 0)),
+            ChunkEntries::Distances(distances, chunk, None) => {
+                (&self.select, vec![distances, distances], chunk.rows, chunk.start, (0, 0), 1)
+            }
+            ChunkEntries::Nearest { found, slots, start } => {
+                (&self.nearest_of_slots, vec![&found.keys, &found.rows], slots, start, (0, 0), SLOT_ROWS)
+            }
         };
         let params = gpu.uniform(&Params {
             rows: rows as u32,
@@ -83,7 +90,7 @@ impl TopKKernel {
         let (src, dst) = (&best.lists[best.current], &best.lists[1 - best.current]);
         let mut bound = vec![&params, buffers[0], &src.0, &src.1, &dst.0, &dst.1];
         bound.extend(&buffers[1..]);
-        gpu.dispatch(pass, kernel, &bound, gpu.row_groups(rows));
+        gpu.dispatch(pass, kernel, &bound, gpu.row_groups(rows.div_ceil(rows_per_group)));
         best.current = 1 - best.current;
         best.merged += 1;
     }
@@ -144,6 +151,11 @@ mod tests {
         let shader = include_str!("../../../shaders/topk.wgsl");
         assert!(shader.contains(&format!("const THREADS: u32 = {}u;", super::MAX_BOUNDED_K)));
         assert!(shader.contains("@compute @workgroup_size(256)\nfn topk("));
+    }
+
+    #[test]
+    fn the_slot_merges_rows_per_group_are_the_shaders() {
+        assert_eq!(crate::layout::u32_constant(include_str!("../../../shaders/topk.wgsl"), "SLOT_ROWS") as usize, super::SLOT_ROWS);
     }
 
     #[test]
