@@ -163,6 +163,56 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
     if (row >= params.rows) {
         return;
     }
+    select_row(row, lane);
+}
+
+// With slot minima, the top-k in two passes: `topk_bounded` (built with `BOUNDED_ONLY`, which drops the
+// other paths) finishes every row whose bound collects at most RANKED entries (on data without a
+// pattern, all of them) and lists the others, which `topk_listed`, dispatched indirectly over the list
+// alone, finishes by the paths left out: the radix select, the bitonic sort, rows of k entries or
+// fewer. On llvmpipe the paths a workgroup does not take run anyway, masked, barriers and all: in one
+// pass they took about a third of a k = 50 top-k's time.
+override BOUNDED_ONLY: bool = false;
+
+// The rows `topk_bounded` leaves, as `topk_listed`'s indirect dispatch reads them: a workgroup per row.
+struct Listing {
+    count: atomic<u32>,
+    groups_y: u32,
+    groups_z: u32,
+    rows: array<u32>,
+}
+@group(0) @binding(7) var<storage, read_write> listing: Listing;
+
+@compute @workgroup_size(256)
+fn topk_bounded(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
+                @builtin(local_invocation_index) lane: u32) {
+    let row = group.x + group.y * groups.x;
+    if (row >= params.rows) {
+        return;
+    }
+    let finished = select_row(row, lane);
+    if (!finished && lane == 0u) {
+        listing.rows[atomicAdd(&listing.count, 1u)] = row;
+    }
+}
+
+// `Listing` read back: the count is the dispatch's workgroups.
+struct Listed {
+    count: u32,
+    groups_y: u32,
+    groups_z: u32,
+    rows: array<u32>,
+}
+@group(0) @binding(7) var<storage, read> listed_rows: Listed;
+
+@compute @workgroup_size(256)
+fn topk_listed(@builtin(workgroup_id) group: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+    select_row(listed_rows.rows[group.x], lane);
+}
+
+// The k smallest entries of `row` merged into the output; with `BOUNDED_ONLY`, false (and nothing
+// written) where the bound does not serve.
+fn select_row(row: u32, lane: u32) -> bool {
     let total = params.prev + params.width;
     let share = lane_positions(lane, total);
 
@@ -196,6 +246,7 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
     let candidates = select(total, params.prev + params.slots, SLOTTED);
     let candidate_share = lane_positions(lane, candidates);
     var bounded = false;
+    var collected = 0u;
     if (!select_all && params.k <= THREADS) {
         var least = PAD_KEY;
         for (var position = candidate_share.x; position < candidate_share.y; position += SPAN) {
@@ -264,7 +315,8 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
         if (lane == 0u) {
             equal_total = atomicLoad(&selected);
         }
-        bounded = workgroupUniformLoad(&equal_total) <= MAX_K;
+        collected = workgroupUniformLoad(&equal_total);
+        bounded = collected <= MAX_K;
         if (!bounded && lane == 0u) {
             atomicStore(&selected, 0u);
             equal_total = 0u;
@@ -272,9 +324,13 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
         workgroupBarrier();
     }
 
+    if (BOUNDED_ONLY && (select_all || !bounded || collected > RANKED)) {
+        return false;
+    }
+
     // Radix select: after the four passes, `prefix` is the k-th smallest key and `remaining` the number
     // of entries equal to it that belong to the k smallest. With k or fewer entries, all are taken.
-    if (!select_all && !bounded) {
+    if (!BOUNDED_ONLY && !select_all && !bounded) {
         for (var pass_index = 0u; pass_index < 4u; pass_index++) {
             let shift = 24u - 8u * pass_index;
             let high_mask = select(0u, 0xffffffffu << (shift + 8u), pass_index > 0u);
@@ -313,43 +369,45 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
     // in row order. When every equal key is taken (no tie straddles the k-th place), in any order, the
     // sort orders them; otherwise their row order is found with a prefix sum over each block of 256
     // entries (16 barriers a block).
-    let threshold = workgroupUniformLoad(&prefix);
-    let take_equal = workgroupUniformLoad(&remaining);
-    let take_all = select_all || workgroupUniformLoad(&equal_total) == take_equal;
-    for (var position = share.x; !bounded && take_all && position < share.y; position += SPAN) {
-        let key = key_at(row, position);
-        if (key <= threshold || select_all) {
-            collect(key, index_at(row, position));
+    if (!BOUNDED_ONLY) {
+        let threshold = workgroupUniformLoad(&prefix);
+        let take_equal = workgroupUniformLoad(&remaining);
+        let take_all = select_all || workgroupUniformLoad(&equal_total) == take_equal;
+        for (var position = share.x; !bounded && take_all && position < share.y; position += SPAN) {
+            let key = key_at(row, position);
+            if (key <= threshold || select_all) {
+                collect(key, index_at(row, position));
+            }
         }
-    }
-    for (var base = 0u; !bounded && !take_all && base < total; base += THREADS) {
-        let position = base + lane;
-        var key = PAD_KEY;
-        if (position < total) {
-            key = key_at(row, position);
-        }
-        let is_below = position < total && (key < threshold || select_all);
-        let is_equal = position < total && key == threshold && !select_all;
-        scan[lane] = u32(is_equal);
-        workgroupBarrier();
-        for (var offset = 1u; offset < THREADS; offset <<= 1u) {
-            var add = 0u;
-            if (lane >= offset) {
-                add = scan[lane - offset];
+        for (var base = 0u; !bounded && !take_all && base < total; base += THREADS) {
+            let position = base + lane;
+            var key = PAD_KEY;
+            if (position < total) {
+                key = key_at(row, position);
+            }
+            let is_below = position < total && (key < threshold || select_all);
+            let is_equal = position < total && key == threshold && !select_all;
+            scan[lane] = u32(is_equal);
+            workgroupBarrier();
+            for (var offset = 1u; offset < THREADS; offset <<= 1u) {
+                var add = 0u;
+                if (lane >= offset) {
+                    add = scan[lane - offset];
+                }
+                workgroupBarrier();
+                scan[lane] += add;
+                workgroupBarrier();
+            }
+            let rank = equal_seen + scan[lane] - u32(is_equal);
+            if (is_below || (is_equal && rank < take_equal)) {
+                collect(key, index_at(row, position));
             }
             workgroupBarrier();
-            scan[lane] += add;
+            if (lane == 0u) {
+                equal_seen += scan[THREADS - 1u];
+            }
             workgroupBarrier();
         }
-        let rank = equal_seen + scan[lane] - u32(is_equal);
-        if (is_below || (is_equal && rank < take_equal)) {
-            collect(key, index_at(row, position));
-        }
-        workgroupBarrier();
-        if (lane == 0u) {
-            equal_seen += scan[THREADS - 1u];
-        }
-        workgroupBarrier();
     }
 
     // Ordered by (key, index) into the output: up to RANKED entries each by its place, the number of
@@ -361,7 +419,7 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
         equal_total = atomicLoad(&selected);
     }
     let count = workgroupUniformLoad(&equal_total);
-    if (count <= RANKED) {
+    if (BOUNDED_ONLY || count <= RANKED) {
         for (var entry = lane; entry < count; entry += THREADS) {
             let key = keys[entry];
             let index = indices[entry];
@@ -383,7 +441,7 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
             out_values[row * params.k + place] = bitcast<f32>(PAD_KEY);
             out_indices[row * params.k + place] = PAD_INDEX;
         }
-        return;
+        return true;
     }
     let length = 1u << (32u - countLeadingZeros(max(count, params.k) - 1u));
     for (var i = count + lane; i < length; i += THREADS) {
@@ -396,6 +454,7 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
         out_values[row * params.k + i] = bitcast<f32>(keys[i]);
         out_indices[row * params.k + i] = indices[i];
     }
+    return true;
 }
 
 // k = 1, what PatchCore scores by: the nearest entry of every row (ties to the lower index) in one pass

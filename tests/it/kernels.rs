@@ -166,6 +166,49 @@ fn rows_of_equal_distances_give_the_lowest_indices() {
 }
 
 #[test]
+fn rows_the_bound_serves_and_rows_it_leaves_share_a_block() {
+    // Every bank row is a signed permutation of (1, 2, 3, 4), so each lies at exactly 30 from the origin:
+    // a query at the origin ties with all of them, more than the slot-bounded top-k's first pass ranks,
+    // and goes to its second pass, listed; the other queries do not. Whole, and in 4 KiB bindings (bank
+    // chunks and query blocks of a few rows), whose merges must each start from an empty listing: one
+    // that kept growing would overflow and lose rows.
+    let d = 4;
+    let mut bank = Vec::new();
+    for permutation in 0..24 {
+        let mut values = [1.0f32, 2.0, 3.0, 4.0];
+        let mut rest = permutation;
+        for i in 0..d {
+            values.swap(i, i + rest % (d - i));
+            rest /= d - i;
+        }
+        for signs in 0..16 {
+            bank.extend(values.iter().enumerate().map(|(i, v)| if signs >> i & 1 == 1 { -v } else { *v }));
+        }
+    }
+    let bank = bank.repeat(3);
+    let n = bank.len() / d;
+    let mut queries = Rng::new(43).normals(9 * d, 0.0, 1.0);
+    let at_origin = [0, 4, 5, 8];
+    for row in at_origin {
+        queries[row * d..(row + 1) * d].fill(0.0);
+    }
+    for kernel in [DistanceKernel::Tiled, DistanceKernel::Subgroup] {
+        let whole = kernels().with_distance_kernel(kernel);
+        let small = GpuKernels::shared().unwrap().with_limits(small_limits(&whole, 4096)).with_distance_kernel(kernel);
+        for (name, kernels) in [("whole", whole), ("chunked", small)] {
+            let gpu_bank = kernels.upload(&bank, n, d).unwrap();
+            for k in [2, 50] {
+                let ours = kernels.knn_host(&gpu_bank, &queries, k).unwrap();
+                for row in at_origin {
+                    assert_eq!(ours.row_indices(row), (0..k as u32).collect::<Vec<_>>().as_slice(), "{kernel:?} {name} k {k} query {row}");
+                }
+                check_neighbours(&format!("{kernel:?} {name} k {k}"), &ours, &queries, &bank, d);
+            }
+        }
+    }
+}
+
+#[test]
 fn rows_shorter_than_the_invocations_give_k_neighbours() {
     // 300 bank rows, k = 200: the top-k's 256 invocations read 16-entry segments 8 at a time, so only
     // 152 of them hold entries, and each holds a near row (positions 0–7 of a segment) and a far one

@@ -287,6 +287,7 @@ impl GpuKernels {
 }
 
 /// What one binding of a kernel's bind group holds.
+#[derive(Clone, Copy)]
 pub(crate) enum Slot {
     Uniform,
     Read,
@@ -422,6 +423,20 @@ impl Gpu {
         resources: &[wgpu::BindingResource],
         groups: (u32, u32),
     ) {
+        self.bind(pass, kernel, resources);
+        pass.dispatch_workgroups(groups.0, groups.1, 1);
+    }
+
+    /// Encodes one dispatch of `kernel` with whole `buffers` bound in order, its workgroups read on the
+    /// device from the first three u32 of `groups`.
+    pub fn dispatch_indirect(&self, pass: &mut wgpu::ComputePass, kernel: &Kernel, buffers: &[&wgpu::Buffer], groups: &wgpu::Buffer) {
+        let resources: Vec<wgpu::BindingResource> = buffers.iter().map(|b| b.as_entire_binding()).collect();
+        self.bind(pass, kernel, &resources);
+        pass.dispatch_workgroups_indirect(groups, 0);
+    }
+
+    /// Sets `kernel`'s pipeline and a bind group of `resources`, in order, for the next dispatch.
+    fn bind(&self, pass: &mut wgpu::ComputePass, kernel: &Kernel, resources: &[wgpu::BindingResource]) {
         let entries: Vec<wgpu::BindGroupEntry> = resources
             .iter()
             .enumerate()
@@ -431,7 +446,6 @@ impl Gpu {
             self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &kernel.layout, entries: &entries });
         pass.set_pipeline(&kernel.pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
-        pass.dispatch_workgroups(groups.0, groups.1, 1);
     }
 
     /// Encodes one dispatch of `kernel` with a bind group built by its `bind_group`.

@@ -2,6 +2,7 @@
 //! list, one bank chunk at a time, so that the k nearest are kept without holding all distances.
 
 use burn::tensor::wgpu::wgpu;
+use burn::tensor::wgpu::wgpu::util::DeviceExt;
 use bytemuck::{Pod, Zeroable};
 
 use crate::context::{Gpu, Kernel, MatrixChunk, Slot, shader_module};
@@ -32,11 +33,13 @@ const SLOT_ROWS: usize = 64;
 /// that bound; a larger k takes the radix select over every distance.
 pub(crate) const MAX_BOUNDED_K: usize = 256;
 
-/// The shader's entry points: the top-k for any k, over the distances alone or bounded by slot minima,
-/// and single passes for k = 1 over distances or over the subgroup shader's nearest slots.
+/// The shader's entry points: the top-k for any k over the distances alone; bounded by slot minima, in
+/// two passes (the rows the bound serves, then the rows it listed, dispatched indirectly); and single
+/// passes for k = 1 over distances or over the subgroup shader's nearest slots.
 pub(crate) struct TopKKernel {
     select: Kernel,
-    select_with_minima: Kernel,
+    bounded: Kernel,
+    listed: Kernel,
     nearest: Kernel,
     nearest_of_slots: Kernel,
 }
@@ -47,12 +50,16 @@ impl TopKKernel {
         let slots = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Read, Slot::Write, Slot::Write];
         let constants = [("MAX_K", MAX_K as f64)];
         let with_slots = [Slot::Uniform, Slot::Read, Slot::Read, Slot::Read, Slot::Write, Slot::Write, Slot::Read];
-        let select = |slotted: bool| {
-            Kernel::new(device, &module, "topk", &with_slots, &[("MAX_K", MAX_K as f64), ("SLOTTED", f64::from(u8::from(slotted)))])
+        let slotted = |entry: &str, listing: Slot, bounded_only: bool| {
+            let mut slots = with_slots.to_vec();
+            slots.push(listing);
+            let constants = [("MAX_K", MAX_K as f64), ("SLOTTED", 1.0), ("BOUNDED_ONLY", f64::from(u8::from(bounded_only)))];
+            Kernel::new(device, &module, entry, &slots, &constants)
         };
         Self {
-            select: select(false),
-            select_with_minima: select(true),
+            select: Kernel::new(device, &module, "topk", &with_slots, &[("MAX_K", MAX_K as f64), ("SLOTTED", 0.0)]),
+            bounded: slotted("topk_bounded", Slot::Write, true),
+            listed: slotted("topk_listed", Slot::Read, false),
             nearest: Kernel::new(device, &module, "nearest", &slots, &constants),
             nearest_of_slots: Kernel::new(device, &module, "nearest_of_slots", &with_slots, &constants),
         }
@@ -61,20 +68,21 @@ impl TopKKernel {
     /// Encodes the merge of one bank chunk's new entries (for `rows` queries) into `best`.
     pub fn encode_merge(&self, gpu: &Gpu, pass: &mut wgpu::ComputePass, best: &mut RunningBest, entries: ChunkEntries, rows: usize) {
         // The buffers of bindings 1 and 6 (where the entry point has it), the entries' width, first bank
-        // row, slot minima per row and width, and rows per workgroup.
-        let (kernel, buffers, width, start, (slots, slot_width), rows_per_group) = match entries {
+        // row, slot minima per row and width, rows per workgroup, and the pass over the rows the first
+        // one lists, if any.
+        let (kernel, buffers, width, start, (slots, slot_width), rows_per_group, listed) = match entries {
             ChunkEntries::Distances(distances, chunk, _) if best.k == 1 => {
-                (&self.nearest, vec![distances], chunk.rows, chunk.start, (0, 0), 1)
+                (&self.nearest, vec![distances], chunk.rows, chunk.start, (0, 0), 1, None)
             }
             ChunkEntries::Distances(distances, chunk, Some(minima)) => {
-                (&self.select_with_minima, vec![distances, minima.keys], chunk.rows, chunk.start, (minima.slots, minima.width), 1)
+                (&self.bounded, vec![distances, minima.keys], chunk.rows, chunk.start, (minima.slots, minima.width), 1, Some(&self.listed))
             }
             // The plain top-k never reads binding 6: the distances stand in.
             ChunkEntries::Distances(distances, chunk, None) => {
-                (&self.select, vec![distances, distances], chunk.rows, chunk.start, (0, 0), 1)
+                (&self.select, vec![distances, distances], chunk.rows, chunk.start, (0, 0), 1, None)
             }
             ChunkEntries::Nearest { found, slots, start } => {
-                (&self.nearest_of_slots, vec![&found.keys, &found.rows], slots, start, (0, 0), SLOT_ROWS)
+                (&self.nearest_of_slots, vec![&found.keys, &found.rows], slots, start, (0, 0), SLOT_ROWS, None)
             }
         };
         let params = gpu.uniform(&Params {
@@ -90,7 +98,14 @@ impl TopKKernel {
         let (src, dst) = (&best.lists[best.current], &best.lists[1 - best.current]);
         let mut bound = vec![&params, buffers[0], &src.0, &src.1, &dst.0, &dst.1];
         bound.extend(&buffers[1..]);
+        if listed.is_some() {
+            bound.push(&best.listing);
+        }
         gpu.dispatch(pass, kernel, &bound, gpu.row_groups(rows.div_ceil(rows_per_group)));
+        if let Some(listed) = listed {
+            // Usually no workgroup at all: the rows the bound left, if any (`RunningBest::clear_listing`).
+            gpu.dispatch_indirect(pass, listed, &bound, &best.listing);
+        }
         best.current = 1 - best.current;
         best.merged += 1;
     }
@@ -121,13 +136,28 @@ pub(crate) struct RunningBest {
     lists: [(wgpu::Buffer, wgpu::Buffer); 2],
     current: usize,
     merged: usize,
+    /// The rows a slot-bounded merge's first pass leaves to its second, as the shader's `Listing`: a
+    /// count, which is the second pass's indirect dispatch (with y and z of 1), then the rows.
+    listing: wgpu::Buffer,
 }
 
 impl RunningBest {
     /// Lists for blocks of up to `rows` queries.
     pub fn new(gpu: &Gpu, rows: usize, k: usize) -> Self {
         let pair = || (gpu.storage(rows * k * 4, "best values"), gpu.storage(rows * k * 4, "best indices"));
-        Self { k, lists: [pair(), pair()], current: 0, merged: 0 }
+        let mut listing = vec![0u32; 3 + rows];
+        listing[1..3].fill(1);
+        let listing = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("top-k listing"),
+            contents: bytemuck::cast_slice(&listing),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::INDIRECT | wgpu::BufferUsages::COPY_DST,
+        });
+        Self { k, lists: [pair(), pair()], current: 0, merged: 0, listing }
+    }
+
+    /// Encodes the emptying of the listing, which each merge's compute pass must start with.
+    pub fn clear_listing(&self, encoder: &mut wgpu::CommandEncoder) {
+        encoder.clear_buffer(&self.listing, 0, Some(4));
     }
 
     /// Starts over, for the next block of queries.
