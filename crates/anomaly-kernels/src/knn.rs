@@ -133,7 +133,9 @@ impl GpuKernels {
                 best.restart();
                 for bank_chunk in &bank.chunks {
                     let texture = textures.as_mut().map(|t| t.holding(&mut encoder, bank_chunk, bank.stride()));
-                    best.clear_listing(&mut encoder);
+                    if matches!(output, Output::DistancesAndMinima(..)) {
+                        best.clear_listing(&mut encoder);
+                    }
                     let mut pass = encoder.begin_compute_pass(&Default::default());
                     let entries = match (&output, texture) {
                         (Output::Nearest(subgroup, found), Some(texture)) => {

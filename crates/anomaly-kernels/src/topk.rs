@@ -155,7 +155,8 @@ impl RunningBest {
         Self { k, lists: [pair(), pair()], current: 0, merged: 0, listing }
     }
 
-    /// Encodes the emptying of the listing, which each merge's compute pass must start with.
+    /// Encodes the emptying of the listing, which each slot-bounded merge's compute pass must start with
+    /// (the other merges do not use it).
     pub fn clear_listing(&self, encoder: &mut wgpu::CommandEncoder) {
         encoder.clear_buffer(&self.listing, 0, Some(4));
     }
