@@ -8,13 +8,13 @@
 // storage texture instead made this shader 1.1–1.2 times faster (README). Reads, not multiply-adds,
 // bound it.
 //
-// So each invocation keeps the sums of QUERIES query rows with BANK_ROWS bank rows (48 sums), and per
+// So each invocation keeps the sums of QUERIES query rows with BANK_ROWS bank rows (64 sums), and per
 // step of SG features reads SG features of each of its bank rows, 4 at a time, from a read-only storage
 // texture the host copies each bank chunk into, plus a single feature of each query row (feature
 // `step + lane`), the 16 rows' values of that feature in four texel reads from a second one (the
 // queries are packed into it first: `pack_queries`); subgroup broadcasts, register shuffles there, hand
 // every lane the query values its neighbours read. Each bank value read feeds 16 multiply-adds, each
-// query value 3 × SG. Any width: past the last feature the query values are zero, and the bank reads
+// query value 4 × SG. Any width: past the last feature the query values are zero, and the bank reads
 // stay within the row (its last vec4 holds the row's zero pad).
 
 struct Params {
@@ -45,7 +45,7 @@ override WG: u32;
 override TEXTURE_SHIFT: u32;
 // Query rows per workgroup row of the grid, and bank rows per invocation: the host sizes the grid by them.
 const QUERIES: u32 = 16u;
-const BANK_ROWS: u32 = 3u;
+const BANK_ROWS: u32 = 4u;
 
 @group(0) @binding(0) var<uniform> params: Params;
 // The queries as `pack_queries` wrote them, a texel per 4 rows: per block of QUERIES rows, per
@@ -67,38 +67,42 @@ struct QueryRows {
     rows_12_15: vec4<f32>,
 }
 
-// Dot products so far of one group of 4 query rows with the invocation's bank rows 0, 1 and 2.
+// Dot products so far of one group of 4 query rows with the invocation's bank rows 0 to 3.
 struct GroupSums {
     bank_row_0: vec4<f32>,
     bank_row_1: vec4<f32>,
     bank_row_2: vec4<f32>,
+    bank_row_3: vec4<f32>,
 }
 
 // The sums of query rows 0–3, 4–7, 8–11 and 12–15 (module-scope private variables, which functions
-// take by pointer). A step adds all its features to one group's 12 sums before it turns to the next
-// group's, so that the 12 stay in registers through the step: llvmpipe's code runs in the order the
-// shader is written, and a feature at a time over all 48 sums (more than the 32 vector registers)
-// kept the sums on the stack, each multiply-add a load and a store (373 stores a step of 8 features
-// against 53 now; 1.15 times slower).
+// take by pointer). A step adds all its features to one group's 16 sums before it turns to the next
+// group's, so that the 16 stay in registers through the step: llvmpipe's code runs in the order the
+// shader is written, and a feature at a time over all the sums (more than the 32 vector registers)
+// kept them on the stack, each multiply-add a load and a store (with 3 bank rows, 373 stores a step
+// of 8 features against 53; 1.15 times slower). Four bank rows rather than three give each broadcast
+// query value 4 multiply-adds instead of 3: a k = 1 kNN 1.04–1.06 times faster (1000 queries against
+// 10,000 × 512 and × 1024 rows, with AVX-512 and, through GALLIUM_OVERRIDE_CPU_CAPS=avx, AVX2 alone).
 var<private> sums_0_3: GroupSums;
 var<private> sums_4_7: GroupSums;
 var<private> sums_8_11: GroupSums;
 var<private> sums_12_15: GroupSums;
 
 // The bank values of one step of SG features: entry i of `features_0_3` is feature `step` + i of the
-// invocation's 3 bank rows, and so on (those past SG stay zero).
+// invocation's 4 bank rows, and so on (those past SG stay zero).
 struct StepBank {
-    features_0_3: array<vec3<f32>, 4>,
-    features_4_7: array<vec3<f32>, 4>,
-    features_8_11: array<vec3<f32>, 4>,
-    features_12_15: array<vec3<f32>, 4>,
+    features_0_3: array<vec4<f32>, 4>,
+    features_4_7: array<vec4<f32>, 4>,
+    features_8_11: array<vec4<f32>, 4>,
+    features_12_15: array<vec4<f32>, 4>,
 }
 
-// One feature: the group's 4 query values `q` times the 3 bank rows' values `b`, added to `sums`.
-fn add_feature(sums: ptr<private, GroupSums>, q: vec4<f32>, b: vec3<f32>) {
+// One feature: the group's 4 query values `q` times the 4 bank rows' values `b`, added to `sums`.
+fn add_feature(sums: ptr<private, GroupSums>, q: vec4<f32>, b: vec4<f32>) {
     (*sums).bank_row_0 = fma(q, vec4<f32>(b.x), (*sums).bank_row_0);
     (*sums).bank_row_1 = fma(q, vec4<f32>(b.y), (*sums).bank_row_1);
     (*sums).bank_row_2 = fma(q, vec4<f32>(b.z), (*sums).bank_row_2);
+    (*sums).bank_row_3 = fma(q, vec4<f32>(b.w), (*sums).bank_row_3);
 }
 
 // Where texel `t` lies in either texture.
@@ -111,16 +115,17 @@ fn bank_texel(t: u32) -> vec4<f32> {
     return textureLoad(bank, texel_at(t));
 }
 
-// Features `feature` … `feature` + 3 (`feature` a multiple of 4) of the invocation's 3 bank rows
-// (starting at texels `rows`), one vec3 per feature. With `clamp` (the last, partial step) the texel
+// Features `feature` … `feature` + 3 (`feature` a multiple of 4) of the invocation's 4 bank rows
+// (starting at texels `rows`), one vec4 per feature. With `clamp` (the last, partial step) the texel
 // holding the row's last feature stands in past it, so that no read strays into the next row; its
 // query values are zero.
-fn bank_features(rows: vec3<u32>, feature: u32, clamp: bool) -> array<vec3<f32>, 4> {
+fn bank_features(rows: vec4<u32>, feature: u32, clamp: bool) -> array<vec4<f32>, 4> {
     let at = select(feature, min(feature, params.d - 1u), clamp) / 4u;
     let x = bank_texel(rows.x + at);
     let y = bank_texel(rows.y + at);
     let z = bank_texel(rows.z + at);
-    return array<vec3<f32>, 4>(vec3<f32>(x.x, y.x, z.x), vec3<f32>(x.y, y.y, z.y), vec3<f32>(x.z, y.z, z.z), vec3<f32>(x.w, y.w, z.w));
+    let w = bank_texel(rows.w + at);
+    return array<vec4<f32>, 4>(vec4<f32>(x.x, y.x, z.x, w.x), vec4<f32>(x.y, y.y, z.y, w.y), vec4<f32>(x.z, y.z, z.z, w.z), vec4<f32>(x.w, y.w, z.w, w.w));
 }
 
 // The step's features for one group of 4 query rows: lane j read feature `step` + j of the rows
@@ -151,7 +156,7 @@ fn add_group(sums: ptr<private, GroupSums>, q: vec4<f32>, b: StepBank) {
 
 // Features `step` … `step` + SG − 1 of the 16 query rows (`q`, lane j's values of feature `step` + j)
 // and the invocation's bank rows: every bank read first, then one group of query rows at a time.
-fn add_step(rows: vec3<u32>, step: u32, q: QueryRows, clamp: bool) {
+fn add_step(rows: vec4<u32>, step: u32, q: QueryRows, clamp: bool) {
     var b: StepBank;
     b.features_0_3 = bank_features(rows, step, clamp);
     if (SG > 4u) {
@@ -173,9 +178,9 @@ fn query_values(block_at: u32, feature: u32) -> QueryRows {
     return QueryRows(textureLoad(queries, texel_at(at)), textureLoad(queries, texel_at(at + 1u)), textureLoad(queries, texel_at(at + 2u)), textureLoad(queries, texel_at(at + 3u)));
 }
 
-// The squared distances of the workgroup row's 16 query rows to the invocation's 3 bank rows, one
+// The squared distances of the workgroup row's 16 query rows to the invocation's 4 bank rows, one
 // QueryRows per bank row, before they are clamped at zero; its first bank row is `bank_column(..)`.
-fn block_distances(group: vec3<u32>, local: u32, lane: u32) -> array<QueryRows, 3> {
+fn block_distances(group: vec3<u32>, local: u32, lane: u32) -> array<QueryRows, 4> {
     let n = params.n;
     let d = params.d;
     let stride = params.stride;
@@ -184,11 +189,11 @@ fn block_distances(group: vec3<u32>, local: u32, lane: u32) -> array<QueryRows, 
     // against 69–87 ms the other way round, 100 × 32768). Rows past the end are read clamped (every
     // lane takes part in the broadcasts) and not stored.
     let col = bank_column(group, local);
-    let rows = vec3<u32>(min(col, n - 1u), min(col + 1u, n - 1u), min(col + 2u, n - 1u)) * (stride / 4u);
+    let rows = min(vec4<u32>(col) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(n - 1u)) * (stride / 4u);
     // The first of the 4 texels holding the block's query rows of feature `lane` (`pack_queries`).
     let block_at = (group.x * (stride + 1u) + lane) * 4u;
     let zero = vec4<f32>(0.0);
-    sums_0_3 = GroupSums(zero, zero, zero);
+    sums_0_3 = GroupSums(zero, zero, zero, zero);
     sums_4_7 = sums_0_3;
     sums_8_11 = sums_0_3;
     sums_12_15 = sums_0_3;
@@ -206,12 +211,13 @@ fn block_distances(group: vec3<u32>, local: u32, lane: u32) -> array<QueryRows, 
     }
     // Each norm read once, where the sums are turned into distances: the bank rows' from a storage
     // buffer, a loop over the lanes each, the query rows' as 4 texels.
-    let bank_norm = vec3<f32>(bank_norms[min(col, n - 1u)], bank_norms[min(col + 1u, n - 1u)], bank_norms[min(col + 2u, n - 1u)]);
+    let bank_norm = vec4<f32>(bank_norms[min(col, n - 1u)], bank_norms[min(col + 1u, n - 1u)], bank_norms[min(col + 2u, n - 1u)], bank_norms[min(col + 3u, n - 1u)]);
     let norms = query_values(group.x * (stride + 1u) * 4u, stride);
-    return array<QueryRows, 3>(
+    return array<QueryRows, 4>(
         distances_to(norms, bank_norm.x, QueryRows(sums_0_3.bank_row_0, sums_4_7.bank_row_0, sums_8_11.bank_row_0, sums_12_15.bank_row_0)),
         distances_to(norms, bank_norm.y, QueryRows(sums_0_3.bank_row_1, sums_4_7.bank_row_1, sums_8_11.bank_row_1, sums_12_15.bank_row_1)),
         distances_to(norms, bank_norm.z, QueryRows(sums_0_3.bank_row_2, sums_4_7.bank_row_2, sums_8_11.bank_row_2, sums_12_15.bank_row_2)),
+        distances_to(norms, bank_norm.w, QueryRows(sums_0_3.bank_row_3, sums_4_7.bank_row_3, sums_8_11.bank_row_3, sums_12_15.bank_row_3)),
     );
 }
 
@@ -265,12 +271,13 @@ fn distance_subgroup(
 
 // The squared distances of the workgroup row's query rows to the invocation's bank rows (`block`, from
 // `block_distances`), those inside the block.
-fn store_distances(group: vec3<u32>, local: u32, block: array<QueryRows, 3>) {
+fn store_distances(group: vec3<u32>, local: u32, block: array<QueryRows, 4>) {
     let col = bank_column(group, local);
     let row0 = group.x * QUERIES;
     store_bank_row(row0, col, block[0]);
     store_bank_row(row0, col + 1u, block[1]);
     store_bank_row(row0, col + 2u, block[2]);
+    store_bank_row(row0, col + 3u, block[3]);
 }
 
 // Squared distances `d2` of the block's query rows (from `row0`) to bank row `col`.
@@ -314,7 +321,7 @@ fn distance_minima_subgroup(
 ) {
     let block = block_distances(group, local, lane);
     let col = bank_column(group, local);
-    for (var b = 0u; b < 3u; b++) {
+    for (var b = 0u; b < BANK_ROWS; b++) {
         store_by_4_rows(group.x * QUERIES, col + b, block[b]);
     }
     let least = subgroup_least(block, col);
@@ -358,13 +365,14 @@ fn slot_place(group: vec3<u32>, groups: vec3<u32>, local: u32) -> vec2<u32> {
 
 // The least key of each of the block's query rows (4 to a vec4, as in `QueryRows`) among the subgroup's
 // bank rows (the invocation's from `col`), +inf for bank rows past the chunk's end.
-fn subgroup_least(block: array<QueryRows, 3>, col: u32) -> array<vec4<u32>, 4> {
+fn subgroup_least(block: array<QueryRows, 4>, col: u32) -> array<vec4<u32>, 4> {
     let keys_0 = rows_keys(block[0], col);
     let keys_1 = rows_keys(block[1], col + 1u);
     let keys_2 = rows_keys(block[2], col + 2u);
+    let keys_3 = rows_keys(block[3], col + 3u);
     var least: array<vec4<u32>, 4>;
     for (var i = 0u; i < 4u; i++) {
-        least[i] = lanes_min(min(min(keys_0[i], keys_1[i]), keys_2[i]));
+        least[i] = lanes_min(min(min(keys_0[i], keys_1[i]), min(keys_2[i], keys_3[i])));
     }
     return least;
 }
@@ -383,11 +391,11 @@ fn rows_keys(d2: QueryRows, col: u32) -> array<vec4<u32>, 4> {
 const INFINITE_KEY: u32 = 0x7f800000u;
 
 // k = 1, what PatchCore scores by, without writing the distances: per query row, each subgroup's
-// nearest of its SG × 3 bank rows, the lower row on ties, as `topk.wgsl`'s `nearest_of_slots` merges
+// nearest of its SG × 4 bank rows, the lower row on ties, as `topk.wgsl`'s `nearest_of_slots` merges
 // them into the running best. Its keys are the distances' bits after the same clamp at zero as
 // `distance_subgroup` stores, with the sign cleared, as `topk.wgsl` orders them, so the merged result
 // is the one `nearest` finds in the full distances. On llvmpipe each stored distance was a loop over
-// the lanes, and each read in the top-k another: 1/24 of them remain. Each lane stores its own query
+// the lanes, and each read in the top-k another: 1/32 of them remain. Each lane stores its own query
 // rows' (row `lane`, `lane` + SG, …), so that a store's loop over the lanes serves all of them.
 @compute @workgroup_size(WG)
 fn nearest_subgroup(
@@ -398,10 +406,10 @@ fn nearest_subgroup(
 ) {
     let block = block_distances(group, local, lane);
     let col = bank_column(group, local);
-    let rows_0_3 = subgroup_nearest(block[0].rows_0_3, block[1].rows_0_3, block[2].rows_0_3, col);
-    let rows_4_7 = subgroup_nearest(block[0].rows_4_7, block[1].rows_4_7, block[2].rows_4_7, col);
-    let rows_8_11 = subgroup_nearest(block[0].rows_8_11, block[1].rows_8_11, block[2].rows_8_11, col);
-    let rows_12_15 = subgroup_nearest(block[0].rows_12_15, block[1].rows_12_15, block[2].rows_12_15, col);
+    let rows_0_3 = subgroup_nearest(block[0].rows_0_3, block[1].rows_0_3, block[2].rows_0_3, block[3].rows_0_3, col);
+    let rows_4_7 = subgroup_nearest(block[0].rows_4_7, block[1].rows_4_7, block[2].rows_4_7, block[3].rows_4_7, col);
+    let rows_8_11 = subgroup_nearest(block[0].rows_8_11, block[1].rows_8_11, block[2].rows_8_11, block[3].rows_8_11, col);
+    let rows_12_15 = subgroup_nearest(block[0].rows_12_15, block[1].rows_12_15, block[2].rows_12_15, block[3].rows_12_15, col);
     let keys = array<vec4<u32>, 4>(rows_0_3[0], rows_4_7[0], rows_8_11[0], rows_12_15[0]);
     let found = array<vec4<u32>, 4>(rows_0_3[1], rows_4_7[1], rows_8_11[1], rows_12_15[1]);
     let place = slot_place(group, groups, local);
@@ -424,7 +432,7 @@ fn keys_of(d2: vec4<f32>, col: u32) -> vec4<u32> {
 // The nearest bank row of 4 query rows among the subgroup's (this invocation's from `col`, distances
 // `d0`, `d1`, `d2`): keys, then rows, the lower row on ties. A row past the chunk's end has a +inf key
 // and a higher row than every row inside, so it never stands in for one.
-fn subgroup_nearest(d0: vec4<f32>, d1: vec4<f32>, d2: vec4<f32>, col: u32) -> array<vec4<u32>, 2> {
+fn subgroup_nearest(d0: vec4<f32>, d1: vec4<f32>, d2: vec4<f32>, d3: vec4<f32>, col: u32) -> array<vec4<u32>, 2> {
     var key = keys_of(d0, col);
     var row = vec4<u32>(col);
     let key_1 = keys_of(d1, col + 1u);
@@ -435,6 +443,10 @@ fn subgroup_nearest(d0: vec4<f32>, d1: vec4<f32>, d2: vec4<f32>, col: u32) -> ar
     let closer_2 = key_2 < key;
     key = select(key, key_2, closer_2);
     row = select(row, vec4<u32>(col + 2u), closer_2);
+    let key_3 = keys_of(d3, col + 3u);
+    let closer_3 = key_3 < key;
+    key = select(key, key_3, closer_3);
+    row = select(row, vec4<u32>(col + 3u), closer_3);
     let least = lanes_min(key);
     return array<vec4<u32>, 2>(least, lanes_min(select(vec4<u32>(0xffffffffu), row, key == least)));
 }

@@ -7,7 +7,7 @@
 // One workgroup per row. For k ≤ 256, the invocations' own minima bound the row's k-th smallest (a
 // histogram of them gives the bound in two barriers), and the entries at or below it (little more than
 // k, on data without a pattern) are collected in a second read. With slot minima from the subgroup
-// distance shader (the least of each run of 24 distances or so; `SLOTTED`), the invocations take their
+// distance shader (the least of each run of 32 distances or so; `SLOTTED`), the invocations take their
 // minima over those instead, and only the runs whose minimum is at or below the bound are read.
 // Otherwise, or when more than MAX_K are at or below the bound, a radix select on the float bits
 // (non-negative floats order like their u32 bits) finds the k-th smallest key in four 8-bit passes, and
@@ -240,7 +240,7 @@ fn select_row(row: u32, lane: u32) -> bool {
     // radix select below starts over).
     //
     // With slot minima the candidates are the running best's entries and the slots' least keys: the
-    // bound is as valid (the invocations' minima are still distinct entries), the first read is 1/24
+    // bound is as valid (the invocations' minima are still distinct entries), the first read is 1/32
     // as long, and of the row's distances only the slots whose least key is at or below the bound are
     // read (on data without a pattern about as many as k), by all invocations side by side.
     let candidates = select(total, params.prev + params.slots, SLOTTED);
@@ -512,7 +512,7 @@ fn keep_nearest(row: u32, lane: u32, key: u32, index: u32) {
 const SLOT_ROWS: u32 = 64u;
 
 // k = 1 from slots: the nearest of the running best and the row's slots, each invocation one row. Per
-// row there are 24 times fewer slots than distances, too few to share among invocations: the workgroup
+// row there are 32 times fewer slots than distances, too few to share among invocations: the workgroup
 // of `nearest`, its barriers and its reduction (on llvmpipe each barrier a switch between the
 // workgroup's 32 SIMD groups) took a quarter of a kNN's time (784 queries against 16,000 × 128 rows:
 // 56 against 73 ms a call).

@@ -24,7 +24,7 @@ const NO_SUBGROUPS: &str = "the subgroup distance kernel needs subgroup operatio
 pub enum DistanceKernel {
     /// Shared-memory tiles, 4 × 4 outputs per invocation: for hardware GPUs.
     Tiled,
-    /// 16 query rows × 3 bank rows per invocation, the query values shared through subgroup broadcasts
+    /// 16 query rows × 4 bank rows per invocation, the query values shared through subgroup broadcasts
     /// and the bank read from a texture: for adapters that emulate a GPU on the CPU (llvmpipe), where
     /// storage reads are costly. Needs subgroup operations of a fixed size of 4, 8 or 16 and textures
     /// that hold a binding's worth of rows (`GpuKernels::has_subgroup_kernel`).

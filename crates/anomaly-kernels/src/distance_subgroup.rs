@@ -1,6 +1,6 @@
 //! Host side of `shaders/distance_subgroup.wgsl`, the distance shader for adapters that emulate a GPU
 //! on the CPU (llvmpipe), where storage-buffer reads are loops over SIMD lanes, storage-texture reads
-//! inline gathers and subgroup broadcasts register shuffles: each invocation keeps 16 query rows × 3
+//! inline gathers and subgroup broadcasts register shuffles: each invocation keeps 16 query rows × 4
 //! bank rows of sums and reads its bank rows from a storage texture each bank chunk is copied into
 //! (`BankTexture`), and the lanes of a subgroup share the query values they read, from query blocks
 //! packed feature by feature into a storage texture too (`SubgroupShader::pack`). For k = 1 a second
@@ -19,7 +19,7 @@ const WORKGROUP: u32 = 64;
 /// Query rows per workgroup row of the grid and bank rows per invocation (the shader's `QUERIES` and
 /// `BANK_ROWS`).
 const QUERIES: usize = 16;
-const BANK_ROWS: u32 = 3;
+const BANK_ROWS: u32 = 4;
 /// Subgroup sizes the shader is written for (its unrolled broadcasts): the SIMD widths of llvmpipe
 /// (128-, 256- and 512-bit vectors of f32).
 const SUBGROUP_SIZES: [u32; 3] = [4, 8, 16];

@@ -104,7 +104,7 @@ impl GpuKernels {
         if bounded_by_slots && !by_4_rows_fit(block) && block >= 4 {
             block = block / 4 * 4;
         }
-        // At k = 1 the subgroup shader keeps only each slot's nearest, about 1/24 of the distances; up to
+        // At k = 1 the subgroup shader keeps only each slot's nearest, about 1/32 of the distances; up to
         // MAX_BOUNDED_K it adds each slot's least to the distances.
         let output = match (&self.subgroup, kernel) {
             (Some(subgroup), DistanceKernel::Subgroup) if k == 1 => {
