@@ -171,7 +171,8 @@ fn topk(@builtin(workgroup_id) group: vec3<u32>, @builtin(num_workgroups) groups
 // pattern, all of them) and lists the others, which `topk_listed`, dispatched indirectly over the list
 // alone, finishes by the paths left out: the radix select, the bitonic sort, rows of k entries or
 // fewer. On llvmpipe the paths a workgroup does not take run anyway, masked, barriers and all: in one
-// pass they took about a third of a k = 50 top-k's time.
+// pass they took about a third of a k = 50 top-k's time. Where subgroups have a fixed size, the first
+// pass for k up to 8 subgroups' worth is `topk_slots` (topk_slots.wgsl), a subgroup a row.
 override BOUNDED_ONLY: bool = false;
 
 // The rows `topk_bounded` leaves, as `topk_listed`'s indirect dispatch reads them: a workgroup per row.

@@ -6,7 +6,7 @@ use burn::tensor::wgpu::wgpu::util::DeviceExt;
 use bytemuck::{Pod, Zeroable};
 
 use crate::context::{Gpu, Kernel, MatrixChunk, Slot, shader_module};
-use crate::distance_subgroup::NearestSlots;
+use crate::distance_subgroup::{NearestSlots, fixed_subgroup_size};
 
 /// Largest k the kernel keeps (the shader's `MAX_K`: the most entries a row collects in workgroup memory).
 pub(crate) const MAX_K: usize = 1024;
@@ -33,12 +33,19 @@ const SLOT_ROWS: usize = 64;
 /// that bound; a larger k takes the radix select over every distance.
 pub(crate) const MAX_BOUNDED_K: usize = 256;
 
+/// Candidates each lane of `topk_slots.wgsl` keeps for its bound (the shader's `KEPT`): it serves
+/// k ≤ KEPT × the subgroup size.
+const KEPT: usize = 8;
+
 /// The shader's entry points: the top-k for any k over the distances alone; bounded by slot minima, in
 /// two passes (the rows the bound serves, then the rows it listed, dispatched indirectly); and single
 /// passes for k = 1 over distances or over the subgroup shader's nearest slots.
 pub(crate) struct TopKKernel {
     select: Kernel,
     bounded: Kernel,
+    /// `topk_slots.wgsl`'s first pass in place of `bounded`, a subgroup a row, and the largest k it
+    /// serves: where the device has subgroups of a fixed size.
+    bounded_by_subgroups: Option<(Kernel, usize)>,
     listed: Kernel,
     nearest: Kernel,
     nearest_of_slots: Kernel,
@@ -56,9 +63,20 @@ impl TopKKernel {
             let constants = [("MAX_K", MAX_K as f64), ("SLOTTED", 1.0), ("BOUNDED_ONLY", f64::from(u8::from(bounded_only)))];
             Kernel::new(device, &module, entry, &slots, &constants)
         };
+        let bounded_by_subgroups = fixed_subgroup_size(device).map(|size| {
+            // WGSL has no includes: the subgroup entry point is appended to the module it shares its
+            // bindings and helpers with, which only devices with subgroups compile.
+            let source = concat!(include_str!("../../../shaders/topk.wgsl"), include_str!("../../../shaders/topk_slots.wgsl"));
+            let module = shader_module(device, "topk_slots", source);
+            let mut slots = with_slots.to_vec();
+            slots.push(Slot::Write);
+            let constants = [("MAX_K", MAX_K as f64), ("SLOTTED", 1.0), ("SG", f64::from(size))];
+            (Kernel::new(device, &module, "topk_slots", &slots, &constants), KEPT * size as usize)
+        });
         Self {
             select: Kernel::new(device, &module, "topk", &with_slots, &[("MAX_K", MAX_K as f64), ("SLOTTED", 0.0)]),
             bounded: slotted("topk_bounded", Slot::Write, true),
+            bounded_by_subgroups,
             listed: slotted("topk_listed", Slot::Read, false),
             nearest: Kernel::new(device, &module, "nearest", &slots, &constants),
             nearest_of_slots: Kernel::new(device, &module, "nearest_of_slots", &with_slots, &constants),
@@ -75,7 +93,11 @@ impl TopKKernel {
                 (&self.nearest, vec![distances], chunk.rows, chunk.start, (0, 0), 1, None)
             }
             ChunkEntries::Distances(distances, chunk, Some(minima)) => {
-                (&self.bounded, vec![distances, minima.keys], chunk.rows, chunk.start, (minima.slots, minima.width), 1, Some(&self.listed))
+                let bounded = match &self.bounded_by_subgroups {
+                    Some((kernel, max_k)) if best.k <= *max_k => kernel,
+                    _ => &self.bounded,
+                };
+                (bounded, vec![distances, minima.keys], chunk.rows, chunk.start, (minima.slots, minima.width), 1, Some(&self.listed))
             }
             // The plain top-k never reads binding 6: the distances stand in.
             ChunkEntries::Distances(distances, chunk, None) => {
@@ -187,6 +209,12 @@ mod tests {
     #[test]
     fn the_slot_merges_rows_per_group_are_the_shaders() {
         assert_eq!(crate::layout::u32_constant(include_str!("../../../shaders/topk.wgsl"), "SLOT_ROWS") as usize, super::SLOT_ROWS);
+    }
+
+    #[test]
+    fn the_subgroup_bounds_kept_candidates_are_the_shaders() {
+        let source = concat!(include_str!("../../../shaders/topk.wgsl"), include_str!("../../../shaders/topk_slots.wgsl"));
+        assert_eq!(crate::layout::u32_constant(source, "KEPT") as usize, super::KEPT);
     }
 
     #[test]
