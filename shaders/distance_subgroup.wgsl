@@ -35,6 +35,14 @@ struct PackParams {
     _pad: u32,
 }
 
+// Features per query row in a packed block: the bank's `stride` rounded up to a multiple of
+// FEATURES_MULTIPLE, the largest SG, so that every step of SG features reads inside the block, the
+// values past the last feature being zero (`pack_queries`). The host's `packed_features`.
+const FEATURES_MULTIPLE: u32 = 16u;
+fn packed_features(stride: u32) -> u32 {
+    return (stride + FEATURES_MULTIPLE - 1u) / FEATURES_MULTIPLE * FEATURES_MULTIPLE;
+}
+
 // Invocations per subgroup (4, 8 or 16) and per workgroup (a multiple of SG): set by the host
 // (distance_subgroup.rs), which picks this shader only where the subgroup size is fixed at SG.
 override SG: u32;
@@ -49,8 +57,8 @@ const BANK_ROWS: u32 = 4u;
 
 @group(0) @binding(0) var<uniform> params: Params;
 // The queries as `pack_queries` wrote them, a texel per 4 rows: per block of QUERIES rows, per
-// feature, the rows' values (rows 0–3, 4–7, 8–11, then 12–15), and after the last (at `stride`) their
-// squared norms.
+// feature, the rows' values (rows 0–3, 4–7, 8–11, then 12–15), zero past the last feature up to
+// `packed_features`, and after those their squared norms.
 @group(0) @binding(1) var queries: texture_storage_2d<rgba32float, read>;
 // The bank chunk, 4 features to a texel (an rgba32float storage texture the host copied the chunk's
 // buffer into).
@@ -116,11 +124,11 @@ fn bank_texel(t: u32) -> vec4<f32> {
 }
 
 // Features `feature` … `feature` + 3 (`feature` a multiple of 4) of the invocation's 4 bank rows
-// (starting at texels `rows`), one vec4 per feature. With `clamp` (the last, partial step) the texel
-// holding the row's last feature stands in past it, so that no read strays into the next row; its
-// query values are zero.
-fn bank_features(rows: vec4<u32>, feature: u32, clamp: bool) -> array<vec4<f32>, 4> {
-    let at = select(feature, min(feature, params.d - 1u), clamp) / 4u;
+// (starting at texels `rows`), one vec4 per feature. Past the row's last feature (in a last, partial
+// step) the texel holding that feature stands in, so that no read strays into the next row, whose
+// values, were one not finite, the zero query values there would not cancel.
+fn bank_features(rows: vec4<u32>, feature: u32) -> array<vec4<f32>, 4> {
+    let at = min(feature, params.d - 1u) / 4u;
     let x = bank_texel(rows.x + at);
     let y = bank_texel(rows.y + at);
     let z = bank_texel(rows.z + at);
@@ -156,15 +164,15 @@ fn add_group(sums: ptr<private, GroupSums>, q: vec4<f32>, b: StepBank) {
 
 // Features `step` … `step` + SG − 1 of the 16 query rows (`q`, lane j's values of feature `step` + j)
 // and the invocation's bank rows: every bank read first, then one group of query rows at a time.
-fn add_step(rows: vec4<u32>, step: u32, q: QueryRows, clamp: bool) {
+fn add_step(rows: vec4<u32>, step: u32, q: QueryRows) {
     var b: StepBank;
-    b.features_0_3 = bank_features(rows, step, clamp);
+    b.features_0_3 = bank_features(rows, step);
     if (SG > 4u) {
-        b.features_4_7 = bank_features(rows, step + 4u, clamp);
+        b.features_4_7 = bank_features(rows, step + 4u);
     }
     if (SG > 8u) {
-        b.features_8_11 = bank_features(rows, step + 8u, clamp);
-        b.features_12_15 = bank_features(rows, step + 12u, clamp);
+        b.features_8_11 = bank_features(rows, step + 8u);
+        b.features_12_15 = bank_features(rows, step + 12u);
     }
     add_group(&sums_0_3, q.rows_0_3, b);
     add_group(&sums_4_7, q.rows_4_7, b);
@@ -191,57 +199,33 @@ fn block_distances(group: vec3<u32>, local: u32, lane: u32) -> array<QueryRows, 
     let col = bank_column(group, local);
     let rows = min(vec4<u32>(col) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(n - 1u)) * (stride / 4u);
     // The first of the 4 texels holding the block's query rows of feature `lane` (`pack_queries`).
-    let block_at = (group.x * (stride + 1u) + lane) * 4u;
+    let features = packed_features(stride);
+    let block_at = (group.x * (features + 1u) + lane) * 4u;
     let zero = vec4<f32>(0.0);
     sums_0_3 = GroupSums(zero, zero, zero, zero);
     sums_4_7 = sums_0_3;
     sums_8_11 = sums_0_3;
     sums_12_15 = sums_0_3;
-    // Whole steps, then the partial one, whose query values past the last feature are zero.
-    var step = 0u;
-    for (; step + SG <= d; step += SG) {
-        add_step(rows, step, query_values(block_at, step), false);
-    }
-    if (step < d) {
-        // A lane past the last feature reads the pad or the block's norms (or, past the texture's
-        // end, what the bounds checks make of it) and drops it.
-        let q = query_values(block_at, step);
-        let inside = step + lane < d;
-        add_step(rows, step, QueryRows(select(zero, q.rows_0_3, inside), select(zero, q.rows_4_7, inside), select(zero, q.rows_8_11, inside), select(zero, q.rows_12_15, inside)), true);
+    // One loop, its last step partial where SG does not divide d: the query values past the last
+    // feature are zero (`pack_queries`) and cancel whatever the bank reads there. A partial step of its
+    // own after the loop, as an `if`, cost a whole step's work on every width, since llvmpipe runs an
+    // `if`'s body whatever its condition, under a mask (1/16 of the work at 128 features); as a second
+    // loop, which llvmpipe leaves when no lane goes on, it cost 2.5% at 1024 features without running.
+    // (Written `step < d`, the same loop ran 6% slower at 1024 features.)
+    let end = (d + SG - 1u) / SG * SG;
+    for (var step = 0u; step + SG <= end; step += SG) {
+        add_step(rows, step, query_values(block_at, step));
     }
     // Each norm read once, where the sums are turned into distances: the bank rows' from a storage
     // buffer, a loop over the lanes each, the query rows' as 4 texels.
     let bank_norm = vec4<f32>(bank_norms[min(col, n - 1u)], bank_norms[min(col + 1u, n - 1u)], bank_norms[min(col + 2u, n - 1u)], bank_norms[min(col + 3u, n - 1u)]);
-    let norms = query_values(group.x * (stride + 1u) * 4u, stride);
+    let norms = query_values(group.x * (features + 1u) * 4u, features);
     return array<QueryRows, 4>(
         distances_to(norms, bank_norm.x, QueryRows(sums_0_3.bank_row_0, sums_4_7.bank_row_0, sums_8_11.bank_row_0, sums_12_15.bank_row_0)),
         distances_to(norms, bank_norm.y, QueryRows(sums_0_3.bank_row_1, sums_4_7.bank_row_1, sums_8_11.bank_row_1, sums_12_15.bank_row_1)),
         distances_to(norms, bank_norm.z, QueryRows(sums_0_3.bank_row_2, sums_4_7.bank_row_2, sums_8_11.bank_row_2, sums_12_15.bank_row_2)),
         distances_to(norms, bank_norm.w, QueryRows(sums_0_3.bank_row_3, sums_4_7.bank_row_3, sums_8_11.bank_row_3, sums_12_15.bank_row_3)),
     );
-}
-
-// The least of `v` over the subgroup's lanes, every lane getting it, from subgroup broadcasts: register
-// shuffles on llvmpipe, where its subgroupMin is a loop over the lanes, a branch each. With the stores
-// of each slot's nearest shared among the lanes (one row each, not 16 rows by the first lane) this made
-// a k = 1 kNN 1.15 times faster at 128 features (784 queries of 16,000 rows: 77 against 88 ms).
-fn lanes_min(v: vec4<u32>) -> vec4<u32> {
-    var least = min(min(subgroupBroadcast(v, 0u), subgroupBroadcast(v, 1u)), min(subgroupBroadcast(v, 2u), subgroupBroadcast(v, 3u)));
-    if (SG > 4u) {
-        least = min(least, min(min(subgroupBroadcast(v, 4u), subgroupBroadcast(v, 5u)), min(subgroupBroadcast(v, 6u), subgroupBroadcast(v, 7u))));
-    }
-    if (SG > 8u) {
-        least = min(least, min(min(subgroupBroadcast(v, 8u), subgroupBroadcast(v, 9u)), min(subgroupBroadcast(v, 10u), subgroupBroadcast(v, 11u))));
-        least = min(least, min(min(subgroupBroadcast(v, 12u), subgroupBroadcast(v, 13u)), min(subgroupBroadcast(v, 14u), subgroupBroadcast(v, 15u))));
-    }
-    return least;
-}
-
-// Entry `r` (0 … 15) of 16 values, 4 to a vec4, by selects: a per-lane index would go through memory.
-fn entry(v: array<vec4<u32>, 4>, r: u32) -> u32 {
-    let four = select(select(v[0], v[1], r >= 4u), select(v[2], v[3], r >= 12u), r >= 8u);
-    let i = r % 4u;
-    return select(select(four.x, four.y, i == 1u), select(four.z, four.w, i == 3u), i >= 2u);
 }
 
 // The invocation's first bank row (of the chunk).
@@ -324,13 +308,12 @@ fn distance_minima_subgroup(
     for (var b = 0u; b < BANK_ROWS; b++) {
         store_by_4_rows(group.x * QUERIES, col + b, block[b]);
     }
-    let least = subgroup_least(block, col);
+    let least = subgroup_nearest(lanes_nearest(block, col), lane).keys;
     let place = slot_place(group, groups, local);
-    for (var i = 0u; i < QUERIES / SG; i++) {
-        let r = i * SG + lane;
-        let row = group.x * QUERIES + r;
+    for (var j = 0u; j < QUERIES / SG; j++) {
+        let row = group.x * QUERIES + lane * (QUERIES / SG) + j;
         if (row < params.m) {
-            slot_minima[row * place.y + place.x] = entry(least, r);
+            slot_minima[row * place.y + place.x] = component(least, j);
         }
     }
 }
@@ -363,25 +346,6 @@ fn slot_place(group: vec3<u32>, groups: vec3<u32>, local: u32) -> vec2<u32> {
     return vec2<u32>(group.y * (WG / SG) + local / SG, groups.y * (WG / SG));
 }
 
-// The least key of each of the block's query rows (4 to a vec4, as in `QueryRows`) among the subgroup's
-// bank rows (the invocation's from `col`), +inf for bank rows past the chunk's end.
-fn subgroup_least(block: array<QueryRows, 4>, col: u32) -> array<vec4<u32>, 4> {
-    let keys_0 = rows_keys(block[0], col);
-    let keys_1 = rows_keys(block[1], col + 1u);
-    let keys_2 = rows_keys(block[2], col + 2u);
-    let keys_3 = rows_keys(block[3], col + 3u);
-    var least: array<vec4<u32>, 4>;
-    for (var i = 0u; i < 4u; i++) {
-        least[i] = lanes_min(min(min(keys_0[i], keys_1[i]), min(keys_2[i], keys_3[i])));
-    }
-    return least;
-}
-
-// The keys (`keys_of`) of the block's query rows' distances `d2` to bank row `col`.
-fn rows_keys(d2: QueryRows, col: u32) -> array<vec4<u32>, 4> {
-    return array<vec4<u32>, 4>(keys_of(d2.rows_0_3, col), keys_of(d2.rows_4_7, col), keys_of(d2.rows_8_11, col), keys_of(d2.rows_12_15, col));
-}
-
 // The k = 1 search's outputs (`nearest_subgroup`), in place of `distances`: per query row of the block,
 // per slot (a subgroup's bank rows, in order), the nearest one's key and chunk row.
 @group(0) @binding(4) var<storage, read_write> nearest_keys: array<u32>;
@@ -396,7 +360,7 @@ const INFINITE_KEY: u32 = 0x7f800000u;
 // `distance_subgroup` stores, with the sign cleared, as `topk.wgsl` orders them, so the merged result
 // is the one `nearest` finds in the full distances. On llvmpipe each stored distance was a loop over
 // the lanes, and each read in the top-k another: 1/32 of them remain. Each lane stores its own query
-// rows' (row `lane`, `lane` + SG, …), so that a store's loop over the lanes serves all of them.
+// rows' (`subgroup_nearest`), so that a store's loop over the lanes serves all of them.
 @compute @workgroup_size(WG)
 fn nearest_subgroup(
     @builtin(workgroup_id) group: vec3<u32>,
@@ -405,20 +369,13 @@ fn nearest_subgroup(
     @builtin(subgroup_invocation_id) lane: u32,
 ) {
     let block = block_distances(group, local, lane);
-    let col = bank_column(group, local);
-    let rows_0_3 = subgroup_nearest(block[0].rows_0_3, block[1].rows_0_3, block[2].rows_0_3, block[3].rows_0_3, col);
-    let rows_4_7 = subgroup_nearest(block[0].rows_4_7, block[1].rows_4_7, block[2].rows_4_7, block[3].rows_4_7, col);
-    let rows_8_11 = subgroup_nearest(block[0].rows_8_11, block[1].rows_8_11, block[2].rows_8_11, block[3].rows_8_11, col);
-    let rows_12_15 = subgroup_nearest(block[0].rows_12_15, block[1].rows_12_15, block[2].rows_12_15, block[3].rows_12_15, col);
-    let keys = array<vec4<u32>, 4>(rows_0_3[0], rows_4_7[0], rows_8_11[0], rows_12_15[0]);
-    let found = array<vec4<u32>, 4>(rows_0_3[1], rows_4_7[1], rows_8_11[1], rows_12_15[1]);
+    let found = subgroup_nearest(lanes_nearest(block, bank_column(group, local)), lane);
     let place = slot_place(group, groups, local);
-    for (var i = 0u; i < QUERIES / SG; i++) {
-        let r = i * SG + lane;
-        let row = group.x * QUERIES + r;
+    for (var j = 0u; j < QUERIES / SG; j++) {
+        let row = group.x * QUERIES + lane * (QUERIES / SG) + j;
         if (row < params.m) {
-            nearest_keys[row * place.y + place.x] = entry(keys, r);
-            nearest_rows[row * place.y + place.x] = entry(found, r);
+            nearest_keys[row * place.y + place.x] = component(found.keys, j);
+            nearest_rows[row * place.y + place.x] = component(found.rows, j);
         }
     }
 }
@@ -429,10 +386,16 @@ fn keys_of(d2: vec4<f32>, col: u32) -> vec4<u32> {
     return select(key, vec4<u32>(INFINITE_KEY), col >= params.n);
 }
 
-// The nearest bank row of 4 query rows among the subgroup's (this invocation's from `col`, distances
-// `d0`, `d1`, `d2`): keys, then rows, the lower row on ties. A row past the chunk's end has a +inf key
-// and a higher row than every row inside, so it never stands in for one.
-fn subgroup_nearest(d0: vec4<f32>, d1: vec4<f32>, d2: vec4<f32>, d3: vec4<f32>, col: u32) -> array<vec4<u32>, 2> {
+// A candidate bank row for each of 4 query rows: its keys and its rows.
+struct Nearest4 {
+    keys: vec4<u32>,
+    rows: vec4<u32>,
+}
+
+// The nearest of the invocation's 4 bank rows (from `col`, distances `d0` … `d3`) to each of 4 query
+// rows, the lower row on ties. A row past the chunk's end has a +inf key and a higher row than every
+// row inside, so it never stands in for one.
+fn lane_nearest(d0: vec4<f32>, d1: vec4<f32>, d2: vec4<f32>, d3: vec4<f32>, col: u32) -> Nearest4 {
     var key = keys_of(d0, col);
     var row = vec4<u32>(col);
     let key_1 = keys_of(d1, col + 1u);
@@ -447,8 +410,58 @@ fn subgroup_nearest(d0: vec4<f32>, d1: vec4<f32>, d2: vec4<f32>, d3: vec4<f32>, 
     let closer_3 = key_3 < key;
     key = select(key, key_3, closer_3);
     row = select(row, vec4<u32>(col + 3u), closer_3);
-    let least = lanes_min(key);
-    return array<vec4<u32>, 2>(least, lanes_min(select(vec4<u32>(0xffffffffu), row, key == least)));
+    return Nearest4(key, row);
+}
+
+// `lane_nearest` for the block's 16 query rows, a Nearest4 per group of 4 (rows 0–3, 4–7, …), from the
+// squared distances to the invocation's bank rows (`block_distances`), the first of them `col`.
+fn lanes_nearest(block: array<QueryRows, 4>, col: u32) -> array<Nearest4, 4> {
+    return array<Nearest4, 4>(
+        lane_nearest(block[0].rows_0_3, block[1].rows_0_3, block[2].rows_0_3, block[3].rows_0_3, col),
+        lane_nearest(block[0].rows_4_7, block[1].rows_4_7, block[2].rows_4_7, block[3].rows_4_7, col),
+        lane_nearest(block[0].rows_8_11, block[1].rows_8_11, block[2].rows_8_11, block[3].rows_8_11, col),
+        lane_nearest(block[0].rows_12_15, block[1].rows_12_15, block[2].rows_12_15, block[3].rows_12_15, col),
+    );
+}
+
+// One stage of `subgroup_nearest`: lanes `lane` and `lane` ^ `mask` (a power of two below SG) pair up,
+// the one with that bit clear keeping the query rows of `low`, the other those of `high`; each hands
+// its partner the candidates it does not keep and keeps the nearer of its own and its partner's, the
+// lower row on ties.
+fn exchange(low: Nearest4, high: Nearest4, mask: u32, lane: u32) -> Nearest4 {
+    let upper = (lane & mask) != 0u;
+    let kept = Nearest4(select(low.keys, high.keys, upper), select(low.rows, high.rows, upper));
+    let keys = subgroupShuffleXor(select(high.keys, low.keys, upper), mask);
+    let rows = subgroupShuffleXor(select(high.rows, low.rows, upper), mask);
+    let take = (keys < kept.keys) | ((keys == kept.keys) & (rows < kept.rows));
+    return Nearest4(select(kept.keys, keys, take), select(kept.rows, rows, take));
+}
+
+// The subgroup's nearest bank row to each of the block's 16 query rows, from each lane's (`lanes`, a
+// Nearest4 per group of 4 query rows), in a reduction that transposes as it goes: each stage pairs the
+// lanes one bit apart, from the highest bit, and halves the candidates a lane holds, so that lane
+// `lane` ends holding query rows `lane` × (16 / SG) + j in component j, j < 16 / SG. With SG = 8 that
+// is 8 shuffles of a vec4 of keys or rows (register permutations on llvmpipe) where a minimum over the
+// lanes for each group of 4 rows, keys then rows, took 64 broadcasts of one.
+fn subgroup_nearest(lanes: array<Nearest4, 4>, lane: u32) -> Nearest4 {
+    // Rows 0–7 against rows 8–15: a lane keeps rows 0–3 and 4–7, or 8–11 and 12–15; then the first
+    // four of those against the second.
+    let first_four = exchange(lanes[0], lanes[2], SG / 2u, lane);
+    let second_four = exchange(lanes[1], lanes[3], SG / 2u, lane);
+    var found = exchange(first_four, second_four, SG / 4u, lane);
+    if (SG > 4u) {
+        // Components x and y against z and w.
+        found = exchange(Nearest4(found.keys.xyxy, found.rows.xyxy), Nearest4(found.keys.zwzw, found.rows.zwzw), SG / 8u, lane);
+    }
+    if (SG > 8u) {
+        found = exchange(Nearest4(found.keys.xxxx, found.rows.xxxx), Nearest4(found.keys.yyyy, found.rows.yyyy), 1u, lane);
+    }
+    return found;
+}
+
+// Component `j` of `v`, by selects: a per-lane index would go through memory.
+fn component(v: vec4<u32>, j: u32) -> u32 {
+    return select(select(v.x, v.y, j == 1u), select(v.z, v.w, j == 3u), j >= 2u);
 }
 
 // The query matrix chunk `pack_queries` reads, with its rows' squared norms, and the packed block it
@@ -460,24 +473,25 @@ fn subgroup_nearest(d0: vec4<f32>, d1: vec4<f32>, d2: vec4<f32>, d3: vec4<f32>, 
 @group(0) @binding(3) var<storage, read> unpacked_norms: array<f32>;
 
 // Packs a block of query rows for `distance_subgroup`: feature `id.x` of the 16 rows of block `id.y`,
-// as four texels, zero for rows past the last; the features past the last are the rows' zero pad.
-// After a block's `stride` features come, as one more, the rows' squared norms, which the distance
-// shaders read as 4 texels where from a storage buffer they were 16 loops over the lanes.
+// as four texels, zero for rows past the last and for features past the row's (its zero pad, then up
+// to `packed_features`). After a block's features come, as one more, the rows' squared norms, which
+// the distance shaders read as 4 texels where from a storage buffer they were 16 loops over the lanes.
 @compute @workgroup_size(WG)
 fn pack_queries(@builtin(global_invocation_id) id: vec3<u32>) {
     let feature = id.x;
     let block = id.y;
-    if (feature > pack.stride) {
+    let features = packed_features(pack.stride);
+    if (feature > features) {
         return;
     }
     var values: array<f32, 16>;
     for (var i = 0u; i < QUERIES; i++) {
         let row = block * QUERIES + i;
         let at = pack.first + min(row, pack.rows - 1u);
-        let value = select(unpacked[at * pack.stride + min(feature, pack.stride - 1u)], unpacked_norms[at], feature == pack.stride);
-        values[i] = select(0.0, value, row < pack.rows);
+        let value = select(unpacked[at * pack.stride + min(feature, pack.stride - 1u)], 0.0, feature >= pack.stride);
+        values[i] = select(0.0, select(value, unpacked_norms[at], feature == features), row < pack.rows);
     }
-    let at = (block * (pack.stride + 1u) + feature) * 4u;
+    let at = (block * (features + 1u) + feature) * 4u;
     textureStore(packed, texel_at(at), vec4<f32>(values[0], values[1], values[2], values[3]));
     textureStore(packed, texel_at(at + 1u), vec4<f32>(values[4], values[5], values[6], values[7]));
     textureStore(packed, texel_at(at + 2u), vec4<f32>(values[8], values[9], values[10], values[11]));

@@ -24,12 +24,22 @@ const BANK_ROWS: u32 = 4;
 /// (128-, 256- and 512-bit vectors of f32).
 const SUBGROUP_SIZES: [u32; 3] = [4, 8, 16];
 
+/// Features per query row of a packed block (the shader's `packed_features`): the bank's row stride
+/// rounded up to a multiple of the largest subgroup size, so that the shader's steps of SG features
+/// never run past the block (the values past the last feature are zero).
+fn packed_features(stride: usize) -> usize {
+    stride.next_multiple_of(FEATURES_MULTIPLE)
+}
+
+/// The shader's `FEATURES_MULTIPLE`.
+const FEATURES_MULTIPLE: usize = 16;
+
 /// The most rows of a query block whose packed copy (`SubgroupShader::pack`: whole blocks of 16 rows,
-/// each with one more feature, its rows' norms) takes no more room than a binding of `binding_bytes`:
-/// whole blocks where one fits, else as many rows as fit unpacked (fewer than 16 rows fit a binding
-/// only at hundreds of thousands of features).
+/// each `packed_features` wide and one more feature, its rows' norms) takes no more room than a binding
+/// of `binding_bytes`: whole blocks where one fits, else as many rows as fit unpacked (fewer than 16
+/// rows fit a binding only at hundreds of thousands of features).
 pub(crate) fn packed_block_rows(binding_bytes: u64, stride: usize) -> usize {
-    match binding_bytes / (QUERIES * (stride + 1) * 4) as u64 {
+    match binding_bytes / (QUERIES * (packed_features(stride) + 1) * 4) as u64 {
         0 => (binding_bytes / (stride * 4) as u64) as usize,
         blocks => usize::try_from(blocks).unwrap_or(usize::MAX / QUERIES) * QUERIES,
     }
@@ -209,7 +219,7 @@ impl SubgroupShader {
 
     /// Encodes the packing of rows `first .. first + rows` of a query chunk (`d` wide) into a new
     /// storage texture, as `encode` reads them: per block of 16 rows, per feature, the 16 rows' values
-    /// (zero past the last row), so that one lane's values of a feature are four texel reads, each a
+    /// (zero past the last row and past the last feature), so that one lane's values of a feature are four texel reads, each a
     /// gather of the lanes' texels on llvmpipe, where from a storage buffer they were four loops over
     /// the lanes (in the harness, 1000 × 8192 × 1024: 300 against 402 ms for the whole shader). After
     /// each block's features come its rows' squared norms, as one more feature.
@@ -224,7 +234,7 @@ impl SubgroupShader {
     ) -> Result<wgpu::TextureView, KernelError> {
         let stride = row_stride(d);
         let blocks = rows.div_ceil(QUERIES);
-        let features = stride + 1;
+        let features = packed_features(stride) + 1;
         let packed = self.texture(gpu, (blocks * QUERIES * features / 4) as u64, "packed queries", wgpu::TextureUsages::empty())?;
         let view = packed.create_view(&Default::default());
         let params = gpu.uniform(&PackParams { rows: rows as u32, first: first as u32, stride: stride as u32, _pad: 0 });
@@ -359,5 +369,7 @@ mod tests {
         assert_eq!(u32_constant(SOURCE, "QUERIES") as usize, QUERIES);
         assert_eq!(u32_constant(SOURCE, "BANK_ROWS"), BANK_ROWS);
         assert!(SUBGROUP_SIZES.iter().all(|size| WORKGROUP.is_multiple_of(*size)));
+        assert_eq!(u32_constant(SOURCE, "FEATURES_MULTIPLE") as usize, FEATURES_MULTIPLE);
+        assert!(SUBGROUP_SIZES.iter().all(|size| FEATURES_MULTIPLE.is_multiple_of(*size as usize)));
     }
 }
