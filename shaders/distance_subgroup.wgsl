@@ -311,7 +311,7 @@ fn distance_minima_subgroup(
     let least = subgroup_nearest(lanes_nearest(block, col), lane).keys;
     let place = slot_place(group, groups, local);
     for (var j = 0u; j < QUERIES / SG; j++) {
-        let row = group.x * QUERIES + lane * (QUERIES / SG) + j;
+        let row = held_row(group, lane, j);
         if (row < params.m) {
             slot_minima[row * place.y + place.x] = component(least, j);
         }
@@ -372,7 +372,7 @@ fn nearest_subgroup(
     let found = subgroup_nearest(lanes_nearest(block, bank_column(group, local)), lane);
     let place = slot_place(group, groups, local);
     for (var j = 0u; j < QUERIES / SG; j++) {
-        let row = group.x * QUERIES + lane * (QUERIES / SG) + j;
+        let row = held_row(group, lane, j);
         if (row < params.m) {
             nearest_keys[row * place.y + place.x] = component(found.keys, j);
             nearest_rows[row * place.y + place.x] = component(found.rows, j);
@@ -457,6 +457,11 @@ fn subgroup_nearest(lanes: array<Nearest4, 4>, lane: u32) -> Nearest4 {
         found = exchange(Nearest4(found.keys.xxxx, found.rows.xxxx), Nearest4(found.keys.yyyy, found.rows.yyyy), 1u, lane);
     }
     return found;
+}
+
+// The query row whose candidate lane `lane` holds in component `j` after `subgroup_nearest`.
+fn held_row(group: vec3<u32>, lane: u32, j: u32) -> u32 {
+    return group.x * QUERIES + lane * (QUERIES / SG) + j;
 }
 
 // Component `j` of `v`, by selects: a per-lane index would go through memory.

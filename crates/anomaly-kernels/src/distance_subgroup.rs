@@ -219,10 +219,11 @@ impl SubgroupShader {
 
     /// Encodes the packing of rows `first .. first + rows` of a query chunk (`d` wide) into a new
     /// storage texture, as `encode` reads them: per block of 16 rows, per feature, the 16 rows' values
-    /// (zero past the last row and past the last feature), so that one lane's values of a feature are four texel reads, each a
-    /// gather of the lanes' texels on llvmpipe, where from a storage buffer they were four loops over
-    /// the lanes (in the harness, 1000 × 8192 × 1024: 300 against 402 ms for the whole shader). After
-    /// each block's features come its rows' squared norms, as one more feature.
+    /// (zero past the last row and past the last feature, up to `packed_features`), so that one lane's
+    /// values of a feature are four texel reads, each a gather of the lanes' texels on llvmpipe, where
+    /// from a storage buffer they were four loops over the lanes (in the harness, 1000 × 8192 × 1024:
+    /// 300 against 402 ms for the whole shader). After each block's features come its rows' squared
+    /// norms, as one more feature.
     pub fn pack(
         &self,
         gpu: &Gpu,
