@@ -93,7 +93,7 @@ fn data(case: &Case, seed: u64) -> (Vec<f32>, Vec<f32>) {
     (queries, bank)
 }
 
-const CASES: [Case; 11] = [
+const CASES: [Case; 13] = [
     Case { name: "odd shapes", m: 37, n: 1001, d: 70, k: 9, scale: 1.0, offset: 0.0, duplicates: false },
     Case { name: "d = 1", m: 20, n: 300, d: 1, k: 5, scale: 1.0, offset: 0.0, duplicates: false },
     Case { name: "k = 1", m: 65, n: 129, d: 33, k: 1, scale: 1.0, offset: 0.0, duplicates: false },
@@ -102,11 +102,16 @@ const CASES: [Case; 11] = [
     Case { name: "duplicates", m: 40, n: 300, d: 24, k: 50, scale: 1.0, offset: 0.0, duplicates: true },
     Case { name: "nearest of duplicates", m: 40, n: 300, d: 24, k: 1, scale: 1.0, offset: 0.0, duplicates: true },
     Case { name: "large magnitudes", m: 30, n: 500, d: 40, k: 20, scale: 1000.0, offset: 3000.0, duplicates: false },
-    // Banks of fewer rows than one subgroup's slot (24 on llvmpipe), and of one slot and a part.
+    // Banks of fewer rows than one subgroup's slot (SG × 4 rows: 32 on llvmpipe's 256-bit vectors), and
+    // of one slot and a part.
     Case { name: "bank within a slot", m: 7, n: 5, d: 6, k: 3, scale: 1.0, offset: 0.0, duplicates: false },
-    Case { name: "k = n − 1", m: 7, n: 30, d: 6, k: 29, scale: 1.0, offset: 0.0, duplicates: false },
+    Case { name: "k = n − 1", m: 7, n: 40, d: 6, k: 39, scale: 1.0, offset: 0.0, duplicates: false },
     // Rows of 512 features lie 528 floats apart on the device.
     Case { name: "padded rows", m: 19, n: 400, d: 512, k: 5, scale: 1.0, offset: 0.0, duplicates: false },
+    // The subgroup shader's blocks of 16 query rows ending in one of 9 to 12 rows, for the two outputs the
+    // cases above leave out there (k = n covers the slot minima): each slot's nearest, every distance.
+    Case { name: "last block of 11 rows, k = 1", m: 27, n: 700, d: 37, k: 1, scale: 1.0, offset: 0.0, duplicates: false },
+    Case { name: "last block of 12 rows, k = 300", m: 12, n: 700, d: 37, k: 300, scale: 1.0, offset: 0.0, duplicates: false },
 ];
 
 #[test]
