@@ -288,13 +288,38 @@ fn store(first: u32, col: u32, d2: vec4<f32>) {
 // k > 1 on llvmpipe: the distances, and per query row of the block, per slot, the least key, which
 // `topk.wgsl` bounds the k-th smallest with, so that it reads only the slots whose least key is at or
 // below the bound instead of every distance twice (k = 50, 1000 rows of 20,000: 169 against 576 ms
-// for the top-k).
+// for the top-k). Past a bank's first chunk, a slot's distances are stored only for the query rows whose
+// k-th best so far (the running best's) the slot's least key does not exceed: the others' slots cannot
+// hold any of their k nearest, and the top-k reads none of them (`row_key` and the bounds in
+// `topk.wgsl`). At 128 features, where a distance is stored for every 128 multiply-adds, that made a
+// k = 50 kNN 7–9% faster (1000 × 100k, 100 × 1M).
 @group(0) @binding(5) var<storage, read_write> slot_minima: array<u32>;
 // Its distances, 4 query rows to a vec4, as `topk.wgsl` reads them with slot minima: query rows 4i … 4i + 3
 // to bank row `col` at `i` × n + `col`. On llvmpipe each storage-buffer store is a loop over the lanes,
 // and one a row made the stores of a k = 50 kNN nearly a tenth of its time (1000 × 20k × 1024: a median
 // 679 against 716 ms for the whole kNN with a vec4 a store).
 @group(0) @binding(4) var<storage, read_write> distances_by_4_rows: array<vec4<f32>>;
+// The running best the top-k merges the chunk into: its values (squared distances, ascending, k to a
+// query row of the block), and whether a chunk was merged into them yet (before that they are stale).
+@group(0) @binding(6) var<storage, read> running_values: array<f32>;
+@group(0) @binding(7) var<uniform> running: RunningParams;
+
+// `RunningParams` on the host.
+struct RunningParams {
+    k: u32,
+    merged: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+// The key above which query row `row`'s slots need no distances: its k-th best of the chunks merged
+// before, or, in the first chunk, a key above every key.
+fn running_kth(row: u32) -> u32 {
+    if (running.merged == 0u) {
+        return 0xffffffffu;
+    }
+    return bitcast<u32>(running_values[row * running.k + running.k - 1u]);
+}
 
 @compute @workgroup_size(WG)
 fn distance_minima_subgroup(
@@ -305,37 +330,46 @@ fn distance_minima_subgroup(
 ) {
     let block = block_distances(group, local, lane);
     let col = bank_column(group, local);
-    for (var b = 0u; b < BANK_ROWS; b++) {
-        store_by_4_rows(group.x * QUERIES, col + b, block[b]);
-    }
     let least = subgroup_nearest(lanes_nearest(block, col), lane).keys;
     let place = slot_place(group, groups, local);
+    // Bit i: the block's query row i needs the slot's distances. Each lane decides for the rows it holds
+    // after the reduction, and an OR over the subgroup hands every lane all 16 decisions.
+    var needs = 0u;
     for (var j = 0u; j < QUERIES / SG; j++) {
         let row = held_row(group, lane, j);
         if (row < params.m) {
-            slot_minima[row * place.y + place.x] = component(least, j);
+            let key = component(least, j);
+            slot_minima[row * place.y + place.x] = key;
+            if (key <= running_kth(row)) {
+                needs |= 1u << (lane * (QUERIES / SG) + j);
+            }
         }
+    }
+    let needed = subgroupOr(needs);
+    for (var b = 0u; b < BANK_ROWS; b++) {
+        store_by_4_rows(group.x * QUERIES, col + b, block[b], needed);
     }
 }
 
 // Squared distances `d2` of the block's query rows to bank row `col`, 4 rows a store, for rows inside the
-// block; past the last row, up to the next multiple of 4, what the clamped reads give.
-fn store_by_4_rows(row0: u32, col: u32, d2: QueryRows) {
+// block whose bit in `needed` (row i of the block, bit i) is set or shares its store with one that is;
+// past the last row, up to the next multiple of 4, what the clamped reads give.
+fn store_by_4_rows(row0: u32, col: u32, d2: QueryRows, needed: u32) {
     if (col >= params.n) {
         return;
     }
     let at = row0 / 4u * params.n + col;
     let groups = (params.m - row0 + 3u) / 4u;
-    if (groups > 0u) {
+    if (groups > 0u && (needed & 0xfu) != 0u) {
         distances_by_4_rows[at] = max(d2.rows_0_3, vec4<f32>(0.0));
     }
-    if (groups > 1u) {
+    if (groups > 1u && (needed & 0xf0u) != 0u) {
         distances_by_4_rows[at + params.n] = max(d2.rows_4_7, vec4<f32>(0.0));
     }
-    if (groups > 2u) {
+    if (groups > 2u && (needed & 0xf00u) != 0u) {
         distances_by_4_rows[at + 2u * params.n] = max(d2.rows_8_11, vec4<f32>(0.0));
     }
-    if (groups > 3u) {
+    if (groups > 3u && (needed & 0xf000u) != 0u) {
         distances_by_4_rows[at + 3u * params.n] = max(d2.rows_12_15, vec4<f32>(0.0));
     }
 }

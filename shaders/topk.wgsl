@@ -87,6 +87,27 @@ fn key_at(row: u32, position: u32) -> u32 {
     return bitcast<u32>(max(distances[at], 0.0)) & 0x7fffffffu;
 }
 
+// The running best's k-th key with slot minima past the first chunk; elsewhere a key above every key.
+fn running_kth(row: u32) -> u32 {
+    if (SLOTTED && params.prev > 0u) {
+        return bitcast<u32>(prev_values[row * params.k + params.k - 1u]);
+    }
+    return 0xffffffffu;
+}
+
+// `key_at` for the passes that read a whole row (the radix select and the collections after it). With
+// slot minima, past the first chunk, an entry of a slot whose least key is above the running best's
+// k-th is padding: `distance_minima_subgroup` stores no distance of such a slot, so its place holds an
+// earlier chunk's, and none of its entries could be among the k smallest, each being above k entries
+// of the running best. The bounded passes read only slots at or below their bound, which is never
+// above that k-th (`topk_slots`' holds at least k running entries; `select_row`'s is clamped to it).
+fn row_key(row: u32, position: u32) -> u32 {
+    if (SLOTTED && position >= params.prev && slot_minima[row * params.slots + (position - params.prev) / params.slot_width] > running_kth(row)) {
+        return PAD_KEY;
+    }
+    return key_at(row, position);
+}
+
 fn index_at(row: u32, position: u32) -> u32 {
     if (position < params.prev) {
         return prev_indices[row * params.k + position];
@@ -282,7 +303,10 @@ fn select_row(row: u32, lane: u32) -> bool {
             // entry is collected.
             bound_key = select(0xffffffffu, low + ((bin + 1u) << shift) - 1u, seen >= params.k);
         }
-        let bound = workgroupUniformLoad(&bound_key);
+        // Past the first chunk, never above the running best's k-th (it has k entries at or below
+        // it), so that no slot whose distances `distance_minima_subgroup` left unstored is read (see
+        // `row_key`): the bins can reach past it.
+        let bound = min(workgroupUniformLoad(&bound_key), running_kth(row));
         for (var position = candidate_share.x; position < candidate_share.y; position += SPAN) {
             let key = candidate_key(row, position);
             if (key <= bound) {
@@ -339,7 +363,7 @@ fn select_row(row: u32, lane: u32) -> bool {
             workgroupBarrier();
             let wanted = workgroupUniformLoad(&prefix);
             for (var position = share.x; position < share.y; position += SPAN) {
-                let key = key_at(row, position);
+                let key = row_key(row, position);
                 if ((key & high_mask) == (wanted & high_mask)) {
                     atomicAdd(&histogram[(key >> shift) & 0xffu], 1u);
                 }
@@ -375,7 +399,7 @@ fn select_row(row: u32, lane: u32) -> bool {
         let take_equal = workgroupUniformLoad(&remaining);
         let take_all = select_all || workgroupUniformLoad(&equal_total) == take_equal;
         for (var position = share.x; !bounded && take_all && position < share.y; position += SPAN) {
-            let key = key_at(row, position);
+            let key = row_key(row, position);
             if (key <= threshold || select_all) {
                 collect(key, index_at(row, position));
             }
@@ -384,7 +408,7 @@ fn select_row(row: u32, lane: u32) -> bool {
             let position = base + lane;
             var key = PAD_KEY;
             if (position < total) {
-                key = key_at(row, position);
+                key = row_key(row, position);
             }
             let is_below = position < total && (key < threshold || select_all);
             let is_equal = position < total && key == threshold && !select_all;

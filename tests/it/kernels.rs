@@ -301,6 +301,54 @@ fn bank_chunks_smaller_than_k_merge_exactly() {
 }
 
 #[test]
+fn slots_left_unstored_past_the_first_chunk_are_never_read() {
+    // Two bank chunks of 2048 rows (32 KiB bindings, 4 features), queries at the origin, so that a
+    // distance is a row's squared norm. The first chunk's rows 0 .. k − 1 are nearest (k − 1 of them at
+    // 0.01, row k − 1 at 0.25): the running k-th is 0.25. In the second chunk the slots over those
+    // columns lie just above it, and the subgroup shader stores none of their distances, so that the
+    // distances buffer still holds the first chunk's 0.01s there; read as the second chunk's, they would
+    // displace the true neighbours.
+    // - k = 200 (above what `topk_slots` takes): `select_row`, whose binned bound here takes in every
+    //   candidate. Clamped to the running k-th it lists none of the unstored slots (at 0.25 + 2 ulps);
+    //   unclamped, more than MAX_K entries send the row to the radix select of the next case.
+    // - k = 5 and 1792 rows tied with the k-th in the second chunk: more than MAX_K entries at or below
+    //   the bound, so the radix select reads the whole row, where the unstored slots (at 100) must count
+    //   as padding.
+    let d = 4;
+    let chunk = 2048;
+    let row = |x: f32, y: f32| [x, y, 0.0, 0.0];
+    let just_above = row(0.5, 2f32.powi(-12));
+    for (k, second_chunk_head, second_chunk_rest) in [(200, just_above, row(10.0, 0.0)), (5, row(10.0, 0.0), row(0.5, 0.0))] {
+        let mut bank = Vec::with_capacity(2 * chunk * d);
+        for i in 0..chunk {
+            bank.extend(if i < k - 1 {
+                row(0.1, 0.0)
+            } else if i == k - 1 {
+                row(0.5, 0.0)
+            } else {
+                row(10.0, 0.0)
+            });
+        }
+        for i in 0..chunk {
+            bank.extend(if i < 256 { second_chunk_head } else { second_chunk_rest });
+        }
+        let queries = vec![0.0; 3 * d];
+        for kernel in [DistanceKernel::Tiled, DistanceKernel::Subgroup] {
+            let whole = kernels().with_distance_kernel(kernel);
+            let small = GpuKernels::shared().unwrap().with_limits(small_limits(&whole, 32 * 1024)).with_distance_kernel(kernel);
+            let chunked_bank = small.upload(&bank, 2 * chunk, d).unwrap();
+            assert_eq!(chunked_bank.chunk_count(), 2);
+            let found = small.knn_host(&chunked_bank, &queries, k).unwrap();
+            for query in 0..3 {
+                let indices: Vec<u32> = (0..k as u32).collect();
+                assert_eq!(found.row_indices(query), indices.as_slice(), "{kernel:?}, k = {k}, query {query}");
+            }
+            check_neighbours(&format!("{kernel:?} unstored slots, k = {k}"), &found, &queries, &bank, d);
+        }
+    }
+}
+
+#[test]
 fn a_single_chunk_banks_kept_texture_serves_later_and_racing_calls() {
     // On the subgroup shader a single-chunk bank is copied into a texture kept with it, by the first
     // kNN that reads it; four threads race to be that one on a fresh bank, and every later call, at

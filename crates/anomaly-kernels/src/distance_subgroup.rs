@@ -96,7 +96,29 @@ pub(crate) enum SubgroupOutput<'a> {
     /// Every squared distance, 4 query rows to a vec4 (rows 4i … 4i + 3 to bank row j at vec4 i × chunk
     /// rows + j; `queries.rows` rounded up to 4 rows), and each query row's least key (distance bits, as
     /// the top-k orders them) in each slot, `queries.rows × slots`.
-    DistancesAndMinima { distances: &'a wgpu::Buffer, minima: &'a wgpu::Buffer },
+    /// Past a bank's first chunk, a slot's distances only for the query rows whose k-th best in
+    /// `running` its least key does not exceed (the top-k reads no others).
+    DistancesAndMinima { distances: &'a wgpu::Buffer, minima: &'a wgpu::Buffer, running: RunningValues<'a> },
+}
+
+/// The running best a chunk's top-k merges into (`RunningBest`), as the distance shader reads it to leave
+/// out the distances no query row needs.
+pub(crate) struct RunningValues<'a> {
+    /// Squared distances, ascending, `k` to a query row of the block.
+    pub values: &'a wgpu::Buffer,
+    pub k: usize,
+    /// Whether a chunk was merged into them yet: before that they are stale, and every distance is stored.
+    pub merged: bool,
+}
+
+/// The shader's `RunningParams`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct RunningParams {
+    k: u32,
+    merged: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 /// Bytes of one texel of the bank texture: 4 features of f32.
@@ -155,10 +177,11 @@ impl SubgroupShader {
         let constants = [("SG", size as f64), ("WG", WORKGROUP as f64), ("TEXTURE_SHIFT", texture_shift as f64)];
         let slots = [Slot::Uniform, Slot::ReadTexture, Slot::ReadTexture, Slot::Read, Slot::Write];
         let nearest_slots = [Slot::Uniform, Slot::ReadTexture, Slot::ReadTexture, Slot::Read, Slot::Write, Slot::Write];
+        let minima_slots = [nearest_slots.as_slice(), &[Slot::Read, Slot::Uniform]].concat();
         let pack_slots = [Slot::Uniform, Slot::Read, Slot::WriteTexture, Slot::Read];
         Some(Self {
             distances: Kernel::new(device, &module, "distance_subgroup", &slots, &constants),
-            distances_and_minima: Kernel::new(device, &module, "distance_minima_subgroup", &nearest_slots, &constants),
+            distances_and_minima: Kernel::new(device, &module, "distance_minima_subgroup", &minima_slots, &constants),
             nearest: Kernel::new(device, &module, "nearest_subgroup", &nearest_slots, &constants),
             subgroup_size: size,
             pack: Kernel::new(device, &module, "pack_queries", &pack_slots, &constants),
@@ -279,6 +302,12 @@ impl SubgroupShader {
             return Err(KernelError::Shape("the subgroup distance kernel reads packed queries, and the block was not packed".into()));
         };
         let params = gpu.uniform(&queries.params(chunk.rows));
+        let running_params = match &out {
+            SubgroupOutput::DistancesAndMinima { running, .. } => {
+                Some(gpu.uniform(&RunningParams { k: running.k as u32, merged: u32::from(running.merged), _pad0: 0, _pad1: 0 }))
+            }
+            _ => None,
+        };
         let mut resources = vec![
             params.as_entire_binding(),
             wgpu::BindingResource::TextureView(packed),
@@ -294,8 +323,9 @@ impl SubgroupShader {
                 resources.extend([slots.keys.as_entire_binding(), slots.rows.as_entire_binding()]);
                 &self.nearest
             }
-            SubgroupOutput::DistancesAndMinima { distances, minima } => {
-                resources.extend([distances.as_entire_binding(), minima.as_entire_binding()]);
+            SubgroupOutput::DistancesAndMinima { distances, minima, running } => {
+                resources.extend([distances.as_entire_binding(), minima.as_entire_binding(), running.values.as_entire_binding()]);
+                resources.extend(running_params.as_ref().map(wgpu::Buffer::as_entire_binding));
                 &self.distances_and_minima
             }
         };
@@ -363,6 +393,7 @@ mod tests {
     fn params_match_the_shader() {
         assert_layout!(Params { m, n, d, stride }, SOURCE, 16);
         assert_layout!(PackParams { rows, first, stride, _pad }, SOURCE, 16);
+        assert_layout!(RunningParams { k, merged, _pad0, _pad1 }, SOURCE, 16);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use burn::tensor::wgpu::wgpu;
 use crate::Neighbours;
 use crate::context::{Gpu, GpuKernels, GpuMatrix, KernelError, storage_size};
 use crate::distance::DistanceKernel;
-use crate::distance_subgroup::{NearestSlots, SubgroupOutput, SubgroupShader, packed_block_rows};
+use crate::distance_subgroup::{NearestSlots, RunningValues, SubgroupOutput, SubgroupShader, packed_block_rows};
 use crate::topk::{ChunkEntries, MAX_BOUNDED_K, MAX_K, RunningBest, SlotMinima};
 
 /// Most queries per block (one top-k workgroup each).
@@ -143,7 +143,8 @@ impl GpuKernels {
                             ChunkEntries::Nearest { found, slots: subgroup.slots(gpu, bank_chunk.rows)?, start: bank_chunk.start }
                         }
                         (Output::DistancesAndMinima(subgroup, distances, minima), Some(texture)) => {
-                            let out = SubgroupOutput::DistancesAndMinima { distances, minima };
+                            let running = RunningValues { values: best.current().0, k, merged: best.has_merged() };
+                            let out = SubgroupOutput::DistancesAndMinima { distances, minima, running };
                             subgroup.encode(gpu, &mut pass, &block_queries, bank_chunk, texture, out)?;
                             let slots = subgroup.slots(gpu, bank_chunk.rows)?;
                             ChunkEntries::Distances(

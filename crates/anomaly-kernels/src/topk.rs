@@ -188,6 +188,12 @@ impl RunningBest {
         self.merged = 0;
     }
 
+    /// Whether a chunk was merged since the last `restart`: until then `current` holds another block's
+    /// values, or none.
+    pub fn has_merged(&self) -> bool {
+        self.merged > 0
+    }
+
     /// The (values, indices) buffers of the best of the chunks merged so far.
     pub fn current(&self) -> (&wgpu::Buffer, &wgpu::Buffer) {
         let (values, indices) = &self.lists[self.current];
